@@ -1,0 +1,85 @@
+"""The state machine of every entity, in one place.
+
+A transition is one atomic compare-and-set in MongoDB: the update only matches while the document is in a state
+the machine allows to move to the target. Whoever loses a race gets None back and does nothing, which is what
+makes callbacks, retries and failure handling exactly-once.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pymongo import ReturnDocument
+
+MACHINES: dict[str, dict[str, set[str]]] = {
+    "avatar": {
+        "collecting": {"ready"},
+        "ready": {"collecting", "queued"},
+        "queued": {"training", "failed"},
+        "training": {"trained", "failed", "queued"},
+        "trained": set(),
+        "failed": set(),
+    },
+    "order": {
+        "created": {"paid", "closed"},
+        # A payment can land after we closed the order (the user paid at the last second): it is taken, then refunded.
+        "closed": {"paid"},
+        "paid": {"fulfilled", "refunding"},
+        "fulfilled": {"refunding"},
+        "refunding": {"refunded", "refund_failed"},
+        "refund_failed": {"refunding", "refunded"},
+        "refunded": set(),
+    },
+    "render": {
+        "queued": {"rendering", "failed"},
+        "rendering": {"done", "failed", "queued"},
+        "done": set(),
+        "failed": set(),
+    },
+}
+
+COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders"}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def sources(entity: str, target: str) -> set[str]:
+    machine = MACHINES[entity]
+    if target not in machine:
+        raise IllegalTransition(f"{entity} has no state {target!r}")
+    return {state for state, targets in machine.items() if target in targets}
+
+
+def transition(db, entity: str, doc_id: str, target: str, *, expect: set[str] | None = None, by: str = "system",
+               reason: str | None = None, set_fields: dict | None = None, unset_fields: tuple = (),
+               extra_filter: dict | None = None, push: dict | None = None, inc: dict | None = None):
+    """Move one document to `target`; return the updated document, or None when it is not in an allowed state."""
+    allowed = sources(entity, target)
+    if expect is not None:
+        unknown = expect - set(MACHINES[entity])
+        if unknown:
+            raise IllegalTransition(f"{entity} has no state {sorted(unknown)}")
+        allowed &= expect
+    if not allowed:
+        raise IllegalTransition(f"{entity} cannot reach {target!r} from {sorted(expect or [])}")
+    at = now()
+    query = {"_id": doc_id, "state": {"$in": sorted(allowed)}}
+    query.update(extra_filter or {})
+    update = {
+        "$set": {"state": target, "updated_at": at, **(set_fields or {})},
+        "$push": {"history": {"to": target, "at": at, "by": by, "reason": reason}, **(push or {})},
+    }
+    if inc:
+        update["$inc"] = inc
+    if unset_fields:
+        update["$unset"] = {name: "" for name in unset_fields}
+    return db[COLLECTIONS[entity]].find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+
+
+def initial_history(state: str, by: str) -> list[dict]:
+    return [{"to": state, "at": now(), "by": by, "reason": None}]
