@@ -1,0 +1,146 @@
+"""The app's side of the mini-program server APIs, through wechatpy, pointed at a configurable base URL.
+
+The access token lives in Redis (wechatpy's RedisStorage) so every web process and worker shares one token and the
+daily issuance quota is not burnt per process.
+"""
+from __future__ import annotations
+
+import time
+
+import requests
+from redis.exceptions import LockError
+from wechatpy import WeChatClient
+from wechatpy.exceptions import WeChatClientException
+from wechatpy.session.redisstorage import RedisStorage
+
+DEFAULT_API_BASE_URL = "https://api.weixin.qq.com"
+# Give up on the cached token this long before WeChat does, so a call never goes out with a token about to die.
+TOKEN_EXPIRY_MARGIN_S = 300
+LOGIN_CODE_ERRORS = {40029, 40163, 40226}
+SUBSCRIBE_REFUSALS = {43101, 40003, 40037, 47003, 41030}
+
+
+class WeChatLoginError(Exception):
+    code = "invalid_login_code"
+
+    def __init__(self, message: str = "the wx.login code is invalid, used or expired", errcode: int | None = None):
+        super().__init__(message)
+        self.errcode = errcode
+
+
+class SubscribeRefused(Exception):
+    """WeChat will not deliver this message (no remaining one-time grant, unknown openid or template, bad data)."""
+
+    def __init__(self, errcode: int, message: str):
+        super().__init__(f"{errcode}: {message}")
+        self.errcode = errcode
+        self.code = "subscribe_refused" if errcode == 43101 else "subscribe_rejected"
+
+
+class WeChatUnavailable(Exception):
+    """WeChat could not be reached or answered with an error that says nothing about the caller's input."""
+
+    def __init__(self, message: str, errcode: int | None = None):
+        super().__init__(message)
+        self.errcode = errcode
+        self.code = "wechat_unavailable"
+
+
+class _TimeoutSession(requests.Session):
+    """wechatpy fetches the access token without a timeout; give every call one."""
+
+    def __init__(self, timeout: float):
+        super().__init__()
+        self._default_timeout = timeout
+
+    def request(self, method, url, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._default_timeout
+        return super().request(method, url, **kwargs)
+
+
+class _ConfigurableWeChatClient(WeChatClient):
+    def __init__(self, *, appid, secret, api_base_url, storage, redis, timeout):
+        super().__init__(appid, secret, session=storage, timeout=timeout)
+        self._api_base_url = api_base_url
+        self._redis = redis
+        self._http = _TimeoutSession(timeout)
+        self.API_BASE_URL = f"{api_base_url}/cgi-bin/"
+        self.wxa.API_BASE_URL = f"{api_base_url}/"
+
+    def fetch_access_token(self):
+        """Refresh once for all processes: whoever waits on the lock reuses a token refreshed meanwhile."""
+        seen_before = self.session.get(self.access_token_key)
+        with self._redis.lock(f"wechatpy:{self.appid}:token-refresh", timeout=30, blocking_timeout=30):
+            current = self.session.get(self.access_token_key)
+            if current and current != seen_before:
+                ttl = self._redis.ttl(self.session.key_name(self.access_token_key))
+                self.expires_at = int(time.time()) + max(int(ttl), 0)
+                return {"access_token": current}
+            result = self._fetch_access_token(
+                url=f"{self._api_base_url}/cgi-bin/token",
+                params={"grant_type": "client_credential", "appid": self.appid, "secret": self.secret},
+            )
+            lifetime = max(int(result.get("expires_in", 7200)) - TOKEN_EXPIRY_MARGIN_S, 60)
+            self.session.set(self.access_token_key, result["access_token"], lifetime)
+            self.expires_at = int(time.time()) + lifetime
+            return result
+
+
+class WeChatGateway:
+    def __init__(self, *, appid: str, secret: str, api_base_url: str | None, redis, timeout: float = 10.0):
+        self._client = _ConfigurableWeChatClient(
+            appid=appid, secret=secret, api_base_url=(api_base_url or DEFAULT_API_BASE_URL).rstrip("/"),
+            storage=RedisStorage(redis, prefix="wechatpy"), redis=redis, timeout=timeout,
+        )
+
+    def _call(self, operation, *args, **kwargs):
+        try:
+            return operation(*args, **kwargs)
+        except WeChatClientException as error:
+            if error.errcode is None:
+                status = getattr(error.response, "status_code", None)
+                raise WeChatUnavailable(f"WeChat answered HTTP {status}") from error
+            raise
+        except requests.RequestException as error:
+            raise WeChatUnavailable(f"WeChat unreachable: {type(error).__name__}") from error
+        except LockError as error:
+            raise WeChatUnavailable("timed out waiting for another process to refresh the access token") from error
+
+    def code_to_openid(self, code: str) -> str:
+        if not code or not isinstance(code, str):
+            raise WeChatLoginError("a wx.login code is required")
+        try:
+            result = self._call(self._client.wxa.code_to_session, code)
+        except WeChatClientException as error:
+            if error.errcode in LOGIN_CODE_ERRORS:
+                raise WeChatLoginError(errcode=error.errcode) from error
+            raise WeChatUnavailable(f"code2session failed: {error.errcode} {error.errmsg}",
+                                    errcode=error.errcode) from error
+        openid = result.get("openid") if isinstance(result, dict) else None
+        if not openid:
+            raise WeChatUnavailable("code2session answered without an openid")
+        return openid
+
+    def send_subscribe_message(self, openid: str, template_id: str, data: dict, page: str | None) -> None:
+        # WeChat wants every field as {"value": "..."}; accept plain values too.
+        fields = {key: value if isinstance(value, dict) else {"value": str(value)} for key, value in data.items()}
+        try:
+            self._call(self._client.wxa.send_subscribe_message, openid, template_id, fields, page=page)
+        except WeChatClientException as error:
+            if error.errcode in SUBSCRIBE_REFUSALS:
+                raise SubscribeRefused(error.errcode, str(error.errmsg)) from error
+            raise WeChatUnavailable(f"subscribe send failed: {error.errcode} {error.errmsg}",
+                                    errcode=error.errcode) from error
+
+    def unlimited_wxa_code(self, scene: str, page: str, width: int = 430) -> bytes:
+        try:
+            result = self._call(self._client.wxa.get_wxa_code_unlimited, scene, width=width, page=page)
+        except WeChatClientException as error:
+            raise WeChatUnavailable(f"getwxacodeunlimit failed: {error.errcode} {error.errmsg}",
+                                    errcode=error.errcode) from error
+        # wechatpy hands back the raw response when the body is not JSON, which is the image.
+        content = getattr(result, "content", None)
+        if not content or not content.startswith((b"\x89PNG", b"\xff\xd8")):
+            raise WeChatUnavailable("getwxacodeunlimit answered without an image")
+        return content

@@ -1,0 +1,72 @@
+"""Drive the simulator's control endpoints: act as the user in WeChat and inspect what WeChat sent."""
+from __future__ import annotations
+
+import requests
+
+
+class SimulatorClient:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._http = requests.Session()
+
+    def _post(self, path: str, payload: dict | None = None):
+        response = self._http.post(self.base_url + path, json=payload or {}, timeout=self.timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def _get(self, path: str):
+        response = self._http.get(self.base_url + path, timeout=self.timeout)
+        response.raise_for_status()
+        return response.json()
+
+    def login(self, user_name: str) -> dict:
+        """wx.login for a simulated user: {code, openid}. The openid is stable per user name."""
+        return self._post("/sim/login", {"user": user_name})
+
+    def login_code(self, user_name: str) -> str:
+        return self.login(user_name)["code"]
+
+    def openid_of(self, user_name: str) -> str:
+        return self.login(user_name)["openid"]
+
+    def pay(self, out_trade_no: str, deliver: bool = True) -> dict:
+        """{out_trade_no, transaction_id, notification_id, status_code, error, delivered}."""
+        return self._post("/sim/pay", {"out_trade_no": out_trade_no, "deliver": deliver})
+
+    def redeliver(self, notification_id: str, copies: int = 1, resign: bool = True) -> dict:
+        """{notification_id, status_code (first delivery), deliveries:[{status_code, error, delivered}]}."""
+        return self._post("/sim/redeliver", {"notification_id": notification_id, "copies": copies,
+                                             "resign": resign})
+
+    def settle_refunds(self, out_refund_no: str | None = None) -> dict:
+        return self._post("/sim/refunds/settle", {"out_refund_no": out_refund_no})
+
+    def notifications(self) -> list:
+        return self._get("/sim/notifications")
+
+    def refunds(self) -> list:
+        return self._get("/sim/refunds")
+
+    def orders(self) -> list:
+        return self._get("/sim/orders")
+
+    def messages(self) -> list:
+        return self._get("/sim/messages")
+
+    def grant_subscription(self, openid: str, template_id: str, count: int = 1) -> dict:
+        return self._post("/sim/subscribe-grants", {"openid": openid, "template_id": template_id, "count": count})
+
+    def set_fault(self, path_prefix: str, mode: str, count: int = 1, delay_s: float | None = None) -> dict:
+        """mode: "5xx" | "timeout" (sleeps delay_s, default 15 s, then answers) | "refund_abnormal" | "refund_closed"."""
+        return self._post("/sim/faults", {"path_prefix": path_prefix, "mode": mode, "count": count,
+                                          "delay_s": delay_s})
+
+    def revoke_tokens(self) -> int:
+        return self._post("/sim/tokens/revoke")["revoked"]
+
+    def reset(self) -> None:
+        self._post("/sim/reset")
+
+    def token_issued_count(self) -> int:
+        return self._get("/sim/stats")["token_issued"]

@@ -1,0 +1,80 @@
+"""Credentials the simulator plays with: an app, a merchant key pair and a WeChat Pay platform key pair."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import secrets
+import string
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+CREDENTIALS_FILE = "wechat_sim_credentials.json"
+
+
+@dataclass(frozen=True)
+class SimCredentials:
+    appid: str
+    app_secret: str
+    mchid: str
+    merchant_private_key_pem: str
+    merchant_public_key_pem: str
+    merchant_cert_serial_no: str
+    platform_private_key_pem: str
+    platform_public_key_pem: str
+    platform_public_key_id: str
+    apiv3_key: str
+
+
+def _rsa_key_pair_pem() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+    return private_pem, public_pem
+
+
+def generate_credentials() -> SimCredentials:
+    merchant_private, merchant_public = _rsa_key_pair_pem()
+    platform_private, platform_public = _rsa_key_pair_pem()
+    alphabet = string.ascii_letters + string.digits
+    return SimCredentials(
+        appid="wx" + secrets.token_hex(8),
+        app_secret=secrets.token_hex(16),
+        mchid=str(1_600_000_000 + secrets.randbelow(99_999_999)),
+        merchant_private_key_pem=merchant_private,
+        merchant_public_key_pem=merchant_public,
+        merchant_cert_serial_no=secrets.token_hex(20).upper(),
+        platform_private_key_pem=platform_private,
+        platform_public_key_pem=platform_public,
+        platform_public_key_id="PUB_KEY_ID_" + "".join(secrets.choice(string.digits) for _ in range(28)),
+        apiv3_key="".join(secrets.choice(alphabet) for _ in range(32)),
+    )
+
+
+def load_or_create_credentials(directory: pathlib.Path) -> SimCredentials:
+    """Keys survive restarts so callbacks signed before a restart still verify and the app's config stays valid."""
+    directory = pathlib.Path(directory)
+    path = directory / CREDENTIALS_FILE
+    if path.exists():
+        return SimCredentials(**json.loads(path.read_text(encoding="utf-8")))
+    directory.mkdir(parents=True, exist_ok=True)
+    creds = generate_credentials()
+    tmp_path = directory / f".{CREDENTIALS_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(dataclasses.asdict(creds), handle, indent=2)
+    try:
+        # A concurrent starter may have won the race: keep whichever file landed first.
+        os.link(tmp_path, path)
+    except FileExistsError:
+        return SimCredentials(**json.loads(path.read_text(encoding="utf-8")))
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return creds
