@@ -1,0 +1,202 @@
+"""Real LoRA training and rendering on the tiny random pipeline (CPU, a few seconds)."""
+
+import math
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+
+from models.pipeline import build_tiny_pipeline, load_base_pipeline, pick_device
+from models.render import Renderer
+from models.train import LORA_TARGET_MODULES, TrainConfig, TrainingError, train_lora
+
+torch.set_num_threads(2)
+
+TRAIN_STEPS = 6
+# A high learning rate so a handful of steps moves the random tiny model visibly.
+FAST_CONFIG = dict(resolution=64, learning_rate=1e-2, rank=4, seed=3)
+RENDER = dict(prompt="a portrait of sks person", steps=3, width=128, height=128, seed=7)
+
+
+def _photos(count=3, size=(96, 80)):
+    rng = np.random.RandomState(0)
+    return [Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8")) for _ in range(count)]
+
+
+def _base_render(pipe, *, prompt, steps, width, height, seed, guidance=7.0):
+    """What Renderer renders, without any adapter."""
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+    ).images[0]
+
+
+def _pixels(image):
+    return np.asarray(image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(pipe):
+    unet_before = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
+    grad_flags_before = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
+    calls, losses = [], []
+    lora = train_lora(
+        pipe,
+        _photos(),
+        "sks person",
+        TrainConfig(steps=TRAIN_STEPS, **FAST_CONFIG),
+        progress=lambda step, total: calls.append((step, total)),
+        on_loss=lambda step, loss: losses.append(loss),
+    )
+    return dict(lora=lora, calls=calls, losses=losses, unet_before=unet_before, grad_flags_before=grad_flags_before)
+
+
+def test_tiny_pipeline_shape(pipe):
+    assert pipe.vae_scale_factor == 8
+    assert pipe.safety_checker is None
+    attention = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+    for name in ("to_q", "to_k", "to_v"):
+        assert isinstance(getattr(attention, name), torch.nn.Linear)
+    assert isinstance(attention.to_out[0], torch.nn.Linear)
+    ids = pipe.tokenizer("肖像 portrait").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert max(ids) < pipe.text_encoder.config.vocab_size
+
+
+def test_training_reports_progress_and_finite_loss(trained):
+    assert trained["calls"] == [(step, TRAIN_STEPS) for step in range(1, TRAIN_STEPS + 1)]
+    assert len(trained["losses"]) == TRAIN_STEPS
+    assert all(math.isfinite(loss) for loss in trained["losses"])
+
+
+def test_lora_bytes_are_diffusers_lora_for_the_four_attention_projections(trained):
+    state = safetensors.torch.load(trained["lora"])
+    assert state
+    assert all(key.startswith("unet.") and ".lora." in key for key in state)
+    for module in LORA_TARGET_MODULES:
+        assert any(f".{module}.lora.down.weight" in key for key in state), module
+        assert any(f".{module}.lora.up.weight" in key for key in state), module
+    assert all(tensor.dtype == torch.float32 for tensor in state.values())
+    assert any(tensor.abs().sum() > 0 for key, tensor in state.items() if ".lora.up." in key)
+
+
+def test_training_leaves_base_unet_clean_and_unchanged(pipe, trained):
+    after = pipe.unet.state_dict()
+    assert after.keys() == trained["unet_before"].keys()
+    for name, tensor in trained["unet_before"].items():
+        assert torch.equal(after[name], tensor), name
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert not any(isinstance(module, BaseTunerLayer) for module in pipe.unet.modules())
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == trained["grad_flags_before"]
+    assert not pipe.unet.training
+
+
+def test_lora_changes_the_render_and_is_removed_afterwards(pipe, trained):
+    base = _pixels(_base_render(pipe, **RENDER))
+    renderer = Renderer(pipe)
+    with_lora = _pixels(renderer.render(lora=trained["lora"], adapter_name="user_a", **RENDER)[0])
+    assert np.abs(with_lora - base).mean() > 0.5
+
+    assert not any(pipe.get_list_adapters().values())
+    assert not any(isinstance(module, BaseTunerLayer) for module in pipe.unet.modules())
+    assert np.array_equal(_pixels(_base_render(pipe, **RENDER)), base)
+    assert renderer.swap_seconds() > 0
+
+
+def test_lora_scale_zero_renders_the_base(pipe, trained):
+    base = _pixels(_base_render(pipe, **RENDER))
+    scaled_out = Renderer(pipe).render(lora=trained["lora"], adapter_name="user_b", lora_scale=0.0, **RENDER)
+    assert np.array_equal(_pixels(scaled_out[0]), base)
+
+
+def test_style_lora_is_mixed_in_and_removed(pipe, trained):
+    style = train_lora(pipe, _photos(2), "watercolor style", TrainConfig(steps=2, **{**FAST_CONFIG, "seed": 9}))
+    renderer = Renderer(pipe)
+    user_only = _pixels(renderer.render(lora=trained["lora"], adapter_name="user_c", **RENDER)[0])
+    with_style = _pixels(
+        renderer.render(lora=trained["lora"], adapter_name="user_c", style_lora=style, style_scale=1.0, **RENDER)[0]
+    )
+    assert not np.array_equal(user_only, with_style)
+    assert not any(pipe.get_list_adapters().values())
+
+
+def test_render_sizes_and_determinism(pipe, trained):
+    renderer = Renderer(pipe)
+    request = dict(lora=trained["lora"], adapter_name="user_d", prompt="ID photo", steps=2, num_images=2)
+    first = renderer.render(width=295, height=413, seed=5, **request)
+    again = renderer.render(width=295, height=413, seed=5, **request)
+    other_seed = renderer.render(width=295, height=413, seed=6, **request)
+    assert [image.size for image in first] == [(295, 413), (295, 413)]
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, again))
+    assert not np.array_equal(_pixels(first[0]), _pixels(other_seed[0]))
+    square = renderer.render(width=512, height=512, seed=5, **{**request, "num_images": 1})
+    assert [image.size for image in square] == [(512, 512)]
+
+
+def test_inpainting_keeps_pixels_outside_the_mask(pipe, trained):
+    size = 128
+    gradient = np.linspace(0, 255, size, dtype=np.float32)
+    init = Image.fromarray(np.stack([np.tile(gradient, (size, 1))] * 3, axis=-1).astype("uint8"))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    out = Renderer(pipe).render(
+        lora=trained["lora"], adapter_name="user_e", prompt="wedding dress", steps=3, width=size, height=size,
+        init_image=init, mask_image=mask, strength=0.9,
+    )[0]
+    assert out.size == (size, size)
+    diff = np.abs(_pixels(out) - _pixels(init))
+    outside = np.asarray(mask) == 0
+    assert diff[outside].mean() <= 1.0
+    assert diff[~outside].mean() > 5.0
+
+
+def test_validation_keeps_the_best_checkpoint(pipe):
+    scores = iter([0.1, 0.9, 0.2])
+    seen = []
+
+    def score(images):
+        seen.append(len(images))
+        return next(scores)
+
+    config = dict(FAST_CONFIG, validation_prompts=("portrait of sks person",), validation_inference_steps=2)
+    best = train_lora(pipe, _photos(), "sks person", TrainConfig(steps=3, validate_every=1, **config), score_validation=score)
+    two_steps = train_lora(pipe, _photos(), "sks person", TrainConfig(steps=2, **config))
+    three_steps = train_lora(pipe, _photos(), "sks person", TrainConfig(steps=3, **config))
+    assert seen == [1, 1, 1]
+    assert best == two_steps
+    assert best != three_steps
+
+
+def test_default_steps_follow_photo_count():
+    assert TrainConfig().total_steps(3) == 600
+    assert TrainConfig().total_steps(21) == 800
+    assert TrainConfig(steps=5).total_steps(21) == 5
+
+
+def test_training_without_images_is_refused(pipe):
+    with pytest.raises(TrainingError) as error:
+        train_lora(pipe, [], "sks person", TrainConfig(steps=1))
+    assert error.value.reason == "no_training_images"
+
+
+def test_load_base_pipeline_reads_a_local_sd15_folder_offline(pipe, tmp_path):
+    assert pick_device() in ("cpu", "cuda")
+    assert load_base_pipeline(None, device="cpu").vae_scale_factor == 8
+    pipe.save_pretrained(tmp_path)
+    loaded = load_base_pipeline(str(tmp_path), device="cpu")
+    assert loaded.unet.dtype == torch.float32
+    assert loaded.safety_checker is None
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], tensor), name
