@@ -1,0 +1,88 @@
+"""Time judge_photo on one 4000x3000 phone-sized JPEG with a real face.
+
+Run: .venv/bin/python bench/bench_intake.py [--repeats N]
+Prints the median ms per photo, a baseline measured in the same run (decode + EXIF transpose of the same
+file, nothing else) and the ratio of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from models.faces import FaceAnalyzer  # noqa: E402
+from models.intake import IntakeLimits, _decode, _open, judge_photo  # noqa: E402
+from models import sample_photos as photos  # noqa: E402
+
+
+def phone_photo() -> bytes:
+    """4000x3000 JPEG: the astronaut portrait upscaled to 2800 px inside a plain wall-coloured canvas."""
+    canvas = Image.new("RGB", (4000, 3000), (214, 208, 200))
+    portrait = photos.astronaut_image().resize((2800, 2800), Image.Resampling.LANCZOS)
+    canvas.paste(portrait, (600, 200))
+    return photos.encode(canvas, quality=90)
+
+
+def median_ms(action, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    data = phone_photo()
+    start = time.perf_counter()
+    analyzer = FaceAnalyzer()
+    load_ms = (time.perf_counter() - start) * 1000
+    limits = IntakeLimits()
+
+    verdict = judge_photo(data, role="front", accepted=[], limits=limits, analyzer=analyzer)
+    assert verdict.accepted, verdict.reasons
+
+    def baseline() -> None:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+
+    def judge() -> None:
+        judge_photo(data, role="front", accepted=[], limits=limits, analyzer=analyzer)
+
+    baseline()
+    baseline_ms = median_ms(baseline, args.repeats)
+    judge_ms = median_ms(judge, args.repeats)
+    print(f"photo: 4000x3000 JPEG, {len(data) / 1e6:.2f} MB; face fraction {verdict.scores['face_fraction']:.2f}; "
+          f"analyzer load {load_ms:.0f} ms (once per process)")
+    print(f"baseline (full decode + exif_transpose): median {baseline_ms:.1f} ms over {args.repeats}")
+    print(f"judge_photo (front, accepted):           median {judge_ms:.1f} ms over {args.repeats}")
+    print(f"ratio judge/baseline: {judge_ms / baseline_ms:.2f}")
+
+    # Where the time goes (same photo, same process).
+    rgb = _decode(_open(data, limits))
+    face = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio)[0]
+    stages = {
+        "header + draft decode": lambda: _decode(_open(data, limits)),
+        "faces (HOG + CNN check + landmarks)": lambda: analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio),
+        "embed": lambda: analyzer.embed(rgb, face),
+        "aligned_crop 512": lambda: analyzer.aligned_crop(rgb, face, 512),
+    }
+    for name, action in stages.items():
+        print(f"  {name}: median {median_ms(action, max(3, args.repeats // 3)):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Photo intake judge: decides whether one uploaded photo is fit to train the user's avatar, and why not.
+
+Checks run cheapest first and stop at the first structural failure:
+bytes -> format -> declared pixels (header only) -> size -> decode (+ EXIF orientation) -> faces ->
+quality (face size, blur, exposure, frontalness), duplicates -> identity.
+Quality reasons are reported together so the user can fix everything at once.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot
+
+try:  # HEIF/HEIC (iPhone photos) only when the optional plugin is installed.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    _HEIF_FORMATS = {"HEIF"}
+except ImportError:
+    _HEIF_FORMATS = set()
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"} | _HEIF_FORMATS)
+
+# JPEGs are decoded with DCT scaling (Image.draft) down to the smallest 1/2^k size whose short side is still
+# at least this: a 4000x3000 photo decodes at 2000x1500, several times faster, and a face that passes
+# min_face_fraction keeps >= 120 px, enough for the 512 px training crop.
+DECODE_SHORT_SIDE = 1400
+# Blur and exposure are measured on the face box resized to this square, so they do not depend on resolution.
+FACE_PATCH = 128
+
+REASONS = (
+    "not_an_image", "unsupported_format", "file_too_large", "too_many_pixels", "image_too_small",
+    "no_face", "multiple_faces", "face_too_small", "too_blurry", "too_dark", "overexposed",
+    "duplicate_photo", "not_frontal", "different_person",
+)
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    max_bytes: int = 15 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 256
+    min_face_fraction: float = 0.08  # face width / image short side
+    # Variance of the Laplacian of the contrast-stretched 128 px face patch. Observed: 21 astronaut
+    # augmentations 234-371, Grace Hopper 2650-2800, Gaussian blur r=6 on a 1024 px portrait 10.
+    blur_threshold: float = 40.0
+    # Mean luminance (0-255) of the face patch. Observed: normal photos 123-197; brightness x0.22 -> 34.
+    dark_threshold: float = 60.0
+    # Overexposed when the face mean is above bright_threshold or more than max_clipped_fraction of the
+    # face is clipped (>= 250). Observed: normal photos mean <= 197, clipped <= 0.07; a blown-out
+    # portrait (gamma 0.3, gain 1.1) mean 232, clipped 0.46.
+    bright_threshold: float = 225.0
+    max_clipped_fraction: float = 0.25
+    # Frontalness (see FaceAnalyzer.frontalness). Observed: frontal portraits 0.84-0.98; a simulated head
+    # turn (one half of the face squeezed to 35%) 0.23. Only the front photo must be frontal.
+    min_frontalness: float = 0.6
+    # Hamming distance between 64-bit DCT perceptual hashes of the whole photo, at or below which it is a
+    # duplicate. Observed: the same photo re-encoded, resized, as PNG/WebP or EXIF-rotated 0; re-saved with
+    # a 2% crop 4, a 4% crop 10; the 21 distinct astronaut photos pairwise 10-56 (mean 29).
+    duplicate_distance: int = 6
+    # Cosine similarity of L2-normalised dlib embeddings to the pivot of the accepted photos. Observed on
+    # the shipped photos: same person (21 astronaut photos) pairwise 0.984-0.999, to the pivot >= 0.995;
+    # different people (astronaut vs Grace Hopper) 0.879-0.893. dlib's own same-person boundary
+    # (Euclidean 0.6 on raw descriptors) lies near 0.91 here, and real same-person photos vary more than
+    # augmentations of one photo, so the cut sits just above the different-person cluster.
+    same_person_min_similarity: float = 0.91
+    second_face_max_ratio: float = 0.25  # a second face with more than this share of the main face's area
+
+
+@dataclass
+class AcceptedFace:
+    embedding: np.ndarray
+    phash: int
+
+
+@dataclass
+class PhotoVerdict:
+    accepted: bool
+    reasons: list[str] = field(default_factory=list)
+    embedding: np.ndarray | None = None
+    crop: Image.Image | None = None  # aligned face crop at the training size
+    phash: int | None = None
+    scores: dict = field(default_factory=dict)  # blur, brightness, frontalness, face_fraction (+ similarity)
+
+
+def _refuse(reason: str, **scores) -> PhotoVerdict:
+    return PhotoVerdict(accepted=False, reasons=[reason], scores=dict(scores))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The container format from magic bytes (None if not an accepted one)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1"):
+        return "HEIF"
+    return None
+
+
+def perceptual_hash(gray: np.ndarray) -> int:
+    """64-bit DCT hash (pHash): low-frequency DCT coefficients above/below their median."""
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def _face_patch(gray: np.ndarray, face: Face) -> np.ndarray:
+    left, top, right, bottom = face.box
+    region = gray[top:bottom, left:right]
+    return cv2.resize(region, (FACE_PATCH, FACE_PATCH), interpolation=cv2.INTER_AREA)
+
+
+def _sharpness(patch: np.ndarray) -> float:
+    # Stretch contrast first so a dark or flat-lit but sharp face is not mistaken for a blurry one.
+    values = patch.astype(np.float64)
+    low, high = np.percentile(values, (2, 98))
+    stretched = (values - low) * (255.0 / max(high - low, 1.0))
+    return float(cv2.Laplacian(stretched, cv2.CV_64F).var())
+
+
+def _open(data: bytes, limits: IntakeLimits) -> Image.Image | PhotoVerdict:
+    """Header-only checks; returns the lazily opened image or a refusal. Nothing is decoded here."""
+    if not data:
+        return _refuse("not_an_image")
+    if len(data) > limits.max_bytes:
+        return _refuse("file_too_large")
+    sniffed = _sniff_format(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[sniffed] if sniffed in ACCEPTED_FORMATS else None)
+    except Image.DecompressionBombError:
+        return _refuse("too_many_pixels")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return _refuse("unsupported_format" if sniffed == "HEIF" else "not_an_image")
+    if image.format not in ACCEPTED_FORMATS:
+        return _refuse("unsupported_format")
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        return _refuse("too_many_pixels")
+    if min(width, height) < limits.min_side:
+        return _refuse("image_too_small")
+    return image
+
+
+def _decode(image: Image.Image) -> np.ndarray:
+    if image.format == "JPEG":
+        width, height = image.size
+        factor = DECODE_SHORT_SIDE / min(width, height)
+        if factor < 1:
+            image.draft("RGB", (round(width * factor), round(height * factor)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        image = flat
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits: IntakeLimits,
+                analyzer: FaceAnalyzer, training_size: int = 512) -> PhotoVerdict:
+    """Judge one upload. ``role`` is "front" (the first, front-facing photo) or "extra"."""
+    if role not in ("front", "extra"):
+        raise ValueError(f"role must be 'front' or 'extra', not {role!r}")
+
+    opened = _open(data, limits)
+    if isinstance(opened, PhotoVerdict):
+        return opened
+    try:
+        rgb = _decode(opened)
+    except Image.DecompressionBombError:
+        return _refuse("too_many_pixels")
+    except (OSError, SyntaxError, ValueError):  # truncated or corrupt pixel data
+        return _refuse("not_an_image")
+
+    height, width = rgb.shape[:2]
+    if min(width, height) < limits.min_side:  # a JPEG draft never goes below DECODE_SHORT_SIDE; kept for safety
+        return _refuse("image_too_small")
+
+    faces = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio)
+    if not faces:
+        return _refuse("no_face")
+    main = faces[0]
+    if any(other.area > limits.second_face_max_ratio * main.area for other in faces[1:]):
+        return _refuse("multiple_faces")
+
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    patch = _face_patch(gray, main)
+    scores = {
+        "face_fraction": main.width / min(width, height),
+        "blur": _sharpness(patch),
+        "brightness": float(patch.mean()),
+        "clipped": float((patch >= 250).mean()),
+        "frontalness": analyzer.frontalness(main),
+    }
+    reasons = []
+    if scores["face_fraction"] < limits.min_face_fraction:
+        reasons.append("face_too_small")
+    if scores["blur"] < limits.blur_threshold:
+        reasons.append("too_blurry")
+    if scores["brightness"] < limits.dark_threshold:
+        reasons.append("too_dark")
+    if scores["brightness"] > limits.bright_threshold or scores["clipped"] > limits.max_clipped_fraction:
+        reasons.append("overexposed")
+    if role == "front" and scores["frontalness"] < limits.min_frontalness:
+        reasons.append("not_frontal")
+    phash = perceptual_hash(gray)
+    if any(hamming(phash, earlier.phash) <= limits.duplicate_distance for earlier in accepted):
+        reasons.append("duplicate_photo")
+    if reasons:
+        return PhotoVerdict(accepted=False, reasons=reasons, phash=phash, scores=scores)
+
+    embedding = analyzer.embed(rgb, main)
+    if len(accepted) >= 2:
+        pivot = identity_pivot([earlier.embedding for earlier in accepted])
+        scores["similarity"] = cosine_similarity(embedding, pivot)
+        if scores["similarity"] < limits.same_person_min_similarity:
+            return PhotoVerdict(accepted=False, reasons=["different_person"], embedding=embedding,
+                                phash=phash, scores=scores)
+
+    crop = analyzer.aligned_crop(rgb, main, size=training_size)
+    return PhotoVerdict(accepted=True, reasons=[], embedding=embedding, crop=crop, phash=phash, scores=scores)
+
+
+def drop_outliers(embeddings: list[np.ndarray], min_similarity: float) -> list[int]:
+    """Indices of embeddings to drop as "different_person": below ``min_similarity`` to the normalised mean
+    of all of them (a single pass; with ~21 photos one stranger barely moves the mean)."""
+    if not embeddings:
+        return []
+    pivot = identity_pivot(embeddings)
+    return [i for i, e in enumerate(embeddings) if cosine_similarity(e, pivot) < min_similarity]

@@ -1,0 +1,230 @@
+"""Photo intake judge and face analysis, on real face photos shipped inside installed wheels."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from models.faces import FaceAnalyzer, cosine_similarity, identity_pivot, likeness
+from models.intake import REASONS, AcceptedFace, IntakeLimits, drop_outliers, judge_photo
+from models import sample_photos as photos
+
+LIMITS = IntakeLimits()
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> FaceAnalyzer:
+    return FaceAnalyzer()
+
+
+def judge(data: bytes, analyzer: FaceAnalyzer, *, role: str = "extra", accepted=(), limits: IntakeLimits = LIMITS):
+    return judge_photo(data, role=role, accepted=list(accepted), limits=limits, analyzer=analyzer)
+
+
+@pytest.fixture(scope="module")
+def astronaut_series(analyzer):
+    """The 21-photo upload of one person, judged in order like the mini-program does."""
+    accepted, verdicts = [], []
+    for index, data in enumerate(photos.astronaut_photos(21)):
+        verdict = judge(data, analyzer, role="front" if index == 0 else "extra", accepted=accepted)
+        verdicts.append(verdict)
+        if verdict.accepted:
+            accepted.append(AcceptedFace(verdict.embedding, verdict.phash))
+    return verdicts, accepted
+
+
+@pytest.fixture(scope="module")
+def two_accepted(astronaut_series):
+    return astronaut_series[1][:2]
+
+
+def test_astronaut_series_is_mostly_accepted(astronaut_series):
+    verdicts, accepted = astronaut_series
+    refused = {i: v.reasons for i, v in enumerate(verdicts) if not v.accepted}
+    assert len(accepted) >= 19, refused
+    for verdict in verdicts:
+        if verdict.accepted:
+            assert verdict.reasons == []
+            assert verdict.crop.size == (512, 512)
+            assert verdict.embedding.shape == (128,)
+            assert np.linalg.norm(verdict.embedding) == pytest.approx(1.0)
+            assert set(verdict.scores) >= {"blur", "brightness", "frontalness", "face_fraction"}
+
+
+def test_reason_codes_are_the_documented_ones():
+    assert REASONS == (
+        "not_an_image", "unsupported_format", "file_too_large", "too_many_pixels", "image_too_small",
+        "no_face", "multiple_faces", "face_too_small", "too_blurry", "too_dark", "overexposed",
+        "duplicate_photo", "not_frontal", "different_person",
+    )
+
+
+@pytest.mark.parametrize("data", [photos.not_an_image_bytes(), b"", photos.astronaut_photo()[:3000]],
+                         ids=["pdf", "empty", "truncated_jpeg"])
+def test_not_an_image(analyzer, data):
+    assert judge(data, analyzer).reasons == ["not_an_image"]
+
+
+def test_unsupported_format(analyzer):
+    assert judge(photos.gif_photo(), analyzer).reasons == ["unsupported_format"]
+
+
+@pytest.mark.parametrize("make", [photos.png_photo, photos.webp_photo], ids=["png", "webp"])
+def test_png_and_webp_are_accepted(analyzer, make):
+    assert judge(make(), analyzer).accepted
+
+
+def test_file_too_large(analyzer):
+    verdict = judge(photos.oversized_file(LIMITS.max_bytes + 1), analyzer)
+    assert verdict.reasons == ["file_too_large"]
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (8000, 6000)], ids=["pillow_bomb_limit", "over_max_pixels"])
+def test_decompression_bomb_refused_without_decoding(analyzer, monkeypatch, size):
+    def forbidden_decode(self, *args, **kwargs):
+        raise AssertionError("pixel data must not be decoded")
+
+    monkeypatch.setattr(Image.Image, "load", forbidden_decode)
+    monkeypatch.setattr(Image.core, "zip_decoder", forbidden_decode, raising=False)
+    verdict = judge(photos.decompression_bomb_png(*size), analyzer)
+    assert verdict.reasons == ["too_many_pixels"]
+
+
+def test_image_too_small(analyzer):
+    assert judge(photos.tiny_photo(200), analyzer).reasons == ["image_too_small"]
+
+
+@pytest.mark.parametrize("name", ["coffee", "chelsea_cat"])
+def test_no_face(analyzer, name):
+    assert judge(photos.non_face_photos()[name], analyzer).reasons == ["no_face"]
+
+
+def test_multiple_faces(analyzer):
+    assert judge(photos.two_faces_photo(1.0), analyzer).reasons == ["multiple_faces"]
+
+
+def test_small_bystander_is_tolerated(analyzer):
+    # Grace Hopper's face at 40% of the astronaut's width is 16% of its area: under the quarter limit.
+    verdict = judge(photos.two_faces_photo(0.4), analyzer)
+    assert verdict.accepted, verdict.reasons
+
+
+def test_face_too_small(analyzer):
+    verdict = judge(photos.small_face_photo(), analyzer)
+    assert "face_too_small" in verdict.reasons
+    assert verdict.scores["face_fraction"] < LIMITS.min_face_fraction
+
+
+def test_too_blurry(analyzer):
+    verdict = judge(photos.blurry_photo(), analyzer)
+    assert verdict.reasons == ["too_blurry"]
+    assert verdict.embedding is None and verdict.crop is None
+
+
+def test_too_dark(analyzer):
+    assert judge(photos.dark_photo(), analyzer).reasons == ["too_dark"]
+
+
+def test_overexposed(analyzer):
+    assert judge(photos.overexposed_photo(), analyzer).reasons == ["overexposed"]
+
+
+def test_several_quality_reasons_reported_together(analyzer):
+    turned = Image.open(io.BytesIO(photos.head_turned_photo()))
+    verdict = judge(photos.encode(turned.filter(ImageFilter.GaussianBlur(3))), analyzer, role="front")
+    assert verdict.reasons == ["too_blurry", "not_frontal"]
+    small = Image.open(io.BytesIO(photos.small_face_photo()))
+    verdict = judge(photos.encode(small.point(lambda v: int(v * 0.3))), analyzer)
+    assert verdict.reasons == ["face_too_small", "too_dark"]
+
+
+def test_duplicate_photo(analyzer, two_accepted):
+    original = judge(photos.astronaut_photo(), analyzer, accepted=two_accepted)
+    assert original.accepted
+    resaved = Image.open(io.BytesIO(photos.astronaut_photo())).resize((700, 700))
+    accepted = [*two_accepted, AcceptedFace(original.embedding, original.phash)]
+    verdict = judge(photos.encode(resaved, quality=70), analyzer, accepted=accepted)
+    assert verdict.reasons == ["duplicate_photo"]
+
+
+def test_not_frontal_only_for_the_front_photo(analyzer):
+    data = photos.head_turned_photo()
+    front = judge(data, analyzer, role="front")
+    assert front.reasons == ["not_frontal"]
+    assert front.scores["frontalness"] < LIMITS.min_frontalness
+    assert judge(data, analyzer, role="extra").accepted
+
+
+def test_different_person(analyzer, two_accepted):
+    verdict = judge(photos.grace_hopper_photo(), analyzer, accepted=two_accepted)
+    assert verdict.reasons == ["different_person"]
+    assert verdict.scores["similarity"] < LIMITS.same_person_min_similarity
+    same = judge(photos.astronaut_photo(), analyzer, accepted=two_accepted)
+    assert same.accepted and same.scores["similarity"] > LIMITS.same_person_min_similarity
+
+
+def test_identity_is_not_checked_before_two_accepted_photos(analyzer, two_accepted):
+    assert judge(photos.grace_hopper_photo(), analyzer, accepted=two_accepted[:1]).accepted
+
+
+def test_exif_rotated_photo_is_judged_upright(analyzer):
+    verdict = judge(photos.exif_rotated_photo(6), analyzer, role="front")
+    assert verdict.accepted, verdict.reasons
+    upright = judge(photos.astronaut_photo(), analyzer, role="front")
+    assert cosine_similarity(verdict.embedding, upright.embedding) > 0.98
+    # Without the orientation tag the stored pixels are sideways and no upright face is found.
+    sideways = Image.open(io.BytesIO(photos.exif_rotated_photo(6)))
+    assert judge(photos.encode(sideways), analyzer).reasons == ["no_face"]
+
+
+def eye_line_degrees(face) -> float:
+    left_eye, right_eye = face.eye_centres()
+    dx, dy = right_eye - left_eye
+    return float(np.degrees(np.arctan2(dy, dx)))
+
+
+def test_aligned_crop_has_level_eyes_and_centred_face(analyzer):
+    rotated = Image.open(io.BytesIO(photos.astronaut_photo())).rotate(12, resample=Image.Resampling.BICUBIC)
+    rgb = np.asarray(rotated.convert("RGB"))
+    face = analyzer.faces(rgb)[0]
+    assert abs(eye_line_degrees(face)) > 8  # the source really is tilted
+    crop = analyzer.aligned_crop(rgb, face, size=512)
+    assert crop.size == (512, 512)
+    crop_face = analyzer.faces(np.asarray(crop))[0]
+    assert abs(eye_line_degrees(crop_face)) < 2
+    centre_x = (crop_face.box[0] + crop_face.box[2]) / 2
+    assert abs(centre_x - 256) < 30
+    assert crop_face.box[0] > 20 and crop_face.box[2] < 492  # margin on both sides
+
+
+def test_frontalness_of_a_portrait_is_high(analyzer):
+    rgb = np.asarray(photos.astronaut_image())
+    assert analyzer.frontalness(analyzer.faces(rgb)[0]) > 0.85
+
+
+def test_same_person_is_more_alike_than_a_different_person(analyzer, astronaut_series):
+    embeddings = [a.embedding for a in astronaut_series[1]]
+    pivot = identity_pivot(embeddings[:10])
+    rgb = np.asarray(photos.grace_hopper_image())
+    stranger = analyzer.embed(rgb, analyzer.faces(rgb)[0])
+    same = [likeness(e, pivot) for e in embeddings[10:]]
+    different = likeness(stranger, pivot)
+    assert all(0.0 <= value <= 1.0 for value in [*same, different])
+    assert min(same) > 0.9 > 0.3 > different
+    assert likeness(pivot, pivot) > likeness(embeddings[10], pivot) > different  # monotone in cosine
+
+
+def test_drop_outliers_finds_the_stranger(analyzer, astronaut_series):
+    embeddings = [a.embedding for a in astronaut_series[1][:8]]
+    rgb = np.asarray(photos.grace_hopper_image())
+    embeddings.insert(3, analyzer.embed(rgb, analyzer.faces(rgb)[0]))
+    assert drop_outliers(embeddings, LIMITS.same_person_min_similarity) == [3]
+    assert drop_outliers(embeddings[:3], LIMITS.same_person_min_similarity) == []
+
+
+def test_unknown_role_is_a_programming_error(analyzer):
+    with pytest.raises(ValueError):
+        judge(photos.astronaut_photo(), analyzer, role="profile")
