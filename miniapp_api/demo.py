@@ -1,0 +1,183 @@
+"""The whole paid flow, offline, on embedded defaults, driven over HTTP like the mini-program would.
+
+    python -m miniapp_api.demo --out demo-output
+
+API server, workers and the WeChat simulator run in this process; MongoDB is in-process (mongomock), Redis is a
+real embedded redis-server, the base model is the tiny random-weight Stable Diffusion unless BASE_MODEL_PATH is set.
+Writes the portraits, a share poster and summary.json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from miniapp_api.config import Settings
+from miniapp_api.embedded import EmbeddedStack
+
+
+class Timer:
+    def __init__(self):
+        self.steps: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    def step(self, name: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self):
+                self.t0 = time.monotonic()
+                print(f"▶ {name}", flush=True)
+
+            def __exit__(self, *exc):
+                timer.steps[name] = round(time.monotonic() - self.t0, 3)
+                print(f"  done in {timer.steps[name]:.2f}s", flush=True)
+
+        return _Step()
+
+    def total(self) -> float:
+        return round(time.monotonic() - self._start, 3)
+
+
+def _check(response: requests.Response, *expected: int) -> dict:
+    if response.status_code not in expected:
+        raise SystemExit(f"unexpected {response.status_code} from {response.request.method} {response.url}: "
+                         f"{response.text[:500]}")
+    return response.json() if response.content and response.headers.get("Content-Type", "").startswith(
+        "application/json") else {}
+
+
+def _wait(fetch, done, describe, timeout_s: float = 1800.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        body = fetch()
+        line = describe(body)
+        if line != last:
+            print(f"  {line}", flush=True)
+            last = line
+        if done(body):
+            return body
+        time.sleep(0.25)
+    raise SystemExit("timed out waiting")
+
+
+def run(out: Path, photo_count: int, template_id: str | None) -> dict:
+    from models.sample_photos import astronaut_photos
+
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "portraits").mkdir(parents=True)
+    settings = Settings.from_env({**__import__("os").environ, "INSTANCE_DIR": str(out / "instance")})
+    timer = Timer()
+    with timer.step("start API, workers and WeChat simulator"):
+        stack = EmbeddedStack(settings)
+    from wechat_sim.client import SimulatorClient
+
+    sim = SimulatorClient(stack.simulator.base_url)
+    api = requests.Session()
+    base = stack.base_url + "/api/v1"
+    try:
+        with timer.step("log in with a wx.login code"):
+            login = _check(api.post(f"{base}/auth/login", json={"code": sim.login_code("demo-user")}), 200)
+            api.headers["Authorization"] = f"Bearer {login['token']}"
+            templates = stack.services.settings.subscribe_templates
+            openid = sim.openid_of("demo-user")
+            for template in templates.values():
+                sim.grant_subscription(openid, template)
+            _check(api.post(f"{base}/subscriptions", json={"grants": {t: "accept" for t in templates.values()}}), 200)
+        with timer.step("give face-processing consent"):
+            consent = _check(api.get(f"{base}/consents"), 200)[0]
+            _check(api.post(f"{base}/consents", json={"kind": "face_processing", "version": consent["version"],
+                                                      "age_14_or_over": True, "own_face": True}), 201)
+        with timer.step(f"create an avatar and upload {photo_count} photos"):
+            avatar = _check(api.post(f"{base}/avatars", json={"gender": "female"}), 201)
+            for index, photo in enumerate(astronaut_photos(photo_count)):
+                verdict = _check(api.post(f"{base}/avatars/{avatar['id']}/photos",
+                                          files={"photo": (f"photo{index}.jpg", photo, "image/jpeg")},
+                                          data={"role": "front" if index == 0 else "extra"}), 201)
+                mark = "accepted" if verdict["accepted"] else "refused: " + ", ".join(verdict["reasons"])
+                print(f"  photo {index + 1:2d}: {mark}", flush=True)
+            avatar = verdict["avatar"]
+            print(f"  avatar {avatar['id']} is {avatar['state']} with {avatar['accepted_count']} photos", flush=True)
+        with timer.step("create an order (WeChat Pay JSAPI prepay)"):
+            order = _check(api.post(f"{base}/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}), 201)
+            print(f"  order {order['id']}: {order['amount']} fen, package={order['pay_params']['package']}")
+        with timer.step("pay in the app (simulator) and receive the signed, encrypted callback"):
+            paid = sim.pay(order["id"])
+            print(f"  callback {paid['notification_id']} answered {paid['status_code']}", flush=True)
+            _wait(lambda: _check(api.get(f"{base}/orders/{order['id']}"), 200), lambda b: b["state"] == "paid",
+                  lambda b: f"order {b['state']}")
+        with timer.step("wait in the GPU queue while the LoRA trains"):
+            _wait(lambda: {**_check(api.get(f"{base}/avatars/{avatar['id']}/queue"), 200)},
+                  lambda b: b["state"] in ("trained", "failed"),
+                  lambda b: f"{b['state']}: position {b['position']}, eta {b['eta_seconds']}s, "
+                            f"progress {round(100 * b['progress'])}%")
+            avatar = _check(api.get(f"{base}/avatars/{avatar['id']}"), 200)
+            if avatar["state"] != "trained":
+                raise SystemExit(f"training failed: {avatar}")
+            print(f"  photos purged: {avatar['photos_purged']}")
+        with timer.step("render a portrait template"):
+            catalog = _check(api.get(f"{base}/templates", params={"gender": "female"}), 200)
+            chosen = template_id or next(t["id"] for t in catalog if t["category"] == "ancient_costume")
+            render = _check(api.post(f"{base}/renders", json={"avatar_id": avatar["id"], "template_id": chosen}), 201)
+            render = _wait(lambda: _check(api.get(f"{base}/renders/{render['id']}"), 200),
+                           lambda b: b["state"] in ("done", "failed"), lambda b: f"render {b['state']}")
+            if render["state"] != "done":
+                raise SystemExit(f"render failed: {render}")
+        with timer.step("download the labelled portraits and a share poster"):
+            files = []
+            for index, image in enumerate(render["images"], 1):
+                data = api.get(stack.base_url + image["url"])
+                path = out / "portraits" / f"portrait-{index}.png"
+                path.write_bytes(_binary(data))
+                files.append(str(path))
+            poster = api.get(stack.base_url + render["images"][0]["poster_url"])
+            (out / "poster.png").write_bytes(_binary(poster))
+        order = _check(api.get(f"{base}/orders/{order['id']}"), 200)
+        summary = {
+            "order": {"id": order["id"], "state": order["state"], "amount_fen": order["amount"],
+                      "render_credits_left": order["render_credits"], "refunds": order["refunds"]},
+            "order_history": [h["to"] for h in stack.services.db.orders.find_one({"_id": order["id"]})["history"]],
+            "avatar": {"id": avatar["id"], "state": avatar["state"], "accepted_photos": avatar["accepted_count"],
+                       "photos_purged": avatar["photos_purged"],
+                       "training_seconds": stack.services.db.avatars.find_one({"_id": avatar["id"]})["training_seconds"]},
+            "render": {"id": render["id"], "template_id": chosen,
+                       "images": [{"file": f, "likeness": i["likeness"], "content_id": i["content_id"]}
+                                  for f, i in zip(files, render["images"])]},
+            "poster": str(out / "poster.png"),
+            "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
+            "base_model": stack.services.settings.base_model_path or "tiny random-weight Stable Diffusion",
+            "timings_s": {**timer.steps, "total": timer.total()},
+        }
+    finally:
+        stack.stop()
+    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2))
+    return summary
+
+
+def _binary(response: requests.Response) -> bytes:
+    if response.status_code != 200:
+        raise SystemExit(f"download failed {response.status_code}: {response.text[:300]}")
+    return response.content
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo-output"))
+    parser.add_argument("--photos", type=int, default=21)
+    parser.add_argument("--template", default=None)
+    args = parser.parse_args(argv)
+    summary = run(args.out.resolve(), args.photos, args.template)
+    print(json.dumps({k: summary[k] for k in ("order", "order_history", "timings_s")}, ensure_ascii=False, indent=2))
+    print(f"portraits, poster and summary.json in {args.out}/")
+    sys.exit(0 if summary["order"]["state"] == "fulfilled" else 1)
+
+
+if __name__ == "__main__":
+    main()

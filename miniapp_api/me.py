@@ -1,0 +1,46 @@
+"""Access and deletion of one's personal data (GenAI Measures art. 11, PIPL art. 47)."""
+from __future__ import annotations
+
+from flask import Blueprint, g, url_for
+
+from miniapp_api import billing
+from miniapp_api.auth import consents_json, login_required
+from miniapp_api.avatars import avatar_json
+from miniapp_api.privacy import delete_user
+from miniapp_api.renders import render_json
+from miniapp_api.requests import services
+
+bp = Blueprint("me", __name__, url_prefix="/api/v1/me")
+
+
+@bp.get("/export")
+@login_required
+def export():
+    svc = services()
+    user = g.user
+    uid = user["_id"]
+    return {
+        "user": {"id": uid, "openid": user["openid"], "created_at": user["created_at"].isoformat(),
+                 "consents": consents_json(user),
+                 "consent_records": {k: {**v, "given_at": _iso(v.get("given_at")),
+                                         "withdrawn_at": _iso(v.get("withdrawn_at"))}
+                                     for k, v in (user.get("consents") or {}).items()},
+                 "subscriptions": user.get("subscriptions", {})},
+        "avatars": [avatar_json(a) for a in svc.db.avatars.find({"user_id": uid})],
+        "orders": [billing.order_json(o) for o in svc.db.orders.find({"user_id": uid})],
+        "renders": [render_json(r) for r in svc.db.renders.find({"user_id": uid})],
+        "images": [{"id": i["_id"], "url": url_for("images.get_image", image_id=i["_id"]),
+                    "content_id": i["content_id"], "created_at": _iso(i["created_at"])}
+                   for i in svc.db.images.find({"user_id": uid})],
+    }
+
+
+@bp.delete("")
+@login_required
+def delete_me():
+    delete_user(services(), g.user)
+    return {"deleted": True}, 202
+
+
+def _iso(value):
+    return value.isoformat().replace("+00:00", "Z") if value else None

@@ -1,0 +1,76 @@
+"""WeChat Pay v3 callbacks: verified, decrypted, checked against our order, applied idempotently.
+
+WeChat Pay reads any 2xx as delivered and retries anything else for 24 hours, so a failure to apply answers 5xx
+and a callback we will never accept answers 4xx with its reason.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+from pymongo.errors import DuplicateKeyError
+
+from miniapp_api import billing, states
+from miniapp_api.payments import CallbackRejected
+from miniapp_api.requests import services
+
+bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
+
+
+def _fail(status: int, code: str, message: str):
+    response = jsonify({"code": "FAIL", "message": message, "error": {"code": code, "message": message,
+                                                                      "details": {}}})
+    response.status_code = status
+    return response
+
+
+def _verified():
+    try:
+        return services().payments.parse_callback(request.headers, request.get_data()), None
+    except CallbackRejected as rejected:
+        return None, _fail(401, rejected.code, "callback rejected")
+
+
+def _seen(notification) -> bool:
+    return services().db.pay_notifications.find_one({"_id": notification.id, "applied": True}) is not None
+
+
+def _record(notification, outcome: str) -> None:
+    try:
+        services().db.pay_notifications.insert_one({"_id": notification.id, "event_type": notification.event_type,
+                                                    "applied": True, "outcome": outcome,
+                                                    "received_at": states.now()})
+    except DuplicateKeyError:
+        pass
+
+
+@bp.post("/notify")
+def payment_notify():
+    notification, failure = _verified()
+    if failure:
+        return failure
+    if _seen(notification):
+        return "", 204
+    if notification.event_type != "TRANSACTION.SUCCESS":
+        _record(notification, "ignored")
+        return "", 204
+    try:
+        order = billing.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
+    except billing.PaymentMismatch as mismatch:
+        return _fail(400, mismatch.code, "transaction does not match the order")
+    if order is None:
+        return _fail(404, "unknown_order", "no such order")
+    _record(notification, order["state"])
+    return "", 204
+
+
+@bp.post("/refund-notify")
+def refund_notify():
+    notification, failure = _verified()
+    if failure:
+        return failure
+    if _seen(notification):
+        return "", 204
+    order = billing.apply_refund_result(services(), notification.resource, source=f"refund-notify:{notification.id}")
+    if order is None:
+        return _fail(404, "unknown_refund", "no such refund")
+    _record(notification, order["state"])
+    return "", 204

