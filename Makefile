@@ -1,0 +1,37 @@
+# Fresh machine: `make demo` runs the whole paid flow offline; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+
+.PHONY: install demo serve test bench font clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt requirements-test.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
+	touch $@
+
+font:
+	@test -f $(CJK_FONT) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fonts-wqy-microhei; }
+
+install: $(VENV)/.installed font
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.demo --out demo-output
+
+serve: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.serve --port $(PORT)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	@for script in bench/*.py; do echo "== $$script"; HF_HUB_OFFLINE=1 $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf demo-output instance
