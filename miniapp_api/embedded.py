@@ -14,20 +14,26 @@ def with_embedded_wechat(settings: Settings):
     creds = load_or_create_credentials(settings.instance_dir / "wechat_sim")
     # Refunds settle a moment after they are asked for, as WeChat Pay's do.
     simulator = start_simulator(creds, refund_settle_delay_s=2.0)
-    configured = settings.replace(
+    configured = pointed_at_simulator(settings, creds, simulator.base_url)
+    if not configured.subscribe_templates:
+        configured = configured.replace(subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES))
+    return configured, simulator
+
+
+def pointed_at_simulator(settings: Settings, creds, base_url: str) -> Settings:
+    """Settings that talk to a WeChat simulator at base_url with its generated credentials."""
+    return settings.replace(
         wechat_appid=creds.appid,
         wechat_secret=creds.app_secret,
-        wechat_api_base=simulator.base_url,
+        wechat_api_base=base_url,
         wechatpay_mchid=creds.mchid,
         wechatpay_private_key_pem=creds.merchant_private_key_pem,
         wechatpay_cert_serial_no=creds.merchant_cert_serial_no,
         wechatpay_apiv3_key=creds.apiv3_key,
         wechatpay_public_key_pem=creds.platform_public_key_pem,
         wechatpay_public_key_id=creds.platform_public_key_id,
-        wechatpay_api_base=simulator.base_url,
-        subscribe_templates=settings.subscribe_templates or DEFAULT_SUBSCRIBE_TEMPLATES,
+        wechatpay_api_base=base_url,
     )
-    return configured, simulator
 
 
 DEFAULT_SUBSCRIBE_TEMPLATES = {

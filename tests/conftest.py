@@ -4,7 +4,6 @@ The HTTP server matters: the simulator delivers signed payment callbacks to the 
 """
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import threading
@@ -16,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from miniapp_api import create_app  # noqa: E402
 from miniapp_api.config import Settings  # noqa: E402
-from miniapp_api.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred  # noqa: E402
+from miniapp_api.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred, pointed_at_simulator  # noqa: E402
 from miniapp_api.services import build_services  # noqa: E402
 
 
@@ -70,22 +69,11 @@ def face_analyzer():
 
 
 def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Settings:
-    creds = simulator.creds
     settings = Settings(
         instance_dir=instance_dir,
         secret_key=secrets.token_urlsafe(32),
         master_key=secrets.token_bytes(32),
         public_base_url=f"http://127.0.0.1:{http_server.server_port}",
-        wechat_appid=creds.appid,
-        wechat_secret=creds.app_secret,
-        wechat_api_base=simulator.base_url,
-        wechatpay_mchid=creds.mchid,
-        wechatpay_private_key_pem=creds.merchant_private_key_pem,
-        wechatpay_cert_serial_no=creds.merchant_cert_serial_no,
-        wechatpay_apiv3_key=creds.apiv3_key,
-        wechatpay_public_key_pem=creds.platform_public_key_pem,
-        wechatpay_public_key_id=creds.platform_public_key_id,
-        wechatpay_api_base=simulator.base_url,
         wechatpay_timeout_s=3.0,
         subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES),
         min_photos=4,
@@ -93,6 +81,7 @@ def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Se
         train_resolution=64,
         render_max_steps=2,
     )
+    settings = pointed_at_simulator(settings, simulator.creds, simulator.base_url)
     return settings.replace(**overrides)
 
 

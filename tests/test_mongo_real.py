@@ -6,9 +6,9 @@ on the real server too.
 from __future__ import annotations
 
 import os
-import threading
-
 import pytest
+
+from tests.race import winners
 
 MONGO_URI = os.environ.get("MONGO_URI")
 pytestmark = [pytest.mark.mongo, pytest.mark.skipif(not MONGO_URI, reason="MONGO_URI is not set")]
@@ -40,20 +40,7 @@ def test_concurrent_transitions_have_one_winner_on_real_mongodb(services):
     from miniapp_api import states
 
     services.db.orders.insert_one({"_id": "P1", "state": "paid", "history": []})
-    winners = []
-    barrier = threading.Barrier(20)
-
-    def race():
-        barrier.wait()
-        if states.transition(services.db, "order", "P1", "refunding", reason="race") is not None:
-            winners.append(1)
-
-    threads = [threading.Thread(target=race) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(winners) == 1
+    assert winners(lambda: states.transition(services.db, "order", "P1", "refunding", reason="race")) == 1
 
 
 def test_one_open_order_per_avatar_is_enforced_by_the_unique_index(ready_avatar, services):
