@@ -1,6 +1,9 @@
 """MongoDB through pymongo; in-process mongomock when MONGO_URI is unset (demo and tests)."""
 from __future__ import annotations
 
+import functools
+import threading
+
 import pymongo
 from pymongo import ASCENDING, DESCENDING
 
@@ -11,8 +14,35 @@ def connect(mongo_uri: str | None, db_name: str):
     else:
         import mongomock
 
+        _serialise_mongomock_writes()
         client = mongomock.MongoClient(tz_aware=True)
     return client[db_name]
+
+
+_WRITE_LOCK = threading.RLock()
+
+
+def _serialise_mongomock_writes() -> None:
+    """Give the in-process database the per-document atomicity real MongoDB has.
+
+    mongomock runs a conditional update (find_one_and_update, update_one with a filter) as a find followed by a
+    write, so two threads could both match the same state; every compare-and-set in `states.transition` and the
+    credit and refund claims relies on the server doing it as one step. One lock around mongomock's write paths
+    restores that for the demo and the tests (threads of one process share one in-process database).
+    """
+    from mongomock.collection import Collection
+
+    if getattr(Collection, "_portraits_serialised", False):
+        return
+    for name in ("_find_and_modify", "_update", "_insert", "_delete", "bulk_write"):
+        original = getattr(Collection, name)
+
+        def locked(self, *args, __original=original, **kwargs):
+            with _WRITE_LOCK:
+                return __original(self, *args, **kwargs)
+
+        setattr(Collection, name, functools.wraps(original)(locked))
+    Collection._portraits_serialised = True
 
 
 def ensure_indexes(db) -> None:
