@@ -54,34 +54,46 @@ def create_avatar():
 @bp.get("/<avatar_id>")
 @login_required
 def get_avatar(avatar_id):
-    return avatar_json(owned("avatars", avatar_id, "avatar"))
+    avatar = owned("avatars", avatar_id, "avatar")
+    if avatar["state"] in ("collecting", "ready"):
+        # Readiness depends on the user too (a consent withdrawn or outdated by a new text version).
+        avatar = refresh_readiness(services(), avatar, g.user)
+    return avatar_json(avatar)
 
 
 @bp.get("/<avatar_id>/queue")
 def avatar_queue(avatar_id):
-    """The cheap poll: Redis only, token checked by signature alone."""
+    """The cheap poll, safe at thousands of clients: the token is checked by its signature alone (no user lookup)
+    and everything is read from Redis in one round trip; MongoDB is never touched."""
+    from itsdangerous import SignatureExpired
+
     from miniapp_api.auth import _serializer
 
     try:
         claims = _serializer().loads(bearer_token(), max_age=services().settings.token_ttl_s)
+    except SignatureExpired:
+        raise ApiError(401, "token_expired", "Your session expired; log in again.")
     except BadSignature:
         raise ApiError(401, "invalid_token", "The token is not valid.")
     tracker = QueueTracker(services().redis)
-    tracked = tracker.subject(avatar_subject(avatar_id))
-    if tracked.get("owner") != claims.get("uid"):
+    tracked, where = tracker.poll(avatar_subject(avatar_id))
+    if not tracked or tracked.get("owner") != claims.get("uid"):
         raise not_found("avatar")
-    return queue_json(tracker, tracked)
+    return queue_json(tracker, tracked, where)
 
 
-def queue_json(tracker: QueueTracker, tracked: dict) -> dict:
+def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) -> dict:
     state = tracked.get("state", "queued")
     progress = float(tracked.get("progress") or 0)
-    if state in ("queued", "training") and tracked.get("job_id"):
-        where = tracker.position(tracked["queue"], tracked["job_id"], progress)
-    else:
+    if state not in ("queued", "training") or not tracked.get("job_id"):
         where = {"position": 0, "ahead": 0, "eta_seconds": 0}
-    return {"state": state, "position": where["position"], "ahead": where["ahead"],
+    elif where is None:
+        where = tracker.position(tracked["queue"], tracked["job_id"], progress)
+    body = {"state": state, "position": where["position"], "ahead": where["ahead"],
             "eta_seconds": where["eta_seconds"], "progress": progress}
+    if tracked.get("total"):
+        body.update(step=int(tracked.get("step") or 0), total=int(tracked["total"]))
+    return body
 
 
 @bp.post("/<avatar_id>/photos")
@@ -109,14 +121,22 @@ def upload_photo(avatar_id):
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "file_too_large", "The photo is over the size limit.",
                        {"max_bytes": settings.max_upload_bytes})
-    verdict = judge(svc, avatar, data, role, accepted_photos)
+    accepted_faces = load_accepted_faces(svc, avatar, accepted_photos)
+    verdict = judge(svc, data, role, accepted_faces)
     refusal = next((reason for reason in verdict.reasons if reason in NOT_A_PHOTO), None)
     if refusal:
         status, message = NOT_A_PHOTO[refusal]
         raise ApiError(status, refusal, message)
     photo = {"id": "ph_" + secrets.token_hex(8), "role": role, "accepted": verdict.accepted,
              "reasons": list(verdict.reasons), "uploaded_at": states.now()}
+    earlier_outliers = []
     if verdict.accepted:
+        outliers = identity_outliers(svc, [face.embedding for face in accepted_faces] + [verdict.embedding])
+        if len(accepted_faces) in outliers:
+            photo.update(accepted=False, reasons=["different_person"])
+        earlier_outliers = [accepted_photos[i] for i in outliers if i < len(accepted_faces)]
+    if photo["accepted"]:
+        # Only the aligned crop and its embedding are kept (sealed with the user's key); the upload itself is not.
         base = f"users/{avatar['user_id']}/avatars/{avatar_id}/photos/{photo['id']}"
         crop = io.BytesIO()
         verdict.crop.save(crop, format="PNG")
@@ -127,22 +147,62 @@ def upload_photo(avatar_id):
         {"_id": avatar_id, "state": {"$in": ["collecting", "ready"]}},
         {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
     if updated is None:
+        for key in (photo.get("crop_key"), photo.get("embedding_key")):
+            if key:
+                svc.blobs.delete(key)
         raise ApiError(409, "avatar_not_collecting", "This avatar no longer takes photos.")
+    for outlier in earlier_outliers:
+        updated = refuse_as_different_person(svc, avatar_id, outlier) or updated
     updated = refresh_readiness(svc, updated, g.user)
     return {"id": photo["id"], "accepted": photo["accepted"], "reasons": photo["reasons"], "role": role,
             "avatar": avatar_json(updated)}, 201
 
 
-def judge(svc, avatar, data: bytes, role: str, accepted_photos: list[dict]):
-    from models.intake import AcceptedFace, IntakeLimits, judge_photo
+def load_accepted_faces(svc, avatar: dict, accepted_photos: list[dict]) -> list:
+    from models.intake import AcceptedFace
 
-    accepted = [
+    return [
         AcceptedFace(embedding=np.frombuffer(svc.sealed.get(avatar["user_id"], p["embedding_key"]), dtype=np.float64),
                      phash=int(p["phash"]))
         for p in accepted_photos
     ]
-    limits = IntakeLimits(max_bytes=svc.settings.max_upload_bytes, max_pixels=svc.settings.max_pixels)
-    return judge_photo(data, role=role, accepted=accepted, limits=limits, analyzer=svc.face_analyzer())
+
+
+def intake_limits(settings):
+    from models.intake import IntakeLimits
+
+    return IntakeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+
+
+def judge(svc, data: bytes, role: str, accepted_faces: list):
+    from models.intake import judge_photo
+
+    return judge_photo(data, role=role, accepted=accepted_faces, limits=intake_limits(svc.settings),
+                       analyzer=svc.face_analyzer(), training_size=svc.settings.train_resolution)
+
+
+def identity_outliers(svc, embeddings: list) -> list[int]:
+    """Indices of accepted faces unlike the others (leave-one-out against the mean of the rest).
+
+    The upload-time check compares a new photo with the pivot of the earlier ones, which cannot catch a stranger
+    among the first two; this pass re-judges every accepted photo each time one is added, so the set that makes the
+    avatar ready never holds one.
+    """
+    from models.intake import drop_outliers
+
+    return drop_outliers(embeddings, intake_limits(svc.settings).same_person_min_similarity)
+
+
+def refuse_as_different_person(svc, avatar_id: str, photo: dict) -> dict | None:
+    updated = svc.db.avatars.find_one_and_update(
+        {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
+        {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
+         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}},
+        return_document=True)
+    for key in (photo.get("crop_key"), photo.get("embedding_key")):
+        if key:
+            svc.blobs.delete(key)
+    return updated
 
 
 def missing_for_training(svc, avatar: dict, user: dict) -> list[str]:

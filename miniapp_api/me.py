@@ -6,7 +6,7 @@ from flask import Blueprint, g, url_for
 from miniapp_api import billing
 from miniapp_api.auth import consents_json, login_required
 from miniapp_api.avatars import avatar_json
-from miniapp_api.privacy import delete_user
+from miniapp_api.privacy import delete_user, user_ref
 from miniapp_api.renders import render_json
 from miniapp_api.requests import services
 
@@ -32,6 +32,9 @@ def export():
         "images": [{"id": i["_id"], "url": url_for("images.get_image", image_id=i["_id"]),
                     "content_id": i["content_id"], "created_at": _iso(i["created_at"])}
                    for i in svc.db.images.find({"user_id": uid})],
+        # The AIGC label log names the user only by the one-way reference; these are the entries that refer to them.
+        "label_log": [{"content_id": entry["content_id"], "created_at": _iso(entry["created_at"])}
+                      for entry in svc.db.label_log.find({"user_ref": user_ref(svc, uid)})],
     }
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from rq.job import Job
 from rq.exceptions import NoSuchJobError
 
+from jobs import queues
 from jobs.tracking import QueueTracker
 from miniapp_api import states
 
@@ -81,13 +82,57 @@ def _delete_avatar(services, avatar: dict) -> None:
 
 
 def _delete_jobs(services, kind: str, subject_id: str, attempts: int) -> None:
+    queue = {"train": queues.TRAIN, "render": queues.RENDER}[kind]
     for attempt in range(1, attempts + 2):
         try:
             job = Job.fetch(f"{kind}-{subject_id}-{attempt}", connection=services.redis)
         except NoSuchJobError:
             continue
-        job.cancel() if job.get_status() == "queued" else None
-        job.delete()
+        if job.get_status() != "started":
+            _drop_job(services, queue, job)
+
+
+def _drop_job(services, queue: str, job: Job) -> None:
+    job.delete(remove_from_queue=True)  # the job hash, its results, and its place in every registry
+    QueueTracker(services.redis).finished(queue, job.id, measure=False)
+
+
+def _job_mentions(job: Job, needles: set[str]) -> bool:
+    def mentions(value) -> bool:
+        if isinstance(value, str):
+            return any(needle in value for needle in needles)
+        if isinstance(value, dict):
+            return any(mentions(k) or mentions(v) for k, v in value.items())
+        if isinstance(value, (list, tuple, set)):
+            return any(mentions(v) for v in value)
+        return False
+
+    try:
+        return job.id in needles or mentions(list(job.args)) or mentions(job.kwargs) or mentions(job.meta)
+    except Exception:  # a payload that no longer deserialises (code moved) cannot be judged; leave it
+        return False
+
+
+def delete_jobs_of(services, needles: set[str]) -> int:
+    """Every RQ job (waiting, deferred, scheduled, finished, failed, canceled) whose arguments, meta or id name one
+    of ``needles`` (the user's id and their avatars' and renders' ids) is deleted with its results. A job running
+    right now is left to finish: it cannot write anything back once the user's key is shredded."""
+    deleted = 0
+    for name in queues.ALL_QUEUES:
+        queue = queues.queue(services, name)
+        registries = (queue.deferred_job_registry, queue.scheduled_job_registry, queue.finished_job_registry,
+                      queue.failed_job_registry, queue.canceled_job_registry)
+        job_ids = set(queue.get_job_ids())
+        for registry in registries:
+            job_ids.update(registry.get_job_ids())
+        for job in Job.fetch_many(sorted(job_ids), connection=services.redis):
+            if job is None or not _job_mentions(job, needles):
+                continue
+            if job.get_status(refresh=False) == "started":
+                continue
+            _drop_job(services, name, job)
+            deleted += 1
+    return deleted
 
 
 def erase_user_data(services, user: dict, reason: str) -> dict:
@@ -100,37 +145,64 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     for order in services.db.orders.find({"user_id": user_id, "state": "created"}):
         states.transition(services.db, "order", order["_id"], "closed", reason=reason, unset_fields=("open_avatar_id",))
     avatars = list(services.db.avatars.find({"user_id": user_id}))
+    renders = list(services.db.renders.find({"user_id": user_id}))
     for avatar in avatars:
         _delete_avatar(services, avatar)
-    renders = list(services.db.renders.find({"user_id": user_id}))
     for render in renders:
-        _delete_jobs(services, "render", render["_id"], render.get("attempts", 0) + 1)
         QueueTracker(services.redis).forget_subject(f"render:{render['_id']}")
+    jobs = delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
     services.db.renders.delete_many({"user_id": user_id})
     services.db.images.delete_many({"user_id": user_id})
     services.blobs.delete_prefix(f"users/{user_id}/")
+    # Crypto-shredding: whatever copy of a sealed blob survives elsewhere (a backup, a replica) is unreadable now.
     services.vault.shred(user_id)
-    return {"avatars": len(avatars), "renders": len(renders)}
+    return {"avatars": len(avatars), "renders": len(renders), "jobs": jobs}
 
 
-def pseudonymise_orders(services, user_id: str) -> None:
-    ref = user_ref(services, user_id)
-    services.db.orders.update_many({"user_id": user_id}, {"$set": {"user_id": ref, "user_erased": True},
-                                                          "$unset": {"openid": ""}})
-    services.db.payment_alerts.update_many({"user_id": user_id}, {"$set": {"user_id": ref}})
+def _scrub(value, replacements: dict[str, str]):
+    if isinstance(value, str):
+        for old, new in replacements.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v, replacements) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, replacements) for v in value]
+    return value
+
+
+def pseudonymise_orders(services, user: dict) -> int:
+    """Payment records stay for accounting; every mention of the user in them (owner, openid, who requested a
+    refund, state history, payment alerts) becomes the one-way reference."""
+    ref = user_ref(services, user["_id"])
+    replacements = {user["_id"]: ref}
+    if user.get("openid"):
+        replacements[user["openid"]] = ref
+    orders = list(services.db.orders.find({"user_id": user["_id"]}))
+    for order in orders:
+        scrubbed = _scrub({k: v for k, v in order.items() if k != "openid"}, replacements)
+        scrubbed["user_erased"] = True
+        services.db.orders.replace_one({"_id": order["_id"]}, scrubbed)
+    for alert in services.db.payment_alerts.find({"order_id": {"$in": [o["_id"] for o in orders]}}):
+        services.db.payment_alerts.replace_one({"_id": alert["_id"]}, _scrub(alert, replacements))
+    return len(orders)
 
 
 def delete_user(services, user: dict) -> None:
     erase_user_data(services, user, reason="user_deleted")
-    pseudonymise_orders(services, user["_id"])
+    pseudonymise_orders(services, user)
+    # With the user document gone every token of theirs is refused (auth looks the user up on each request).
     services.db.users.delete_one({"_id": user["_id"]})
 
 
 def withdraw_face_consent(services, user: dict) -> dict:
+    """The account stays (orders, the right to consent again); everything face-related goes, and so do the
+    user's sessions: every token issued so far is revoked, and the client logs in again."""
     erased = erase_user_data(services, user, reason="consent_withdrawn")
     services.db.users.update_one(
         {"_id": user["_id"]},
-        {"$set": {"consents.face_processing.withdrawn_at": states.now()}, "$unset": {"subscriptions": ""}},
+        {"$set": {"consents.face_processing.withdrawn_at": states.now()}, "$unset": {"subscriptions": ""},
+         "$inc": {"token_generation": 1}},
     )
     services.vault.create_key(user["_id"])
-    return erased
+    return {**erased, "tokens_revoked": True}

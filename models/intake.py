@@ -242,9 +242,10 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
 
 
 def drop_outliers(embeddings: list[np.ndarray], min_similarity: float) -> list[int]:
-    """Indices of embeddings to drop as "different_person": below ``min_similarity`` to the normalised mean
-    of all of them (a single pass; with ~21 photos one stranger barely moves the mean)."""
-    if not embeddings:
+    """Indices of embeddings to drop as "different_person": each one is compared with the pivot (normalised mean)
+    of all the others, so a stranger cannot pull the pivot towards themselves. With fewer than three there is no
+    majority to tell who the stranger is, and nothing is dropped."""
+    if len(embeddings) < 3:
         return []
-    pivot = identity_pivot(embeddings)
-    return [i for i, e in enumerate(embeddings) if cosine_similarity(e, pivot) < min_similarity]
+    return [i for i, e in enumerate(embeddings)
+            if cosine_similarity(e, identity_pivot(embeddings[:i] + embeddings[i + 1:])) < min_similarity]
