@@ -1,7 +1,8 @@
 """WeChat Pay v3 callbacks: verified, decrypted, checked against our order, applied idempotently.
 
 WeChat Pay reads any 2xx as delivered and retries anything else for 24 hours, so a failure to apply answers 5xx
-and a callback we will never accept answers 4xx with its reason.
+and a callback we will never accept answers 4xx with its reason. A rejected callback changes no order (a genuine
+but mismatching payment leaves an alert in payment_alerts for operators).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from miniapp_api.requests import services
 bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
 
 
-def _fail(status: int, code: str, message: str):
+def _fail(status: int, code: str, message: str, details: dict | None = None):
     response = jsonify({"code": "FAIL", "message": message, "error": {"code": code, "message": message,
-                                                                      "details": {}}})
+                                                                      "details": details or {}}})
     response.status_code = status
     return response
 
@@ -55,7 +56,11 @@ def payment_notify():
     try:
         order = billing.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
     except billing.PaymentMismatch as mismatch:
-        return _fail(400, mismatch.code, "transaction does not match the order")
+        return _fail(400, mismatch.code, "transaction does not match the order",
+                     {"fields": sorted(k for k, v in mismatch.details["expected"].items()
+                                       if mismatch.details["observed"][k] != v)})
+    except billing.OrderBusy:
+        return _fail(503, "order_busy", "order is being updated; deliver again later")
     if order is None:
         return _fail(404, "unknown_order", "no such order")
     _record(notification, order["state"])
@@ -69,7 +74,11 @@ def refund_notify():
         return failure
     if _seen(notification):
         return "", 204
-    order = billing.apply_refund_result(services(), notification.resource, source=f"refund-notify:{notification.id}")
+    try:
+        order = billing.apply_refund_result(services(), notification.resource,
+                                            source=f"refund-notify:{notification.id}")
+    except billing.OrderBusy:
+        return _fail(503, "order_busy", "order is being updated; deliver again later")
     if order is None:
         return _fail(404, "unknown_refund", "no such refund")
     _record(notification, order["state"])

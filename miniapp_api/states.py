@@ -25,7 +25,8 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "closed": {"paid"},
         "paid": {"fulfilled", "refunding"},
         "fulfilled": {"refunding"},
-        "refunding": {"refunded", "refund_failed"},
+        # A partial refund that settles returns the order to where it was; a full one ends it `refunded`.
+        "refunding": {"refunded", "refund_failed", "paid", "fulfilled"},
         "refund_failed": {"refunding", "refunded"},
         "refunded": set(),
     },

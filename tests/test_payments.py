@@ -304,9 +304,12 @@ def test_refund_is_idempotent_on_out_refund_no_and_never_exceeds_the_payment(sim
 
 def test_abnormal_refund_fault_is_reported_by_callback_and_query(sim, gateway, receiver):
     order_id, _, _ = paid_order(sim, gateway, receiver)
+    sim.settle_refunds()  # refunds of earlier tests settling now would take the fault
     sim.set_fault("/", "refund_abnormal", count=1)
     gateway.refund(order_id, f"{order_id}-r1", 990, 990, "training failed")
-    delivery = receiver.wait_for(lambda e: e.get("notification") and e["notification"].event_type.startswith("REFUND"))
+    delivery = receiver.wait_for(lambda e: e.get("notification")
+                                 and e["notification"].event_type.startswith("REFUND")
+                                 and e["notification"].resource.get("out_refund_no") == f"{order_id}-r1")
     assert delivery["notification"].event_type == "REFUND.ABNORMAL"
     assert gateway.query_refund(f"{order_id}-r1")["status"] == "ABNORMAL"
 

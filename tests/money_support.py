@@ -1,0 +1,99 @@
+"""Helpers for the money tests: users and avatars placed straight into the database (no photos or training are
+needed to move money), notifications signed and encrypted with the simulator's own keys, and a default-queue run."""
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+import uuid
+from functools import lru_cache
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from miniapp_api import billing, states
+
+
+def add_user_and_avatar(services, sim, name: str = "alice", user: dict | None = None) -> tuple[dict, dict]:
+    at = states.now()
+    if user is None:
+        # The simulator only takes prepay for openids it has issued.
+        user = {"_id": "u_" + secrets.token_hex(6), "openid": sim.openid_of(name), "created_at": at, "consents": {}}
+        services.db.users.insert_one(user)
+    avatar = {"_id": "av_" + secrets.token_hex(6), "user_id": user["_id"], "gender": "female", "state": "ready",
+              "photos": [], "created_at": at, "updated_at": at, "history": states.initial_history("ready", "test")}
+    services.db.avatars.insert_one(avatar)
+    return user, avatar
+
+
+def place_order(services, sim, name: str = "alice") -> tuple[dict, dict, dict]:
+    user, avatar = add_user_and_avatar(services, sim, name)
+    return user, avatar, billing.create_order(services, user, avatar, "avatar_pack")
+
+
+def paid_order(services, sim, name: str = "alice") -> dict:
+    _, _, order = place_order(services, sim, name)
+    paid = sim.pay(order["_id"])
+    assert paid["status_code"] == 204, paid
+    found = services.db.orders.find_one({"_id": order["_id"]})
+    assert found["state"] == "paid"
+    return found
+
+
+def run_default_jobs(services, rounds: int = 20) -> None:
+    """Refunds, notifications and periodic work: the default queue only, never training."""
+    from jobs import context, queues
+    from jobs.worker import EmbeddedWorker
+
+    context.install(services)
+    worker = EmbeddedWorker([queues.queue(services, queues.DEFAULT)], connection=services.redis)
+    for _ in range(rounds):
+        if not worker.work(burst=True, with_scheduler=True, logging_level="ERROR"):
+            break
+
+
+def signed_notification(creds, resource: dict, *, event_type: str = "TRANSACTION.SUCCESS",
+                        kind: str = "transaction", notification_id: str | None = None,
+                        timestamp: int | None = None) -> tuple[dict, bytes]:
+    """A WeChat Pay v3 callback exactly as the platform sends one: AES-256-GCM resource, RSA-SHA256 signature."""
+    nonce = secrets.token_hex(6)
+    ciphertext = AESGCM(creds.apiv3_key.encode()).encrypt(nonce.encode(), json.dumps(resource).encode(), kind.encode())
+    body = json.dumps({
+        "id": notification_id or str(uuid.uuid4()), "create_time": "2026-11-26T12:00:00+08:00",
+        "resource_type": "encrypt-resource", "event_type": event_type, "summary": "支付成功",
+        "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": base64.b64encode(ciphertext).decode(),
+                     "associated_data": kind, "nonce": nonce, "original_type": kind},
+    })
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    header_nonce = secrets.token_hex(16).upper()
+    signature = base64.b64encode(_private_key(creds.platform_private_key_pem).sign(f"{stamp}\n{header_nonce}\n{body}\n".encode(), padding.PKCS1v15(),
+                                          hashes.SHA256())).decode()
+    headers = {"Wechatpay-Timestamp": stamp, "Wechatpay-Nonce": header_nonce, "Wechatpay-Signature": signature,
+               "Wechatpay-Serial": creds.platform_public_key_id,
+               "Wechatpay-Signature-Type": "WECHATPAY2-SHA256-RSA2048", "Content-Type": "application/json"}
+    return headers, body.encode()
+
+
+@lru_cache(maxsize=4)
+def _private_key(pem: str):
+    return serialization.load_pem_private_key(pem.encode(), password=None)
+
+
+def transaction_for(order: dict, creds, **changes) -> dict:
+    """The decrypted resource WeChat Pay would send for this order being paid."""
+    resource = {
+        "appid": creds.appid, "mchid": creds.mchid, "out_trade_no": order["_id"],
+        "transaction_id": "42" + secrets.token_hex(10), "trade_type": "JSAPI", "trade_state": "SUCCESS",
+        "trade_state_desc": "支付成功", "bank_type": "OTHERS", "attach": "",
+        "success_time": "2026-11-26T12:00:00+08:00", "payer": {"openid": order["openid"]},
+        "amount": {"total": order["amount"], "payer_total": order["amount"], "currency": "CNY",
+                   "payer_currency": "CNY"},
+    }
+    resource.update(changes)
+    return resource
+
+
+def history_targets(services, order_id: str) -> list[str]:
+    return [entry["to"] for entry in services.db.orders.find_one({"_id": order_id})["history"]]
