@@ -1,5 +1,12 @@
-"""Subscribe messages through WeChat. Sending never blocks or fails the GPU job: it is a job of its own."""
+"""Subscribe messages through WeChat. Sending never blocks or fails the GPU job: it is a job of its own.
+
+One-time grants are counted per user and template (POST /api/v1/subscriptions) and one is consumed per message.
+WeChat refusing (43101: no grant left on its side) zeroes our count; a transient error gives the grant back and the
+job is retried with backoff.
+"""
 from __future__ import annotations
+
+import logging
 
 from rq import Retry
 
@@ -14,12 +21,21 @@ MESSAGES = {
 }
 
 
+log = logging.getLogger(__name__)
+RETRY_BACKOFF_S = [10, 60, 300]
+
+
 def notify(services, user_id: str, kind: str, data: dict) -> None:
+    """Queue a message; never raises, so a GPU job is not failed by the messaging side."""
     template_id = services.settings.subscribe_templates.get(kind)
     if not template_id:
         return
-    queues.queue(services, queues.DEFAULT).enqueue(
-        send_message, user_id, kind, data, retry=Retry(max=3, interval=[10, 60, 300]), result_ttl=3600)
+    try:
+        queues.queue(services, queues.DEFAULT).enqueue(
+            send_message, user_id, kind, data, retry=Retry(max=len(RETRY_BACKOFF_S), interval=RETRY_BACKOFF_S),
+            result_ttl=3600)
+    except Exception:
+        log.exception("could not queue the %s message for %s", kind, user_id)
 
 
 def send_message(user_id: str, kind: str, data: dict) -> str:

@@ -9,6 +9,7 @@ from PIL import Image
 from rq import get_current_job
 
 from jobs import context, queues
+from jobs.failures import retry_or_fail
 from jobs.notifications import notify
 from jobs.tracking import QueueTracker
 from miniapp_api import states
@@ -111,12 +112,17 @@ def _train(services, avatar: dict, job, tracker: QueueTracker) -> bytes:
     config = TrainConfig(rank=settings.lora_rank, steps=settings.train_steps, resolution=settings.train_resolution,
                          seed=int.from_bytes(avatar["_id"].encode()[:4], "big"))
 
+    started = time.monotonic()
+
     def progress(step: int, total: int) -> None:
+        from jobs.worker import check_hand_back
+
         fraction = round(step / total, 4)
         if job is not None:
             job.meta.update({"step": step, "total": total, "progress": fraction})
             job.save_meta()
         tracker.set_subject(subject(avatar["_id"]), progress=fraction, step=step, total=total)
+        check_hand_back(fraction, time.monotonic() - started)
 
     return train_lora(services.pipeline(), images, caption_for(avatar["gender"]), config, progress=progress)
 
@@ -125,19 +131,10 @@ def handle_training_failure(services, avatar_id: str, reason: str) -> str:
     """Retry while attempts remain, else fail the avatar and refund its order — each exactly once."""
     from miniapp_api.billing import request_refund
 
-    avatar = services.db.avatars.find_one({"_id": avatar_id})
-    if avatar is None:
-        return "gone"
-    if avatar.get("train_attempts", 0) <= services.settings.train_retries:
-        requeued = states.transition(services.db, "avatar", avatar_id, "queued", expect={"training"}, reason=reason)
-        if requeued is not None:
-            enqueue_training(services, requeued)
-            return "retried"
-        return "already_handled"
-    failed = states.transition(services.db, "avatar", avatar_id, "failed", expect={"training", "queued"},
-                               reason=reason, set_fields={"failure": reason})
+    outcome, failed = retry_or_fail(services, "avatar", avatar_id, attempts_field="train_attempts",
+                                    retries=services.settings.train_retries, running_state="training",
+                                    enqueue=enqueue_training, subject=subject(avatar_id), reason=reason)
     if failed is None:
-        return "already_handled"
-    QueueTracker(services.redis).set_subject(subject(avatar_id), state="failed")
+        return outcome
     request_refund(services, failed["order_id"], reason="training_failed")
     return "failed"

@@ -4,22 +4,90 @@
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
 
 The GPU worker never forks: a forked work horse deadlocks when the parent has used multi-threaded torch, and
-forking would also throw away the resident base pipeline. A heartbeat thread keeps the worker and its job alive
-while the main thread is busy in a long training.
+forking would also throw away the resident base pipeline. One job at a time per process. A heartbeat thread keeps
+the worker and its job alive while the main thread is busy in a long training; the job's execution expires from
+RQ's StartedJobRegistry WORKER_DEAD_AFTER_S after the last beat, which is how the reaper (jobs.recovery) finds the
+jobs of a worker that was SIGKILLed.
+
+SIGTERM (a deploy, a scale-down): the worker stops taking jobs. A render, or a training expected to end within
+WORKER_STOP_GRACE_S, is finished; a longer training is handed back to the front of its queue at its next step
+without spending one of the avatar's attempts.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import threading
+import time
 
 from rq import SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
 from jobs import context, queues
 
+_stopping = threading.Event()
+_stop_grace_s = [20.0]
+
+
+def stop_requested() -> bool:
+    return _stopping.is_set()
+
+
+def check_hand_back(fraction: float, elapsed_s: float) -> None:
+    """Called by long jobs at each step: raise HandBack when the worker is stopping and the job would outlast the
+    grace period."""
+    if not _stopping.is_set() or fraction >= 1.0:
+        return
+    remaining = elapsed_s * (1.0 - fraction) / fraction if fraction > 0 else float("inf")
+    if remaining > _stop_grace_s[0]:
+        from jobs.recovery import HandBack
+
+        raise HandBack(f"worker stopping; about {remaining:.0f}s of work left")
+
 
 class ResidentModelWorker(SimpleWorker):
+    def __init__(self, *args, heartbeat_s: int = 10, dead_after_s: int = 45, stop_grace_s: float = 20.0,
+                 worker_ttl: int = 60, **kwargs):
+        if dead_after_s <= heartbeat_s:
+            raise ValueError("dead_after_s must be longer than heartbeat_s")
+        kwargs.setdefault("job_monitoring_interval", heartbeat_s)
+        super().__init__(*args, worker_ttl=worker_ttl, **kwargs)
+        self.dead_after_s = dead_after_s
+        _stop_grace_s[0] = stop_grace_s
+        self._handed_back = None
+        self.push_exc_handler(self._note_hand_back)
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        # Short on purpose: the heartbeat thread renews it while the job runs, so it only lapses when we are dead.
+        return self.dead_after_s
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        super().heartbeat(timeout, pipeline=pipeline)
+        from jobs.tracking import QueueTracker
+
+        gpu = [name for name in self.queue_names() if name in queues.GPU_QUEUES]
+        if gpu:
+            ttl = timeout or self.worker_ttl + 60
+            QueueTracker(self.connection).worker_alive(gpu, self.name, ttl, pipeline=pipeline)
+
+    def register_death(self):
+        from jobs.tracking import QueueTracker
+
+        QueueTracker(self.connection).worker_gone(self.queue_names(), self.name)
+        super().register_death()
+
+    def request_stop(self, signum, frame):
+        _stopping.set()
+        super().request_stop(signum, frame)
+
+    def _note_hand_back(self, job, exc_type, exc_value, traceback):
+        from jobs.recovery import HandBack
+
+        if exc_type is not None and issubclass(exc_type, HandBack):
+            self._handed_back = job
+            return False  # not an error worth logging as one
+        return True
+
     def execute_job(self, job, queue):
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_while_running, args=(job, stop), daemon=True,
@@ -30,6 +98,12 @@ class ResidentModelWorker(SimpleWorker):
         finally:
             stop.set()
             beat.join()
+        if self._handed_back is not None:
+            from jobs.recovery import hand_back
+
+            handed, self._handed_back = self._handed_back, None
+            outcome = hand_back(context.services(), handed, self.name)
+            self.log.warning("Worker %s: job %s %s", self.name, handed.id, outcome)
 
     def _beat_while_running(self, job, stop: threading.Event) -> None:
         while not stop.wait(self.job_monitoring_interval):
@@ -50,6 +124,20 @@ class EmbeddedWorker(ResidentModelWorker):
 
     def _install_signal_handlers(self):
         pass
+
+
+def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
+    """A GPU worker on the render and train queues, renders first."""
+    from rq import Queue
+
+    options = {}
+    if settings is not None:
+        options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
+                       stop_grace_s=settings.worker_stop_grace_s)
+    options.update(overrides)
+    gpu_queues = [Queue(name, connection=connection, default_timeout=queues.TIMEOUTS[name])
+                  for name in queues.GPU_QUEUES]
+    return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
 def run_embedded_workers(services, stop: threading.Event, poll_s: float = 0.2) -> None:
@@ -91,9 +179,13 @@ def main(argv=None) -> None:
     services = build_services(settings)
     context.install(services)
     if args.kind == "gpu":
+        from jobs.recovery import reap
+
+        started = time.monotonic()
         services.renderer()  # load the base pipeline before the first job, once
-        worker = ResidentModelWorker([queues.queue(services, n) for n in queues.GPU_QUEUES], connection=services.redis)
-        worker.work()
+        logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
+        reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
+        build_gpu_worker(services.redis, settings).work()
     else:
         SimpleWorker([queues.queue(services, queues.DEFAULT)], connection=services.redis).work(with_scheduler=True)
 

@@ -1,4 +1,9 @@
-"""Subscribe-message grants reported by the client after wx.requestSubscribeMessage: one-time grants are counted."""
+"""Subscribe-message grants reported by the client after wx.requestSubscribeMessage: one-time grants are counted.
+
+Each "accept" is one more message WeChat will let us send on that template (capped); "reject" and "ban" (the user
+turned subscribe messages off) clear the count; "filter" (WeChat filtered the template out) changes nothing.
+Messages consume the grants (jobs.notifications).
+"""
 from __future__ import annotations
 
 from flask import Blueprint, g
@@ -10,6 +15,7 @@ from miniapp_api.requests import json_body, services
 bp = Blueprint("subscriptions", __name__, url_prefix="/api/v1/subscriptions")
 
 MAX_PENDING_GRANTS = 50
+ANSWERS = ("accept", "reject", "ban", "filter")
 
 
 @bp.post("")
@@ -18,8 +24,8 @@ def report_grants():
     body = json_body({"grants": dict})
     known = set(services().settings.subscribe_templates.values())
     problems = {t: "unknown template" for t in body["grants"] if t not in known}
-    problems.update({t: "must be accept or reject" for t, v in body["grants"].items()
-                     if v not in ("accept", "reject")})
+    problems.update({t: "must be accept, reject, ban or filter" for t, v in body["grants"].items()
+                     if v not in ANSWERS})
     if problems:
         raise ApiError(400, "invalid_grants", "Some grants are not understood.", {"grants": problems})
     users = services().db.users
@@ -27,7 +33,7 @@ def report_grants():
         if answer == "accept":
             users.update_one({"_id": g.user["_id"], f"subscriptions.{template_id}": {"$not": {"$gte": MAX_PENDING_GRANTS}}},
                              {"$inc": {f"subscriptions.{template_id}": 1}})
-        else:
+        elif answer in ("reject", "ban"):
             users.update_one({"_id": g.user["_id"]}, {"$set": {f"subscriptions.{template_id}": 0}})
     user = users.find_one({"_id": g.user["_id"]})
     return {"subscriptions": user.get("subscriptions", {})}

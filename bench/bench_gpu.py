@@ -1,0 +1,183 @@
+"""LoRA training steps/s and seconds per rendered image: ours vs the plain diffusers reference, same run.
+
+    python bench/bench_gpu.py                 # tiny random-weight SD on whatever device there is (CPU here)
+    python bench/bench_gpu.py --sd15          # the full SD1.5 architecture with random weights (use a GPU)
+
+Ours: models.train.train_lora (latents and prompt embeddings encoded once) and models.render.Renderer (the user's
+LoRA loaded into the resident base per render, then removed; `swap_seconds` is that load+unload). The reference:
+a straightforward loop as in diffusers' DreamBooth-LoRA example (VAE-encode the image and the prompt on every
+step) and a plain pipeline call with the LoRA loaded. Same rank, learning rate, resolution, steps and seeds.
+No weights are downloaded: both models are built from configs with random weights.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+diffusers_logging.set_verbosity_error()
+
+
+def build_sd15(device: str):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from models.pipeline import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        sample_size=512)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12,
+                                                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return pipe.to(device, dtype)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours_train(pipe, images, caption, steps, resolution, rank, device):
+    from models.train import TrainConfig, train_lora
+
+    stamps = []
+
+    def progress(step, total):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    weights = train_lora(pipe, images, caption, TrainConfig(rank=rank, steps=steps, resolution=resolution, seed=1),
+                         progress=progress)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), weights
+
+
+def reference_train(pipe, images, caption, steps, resolution, rank, device):
+    """diffusers' DreamBooth-LoRA example, reduced to its loop: encode the image and the prompt every step."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    from models.train import LORA_TARGET_MODULES, _to_pixel_tensor
+
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGET_MODULES), adapter_name="reference")
+    cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    pixels = torch.stack([_to_pixel_tensor(image, resolution) for image in images])
+    ids = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    generator = torch.Generator().manual_seed(1)
+    stamps = []
+    unet.train()
+    try:
+        for step in range(steps):
+            pick = torch.randint(len(images), (1,), generator=generator)
+            with torch.no_grad():
+                latents = vae.encode(pixels[pick].to(device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+                encoder_hidden_states = text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), device=device).long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, encoder_hidden_states).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            stamps.append(time.perf_counter())
+    finally:
+        unet.unload_lora()
+        unet.eval()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sd15", action="store_true", help="the full SD1.5 architecture (random weights)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 20 tiny, 50 sd15)")
+    parser.add_argument("--resolution", type=int, default=None, help="default 64 tiny, 512 sd15")
+    parser.add_argument("--render-steps", type=int, default=None, help="sampling steps (default 4 tiny, 25 sd15)")
+    parser.add_argument("--images", type=int, default=2, help="images per render")
+    parser.add_argument("--rank", type=int, default=8)
+    args = parser.parse_args(argv)
+    from models.pipeline import build_tiny_pipeline, pick_device
+    from models.render import Renderer
+    from models.train import lora_state_dict_from_bytes
+
+    device = pick_device()
+    steps = args.steps or (50 if args.sd15 else 20)
+    resolution = args.resolution or (512 if args.sd15 else 64)
+    render_steps = args.render_steps or (25 if args.sd15 else 4)
+    built = time.perf_counter()
+    pipe = build_sd15(device) if args.sd15 else build_tiny_pipeline(seed=0).to(device)
+    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}); "
+          f"{'SD1.5 architecture' if args.sd15 else 'tiny SD'} with random weights built in "
+          f"{time.perf_counter() - built:.1f}s; {steps} steps at {resolution}px, rank {args.rank}")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(4)]
+    caption = "a photo of sks woman"
+
+    ours_sps, lora_a = ours_train(pipe, images, caption, steps, resolution, args.rank, device)
+    ref_sps = reference_train(pipe, images, caption, steps, resolution, args.rank, device)
+    print(f"training   ours {ours_sps:8.2f} steps/s   reference {ref_sps:8.2f} steps/s   ratio {ours_sps / ref_sps:.2f}x")
+    _, lora_b = ours_train(pipe, images[:2], caption, 2, resolution, args.rank, device)
+
+    renderer = Renderer(pipe)
+    common = dict(prompt=caption + ", portrait", num_images=args.images, steps=render_steps, guidance=7.0,
+                  width=resolution, height=resolution)
+    ours_times, swaps = [], []
+    for seed, lora in enumerate([lora_a, lora_b, lora_a, lora_b]):  # a different user's LoRA every render
+        sync(device)
+        started = time.perf_counter()
+        renderer.render(lora=lora, adapter_name=f"user_{seed}", seed=seed, **common)
+        sync(device)
+        ours_times.append((time.perf_counter() - started) / args.images)
+        swaps.append(renderer.swap_seconds())
+    pipe.load_lora_weights(lora_state_dict_from_bytes(lora_a), adapter_name="reference")
+    ref_times = []
+    for seed in range(4):
+        sync(device)
+        started = time.perf_counter()
+        pipe(common["prompt"], num_images_per_prompt=args.images, num_inference_steps=render_steps,
+             guidance_scale=7.0, height=resolution, width=resolution,
+             generator=torch.Generator().manual_seed(seed))
+        sync(device)
+        ref_times.append((time.perf_counter() - started) / args.images)
+    pipe.unload_lora_weights()
+    ours_s, ref_s = statistics.median(ours_times[1:]), statistics.median(ref_times[1:])
+    print(f"rendering  ours {ours_s:8.3f} s/image   reference {ref_s:8.3f} s/image   ratio {ref_s / ours_s:.2f}x "
+          f"({render_steps} steps, {args.images} images per call; ours swaps the LoRA every render)")
+    print(f"LoRA swap (load + unload, another user's adapter): median {statistics.median(swaps[1:]) * 1e3:.1f} ms, "
+          f"max {max(swaps[1:]) * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
