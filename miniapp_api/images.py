@@ -1,19 +1,31 @@
 """Labelled images, downloadable and shareable by their owner only."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, url_for
+import io
+import json
+
+from flask import Blueprint, Response, url_for
+from PIL import Image
 
 from jobs.rendering import image_key
 from miniapp_api.auth import login_required
+from miniapp_api.posters import make_poster
 from miniapp_api.requests import owned, services
+from miniapp_api.wechat import WeChatUnavailable
+from models.labels import METADATA_KEY, find_cjk_font, label_metadata
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
+
+SHARE_PAGE = "pages/index/index"
+SCENE_MAX_CHARS = 32  # WeChat's limit for getwxacodeunlimit's scene
+APP_CODE_WIDTH = 280
+DEFAULT_CAPTION = "我的AI写真"
 
 
 def image_json(image: dict) -> dict:
     return {"id": image["_id"], "url": url_for("images.get_image", image_id=image["_id"]),
             "poster_url": url_for("images.get_poster", image_id=image["_id"]),
-            "likeness": image.get("likeness"), "content_id": image["content_id"],
+            "likeness": image.get("likeness"), "content_id": image["content_id"], "render_id": image["render_id"],
             "width": image.get("width"), "height": image.get("height")}
 
 
@@ -30,25 +42,28 @@ def get_image(image_id):
 @bp.get("/<image_id>/poster")
 @login_required
 def get_poster(image_id):
-    import io
-
-    from PIL import Image
-
-    from miniapp_api.posters import make_poster
-    from miniapp_api.wechat import WeChatUnavailable
-    from models.labels import find_cjk_font
-
     svc = services()
     image = owned("images", image_id, "image")
     render = svc.db.renders.find_one({"_id": image["render_id"]})
     template = svc.catalog.get(render["template_id"]) if render else None
     portrait = Image.open(io.BytesIO(svc.sealed.get(image["user_id"], image_key(image["user_id"], image_id))))
-    scene = f"i={image_id}"[:32]
-    try:
-        code = svc.wechat.unlimited_wxa_code(scene=scene, page="pages/index/index", width=280)
-    except WeChatUnavailable:
-        code = None
-    poster = make_poster(portrait, caption_zh=template.caption_zh if template else "我的AI写真",
-                         app_code_png=code, fallback_url=f"{svc.settings.public_base_url}/s/{image_id}",
-                         font_path=find_cjk_font(svc.settings.cjk_font_path))
+    metadata = json.dumps(label_metadata(content_id=image["content_id"], provider=svc.settings.provider_name),
+                          ensure_ascii=True)
+    poster = make_poster(portrait, caption_zh=template.caption_zh if template else DEFAULT_CAPTION,
+                         app_code_png=_app_code(svc, image_id), fallback_url=share_url(svc, image_id),
+                         font_path=find_cjk_font(svc.settings.cjk_font_path),
+                         portrait_labelled=True, png_text={METADATA_KEY: metadata})
     return Response(poster, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
+
+
+def share_url(svc, image_id: str) -> str:
+    return f"{svc.settings.public_base_url}/s/{image_id}"
+
+
+def _app_code(svc, image_id: str) -> bytes | None:
+    """The mini-program code opening the app on this image's scene; None when WeChat cannot give one."""
+    scene = f"i={image_id}"[:SCENE_MAX_CHARS]
+    try:
+        return svc.wechat.unlimited_wxa_code(scene=scene, page=SHARE_PAGE, width=APP_CODE_WIDTH)
+    except WeChatUnavailable:
+        return None

@@ -37,6 +37,7 @@ def make_poster(
     fallback_url: str,
     font_path: str,
     label_text: str = "AI生成",
+    portrait_labelled: bool = False,
     png_text: Mapping[str, str] | None = None,
 ) -> bytes:
     """Render a 750x1334 PNG poster and return its bytes.
@@ -44,15 +45,18 @@ def make_poster(
     app_code_png is the mini-program code image from WeChat; when it is missing or not a
     decodable image, a QR code of fallback_url is drawn instead. png_text, if given, is
     written as PNG text chunks (e.g. the AIGC metadata label). A blank label_text is refused:
-    every generated image must carry a visible label.
+    every generated image must carry a visible label. portrait_labelled says the portrait
+    already carries its visible label (as every stored image does); the poster then adds no
+    second badge, and the portrait's own label is only ever scaled, never cropped.
     """
-    if not label_text.strip():
+    if not portrait_labelled and not label_text.strip():
         raise ValueError("label_text must not be blank")
     poster = Image.new("RGB", POSTER_SIZE, BACKGROUND)
     draw = ImageDraw.Draw(poster)
 
     portrait_rect = _paste_portrait(poster, portrait)
-    _draw_label(poster, portrait_rect, label_text, ImageFont.truetype(font_path, LABEL_FONT_SIZE))
+    if not portrait_labelled:
+        _draw_label(poster, portrait_rect, label_text, ImageFont.truetype(font_path, LABEL_FONT_SIZE))
 
     caption_font = ImageFont.truetype(font_path, CAPTION_FONT_SIZE)
     line_height = round(CAPTION_FONT_SIZE * 1.45)

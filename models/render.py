@@ -114,6 +114,8 @@ class Renderer:
             images = self.pipe(height=render_height, width=render_width, **common).images
             return [_exact_size(image, width, height) for image in images]
 
+        # img2img and inpainting run only the last `strength` share of the schedule; make that at least one step.
+        common["num_inference_steps"] = max(steps, math.ceil(1 / strength))
         init_exact = init_image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         init_for_model = init_exact.resize((render_width, render_height), Image.Resampling.LANCZOS)
         if mask_image is None:

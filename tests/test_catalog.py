@@ -269,3 +269,54 @@ def test_empty_directory_is_refused(tmp_path):
     empty.mkdir()
     with pytest.raises(CatalogError):
         load_catalog(empty)
+
+
+# --- start-up and the HTTP catalog ------------------------------------------------------------
+
+def test_a_broken_template_stops_service_start_up_naming_file_and_field(catalog_copy, monkeypatch, tmp_path,
+                                                                         simulator, http_server, redis_server):
+    from miniapp_api import create_app, services as services_module
+    from conftest import make_settings
+
+    _edit(catalog_copy, SAMPLE_ID, lambda d: d.update(steps=0))
+    monkeypatch.setattr(services_module, "TEMPLATES_DIR", catalog_copy)
+    settings = make_settings(tmp_path / "instance", simulator, http_server, mongo_db="broken_catalog",
+                             redis_url=f"unix://{redis_server.socket_file}")
+    with pytest.raises(CatalogError) as caught:
+        create_app(settings)
+    assert str(caught.value) == f"templates/{SAMPLE_ID}.json: field 'steps': must be an integer from 1 to 150"
+
+
+def test_templates_api_filters_by_category_and_gender(login, services):
+    api = login("alice", consent=False)
+    everything = api.get("/api/v1/templates").get_json()
+    assert len(everything) == len(services.catalog)
+    for category in services.catalog.categories():
+        for gender in ("female", "male"):
+            listed = api.get(f"/api/v1/templates?category={category}&gender={gender}").get_json()
+            assert listed and all(t["category"] == category and t["gender"] == gender for t in listed)
+            assert [t["id"] for t in listed] == [t.id for t in services.catalog.filter(category, gender)]
+    males = api.get("/api/v1/templates?gender=male").get_json()
+    assert {t["gender"] for t in males} == {"male"}
+    assert set(everything[0]) == {"id", "name", "category", "gender", "preview_url"}
+
+
+def test_templates_api_refuses_unknown_filters_and_needs_login(login, client):
+    api = login("alice", consent=False)
+    unknown = api.get("/api/v1/templates?category=space")
+    assert unknown.status_code == 400 and unknown.get_json()["error"]["code"] == "unknown_category"
+    bad_gender = api.get("/api/v1/templates?gender=other")
+    assert bad_gender.status_code == 400 and bad_gender.get_json()["error"]["code"] == "invalid_fields"
+    assert client.get("/api/v1/templates").status_code == 401
+
+
+def test_previews_are_served_as_png_without_a_token(login, client, services):
+    # Mini-program <image> tags cannot send a bearer header, so previews are public (they show no user data).
+    listed = login("alice", consent=False).get("/api/v1/templates?category=wedding").get_json()
+    for template in listed:
+        response = client.get(template["preview_url"])
+        assert response.status_code == 200 and response.mimetype == "image/png"
+        with Image.open(__import__("io").BytesIO(response.data)) as image:
+            assert image.format == "PNG" and image.size == (384, 512)
+    missing = client.get("/api/v1/templates/no_such_template/preview")
+    assert missing.status_code == 404 and missing.get_json()["error"]["code"] == "template_not_found"

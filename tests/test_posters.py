@@ -198,3 +198,17 @@ def test_rgba_and_palette_portraits_are_accepted():
     for portrait in (rgba, palette, _portrait().convert("L")):
         with Image.open(io.BytesIO(_poster_bytes(portrait=portrait))) as image:
             assert image.size == (750, 1334)
+
+
+def test_an_already_labelled_portrait_gets_no_second_badge():
+    poster = _poster(portrait_labelled=True)
+    left, top, right, bottom = posters.PORTRAIT_BOX
+    portrait_w = round((bottom - top) * 512 / 768)
+    x0 = left + ((right - left) - portrait_w) // 2
+    label_area = _region(poster, (x0, bottom - 90, x0 + 160, bottom))
+    assert (np.abs(label_area - np.array(PORTRAIT_COLOUR)).sum(axis=2) > 6).sum() == 0, "plain portrait corner"
+    # The poster is otherwise the same poster.
+    assert _decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
+    with pytest.raises(ValueError):
+        _poster_bytes(label_text=" ")
+    _poster_bytes(label_text=" ", portrait_labelled=True)
