@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+# Debian's Chromium for the console's browser tests (Playwright drives it; `playwright install` is never run)
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install demo serve test bench font clean
+.PHONY: install demo serve test bench font chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +21,18 @@ $(VENV)/.installed: requirements.txt requirements-test.txt | $(BIN)/python
 font:
 	@test -f $(CJK_FONT) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fonts-wqy-microhei; }
 
+chromium:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
 install: $(VENV)/.installed font
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.demo --out demo-output
 
 serve: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.serve --port $(PORT)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.serve --port $(PORT) $(ARGS)
 
-test: install
+test: install chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install

@@ -23,12 +23,16 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:
     app.extensions["portraits"] = services
 
     from miniapp_api import (auth, avatars, catalog_api, consents, images, me, openapi, orders, pay_callbacks,
-                             renders, subscriptions)
+                             renders, share, subscriptions)
 
     for module in (auth, consents, avatars, orders, pay_callbacks, subscriptions, catalog_api, renders, images, me,
-                   openapi):
+                   openapi, share):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
+
+    from miniapp_api import console
+
+    console.init_app(app)
 
     @app.get("/healthz")
     def healthz():

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import signal
 import threading
 
@@ -16,8 +18,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--operator", metavar="NAME",
+                        help="create this admin for /console at start (password from CONSOLE_OPERATOR_PASSWORD); "
+                             "the embedded database lives only as long as this process")
     args = parser.parse_args(argv)
     stack = EmbeddedStack(Settings.from_env(), host=args.host, port=args.port)
+    if args.operator:
+        from miniapp_api.console import accounts
+
+        password = os.environ.get("CONSOLE_OPERATOR_PASSWORD") or getpass.getpass(f"password for {args.operator}: ")
+        accounts.create(stack.services.db, args.operator, password, "admin", by="cli:serve")
+        print(f"console    {stack.base_url}/console   (admin {args.operator})")
     sim = stack.simulator.base_url if stack.simulator else "(real WeChat)"
     print(f"API        {stack.base_url}/api/v1   (spec: {stack.base_url}/api/v1/openapi.json)")
     print(f"simulator  {sim}")

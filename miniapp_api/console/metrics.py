@@ -1,0 +1,100 @@
+"""The dashboard's numbers: queues and workers from Redis, failures, refunds and revenue from MongoDB."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from rq import Queue, Worker
+from rq.registry import StartedJobRegistry
+
+from jobs import queues
+from jobs.tracking import QueueTracker, estimate
+from miniapp_api import billing, states
+
+QUEUE_LABELS = {queues.RENDER: "出图 render", queues.TRAIN: "训练 train", queues.DEFAULT: "后台 default"}
+
+
+def queue_rows(services) -> list[dict]:
+    tracker = QueueTracker(services.redis)
+    rows = []
+    for name in queues.ALL_QUEUES:
+        if name in queues.GPU_QUEUES:
+            waiting, running = tracker.waiting_count(name), tracker.running_count(name)
+        else:
+            rq_queue = Queue(name, connection=services.redis)
+            waiting, running = rq_queue.count, StartedJobRegistry(queue=rq_queue).count
+        row = {"name": name, "label": QUEUE_LABELS[name], "waiting": waiting, "running": running,
+               "workers": tracker.live_workers(name), "eta_new_s": None}
+        if name in queues.GPU_QUEUES:
+            row["eta_new_s"] = eta_for_new_job(tracker, name)
+            row["average_s"] = round(tracker.average_duration(name))
+        rows.append(row)
+    return rows
+
+
+def eta_for_new_job(tracker: QueueTracker, queue: str) -> int:
+    """What a job enqueued now would be told: the queue's own estimate at rank = jobs waiting now."""
+    return estimate(rank=tracker.waiting_count(queue), average=tracker.average_duration(queue),
+                    workers=tracker.live_workers(queue), running_count=tracker.running_count(queue), running=False,
+                    progress=0.0)["eta_seconds"]
+
+
+def workers(services) -> list[dict]:
+    rows = []
+    for worker in Worker.all(connection=services.redis):
+        rows.append({"name": worker.name, "state": worker.get_state(), "queues": ", ".join(worker.queue_names()),
+                     "job": worker.get_current_job_id(), "heartbeat": worker.last_heartbeat})
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def failures_since(services, since: datetime) -> dict:
+    db = services.db
+    return {
+        "avatars": list(db.avatars.find({"state": "failed", "updated_at": {"$gte": since}},
+                                        {"_id": 1, "user_id": 1, "order_id": 1, "failure": 1, "updated_at": 1})
+                        .sort("updated_at", -1).limit(50)),
+        "renders": list(db.renders.find({"state": "failed", "updated_at": {"$gte": since}},
+                                        {"_id": 1, "user_id": 1, "order_id": 1, "failure": 1, "updated_at": 1,
+                                         "retried_by": 1})
+                        .sort("updated_at", -1).limit(50)),
+        "refund_failed": list(db.orders.find({"state": "refund_failed"}, {"_id": 1, "user_id": 1, "updated_at": 1})
+                              .sort("updated_at", -1).limit(50)),
+        "alerts": db.payment_alerts.count_documents({"at": {"$gte": since}}),
+    }
+
+
+def refunds_since(services, since: datetime) -> list[dict]:
+    rows = []
+    for order in services.db.orders.find({"refunds.requested_at": {"$gte": since}}, {"refunds": 1}):
+        for refund in order.get("refunds", []):
+            if refund.get("requested_at") and refund["requested_at"] >= since:
+                rows.append({"order_id": order["_id"], **refund})
+    return sorted(rows, key=lambda row: row["requested_at"], reverse=True)
+
+
+def start_of_today(timezone_name: str) -> datetime:
+    local = states.now().astimezone(ZoneInfo(timezone_name))
+    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def revenue_since(services, since: datetime) -> dict:
+    """Money taken by orders paid since `since`, less refunds requested since then that did not finally fail."""
+    gross = sum(order["amount"] for order in services.db.orders.find({"paid_at": {"$gte": since}}, {"amount": 1}))
+    refunded = sum(refund["amount"] for refund in refunds_since(services, since)
+                   if refund["state"] not in billing.REFUND_FINAL_FAILURES)
+    return {"gross": gross, "refunded": refunded, "net": gross - refunded}
+
+
+def dashboard(services) -> dict:
+    day_ago = states.now() - timedelta(hours=24)
+    today = start_of_today(services.settings.console_timezone)
+    refunds = refunds_since(services, day_ago)
+    return {
+        "queues": queue_rows(services),
+        "workers": workers(services),
+        "failures": failures_since(services, day_ago),
+        "refunds": refunds,
+        "refunds_total": sum(r["amount"] for r in refunds if r["state"] not in billing.REFUND_FINAL_FAILURES),
+        "revenue": revenue_since(services, today),
+        "today": today,
+    }
