@@ -9,6 +9,8 @@ import logging
 from rq.cron import CronScheduler
 
 from jobs import context, queues
+from jobs.reconcile import expire_orders, reconcile
+from jobs.recovery import REAP_INTERVAL_S, reap_lost_jobs
 
 
 def purge_stale_avatars() -> int:
@@ -20,6 +22,9 @@ def purge_stale_avatars() -> int:
 # (function, interval in seconds). Each runs on the default queue; every one of them is idempotent.
 PERIODIC = [
     (purge_stale_avatars, 3600),
+    (expire_orders, 60),
+    (reconcile, 120),
+    (reap_lost_jobs, REAP_INTERVAL_S),
 ]
 
 

@@ -59,17 +59,32 @@ class Settings:
 
     skus: dict = field(default_factory=lambda: dict(DEFAULT_SKUS))
     order_expire_s: int = 1800
+    reconcile_grace_s: int = 300
+    refund_backoff_s: tuple = (5, 30, 120, 600, 1800)
+    refund_closed_retries: int = 2
+    undeliverable_failed_renders: int = 3
 
     base_model_path: str | None = None
     train_steps: int | None = None
     train_resolution: int = 512
     lora_rank: int = 8
     render_max_steps: int | None = None
+    render_max_candidates: int | None = None
     train_retries: int = 2
     render_retries: int = 1
     fault_train_failures: int = 0
     fault_render_failures: int = 0
+    worker_heartbeat_s: int = 10
+    worker_dead_after_s: int = 45
+    worker_stop_grace_s: float = 20.0
     cjk_font_path: str | None = None
+
+    support_refund_limit_fen: int = 990
+    console_secure_cookies: bool = True
+    console_session_ttl_s: int = 8 * 3600
+    console_login_max_failures: int = 5
+    console_login_lockout_s: int = 15 * 60
+    console_timezone: str = "Asia/Shanghai"
 
     @property
     def blob_root(self) -> Path:
@@ -124,16 +139,30 @@ class Settings:
             collecting_ttl_s=_number(env, "COLLECTING_TTL_S", 7 * 24 * 3600),
             skus=_json(env, "SKUS", dict(DEFAULT_SKUS)),
             order_expire_s=_number(env, "ORDER_EXPIRE_S", 1800),
+            reconcile_grace_s=_number(env, "RECONCILE_GRACE_S", 300),
+            refund_backoff_s=_int_list(env, "REFUND_BACKOFF_S", (5, 30, 120, 600, 1800)),
+            refund_closed_retries=_number(env, "REFUND_CLOSED_RETRIES", 2),
+            undeliverable_failed_renders=_number(env, "UNDELIVERABLE_FAILED_RENDERS", 3),
             base_model_path=env.get("BASE_MODEL_PATH") or None,
             train_steps=_number(env, "TRAIN_STEPS", 30 if tiny else None),
             train_resolution=_number(env, "TRAIN_RESOLUTION", 64 if tiny else 512),
             lora_rank=_number(env, "LORA_RANK", 8),
             render_max_steps=_number(env, "RENDER_MAX_STEPS", 4 if tiny else None),
+            render_max_candidates=_number(env, "RENDER_MAX_CANDIDATES", None),
             train_retries=_number(env, "TRAIN_RETRIES", 2),
             render_retries=_number(env, "RENDER_RETRIES", 1),
             fault_train_failures=_number(env, "FAULT_TRAIN_FAILURES", 0),
             fault_render_failures=_number(env, "FAULT_RENDER_FAILURES", 0),
+            worker_heartbeat_s=_number(env, "WORKER_HEARTBEAT_S", 10),
+            worker_dead_after_s=_number(env, "WORKER_DEAD_AFTER_S", 45),
+            worker_stop_grace_s=_number(env, "WORKER_STOP_GRACE_S", 20.0, float),
             cjk_font_path=env.get("CJK_FONT_PATH") or None,
+            support_refund_limit_fen=_number(env, "SUPPORT_REFUND_LIMIT_FEN", 990),
+            console_secure_cookies=_flag(env, "CONSOLE_SECURE_COOKIES", True),
+            console_session_ttl_s=_number(env, "CONSOLE_SESSION_TTL_S", 8 * 3600),
+            console_login_max_failures=_number(env, "CONSOLE_LOGIN_MAX_FAILURES", 5),
+            console_login_lockout_s=_number(env, "CONSOLE_LOGIN_LOCKOUT_S", 15 * 60),
+            console_timezone=env.get("CONSOLE_TIMEZONE", "Asia/Shanghai"),
         )
 
 
@@ -176,6 +205,30 @@ def _number(env, name, default, kind=int):
         return kind(raw)
     except ValueError as error:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from error
+
+
+def _flag(env, name, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _int_list(env, name, default):
+    raw = env.get(name)
+    if raw in (None, ""):
+        return tuple(default)
+    try:
+        values = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError as error:
+        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from error
+    if not values or min(values) < 0:
+        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
+    return values
 
 
 def _choice(env, name, default, allowed):

@@ -21,23 +21,28 @@ NULLABLE_N = {"type": "number", "nullable": True}
 
 ERROR = _obj({"error": _obj({"code": S, "message": S, "details": {"type": "object"}}, ["code", "message"])}, ["error"])
 
-QUEUE = _obj({"state": S, "position": I, "ahead": I, "eta_seconds": I, "progress": N})
+QUEUE = _obj({"state": S, "position": I, "ahead": I, "eta_seconds": I, "progress": N, "step": I, "total": I})
+POSITION = _obj({"position": I, "ahead": I, "eta_seconds": I, "running": B})
+NULLABLE_S = {"type": "string", "nullable": True}
 PHOTO = _obj({"id": S, "role": S, "accepted": B, "reasons": {"type": "array", "items": S}})
 AVATAR = _obj({"id": S, "state": {"type": "string", "enum": ["collecting", "ready", "queued", "training", "trained",
                                                                "failed"]},
                "gender": S, "photos": {"type": "array", "items": PHOTO}, "accepted_count": I, "min_photos": I,
-               "max_photos": I, "missing": {"type": "array", "items": S}, "order_id": {"type": "string", "nullable": True},
-               "photos_purged": B, "queue": {**QUEUE, "nullable": True}})
+               "max_photos": I, "missing": {"type": "array", "items": S}, "order_id": NULLABLE_S,
+               "photos_purged": B, "failure": NULLABLE_S, "queue": {**QUEUE, "nullable": True}})
 PAY_PARAMS = _obj({k: S for k in ("appId", "timeStamp", "nonceStr", "package", "signType", "paySign")})
-REFUND = _obj({"out_refund_no": S, "amount": I, "state": S, "reason": S, "requested_at": S})
+REFUND = _obj({"out_refund_no": S, "amount": I, "state": S, "reason": NULLABLE_S, "requested_at": NULLABLE_S})
 ORDER = _obj({"id": S, "avatar_id": S, "sku": S, "amount": I,
               "state": {"type": "string", "enum": ["created", "paid", "fulfilled", "closed", "refunding", "refunded",
                                                    "refund_failed"]},
-              "render_credits": I, "refunds": {"type": "array", "items": REFUND}, "pay_params": PAY_PARAMS})
-IMAGE = _obj({"id": S, "url": S, "poster_url": S, "likeness": NULLABLE_N, "content_id": S, "width": I, "height": I})
+              "render_credits": I, "created_at": NULLABLE_S, "paid_at": NULLABLE_S,
+              "refunds": {"type": "array", "items": REFUND}, "pay_params": PAY_PARAMS})
+IMAGE = _obj({"id": S, "url": S, "poster_url": S, "likeness": NULLABLE_N, "content_id": S, "render_id": S,
+              "width": I, "height": I})
 RENDER = _obj({"id": S, "state": {"type": "string", "enum": ["queued", "rendering", "done", "failed"]},
                "avatar_id": S, "template_id": S, "parent_id": {"type": "string", "nullable": True},
-               "likeness": NULLABLE_N, "parent_likeness": NULLABLE_N, "images": {"type": "array", "items": IMAGE}})
+               "likeness": NULLABLE_N, "parent_likeness": NULLABLE_N, "refinements_left": I,
+               "images": {"type": "array", "items": IMAGE}, "queue": {**POSITION, "nullable": True}})
 TEMPLATE = _obj({"id": S, "name": _obj({"zh": S, "en": S}), "category": S, "gender": S, "preview_url": S})
 CONSENT_STATE = _obj({"face_processing": {"nullable": True, **_obj({"version": S, "given_at": S, "withdrawn_at": S,
                                                                      "current": B})}})

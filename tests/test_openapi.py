@@ -38,3 +38,45 @@ def test_the_spec_is_valid_openapi(client):
     from openapi_spec_validator import validate
 
     validate(client.get("/api/v1/openapi.json").get_json())
+
+
+def _strict(schema: dict) -> dict:
+    """The published schema, with no undocumented field allowed anywhere."""
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: (_strict(value) if isinstance(value, dict) else
+                    [_strict(v) for v in value] if isinstance(value, list) else value)
+              for key, value in schema.items()}
+    if strict.get("type") == "object" and "properties" in strict:
+        strict["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+        strict["additionalProperties"] = False
+    return strict
+
+
+def _validate(spec: dict, path: str, method: str, status: str, body):
+    from openapi_schema_validator import OAS30Validator
+
+    schema = spec["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+    OAS30Validator(_strict(schema)).validate(body)
+
+
+def test_real_responses_match_the_published_schemas(paid_avatar, drain, client):
+    spec = client.get("/api/v1/openapi.json").get_json()
+    api, avatar, order = paid_avatar()
+    _validate(spec, "/api/v1/orders", "post", "201", order)
+    _validate(spec, "/api/v1/avatars/{avatar_id}", "get", "200", api.get(f"/api/v1/avatars/{avatar['id']}").get_json())
+    _validate(spec, "/api/v1/avatars/{avatar_id}/queue", "get", "200",
+              api.get(f"/api/v1/avatars/{avatar['id']}/queue").get_json())
+    drain()
+    _validate(spec, "/api/v1/templates", "get", "200", api.get("/api/v1/templates").get_json())
+    template = api.get("/api/v1/templates?gender=female").get_json()[0]["id"]
+    render = api.post("/api/v1/renders", json={"avatar_id": avatar["id"], "template_id": template}).get_json()
+    _validate(spec, "/api/v1/renders", "post", "201", render)
+    drain()
+    done = api.get(f"/api/v1/renders/{render['id']}").get_json()
+    assert done["images"]
+    _validate(spec, "/api/v1/renders/{render_id}", "get", "200", done)
+    _validate(spec, "/api/v1/orders/{order_id}", "get", "200", api.get(f"/api/v1/orders/{order['id']}").get_json())
+    _validate(spec, "/api/v1/consents", "get", "200", api.get("/api/v1/consents").get_json())
+    error = api.get("/api/v1/avatars/av_missing").get_json()
+    _validate(spec, "/api/v1/avatars/{avatar_id}", "get", "404", error)
