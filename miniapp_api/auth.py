@@ -15,29 +15,37 @@ from miniapp_api.wechat import WeChatLoginError, WeChatUnavailable
 bp = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
 
 
-def _serializer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(services().settings.secret_key, salt="api-token")
+@functools.lru_cache(maxsize=8)
+def token_serializer(secret_key: str) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(secret_key, salt="api-token")
 
 
 def issue_token(user: dict) -> str:
-    return _serializer().dumps({"uid": user["_id"], "gen": user.get("token_generation", 0)})
+    return token_serializer(services().settings.secret_key).dumps(
+        {"uid": user["_id"], "gen": user.get("token_generation", 0)})
 
 
-def user_from_token(token: str) -> dict:
+def token_claims(settings, token: str) -> dict:
+    """The token's claims, checked by signature and age alone (no database)."""
     try:
-        claims = _serializer().loads(token, max_age=services().settings.token_ttl_s)
+        return token_serializer(settings.secret_key).loads(token, max_age=settings.token_ttl_s)
     except SignatureExpired:
         raise ApiError(401, "token_expired", "Your session expired; log in again.")
     except BadSignature:
         raise ApiError(401, "invalid_token", "The token is not valid.")
+
+
+def user_from_token(token: str) -> dict:
+    claims = token_claims(services().settings, token)
     user = services().db.users.find_one({"_id": claims.get("uid")})
     if user is None or user.get("token_generation", 0) != claims.get("gen"):
         raise ApiError(401, "invalid_token", "The token is not valid.")
     return user
 
 
-def bearer_token() -> str:
-    header = request.headers.get("Authorization", "")
+def bearer_token(header: str | None = None) -> str:
+    if header is None:
+        header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing_token", "Send Authorization: Bearer <token>.")

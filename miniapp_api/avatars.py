@@ -6,14 +6,14 @@ import secrets
 
 import numpy as np
 from flask import Blueprint, g, request
-from itsdangerous import BadSignature
 
 from jobs.tracking import QueueTracker
 from jobs.training import subject as avatar_subject
 from miniapp_api import states
-from miniapp_api.auth import bearer_token, login_required
+from miniapp_api.auth import login_required
 from miniapp_api.consents import has_face_consent
-from miniapp_api.errors import ApiError, not_found
+from miniapp_api.errors import ApiError
+from miniapp_api.queue_poll import answer as answer_queue_poll, queue_json
 from miniapp_api.requests import json_body, owned, services
 
 bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
@@ -63,37 +63,8 @@ def get_avatar(avatar_id):
 
 @bp.get("/<avatar_id>/queue")
 def avatar_queue(avatar_id):
-    """The cheap poll, safe at thousands of clients: the token is checked by its signature alone (no user lookup)
-    and everything is read from Redis in one round trip; MongoDB is never touched."""
-    from itsdangerous import SignatureExpired
-
-    from miniapp_api.auth import _serializer
-
-    try:
-        claims = _serializer().loads(bearer_token(), max_age=services().settings.token_ttl_s)
-    except SignatureExpired:
-        raise ApiError(401, "token_expired", "Your session expired; log in again.")
-    except BadSignature:
-        raise ApiError(401, "invalid_token", "The token is not valid.")
-    tracker = QueueTracker(services().redis)
-    tracked, where = tracker.poll(avatar_subject(avatar_id))
-    if not tracked or tracked.get("owner") != claims.get("uid"):
-        raise not_found("avatar")
-    return queue_json(tracker, tracked, where)
-
-
-def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) -> dict:
-    state = tracked.get("state", "queued")
-    progress = float(tracked.get("progress") or 0)
-    if state not in ("queued", "training") or not tracked.get("job_id"):
-        where = {"position": 0, "ahead": 0, "eta_seconds": 0}
-    elif where is None:
-        where = tracker.position(tracked["queue"], tracked["job_id"], progress)
-    body = {"state": state, "position": where["position"], "ahead": where["ahead"],
-            "eta_seconds": where["eta_seconds"], "progress": progress}
-    if tracked.get("total"):
-        body.update(step=int(tracked.get("step") or 0), total=int(tracked["total"]))
-    return body
+    """The cheap poll, safe at thousands of clients (see miniapp_api.queue_poll)."""
+    return answer_queue_poll(services(), request.headers.get("Authorization", ""), avatar_id)
 
 
 @bp.post("/<avatar_id>/photos")

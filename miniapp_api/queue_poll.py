@@ -1,0 +1,34 @@
+"""GET /api/v1/avatars/{id}/queue — the poll every waiting client repeats, answered from Redis alone.
+
+The token is checked by its signature (no user lookup) and the subject, position and ETA come from one Redis call;
+MongoDB is never touched.
+"""
+from __future__ import annotations
+
+from jobs.tracking import QueueTracker
+from jobs.training import subject as avatar_subject
+from miniapp_api.auth import bearer_token, token_claims
+from miniapp_api.errors import not_found
+
+
+def answer(services, authorization: str, avatar_id: str) -> dict:
+    claims = token_claims(services.settings, bearer_token(authorization))
+    tracker = QueueTracker(services.redis)
+    tracked, where = tracker.poll(avatar_subject(avatar_id))
+    if not tracked or tracked.get("owner") != claims.get("uid"):
+        raise not_found("avatar")
+    return queue_json(tracker, tracked, where)
+
+
+def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) -> dict:
+    state = tracked.get("state", "queued")
+    progress = float(tracked.get("progress") or 0)
+    if state not in ("queued", "training") or not tracked.get("job_id"):
+        where = {"position": 0, "ahead": 0, "eta_seconds": 0}
+    elif where is None:
+        where = tracker.position(tracked["queue"], tracked["job_id"], progress)
+    body = {"state": state, "position": where["position"], "ahead": where["ahead"],
+            "eta_seconds": where["eta_seconds"], "progress": progress}
+    if tracked.get("total"):
+        body.update(step=int(tracked.get("step") or 0), total=int(tracked["total"]))
+    return body
