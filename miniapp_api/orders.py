@@ -5,6 +5,7 @@ from flask import Blueprint, g
 
 from miniapp_api import billing
 from miniapp_api.auth import login_required
+from miniapp_api.avatars import require_face_consent
 from miniapp_api.requests import json_body, owned, services
 
 bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
@@ -15,6 +16,7 @@ bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 def create_order():
     body = json_body({"avatar_id": str, "sku": str})
     avatar = owned("avatars", body["avatar_id"], "avatar")
+    require_face_consent(g.user)  # the consent may have been withdrawn or outdated since the avatar became ready
     order = billing.create_order(services(), g.user, avatar, body["sku"])
     return billing.order_json(order, billing.pay_params(services(), order)), 201
 

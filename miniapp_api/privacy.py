@@ -137,13 +137,17 @@ def delete_jobs_of(services, needles: set[str]) -> int:
 
 def erase_user_data(services, user: dict, reason: str) -> dict:
     """Everything personal of a user, from MongoDB, the blob store and Redis; undelivered paid orders refunded."""
-    from miniapp_api.billing import request_refund
+    from miniapp_api.billing import expire_order, request_refund
 
     user_id = user["_id"]
     for order in services.db.orders.find({"user_id": user_id, "state": "paid"}):
         request_refund(services, order["_id"], reason=reason, by=f"user:{user_id}")
     for order in services.db.orders.find({"user_id": user_id, "state": "created"}):
-        states.transition(services.db, "order", order["_id"], "closed", reason=reason, unset_fields=("open_avatar_id",))
+        # Closed at WeChat Pay too, so the user can no longer pay it; if WeChat Pay cannot be reached now, it is
+        # closed here and reconciliation closes it there later.
+        if expire_order(services, order["_id"], by=f"user:{user_id}") == "close_failed":
+            states.transition(services.db, "order", order["_id"], "closed", reason=reason,
+                              unset_fields=("open_avatar_id",), set_fields={"gateway_close_pending": True})
     avatars = list(services.db.avatars.find({"user_id": user_id}))
     renders = list(services.db.renders.find({"user_id": user_id}))
     for avatar in avatars:

@@ -206,3 +206,12 @@ def test_renders_need_a_trained_avatar_a_known_template_of_its_gender(paid_avata
 def test_unknown_routes_and_methods_use_the_envelope(client):
     assert_error(client.get("/api/v1/nothing-here"), 404, "not_found")
     assert_error(client.put("/api/v1/auth/login"), 405, "method_not_allowed")
+
+
+def test_an_order_needs_the_current_consent_even_for_a_ready_avatar(ready_avatar, services):
+    api, avatar = ready_avatar("nina")
+    services.settings = services.settings.replace(consent_version="2027-01-01")
+    before = snapshot(services)
+    assert_error(api.post("/api/v1/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}), 403,
+                 "consent_required")
+    assert snapshot(services) == before

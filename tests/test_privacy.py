@@ -224,3 +224,11 @@ def test_the_scanner_finds_what_was_planted_in_any_store(login, services, user_p
     assert Finding("redis", "leak:hash", "openid") in found
     assert Finding("redis", "leak:job", "user_id") in found
     assert {f.where for f in photo_findings(found)} == {"leak:list", "blobs/stray/photo.jpg", "stray"}
+
+
+def test_deleting_a_user_closes_their_unpaid_order_at_wechat_pay_too(ready_avatar, services, sim):
+    api, avatar = ready_avatar("olga")
+    order = api.post("/api/v1/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}).get_json()
+    assert api.delete("/api/v1/me").status_code == 202
+    assert [o["trade_state"] for o in sim.orders() if o["out_trade_no"] == order["id"]] == ["CLOSED"]
+    assert services.db.orders.find_one({"_id": order["id"]})["state"] == "closed"
