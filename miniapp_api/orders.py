@@ -16,7 +16,8 @@ bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 def create_order():
     body = json_body({"avatar_id": str, "sku": str})
     avatar = owned("avatars", body["avatar_id"], "avatar")
-    require_face_consent(g.user)  # the consent may have been withdrawn or outdated since the avatar became ready
+    if avatar["state"] == "ready":
+        require_face_consent(g.user)  # it may have been withdrawn or outdated since the avatar became ready
     order = billing.create_order(services(), g.user, avatar, body["sku"])
     return billing.order_json(order, billing.pay_params(services(), order)), 201
 

@@ -208,7 +208,7 @@ def test_replayed_notification_id_is_applied_once(app, services, sim, client, si
 
 
 def test_prepay_5xx_and_timeout_close_the_order_and_a_retry_works(app, services, sim, login):
-    api = login("carol", consent=False)
+    api = login("carol")
     _, avatar = add_user_and_avatar(services, sim, user=services.db.users.find_one({"_id": api.user_id}))
 
     sim.set_fault(PREPAY_PATH, "5xx")

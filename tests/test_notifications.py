@@ -45,7 +45,7 @@ def test_training_started_avatar_ready_and_portraits_ready_are_sent(services, lo
 
 @pytest.mark.parametrize("settings_overrides", [{"fault_train_failures": 99, "train_retries": 0}])
 def test_refund_message_is_sent_once_the_refund_is_made(services, login, sim, drain):
-    api = login("hana", consent=False)
+    api = login("hana")
     grant(api, sim, "hana", ["refund_made"])
     avatar, order = quick_paid_avatar(services, api, sim)
     drain()
@@ -58,7 +58,7 @@ def test_refund_message_is_sent_once_the_refund_is_made(services, login, sim, dr
 
 
 def test_refused_and_exhausted_grants(services, login, sim):
-    api = login("ivan", consent=False)
+    api = login("ivan")
     kind = "avatar_ready"
     # No grant reported: nothing is sent, nothing asked of WeChat.
     assert send_message(api.user_id, kind, {"avatar_id": "a1"}) == "no_grant"
@@ -83,7 +83,7 @@ def test_refused_and_exhausted_grants(services, login, sim):
 def test_wechat_down_never_fails_the_training_and_the_grant_is_kept(services, login, sim, drain):
     from miniapp_api.wechat import WeChatUnavailable
 
-    api = login("jack", consent=False)
+    api = login("jack")
     grant(api, sim, "jack", ["training_started", "avatar_ready"])
     sim.set_fault("/cgi-bin/message/subscribe/send", "5xx", count=3)  # the two sends of the job, and ours
     avatar, _ = quick_paid_avatar(services, api, sim)

@@ -115,7 +115,7 @@ def test_eta_from_measured_durations_live_workers_and_progress(services):
 
 
 def test_queue_route_is_served_from_redis_alone(services, client, login):
-    alice, bob = login("alice", consent=False), login("bob", consent=False)
+    alice, bob = login("alice"), login("bob")
     tracker = QueueTracker(services.redis)
     for i in range(3):
         _enqueue(services, queues.TRAIN, f"x{i}", subject=f"avatar:x{i}")
@@ -141,7 +141,7 @@ def test_queue_route_is_served_from_redis_alone(services, client, login):
 
 
 def test_training_progress_is_visible_in_the_avatar_state(services, login, sim, drain, monkeypatch):
-    api = login("carol", consent=False)
+    api = login("carol")
     avatar, _ = quick_paid_avatar(services, api, sim)
     seen = []
 

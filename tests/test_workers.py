@@ -86,7 +86,7 @@ def kill_mid_job_and_reap(services, redis_server, on_started=None) -> tuple[list
 def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, login, sim, redis_server, capsys):
     from miniapp_api import states
 
-    api = login("dave", consent=False)
+    api = login("dave")
     avatar, order = quick_paid_avatar(services, api, sim)
     avatar_id = avatar["_id"]
 
@@ -122,7 +122,7 @@ def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, lo
 
 
 def test_job_that_rq_failed_before_our_code_ran_is_not_stuck(services, login, sim):
-    api = login("erin", consent=False)
+    api = login("erin")
     avatar, _ = quick_paid_avatar(services, api, sim)
     q = queues.queue(services, queues.TRAIN)
     job = q.fetch_job(f"train-{avatar['_id']}-1")
@@ -190,7 +190,7 @@ def test_sigterm_hands_a_long_training_back_without_spending_an_attempt(services
                                                                          restore_signals):
     from jobs.worker import build_gpu_worker
 
-    api = login("frank", consent=False)
+    api = login("frank")
     avatar, _ = quick_paid_avatar(services, api, sim)
     tracker = QueueTracker(services.redis)
     subject = f"avatar:{avatar['_id']}"
