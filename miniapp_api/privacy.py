@@ -72,12 +72,12 @@ def purge_stale_collecting(services) -> int:
 
 
 def _delete_avatar(services, avatar: dict) -> None:
-    from jobs.training import lora_key, pivot_key
+    from jobs.training import lora_key, pivot_key, subject
 
     for key in _photo_blob_keys(avatar) + [lora_key(avatar), pivot_key(avatar)]:
         services.blobs.delete(key)
     _delete_jobs(services, "train", avatar["_id"], avatar.get("train_attempts", 0) + 1)
-    QueueTracker(services.redis).forget_subject(f"avatar:{avatar['_id']}")
+    QueueTracker(services.redis).forget_subject(subject(avatar["_id"]))
     services.db.avatars.delete_one({"_id": avatar["_id"]})
 
 
@@ -137,6 +137,7 @@ def delete_jobs_of(services, needles: set[str]) -> int:
 
 def erase_user_data(services, user: dict, reason: str) -> dict:
     """Everything personal of a user, from MongoDB, the blob store and Redis; undelivered paid orders refunded."""
+    from jobs.rendering import subject as render_subject
     from miniapp_api.billing import expire_order, request_refund
 
     user_id = user["_id"]
@@ -153,7 +154,7 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     for avatar in avatars:
         _delete_avatar(services, avatar)
     for render in renders:
-        QueueTracker(services.redis).forget_subject(f"render:{render['_id']}")
+        QueueTracker(services.redis).forget_subject(render_subject(render["_id"]))
     jobs = delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
     services.db.renders.delete_many({"user_id": user_id})
     services.db.images.delete_many({"user_id": user_id})
