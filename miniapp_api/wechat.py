@@ -5,6 +5,7 @@ daily issuance quota is not burnt per process.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import requests
@@ -67,13 +68,32 @@ class _ConfigurableWeChatClient(WeChatClient):
         self._http = _TimeoutSession(timeout)
         self.API_BASE_URL = f"{api_base_url}/cgi-bin/"
         self.wxa.API_BASE_URL = f"{api_base_url}/"
+        self._handed_out = threading.local()
+
+    @property
+    def access_token(self):
+        token = self.session.get(self.access_token_key)
+        if token and (not self.expires_at or self.expires_at - time.time() > 60):
+            self._handed_out.token = token
+            return token
+        self._refresh_unless_replaced(stale=token)
+        token = self.session.get(self.access_token_key)
+        self._handed_out.token = token
+        return token
 
     def fetch_access_token(self):
-        """Refresh once for all processes: whoever waits on the lock reuses a token refreshed meanwhile."""
-        seen_before = self.session.get(self.access_token_key)
+        # wechatpy calls this when WeChat rejects a token; the rejected one is the last this thread handed out.
+        return self._refresh_unless_replaced(stale=getattr(self._handed_out, "token", None))
+
+    def _refresh_unless_replaced(self, stale):
+        """Refresh once for all processes: a token stored by someone else since `stale` was seen is reused.
+
+        `stale` must be the token the caller judged unusable, read before deciding to refresh; reading it again
+        here would take a token another process stored a moment ago for stale and issue a second one.
+        """
         with self._redis.lock(f"wechatpy:{self.appid}:token-refresh", timeout=30, blocking_timeout=30):
             current = self.session.get(self.access_token_key)
-            if current and current != seen_before:
+            if current and current != stale:
                 ttl = self._redis.ttl(self.session.key_name(self.access_token_key))
                 self.expires_at = int(time.time()) + max(int(ttl), 0)
                 return {"access_token": current}

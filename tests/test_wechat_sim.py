@@ -159,6 +159,23 @@ def test_concurrent_processes_refresh_the_token_once(sim, make_gateway):
     assert sim.token_issued_count() == 1
 
 
+def test_token_stored_between_look_and_lock_is_reused(sim, make_gateway):
+    """The interleaving behind a rare double issuance: B finds no token, A stores one, then B takes the lock."""
+    first, second = make_gateway(), make_gateway()
+    storage = second._client.session
+    real_get, looks = storage.get, []
+
+    def get_as_if_looked_before_first_stored(key, default=None):
+        looks.append(key)
+        return None if len(looks) == 1 else real_get(key, default)
+
+    storage.get = get_as_if_looked_before_first_stored
+    first.code_to_openid(sim.login_code("alice"))
+    second.code_to_openid(sim.login_code("bob"))
+    assert len(looks) >= 2
+    assert sim.token_issued_count() == 1
+
+
 def test_revoked_token_is_refreshed_once_and_the_call_succeeds(sim, make_gateway):
     gateway = make_gateway()
     openid = gateway.code_to_openid(sim.login_code("alice"))
