@@ -6,7 +6,10 @@ answering them from memory exact: a dedicated connection reads with tracking on,
 and when one of them is written it pushes the key's name down that same connection (RESP3). Before serving anything
 from memory we drain the connection (a non-blocking socket check), so a value is used only while no change to its
 key has reached us. Redis queues the message while executing the write, so a poll that starts after a write has
-returned finds the value gone (short of the microseconds Redis takes to flush both sockets in one pass). A broken
+returned finds the value gone, short of one window: Redis flushes the writer's reply and our message in the same
+pass, writer first, so a reader woken by that reply can look a few microseconds too early. A poll repeated every few
+seconds does not care; a caller that must read its own write turns on FENCE_READS, which makes every read one PING
+on the tracking connection first (its reply comes after every message queued before it). The tests do. A broken
 connection forgets everything; a value is also never older than MAX_AGE_S.
 
 One view per process and connection pool; the web app and the GPU workers each build their own after forking.
@@ -21,6 +24,7 @@ from collections import OrderedDict
 
 from redis.exceptions import RedisError
 
+FENCE_READS = False
 MAX_AGE_S = 300.0
 # About 1.3 KB a key (a waiting user's hash): at most ~65 MB a process; the least recently polled go first.
 MAX_KEYS = 50_000
@@ -85,6 +89,9 @@ class LocalView:
     def _read(self, specs):
         if self._pid != os.getpid():
             self._connect()
+        if FENCE_READS:
+            self._reader.send_command("PING")
+            self._reader.read_response()
         self._apply_invalidations()
         now = time.monotonic()
         missing = []

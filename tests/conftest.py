@@ -85,6 +85,14 @@ def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Se
     return settings.replace(**overrides)
 
 
+@pytest.fixture(autouse=True)
+def read_own_writes(monkeypatch):
+    """Tests write and poll back at once: fence memory reads so a poll never looks before Redis's message lands."""
+    from jobs import local_view
+
+    monkeypatch.setattr(local_view, "FENCE_READS", True)
+
+
 @pytest.fixture
 def settings_overrides():
     """Override in a test module (or with pytest.mark.parametrize indirect) to change settings."""

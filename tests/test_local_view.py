@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import time
 
 import pytest
 import redis as redis_py
@@ -74,7 +75,8 @@ def test_memory_answers_agree_with_rq_through_random_joins_retries_cancels_and_d
     assert tracker.waiting_count(queues.TRAIN) == len(waiting)
 
 
-def test_a_poll_with_nothing_changed_sends_nothing_to_redis(services):
+def test_a_poll_with_nothing_changed_sends_nothing_to_redis(services, monkeypatch):
+    monkeypatch.setattr(local_view, "FENCE_READS", False)  # as in production
     tracker = QueueTracker(services.redis)
     for i in range(5):
         enqueue(services, f"n{i}")
@@ -83,6 +85,29 @@ def test_a_poll_with_nothing_changed_sends_nothing_to_redis(services):
     again = tracker.poll("avatar:n3")
     assert commands_served(services.redis) - before == 1  # the INFO call that counts
     assert again == first and again[1]["position"] == 3
+
+
+def soon(read, expected, within_s: float = 5.0):
+    """Without the fence a change reaches memory a few microseconds after the writer hears back: wait for it."""
+    deadline = time.monotonic() + within_s
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return value
+
+
+def test_without_the_fence_a_change_reaches_memory_and_nothing_else_is_read(services, monkeypatch):
+    monkeypatch.setattr(local_view, "FENCE_READS", False)
+    tracker = QueueTracker(services.redis)
+    for i in range(6):
+        enqueue(services, f"w{i}")
+    assert tracker.poll("avatar:w5")[1]["position"] == 5
+    view = LocalView.of(services.redis)
+    tracker.started(queues.TRAIN, "train-w0-1")
+    assert soon(lambda: tracker.poll("avatar:w5")[1]["position"], 4) == 4
+    misses = view.misses
+    for _ in range(50):
+        assert tracker.poll("avatar:w5")[1]["position"] == 4
+    assert view.misses == misses
 
 
 def test_a_change_by_another_client_reaches_the_next_poll(services, redis_server):
@@ -105,7 +130,9 @@ def test_a_change_by_another_client_reaches_the_next_poll(services, redis_server
     assert tracker.poll("avatar:c4") == ({}, None)
 
 
-def test_a_killed_connection_is_never_trusted_again(services):
+@pytest.mark.parametrize("fence", [True, False])
+def test_a_killed_connection_is_never_trusted_again(services, monkeypatch, fence):
+    monkeypatch.setattr(local_view, "FENCE_READS", fence)
     tracker = QueueTracker(services.redis)
     for i in range(4):
         enqueue(services, f"k{i}")
