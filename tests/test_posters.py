@@ -1,13 +1,13 @@
 import io
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from miniapp_api import posters
 from miniapp_api.posters import make_poster, wrap_text
+from tests.qr_support import decode_qr
 
 FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 FALLBACK_URL = "https://portrait.example.com/mp/share?scene=img_3f9a2c"
@@ -51,12 +51,6 @@ def _region(image: Image.Image, box) -> np.ndarray:
     return np.asarray(image.crop(box)).astype(int)
 
 
-def _decode_qr(image: Image.Image) -> str:
-    bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
-    text, _points, _ = cv2.QRCodeDetector().detectAndDecode(bgr)
-    return text
-
-
 def test_poster_is_a_750x1334_png():
     data = _poster_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
@@ -71,8 +65,8 @@ def test_poster_is_deterministic():
 
 def test_qr_fallback_decodes_to_the_fallback_url():
     poster = _poster(app_code_png=None)
-    assert _decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
-    assert _decode_qr(poster) == FALLBACK_URL
+    assert decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
+    assert decode_qr(poster) == FALLBACK_URL
 
 
 @pytest.mark.parametrize(
@@ -81,7 +75,7 @@ def test_qr_fallback_decodes_to_the_fallback_url():
     ids=["empty", "text", "png_signature_only", "truncated_png"],
 )
 def test_undecodable_app_code_falls_back_to_the_qr_code(broken):
-    assert _decode_qr(_poster(app_code_png=broken).crop(posters.CODE_BOX)) == FALLBACK_URL
+    assert decode_qr(_poster(app_code_png=broken).crop(posters.CODE_BOX)) == FALLBACK_URL
 
 
 def test_app_code_pixels_appear_bottom_right():
@@ -98,7 +92,7 @@ def test_app_code_pixels_appear_bottom_right():
     }
     for point, colour in expected.items():
         assert max(abs(a - b) for a, b in zip(poster.getpixel(point), colour)) <= 3, (point, poster.getpixel(point))
-    assert _decode_qr(poster.crop(posters.CODE_BOX)) == ""
+    assert decode_qr(poster.crop(posters.CODE_BOX)) == ""
 
 
 def test_transparent_app_code_is_flattened_on_white():
@@ -208,7 +202,7 @@ def test_an_already_labelled_portrait_gets_no_second_badge():
     label_area = _region(poster, (x0, bottom - 90, x0 + 160, bottom))
     assert (np.abs(label_area - np.array(PORTRAIT_COLOUR)).sum(axis=2) > 6).sum() == 0, "plain portrait corner"
     # The poster is otherwise the same poster.
-    assert _decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
+    assert decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
     with pytest.raises(ValueError):
         _poster_bytes(label_text=" ")
     _poster_bytes(label_text=" ", portrait_labelled=True)

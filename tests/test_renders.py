@@ -13,6 +13,7 @@ from miniapp_api import posters
 from miniapp_api.catalog import fit_output_size
 from miniapp_api.renders import MAX_REFINEMENTS
 from models.labels import read_label
+from tests.qr_support import decode_qr
 
 ID_BACKGROUND_RGB = {"white": (255, 255, 255), "blue": (67, 142, 219), "red": (255, 0, 0)}
 
@@ -190,11 +191,6 @@ def _label_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return (int(width * 0.55), int(height * 0.85), width, height)
 
 
-def _decode_qr(image: Image.Image) -> str:
-    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
-    return cv2.QRCodeDetector().detectAndDecode(bgr)[0]
-
-
 @pytest.mark.parametrize("settings_overrides", [{"render_max_steps": 1, "render_max_candidates": 1}])
 def test_id_photos_come_out_at_standard_sizes_on_their_plain_background_and_share_as_posters(
         trained_avatar, login, drain, services, sim, client):
@@ -243,7 +239,7 @@ def test_id_photos_come_out_at_standard_sizes_on_their_plain_background_and_shar
     poster = Image.open(io.BytesIO(poster_response.data))
     assert poster.format == "PNG" and poster.size == posters.POSTER_SIZE
     assert read_label(poster_response.data)["ProduceID"] == first_image["content_id"]
-    assert _decode_qr(poster.crop(posters.CODE_BOX)) == f"pages/index/index?scene=i={first_image['id']}"
+    assert decode_qr(poster.crop(posters.CODE_BOX)) == f"pages/index/index?scene=i={first_image['id']}"
 
     portrait = Image.open(io.BytesIO(api.get(first_image["url"]).data)).convert("RGB")
     box_left, box_top, box_right, box_bottom = posters.PORTRAIT_BOX
@@ -260,7 +256,7 @@ def test_id_photos_come_out_at_standard_sizes_on_their_plain_background_and_shar
 
     sim.set_fault("/wxa/getwxacodeunlimit", "5xx", count=5)
     fallback = Image.open(io.BytesIO(api.get(first_image["poster_url"]).data))
-    assert _decode_qr(fallback.crop(posters.CODE_BOX)) == f"{services.settings.public_base_url}/s/{first_image['id']}"
+    assert decode_qr(fallback.crop(posters.CODE_BOX)) == f"{services.settings.public_base_url}/s/{first_image['id']}"
     landing = client.get(f"/s/{first_image['id']}")
     assert landing.status_code == 200 and services.settings.provider_name in landing.get_data(as_text=True)
     assert first_image["id"] not in landing.get_data(as_text=True)

