@@ -229,8 +229,11 @@ def test_prepay_5xx_and_timeout_close_the_order_and_a_retry_works(app, services,
     assert [h["reason"] for o in closed for h in o["history"] if h["to"] == "closed"] == [
         "prepay_failed:system_error", "prepay_failed:wechatpay_timeout"]
 
-    time.sleep(1.0)  # the timed-out prepay still went through at WeChat Pay after its delay
     timed_out_id = next(o["_id"] for o in closed if "timeout" in o["history"][-1]["reason"])
+    deadline = time.monotonic() + 15  # the timed-out prepay still goes through at WeChat Pay after its delay
+    while timed_out_id not in {o["out_trade_no"] for o in sim.orders()}:
+        assert time.monotonic() < deadline, "the timed-out prepay never landed at the simulator"
+        time.sleep(0.05)
     assert {o["out_trade_no"]: o["trade_state"] for o in sim.orders()}[timed_out_id] == "NOTPAY"
     outcome = reconcile_with_gateway(services, now=later(services))
     assert outcome == {"close:closed_at_gateway": 2, "payment:notpay": 1}
