@@ -30,14 +30,15 @@ MAX_AGE_S = 300.0
 MAX_KEYS = 50_000
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _as_hash(reply) -> dict:
+def as_hash(reply) -> dict:
+    """HGETALL as a dict of str, whether the reply came as a RESP3 map or a RESP2 flat list."""
     if isinstance(reply, dict):
-        return {_text(k): _text(v) for k, v in reply.items()}
-    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+        return {as_text(k): as_text(v) for k, v in reply.items()}
+    return {as_text(reply[i]): as_text(reply[i + 1]) for i in range(0, len(reply), 2)}
 
 
 def _as_scores(reply) -> list[float]:
@@ -49,8 +50,8 @@ def _as_scores(reply) -> list[float]:
 
 # kind -> (the read command, how its reply is kept)
 KINDS = {
-    "hash": (lambda key: ("HGETALL", key), _as_hash),
-    "text": (lambda key: ("GET", key), lambda reply: None if reply is None else _text(reply)),
+    "hash": (lambda key: ("HGETALL", key), as_hash),
+    "text": (lambda key: ("GET", key), lambda reply: None if reply is None else as_text(reply)),
     "scores": (lambda key: ("ZRANGE", key, 0, -1, "WITHSCORES"), _as_scores),
     "count": (lambda key: ("ZCARD", key), int),
 }
@@ -130,7 +131,7 @@ class LocalView:
             self._values.clear()
             return
         for key in keys:
-            self._values.pop(_text(key), None)
+            self._values.pop(as_text(key), None)
 
     def _connect(self):
         self._close()

@@ -18,12 +18,13 @@ job served, and the ticket is the waiting user's own. The sorted set stays the t
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import time
 
 from redis.exceptions import RedisError
 
-from jobs.local_view import LocalView
+from jobs.local_view import LocalView, as_hash, as_text
 
 PREFIX = "portraits"
 DEFAULT_DURATION_S = {"train": 600.0, "render": 60.0}
@@ -122,16 +123,22 @@ def subject_key(subject: str) -> str:
     return f"{PREFIX}:subject:{subject}"
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class QueueTracker:
     def __init__(self, redis):
         self.redis = redis
-        self._ticket = redis.register_script(_TICKET)
-        self._poll = redis.register_script(_POLL)
-        self._leave = redis.register_script(_LEAVE)
+
+    # Registered on first use: the queue route builds a tracker per request and, answering from memory, runs none.
+    @functools.cached_property
+    def _ticket(self):
+        return self.redis.register_script(_TICKET)
+
+    @functools.cached_property
+    def _poll(self):
+        return self.redis.register_script(_POLL)
+
+    @functools.cached_property
+    def _leave(self):
+        return self.redis.register_script(_LEAVE)
 
     # --- the waiting line -------------------------------------------------------------------------------------
     def waiting(self, queue: str, job_id: str, subject: str | None, *, front: bool = False, pipeline=None) -> None:
@@ -210,15 +217,14 @@ class QueueTracker:
         return self.redis.hlen(running_key(queue))
 
     def running_jobs(self, queue: str) -> dict[str, float]:
-        return {_text(k): float(v) for k, v in self.redis.hgetall(running_key(queue)).items()}
+        return {as_text(k): float(v) for k, v in self.redis.hgetall(running_key(queue)).items()}
 
     # --- subjects ---------------------------------------------------------------------------------------------
     def set_subject(self, subject: str, **fields) -> None:
         self.redis.hset(subject_key(subject), mapping={k: ("" if v is None else v) for k, v in fields.items()})
 
     def subject(self, subject: str) -> dict:
-        raw = self.redis.hgetall(subject_key(subject))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return as_hash(self.redis.hgetall(subject_key(subject)))
 
     def forget_subject(self, subject: str) -> None:
         """The subject is deleted: its job leaves the line too, so nobody behind it waits for a ghost."""
@@ -272,8 +278,7 @@ class QueueTracker:
         # The queues served first are named up front; a subject's queue is only known inside the script.
         before = SERVED_BEFORE.get(queue, ()) if queue else SERVED_BEFORE["train"]
         reply = self._poll(args=[PREFIX, time.time(), subject, queue, job_id, *before])
-        raw = reply[0]
-        fields = {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
+        fields = as_hash(reply[0])
         if len(reply) < 2:
             return fields, None
         queue = queue or fields["queue"]
