@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import time
 
 import pytest
 import redis as redis_py
@@ -11,15 +10,12 @@ import redis as redis_py
 from jobs import local_view, queues
 from jobs.local_view import LocalView
 from jobs.tracking import QueueTracker, waiting_key
-
-
-def record(tag: str) -> str:
-    return tag
+from tests.test_queue import _enqueue
+from tests.waiting import wait_for
 
 
 def enqueue(services, tag: str, attempt: int = 1):
-    return queues.enqueue(services, queues.TRAIN, record, tag, job_id=f"train-{tag}-{attempt}",
-                          subject=f"avatar:{tag}")
+    return _enqueue(services, queues.TRAIN, tag, subject=f"avatar:{tag}", job_id=f"train-{tag}-{attempt}")
 
 
 def commands_served(redis) -> int:
@@ -87,14 +83,6 @@ def test_a_poll_with_nothing_changed_sends_nothing_to_redis(services, monkeypatc
     assert again == first and again[1]["position"] == 3
 
 
-def soon(read, expected, within_s: float = 5.0):
-    """Without the fence a change reaches memory a few microseconds after the writer hears back: wait for it."""
-    deadline = time.monotonic() + within_s
-    while (value := read()) != expected and time.monotonic() < deadline:
-        time.sleep(0.001)
-    return value
-
-
 def test_without_the_fence_a_change_reaches_memory_and_nothing_else_is_read(services, monkeypatch):
     monkeypatch.setattr(local_view, "FENCE_READS", False)
     tracker = QueueTracker(services.redis)
@@ -103,7 +91,9 @@ def test_without_the_fence_a_change_reaches_memory_and_nothing_else_is_read(serv
     assert tracker.poll("avatar:w5")[1]["position"] == 5
     view = LocalView.of(services.redis)
     tracker.started(queues.TRAIN, "train-w0-1")
-    assert soon(lambda: tracker.poll("avatar:w5")[1]["position"], 4) == 4
+    # Without the fence the change reaches memory a few microseconds after the writer hears back.
+    assert wait_for(lambda: tracker.poll("avatar:w5")[1]["position"] == 4, 5, "the change to reach memory",
+                    step_s=0.001)
     misses = view.misses
     for _ in range(50):
         assert tracker.poll("avatar:w5")[1]["position"] == 4

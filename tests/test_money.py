@@ -18,6 +18,7 @@ from miniapp_api.errors import ApiError
 from miniapp_api.services import build_services
 from money_support import (add_user_and_avatar, history_targets, paid_order, place_order, run_default_jobs,
                            signed_notification, transaction_for)
+from tests.waiting import wait_for
 
 REFUNDS_PATH = "/v3/refund/domestic/refunds"
 PREPAY_PATH = "/v3/pay/transactions/jsapi"
@@ -230,10 +231,9 @@ def test_prepay_5xx_and_timeout_close_the_order_and_a_retry_works(app, services,
         "prepay_failed:system_error", "prepay_failed:wechatpay_timeout"]
 
     timed_out_id = next(o["_id"] for o in closed if "timeout" in o["history"][-1]["reason"])
-    deadline = time.monotonic() + 15  # the timed-out prepay still goes through at WeChat Pay after its delay
-    while timed_out_id not in {o["out_trade_no"] for o in sim.orders()}:
-        assert time.monotonic() < deadline, "the timed-out prepay never landed at the simulator"
-        time.sleep(0.05)
+    # The timed-out prepay still goes through at WeChat Pay after its delay.
+    wait_for(lambda: timed_out_id in {o["out_trade_no"] for o in sim.orders()}, 15,
+             "the timed-out prepay to land at the simulator", step_s=0.05)
     assert {o["out_trade_no"]: o["trade_state"] for o in sim.orders()}[timed_out_id] == "NOTPAY"
     outcome = reconcile_with_gateway(services, now=later(services))
     assert outcome == {"close:closed_at_gateway": 2, "payment:notpay": 1}

@@ -19,6 +19,7 @@ from miniapp_api.payments import CallbackRejected, PaymentGateway, PaymentGatewa
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials
 from wechat_sim.runner import start_simulator
+from tests.waiting import wait_for
 
 
 class Receiver:
@@ -334,11 +335,8 @@ def test_timeout_is_retryable_and_the_retry_returns_the_same_prepay(sim, make_ga
         impatient.prepay(order_id, 990, "数字分身", sim.openid_of("alice"))
     assert caught.value.retryable is True and caught.value.code == "wechatpay_timeout"
     # The simulator still carries out the timed-out request, as WeChat may.
-    deadline = time.monotonic() + 10
-    while not (orders := [o for o in sim.orders() if o["out_trade_no"] == order_id]):
-        assert time.monotonic() < deadline, "the timed-out prepay never landed"
-        time.sleep(0.05)
-    [order] = orders
+    [order] = wait_for(lambda: [o for o in sim.orders() if o["out_trade_no"] == order_id], 10,
+                       "the timed-out prepay to land", step_s=0.05)
     assert impatient.prepay(order_id, 990, "数字分身", sim.openid_of("alice")) == order["prepay_id"]
 
 

@@ -15,6 +15,7 @@ from jobs import queues
 from jobs.recovery import reap
 from jobs.tracking import QueueTracker
 from tests.test_queue import quick_paid_avatar
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,16 +55,6 @@ def restore_signals():
 def start_worker_process(redis_server) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, redis_server.socket_file], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def wait_for(predicate, timeout_s: float, what: str, step_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    raise AssertionError(f"gave up waiting for {what} after {timeout_s}s")
 
 
 def kill_mid_job_and_reap(services, redis_server, on_started=None) -> tuple[list[dict], float]:
