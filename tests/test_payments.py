@@ -27,6 +27,7 @@ class Receiver:
 
     def __init__(self):
         self.gateway: PaymentGateway | None = None
+        self.clock_ahead_s = 0.0  # how far the receiver's clock runs ahead of the sender's
         self.lock = threading.Lock()
         self.received: list[dict] = []
         app = Flask("receiver")
@@ -36,7 +37,8 @@ class Receiver:
         def notify():
             raw = {"path": request.path, "headers": dict(request.headers), "body": request.get_data()}
             try:
-                notification = self.gateway.parse_callback(request.headers, request.get_data())
+                notification = self.gateway.parse_callback(request.headers, request.get_data(),
+                                                           now=time.time() + self.clock_ahead_s)
             except CallbackRejected as rejected:
                 with self.lock:
                     self.received.append({**raw, "rejected": rejected.code})
@@ -261,17 +263,21 @@ def test_lowercase_header_mapping_is_accepted(sim, gateway, receiver):
     assert gateway.parse_callback(lowered, delivery["body"]).id == result["notification_id"]
 
 
-def test_replayed_old_delivery_is_stale_at_the_receiver(sim, make_gateway, receiver):
-    receiver.gateway = make_gateway(callback_max_age_s=1)
+def test_replayed_old_delivery_is_stale_at_the_receiver(sim, gateway, receiver):
+    """Signed timestamps have whole-second resolution, so the test moves the receiver's clock instead of sleeping
+    out a short window (with a 1 s window a fresh delivery signed late in its second was already stale)."""
     order_id = new_order_id()
-    receiver.gateway.prepay(order_id, 990, "数字分身", sim.openid_of("alice"))
+    gateway.prepay(order_id, 990, "数字分身", sim.openid_of("alice"))
     result = sim.pay(order_id)
     assert result["status_code"] == 204
-    time.sleep(2.1)  # the first delivery's signed timestamp is now outside the 1 s window
-    replay = sim.redeliver(result["notification_id"], resign=False)
-    assert replay["status_code"] == 400
-    entry = receiver.wait_for(lambda e: e.get("rejected") == "stale_timestamp")
-    assert entry["path"] == "/notify"
+    try:
+        receiver.clock_ahead_s = 301.0  # the default window is 300 s
+        replay = sim.redeliver(result["notification_id"], resign=False)
+        assert replay["status_code"] == 400
+        entry = receiver.wait_for(lambda e: e.get("rejected") == "stale_timestamp")
+        assert entry["path"] == "/notify"
+    finally:
+        receiver.clock_ahead_s = 0.0
     assert sim.redeliver(result["notification_id"])["status_code"] == 204
 
 
