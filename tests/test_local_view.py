@@ -92,7 +92,7 @@ def test_without_the_fence_a_change_reaches_memory_and_nothing_else_is_read(serv
     view = LocalView.of(services.redis)
     tracker.started(queues.TRAIN, "train-w0-1")
     # Without the fence the change reaches memory a few microseconds after the writer hears back.
-    assert wait_for(lambda: tracker.poll("avatar:w5")[1]["position"] == 4, 5, "the change to reach memory",
+    assert wait_for(lambda: tracker.poll("avatar:w5")[1]["position"] == 4, 30, "the change to reach memory",
                     step_s=0.001)
     misses = view.misses
     for _ in range(50):

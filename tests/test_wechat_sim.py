@@ -241,9 +241,9 @@ def test_server_error_fault_is_unavailable(sim, make_gateway):
 
 
 def test_timeout_fault_is_unavailable(sim, make_gateway):
-    gateway = make_gateway(timeout=0.3)
+    gateway = make_gateway(timeout=1.0)
     gateway.code_to_openid(sim.login_code("warmup"))  # fetch the token before the fault is armed
-    sim.set_fault("/sns/", "timeout", count=1, delay_s=1.0)
+    sim.set_fault("/sns/", "timeout", count=1, delay_s=3.0)
     with pytest.raises(WeChatUnavailable):
         gateway.code_to_openid(sim.login_code("alice"))
 

@@ -136,7 +136,7 @@ def test_heartbeats_advance_during_a_long_job(services, redis_server, restore_si
     from jobs.worker import build_gpu_worker
 
     queues.enqueue(services, queues.TRAIN, time.sleep, 4, job_id="train-long-1")
-    worker = build_gpu_worker(services.redis, heartbeat_s=1, dead_after_s=2)
+    worker = build_gpu_worker(services.redis, heartbeat_s=1, dead_after_s=3)
     key = queues.queue(services, queues.TRAIN).started_job_registry.key
     samples = []
 
