@@ -13,7 +13,8 @@ Rules decided here:
   A refund that ends ABNORMAL, CLOSED or `rejected` (refused by WeChat Pay outright) moves the order to
   `refund_failed` and raises a payment alert; a CLOSED one is retried automatically under the next refund number
   (up to `refund_closed_retries` times). ABNORMAL and rejected ones wait for an operator, who requests again with
-  expect=("refund_failed",).
+  expect=("refund_failed",). If WeChat Pay's record later shows a `rejected` refund succeeded after all, the order
+  settles from `refund_failed` as it would have from `refunding`.
 - Undeliverable: a paid order that was never fulfilled and whose renders failed (after their retries)
   `undeliverable_failed_renders` times is refunded in full.
 """
@@ -404,10 +405,10 @@ def settle_refunds(services, order_id: str, source: str) -> dict | None:
                 on_refunded(services, settled)
         elif latest["state"] in REFUND_FINAL_FAILURES:
             _on_refund_failed(services, order, latest, source)
-        elif order["state"] == "refunding":
+        else:
             has_done_render = services.db.renders.find_one({"order_id": order_id, "state": "done"}, {"_id": 1})
             target = "fulfilled" if order.get("state_before_refund") == "fulfilled" or has_done_render else "paid"
-            back = states.transition(services.db, "order", order_id, target, expect={"refunding"}, by=source,
+            back = states.transition(services.db, "order", order_id, target, expect={order["state"]}, by=source,
                                      reason=f"partial_refund:{latest['out_refund_no']}")
             if back is not None:
                 from jobs.notifications import notify

@@ -27,7 +27,8 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "fulfilled": {"refunding"},
         # A partial refund that settles returns the order to where it was; a full one ends it `refunded`.
         "refunding": {"refunded", "refund_failed", "paid", "fulfilled"},
-        "refund_failed": {"refunding", "refunded"},
+        # A refund read as refused can still turn out to have succeeded: partial, the order goes back where it was.
+        "refund_failed": {"refunding", "refunded", "paid", "fulfilled"},
         "refunded": set(),
     },
     "render": {

@@ -440,6 +440,42 @@ def test_abnormal_refund_waits_for_an_operator(app, services, sim):
     assert sorted(r["status"] for r in sim.refunds()) == ["ABNORMAL", "SUCCESS"]
 
 
+def test_refund_refused_for_want_of_balance_waits_for_an_operator(app, services, sim):
+    order = paid_order(services, sim)
+    sim.set_fault(REFUNDS_PATH, "not_enough")
+    billing.request_refund(services, order["_id"], reason="training_failed")
+    run_default_jobs(services)
+    failed = order_of(services, order["_id"])
+    assert failed["state"] == "refund_failed" and billing.refundable_amount(failed) == 990
+    assert failed["refunds"][0]["state"] == "rejected" and failed["refunds"][0]["error"] == "not_enough"
+    assert services.db.payment_alerts.count_documents({"kind": "refund_rejected"}) == 1
+    assert reconcile_with_gateway(services, now=later(services)) == {}  # no automatic retry
+    assert sim.refunds() == []
+    billing.request_refund(services, order["_id"], reason="operator_retry", by="operator:ops1",
+                           expect=("refund_failed",))
+    run_default_jobs(services)
+    sim.settle_refunds()
+    assert order_of(services, order["_id"])["state"] == "refunded"
+    assert [(r["out_refund_no"], r["status"]) for r in sim.refunds()] == [(f"R{order['_id']}-2", "SUCCESS")]
+
+
+def test_partial_refund_read_as_refused_that_succeeded_after_all_returns_the_order(app, services, sim, notified):
+    order = paid_order(services, sim)
+    sim.set_fault(REFUNDS_PATH, "not_enough")
+    billing.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=("paid",), amount=400)
+    run_default_jobs(services)
+    failed = order_of(services, order["_id"])
+    assert failed["state"] == "refund_failed"
+    # WeChat Pay's own record (a verified callback or a query) says the refund went through after all.
+    out_refund_no = failed["refunds"][0]["out_refund_no"]
+    billing.apply_refund_result(services, {"out_refund_no": out_refund_no, "status": "SUCCESS", "refund_id": "50x"},
+                                source=f"callback:{out_refund_no}")
+    back = order_of(services, order["_id"])
+    assert back["state"] == "paid" and billing.refundable_amount(back) == 590
+    assert history_targets(services, order["_id"]) == ["created", "paid", "refunding", "refund_failed", "paid"]
+    assert [data["amount"] for kind, data in notified if kind == "refund_made"] == [400]
+
+
 def test_partial_refunds_never_exceed_what_was_paid(app, services, sim, notified):
     order = paid_order(services, sim)
     operator = ("paid", "fulfilled", "refund_failed")

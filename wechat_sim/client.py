@@ -58,7 +58,8 @@ class SimulatorClient:
         return self._post("/sim/subscribe-grants", {"openid": openid, "template_id": template_id, "count": count})
 
     def set_fault(self, path_prefix: str, mode: str, count: int = 1, delay_s: float | None = None) -> dict:
-        """mode: "5xx" | "timeout" (sleeps delay_s, default 15 s, then answers) | "refund_abnormal" | "refund_closed"."""
+        """mode: "5xx" | "timeout" (sleeps delay_s, default 15 s, then answers) | "not_enough" (403 NOT_ENOUGH
+        from a WeChat Pay API, nothing done) | "refund_abnormal" | "refund_closed"."""
         return self._post("/sim/faults", {"path_prefix": path_prefix, "mode": mode, "count": count,
                                           "delay_s": delay_s})
 

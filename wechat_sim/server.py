@@ -36,7 +36,7 @@ REPLACED_TOKEN_GRACE_S = 300
 PREPAY_TTL_S = 7200
 MERCHANT_CLOCK_SKEW_S = 300
 SIGNATURE_TYPE = "WECHATPAY2-SHA256-RSA2048"
-FAULT_MODES = ("5xx", "timeout", "refund_abnormal", "refund_closed")
+FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed")
 CHINA_TZ = timezone(timedelta(hours=8))
 
 _AUTH_FIELD = re.compile(r'(\w+)="([^"]*)"')
@@ -267,7 +267,7 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
         path = request.path
         if path.startswith("/sim/"):
             return None
-        fault = take_fault(path, ("5xx", "timeout"))
+        fault = take_fault(path, ("5xx", "timeout", "not_enough"))
         if fault and fault["mode"] == "5xx":
             if path.startswith("/v3/"):
                 return _v3_error(500, "SYSTEM_ERROR", "系统错误 (simulated)")
@@ -276,7 +276,11 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
             # The request is still carried out after the delay: the caller cannot know whether it happened.
             time.sleep(fault["delay_s"])
         if path.startswith("/v3/"):
-            return authenticate_merchant()
+            refused = authenticate_merchant()
+            if refused is None and fault and fault["mode"] == "not_enough":
+                # What WeChat Pay answers when the merchant's balance cannot cover a refund; nothing is created.
+                return _v3_error(403, "NOT_ENOUGH", "基本账户余额不足，请充值后重新发起")
+            return refused
         return None
 
     def authenticate_merchant():
