@@ -121,7 +121,7 @@ def spec() -> dict:
                                            _responses("204", None, "400", "401", "404", ok_description="applied"),
                                            callback_body, auth=False, tag="wechatpay")},
         "/api/v1/pay/refund-notify": {"post": _op("WeChat Pay v3 refund callback", _responses(
-            "204", None, "401", "404", ok_description="applied"), callback_body, auth=False, tag="wechatpay")},
+            "204", None, "400", "401", "404", ok_description="applied"), callback_body, auth=False, tag="wechatpay")},
         "/api/v1/subscriptions": {"post": _op("report wx.requestSubscribeMessage grants", _responses(
             "200", _json(_obj({"subscriptions": {"type": "object", "additionalProperties": I}})), "400", "401", "415"),
             _json(_obj({"grants": {"type": "object", "additionalProperties": {"type": "string",

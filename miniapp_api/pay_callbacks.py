@@ -27,7 +27,7 @@ def _verified():
     try:
         return services().payments.parse_callback(request.headers, request.get_data()), None
     except CallbackRejected as rejected:
-        return None, _fail(401, rejected.code, "callback rejected")
+        return None, _fail(rejected.http_status, rejected.code, "callback rejected")
 
 
 def _seen(notification) -> bool:

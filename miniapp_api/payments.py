@@ -32,9 +32,12 @@ class PaymentGatewayError(Exception):
 
 
 class CallbackRejected(Exception):
-    def __init__(self, code: str, message: str = ""):
+    """http_status: 401 when the message cannot be trusted, 400 when it is genuine but not for us."""
+
+    def __init__(self, code: str, message: str = "", http_status: int = 401):
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
+        self.http_status = http_status
 
 
 @dataclass
@@ -170,8 +173,10 @@ class PaymentGateway:
             decrypted = json.loads(plaintext)
         except ValueError as error:
             raise CallbackRejected("bad_ciphertext", "decrypted resource is not JSON") from error
-        if not isinstance(decrypted, dict) or decrypted.get("mchid", self._mchid) != self._mchid:
-            raise CallbackRejected("bad_body", "resource is for another merchant")
+        if not isinstance(decrypted, dict):
+            raise CallbackRejected("bad_ciphertext", "decrypted resource is not a JSON object")
+        if decrypted.get("mchid", self._mchid) != self._mchid:
+            raise CallbackRejected("mchid_mismatch", "resource is for another merchant", http_status=400)
         return Notification(id=str(notification_id), event_type=str(event_type),
                             create_time=str(envelope.get("create_time", "")), resource=decrypted)
 

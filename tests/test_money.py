@@ -149,7 +149,7 @@ def test_callback_for_an_unknown_order_is_refused_and_changes_nothing(app, servi
     ({"amount": {"total": 1, "currency": "CNY"}}, 400, "amount_mismatch"),
     ({"appid": "wx0000000000000000"}, 400, "appid_mismatch"),
     ({"payer": {"openid": "o_somebody_else"}}, 400, "payer_mismatch"),
-    ({"mchid": "1900000000"}, 401, "bad_body"),  # the gateway refuses another merchant's resource outright
+    ({"mchid": "1900000000"}, 400, "mchid_mismatch"),  # refused by the gateway, before any order is looked up
 ])
 def test_mismatching_payment_is_refused_changes_nothing_and_alerts(app, services, sim, client, simulator,
                                                                    change, status, code):
@@ -163,9 +163,26 @@ def test_mismatching_payment_is_refused_changes_nothing_and_alerts(app, services
     assert history_targets(services, order["_id"]) == ["created"]
     assert services.db.pay_notifications.count_documents({}) == 0
     assert train_jobs(services) == []
-    assert services.db.payment_alerts.count_documents({}) == (1 if status == 400 else 0)
-    if status == 400:
+    assert services.db.payment_alerts.count_documents({}) == (0 if code == "mchid_mismatch" else 1)
+    if code != "mchid_mismatch":
         assert services.db.payment_alerts.find_one()["kind"] == code
+
+
+def test_refund_callback_for_another_merchant_is_refused_and_changes_nothing(app, services, sim, client, simulator):
+    order = paid_order(services, sim)
+    refunding = billing.request_refund(services, order["_id"], reason="training_failed")
+    refund = refunding["refunds"][0]
+    resource = {"mchid": "1900000000", "out_trade_no": order["_id"], "transaction_id": order["transaction_id"],
+                "out_refund_no": refund["out_refund_no"], "refund_id": "50" + secrets.token_hex(8),
+                "refund_status": "SUCCESS", "success_time": "2026-11-26T12:00:00+08:00",
+                "user_received_account": "支付用户零钱",
+                "amount": {"total": 990, "refund": 990, "payer_total": 990, "payer_refund": 990}}
+    headers, body = signed_notification(simulator.creds, resource, event_type="REFUND.SUCCESS", kind="refund")
+    answer = client.post("/api/v1/pay/refund-notify", data=body, headers=headers)
+    assert answer.status_code == 400 and answer.get_json()["error"]["code"] == "mchid_mismatch"
+    after = order_of(services, order["_id"])
+    assert after["state"] == "refunding" and after["refunds"][0]["state"] == refund["state"]
+    assert services.db.pay_notifications.count_documents({}) == 1  # the payment's own
 
 
 def test_amount_mismatch_from_the_simulator_itself(app, services, sim, monkeypatch):
