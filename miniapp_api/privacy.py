@@ -10,7 +10,6 @@ import hmac
 from datetime import timedelta
 
 from rq.job import Job
-from rq.exceptions import NoSuchJobError
 
 from jobs import queues
 from jobs.tracking import QueueTracker
@@ -72,24 +71,14 @@ def purge_stale_collecting(services) -> int:
 
 
 def _delete_avatar(services, avatar: dict) -> None:
+    """The avatar's blobs, queue entry and document. Its RQ jobs are the caller's to delete (erase_user_data does,
+    in one pass over every queue); an avatar that was never paid for has none."""
     from jobs.training import lora_key, pivot_key, subject
 
     for key in _photo_blob_keys(avatar) + [lora_key(avatar), pivot_key(avatar)]:
         services.blobs.delete(key)
-    _delete_jobs(services, "train", avatar["_id"], avatar.get("train_attempts", 0) + 1)
     QueueTracker(services.redis).forget_subject(subject(avatar["_id"]))
     services.db.avatars.delete_one({"_id": avatar["_id"]})
-
-
-def _delete_jobs(services, kind: str, subject_id: str, attempts: int) -> None:
-    queue = {"train": queues.TRAIN, "render": queues.RENDER}[kind]
-    for attempt in range(1, attempts + 2):
-        try:
-            job = Job.fetch(f"{kind}-{subject_id}-{attempt}", connection=services.redis)
-        except NoSuchJobError:
-            continue
-        if job.get_status() != "started":
-            _drop_job(services, queue, job)
 
 
 def _drop_job(services, queue: str, job: Job) -> None:
@@ -151,11 +140,12 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
                               unset_fields=("open_avatar_id",), set_fields={"gateway_close_pending": True})
     avatars = list(services.db.avatars.find({"user_id": user_id}))
     renders = list(services.db.renders.find({"user_id": user_id}))
+    # Jobs first, so that no worker takes one of them up after its avatar or render is gone.
+    jobs = delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
     for avatar in avatars:
         _delete_avatar(services, avatar)
     for render in renders:
         QueueTracker(services.redis).forget_subject(render_subject(render["_id"]))
-    jobs = delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
     services.db.renders.delete_many({"user_id": user_id})
     services.db.images.delete_many({"user_id": user_id})
     services.blobs.delete_prefix(f"users/{user_id}/")
