@@ -19,6 +19,17 @@ def queue(services, name: str) -> Queue:
     return Queue(name, connection=services.redis, default_timeout=TIMEOUTS[name])
 
 
+def track_for_owner(services, subject: str, user_id: str) -> None:
+    """Start tracking a subject for the queue poll, which checks a token by signature alone (no MongoDB): the
+    owner's token generation is kept with it, so a token revoked by consent withdrawal cannot poll what the user
+    queues after consenting again."""
+    from jobs.tracking import QueueTracker
+
+    user = services.db.users.find_one({"_id": user_id}, {"token_generation": 1}) or {}
+    QueueTracker(services.redis).set_subject(subject, owner=user_id, owner_gen=user.get("token_generation", 0),
+                                             state="queued")
+
+
 def enqueue(services, name: str, func, *args, job_id: str, subject: str | None = None,
             retry: Retry | None = None, meta: dict | None = None):
     """Enqueue once per job id; GPU jobs also take a ticket so their queue position is O(log n) to read.

@@ -35,7 +35,7 @@ def subject(render_id: str) -> str:
 
 def enqueue_render(services, render: dict) -> None:
     attempt = render.get("attempts", 0) + 1
-    QueueTracker(services.redis).set_subject(subject(render["_id"]), owner=render["user_id"], state="queued")
+    queues.track_for_owner(services, subject(render["_id"]), render["user_id"])
     queues.enqueue(services, queues.RENDER, render_portraits, render["_id"], job_id=f"render-{render['_id']}-{attempt}",
                    subject=subject(render["_id"]))
 

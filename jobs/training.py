@@ -57,7 +57,7 @@ def start_training(services, order: dict) -> None:
 def enqueue_training(services, avatar: dict) -> None:
     attempt = avatar.get("train_attempts", 0) + 1
     job_id = f"train-{avatar['_id']}-{attempt}"
-    QueueTracker(services.redis).set_subject(subject(avatar["_id"]), owner=avatar["user_id"], state="queued")
+    queues.track_for_owner(services, subject(avatar["_id"]), avatar["user_id"])
     queues.enqueue(services, queues.TRAIN, train_avatar, avatar["_id"], job_id=job_id, subject=subject(avatar["_id"]))
 
 

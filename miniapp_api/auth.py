@@ -25,6 +25,10 @@ def issue_token(user: dict) -> str:
         {"uid": user["_id"], "gen": user.get("token_generation", 0)})
 
 
+def invalid_token() -> ApiError:
+    return ApiError(401, "invalid_token", "The token is not valid.")
+
+
 def token_claims(settings, token: str) -> dict:
     """The token's claims, checked by signature and age alone (no database)."""
     try:
@@ -32,14 +36,14 @@ def token_claims(settings, token: str) -> dict:
     except SignatureExpired:
         raise ApiError(401, "token_expired", "Your session expired; log in again.")
     except BadSignature:
-        raise ApiError(401, "invalid_token", "The token is not valid.")
+        raise invalid_token()
 
 
 def user_from_token(token: str) -> dict:
     claims = token_claims(services().settings, token)
     user = services().db.users.find_one({"_id": claims.get("uid")})
     if user is None or user.get("token_generation", 0) != claims.get("gen"):
-        raise ApiError(401, "invalid_token", "The token is not valid.")
+        raise invalid_token()
     return user
 
 

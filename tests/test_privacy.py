@@ -189,6 +189,20 @@ def test_consent_withdrawal_erases_the_face_data_cancels_queued_jobs_and_revokes
     assert again.post("/api/v1/avatars", json={"gender": "female"}).status_code == 201
 
 
+def test_a_token_revoked_by_withdrawal_cannot_poll_the_queue_of_a_later_avatar(services, login, sim):
+    """The queue poll checks tokens without MongoDB; the generation kept with the queued avatar stands in."""
+    from tests.test_queue import quick_paid_avatar
+
+    revoked = login("alice")
+    assert revoked.delete("/api/v1/consents/face_processing").status_code == 200
+    current = login("alice")  # logs in again and consents anew
+    avatar, _ = quick_paid_avatar(services, current, sim)
+    assert current.get(f"/api/v1/avatars/{avatar['_id']}/queue").status_code == 200
+    refused = revoked.get(f"/api/v1/avatars/{avatar['_id']}/queue")
+    assert refused.status_code == 401 and refused.get_json()["error"]["code"] == "invalid_token"
+    assert revoked.get(f"/api/v1/avatars/{avatar['_id']}").status_code == 401  # the same answer as the full route
+
+
 @pytest.mark.parametrize("settings_overrides", [{"collecting_ttl_s": 3600}])
 def test_avatars_left_collecting_are_purged_by_the_periodic_job(login, services, user_photos):
     from jobs.periodic import PERIODIC, purge_stale_avatars
