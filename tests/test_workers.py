@@ -14,6 +14,7 @@ import pytest
 from jobs import queues
 from jobs.recovery import reap
 from jobs.tracking import QueueTracker
+from miniapp_api.redis_conn import socket_path
 from tests.test_queue import quick_paid_avatar
 from tests.waiting import wait_for
 
@@ -53,7 +54,7 @@ def restore_signals():
 
 
 def start_worker_process(redis_server) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, redis_server.socket_file], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, socket_path(redis_server)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
