@@ -238,17 +238,19 @@ def test_forged_tampered_stale_and_foreign_callbacks_are_rejected(sim, gateway, 
     without_signature = {k: v for k, v in headers.items() if k != "Wechatpay-Signature"}
     assert rejection(without_signature, body) == "missing_headers"
 
-    # Correctly signed, but encrypted under another APIv3 key.
-    envelope = json.loads(body)
-    nonce = "abcdefghijkl"
-    envelope["resource"].update(nonce=nonce, ciphertext=base64.b64encode(AESGCM(b"k" * 32).encrypt(
-        nonce.encode(), b"{}", b"transaction")).decode())
-    resealed = json.dumps(envelope)
+    def resealed(apiv3_key: bytes, plaintext: bytes):  # correctly signed around a resource sealed as given
+        envelope = json.loads(body)
+        nonce = "abcdefghijkl"
+        envelope["resource"].update(nonce=nonce, ciphertext=base64.b64encode(AESGCM(apiv3_key).encrypt(
+            nonce.encode(), plaintext, b"transaction")).decode())
+        text = json.dumps(envelope)
+        stamp = str(int(time.time()))
+        return dict(headers, **{"Wechatpay-Timestamp": stamp, "Wechatpay-Signature": platform_sign(
+            creds, stamp, headers["Wechatpay-Nonce"], text)}), text.encode()
+
+    assert rejection(*resealed(b"k" * 32, b"{}")) == "bad_ciphertext"  # another APIv3 key
+    assert rejection(*resealed(creds.apiv3_key.encode(), b"[1, 2]")) == "bad_ciphertext"  # JSON, not an object
     timestamp = str(int(time.time()))
-    resigned = dict(headers, **{"Wechatpay-Timestamp": timestamp,
-                                "Wechatpay-Signature": platform_sign(creds, timestamp, headers["Wechatpay-Nonce"],
-                                                                     resealed)})
-    assert rejection(resigned, resealed.encode()) == "bad_ciphertext"
     garbage_signed = dict(headers, **{"Wechatpay-Timestamp": timestamp, "Wechatpay-Signature": platform_sign(
         creds, timestamp, headers["Wechatpay-Nonce"], "not json")})
     assert rejection(garbage_signed, b"not json") == "bad_body"
