@@ -1,0 +1,206 @@
+"""The state behind the simulated WeChat servers and the work more than one API family does on it: users' openids,
+login codes, tokens, orders, refunds, armed faults, and the signed callbacks WeChat Pay delivers to notify_urls."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from typing import Callable
+
+import requests
+from flask import current_app
+
+from wechat_sim.keys import SimCredentials
+from wechat_sim.signing import PlatformSigner, load_public_key, rfc3339_now
+
+LOGIN_CODE_TTL_S = 300
+FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed")
+
+_TRADE_STATE_DESC = {"NOTPAY": "订单未支付", "SUCCESS": "支付成功", "CLOSED": "订单已关闭", "REFUND": "转入退款"}
+_REFUND_SUMMARY = {"SUCCESS": "退款成功", "ABNORMAL": "退款异常", "CLOSED": "退款关闭"}
+
+
+class SimState:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.reset()
+
+    def reset(self):
+        self.openid_by_user: dict[str, str] = {}
+        self.login_codes: dict[str, dict] = {}
+        self.tokens: dict[str, float] = {}
+        self.token_issued = 0
+        self.grants: dict[tuple[str, str], int] = {}
+        self.messages: list[dict] = []
+        self.orders: dict[str, dict] = {}
+        self.refunds: dict[str, dict] = {}
+        self.notifications: dict[str, dict] = {}
+        self.faults: list[dict] = []
+        # Set once a refund's outcome is decided and its callback delivery attempt is over.
+        self.refund_settled: dict[str, threading.Event] = {}
+
+
+class WeChatSimulator:
+    """One simulated WeChat (an app and a merchant). Refunds stay PROCESSING until settle_refund, which keeps tests
+    deterministic; with refund_settle_delay_s they also settle by themselves that long after being requested, as
+    WeChat does. login_code_ttl_s is asked on every code exchange, so a running simulator's codes can be expired."""
+
+    def __init__(self, creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
+                 callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S):
+        self.creds = creds
+        self.state = SimState()
+        self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
+        self.signer = PlatformSigner.from_credentials(creds)
+        self.refund_settle_delay_s = refund_settle_delay_s
+        self.callback_timeout_s = callback_timeout_s
+        self._login_code_ttl_s = login_code_ttl_s
+
+    # ---------------------------------------------------------------- mini-program users and tokens
+
+    def openid_for(self, user_name: str) -> str:
+        creds = self.creds
+        digest = hmac.new(creds.app_secret.encode(), f"{creds.appid}:{user_name}".encode(), hashlib.sha256).digest()
+        return "o" + base64.urlsafe_b64encode(digest).decode("ascii")[:27]
+
+    def login_code_expired(self, issued_at: float) -> bool:
+        return time.time() - issued_at > self._login_code_ttl_s()
+
+    def token_valid(self, token: str | None) -> tuple[bool, int]:
+        """(valid, errcode): 40001 for a token never issued or revoked, 42001 for an expired one."""
+        with self.state.lock:
+            expires_at = self.state.tokens.get(token or "")
+        if expires_at is None:
+            return False, 40001
+        if expires_at < time.time():
+            return False, 42001
+        return True, 0
+
+    # ---------------------------------------------------------------- faults
+
+    def take_fault(self, path: str, modes: tuple[str, ...]) -> dict | None:
+        """Consume one armed fault of these modes whose prefix covers path; a copy of it, or None."""
+        with self.state.lock:
+            for fault in self.state.faults:
+                if fault["count"] > 0 and fault["mode"] in modes and path.startswith(fault["path_prefix"]):
+                    fault["count"] -= 1
+                    return dict(fault)
+        return None
+
+    # ---------------------------------------------------------------- WeChat Pay views
+
+    @staticmethod
+    def transaction_view(order: dict) -> dict:
+        view = {
+            "appid": order["appid"], "mchid": order["mchid"], "out_trade_no": order["out_trade_no"],
+            "trade_type": "JSAPI", "trade_state": order["trade_state"],
+            "trade_state_desc": _TRADE_STATE_DESC[order["trade_state"]],
+            "attach": order.get("attach", ""),
+            "amount": {"total": order["amount"]["total"], "currency": order["amount"].get("currency", "CNY")},
+            "promotion_detail": [],
+        }
+        if order.get("transaction_id"):
+            view.update({
+                "transaction_id": order["transaction_id"], "bank_type": "OTHERS",
+                "success_time": order["success_time"], "payer": {"openid": order["payer"]["openid"]},
+            })
+            view["amount"].update({"payer_total": order["amount"]["total"], "payer_currency": "CNY"})
+        return view
+
+    @staticmethod
+    def refund_view(refund: dict) -> dict:
+        view = {key: refund[key] for key in ("refund_id", "out_refund_no", "transaction_id", "out_trade_no",
+                                             "channel", "user_received_account", "create_time", "status",
+                                             "funds_account")}
+        view["amount"] = dict(refund["amount"])
+        view["promotion_detail"] = []
+        if refund.get("success_time"):
+            view["success_time"] = refund["success_time"]
+        return view
+
+    # ---------------------------------------------------------------- callbacks
+
+    def new_notification(self, kind: str, event_type: str, summary: str, url: str | None, plain: dict) -> dict:
+        """Caller holds the lock."""
+        notification_id = str(uuid.uuid4())
+        body = self.signer.notification_body(plain, kind=kind, event_type=event_type, summary=summary,
+                                             notification_id=notification_id)
+        record = {"id": notification_id, "kind": kind, "event_type": event_type, "url": url, "body": body,
+                  "resource": plain, "created_at": time.time(), "headers": None, "deliveries": []}
+        self.state.notifications[notification_id] = record
+        return record
+
+    def deliver(self, notification_id: str, resign: bool = True) -> dict:
+        """POST one notification to its notify_url, as WeChat does on every (re)delivery. Never holds the lock
+        while waiting on the receiver, which may well call back into the simulator."""
+        state = self.state
+        with state.lock:
+            record = state.notifications[notification_id]
+            body, url = record["body"], record["url"]
+            headers = record["headers"] if (record["headers"] and not resign) else self.signer.headers(body)
+            record["headers"] = headers
+        outcome = {"notification_id": notification_id, "status_code": None, "error": None, "at": time.time()}
+        if not url:
+            outcome["error"] = "no_notify_url"
+        else:
+            try:
+                response = requests.post(url, data=body.encode("utf-8"), timeout=self.callback_timeout_s, headers={
+                    **headers, "Content-Type": "application/json", "User-Agent": "Mozilla/4.0"})
+                outcome["status_code"] = response.status_code
+            except requests.Timeout:
+                outcome["error"] = "timeout"
+            except requests.RequestException as error:
+                outcome["error"] = f"connection_error: {type(error).__name__}"
+        outcome["delivered"] = outcome["status_code"] in (200, 204)
+        with state.lock:
+            record["deliveries"].append(outcome)
+        return outcome
+
+    # ---------------------------------------------------------------- refunds
+
+    def settle_refund(self, out_refund_no: str) -> dict | None:
+        """Decide a PROCESSING refund (SUCCESS, or what an armed refund fault says) and deliver its callback; the
+        delivery outcome, or None when there was nothing to settle."""
+        state = self.state
+        with state.lock:
+            refund = state.refunds.get(out_refund_no)
+            if refund is None or refund["status"] != "PROCESSING":
+                return None  # settled already (or being settled), or the simulator was reset meanwhile
+            done = state.refund_settled[out_refund_no]
+            outcome_fault = self.take_fault("/v3/refund/domestic/refunds", ("refund_abnormal", "refund_closed"))
+            if outcome_fault is None:
+                refund["status"] = "SUCCESS"
+                refund["success_time"] = rfc3339_now()
+                state.orders[refund["out_trade_no"]]["trade_state"] = "REFUND"
+            else:
+                refund["status"] = "ABNORMAL" if outcome_fault["mode"] == "refund_abnormal" else "CLOSED"
+            plain = {
+                "mchid": self.creds.mchid, "out_trade_no": refund["out_trade_no"],
+                "transaction_id": refund["transaction_id"], "out_refund_no": refund["out_refund_no"],
+                "refund_id": refund["refund_id"], "refund_status": refund["status"],
+                "user_received_account": refund["user_received_account"],
+                "amount": {key: refund["amount"][key] for key in ("total", "refund", "payer_total", "payer_refund")},
+            }
+            if refund.get("success_time"):
+                plain["success_time"] = refund["success_time"]
+            record = self.new_notification("refund", f"REFUND.{refund['status']}", _REFUND_SUMMARY[refund["status"]],
+                                           refund["notify_url"], plain)
+            refund["notification_ids"].append(record["id"])
+        try:
+            return self.deliver(record["id"])
+        finally:
+            done.set()
+
+    def schedule_settlement(self, out_refund_no: str) -> None:
+        if self.refund_settle_delay_s is None:
+            return
+        timer = threading.Timer(self.refund_settle_delay_s, self.settle_refund, args=(out_refund_no,))
+        timer.daemon = True
+        timer.start()
+
+
+def current_simulator() -> WeChatSimulator:
+    """The simulator behind the app handling the current request."""
+    return current_app.extensions["wechat_sim"]
