@@ -60,6 +60,10 @@ class TrainConfig:
         return min(STEPS_PER_IMAGE * image_count, MAX_STEPS)
 
 
+# What the UNet is trained to predict, as diffusers' schedulers name it; "sample" (x0) bases are not supported.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def train_lora(
     pipe: StableDiffusionPipeline,
     images: list[Image.Image],
@@ -84,6 +88,11 @@ def train_lora(
     unet = pipe.unet
     if getattr(unet, "peft_config", None):
         raise TrainingError("base_has_adapters", f"unet already carries adapters {list(unet.peft_config)}")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise TrainingError("unknown_prediction_type",
+                            f"the base model predicts {prediction_type!r}; training knows {sorted(PREDICTION_TYPES)}")
     device = unet.device
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
@@ -91,7 +100,6 @@ def train_lora(
     latent_mean, latent_std = _encode_latent_distribution(pipe, images, config.resolution)
     with torch.no_grad():
         prompt_embeds, _ = pipe.encode_prompt(caption, device, 1, False)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     scaling_factor = pipe.vae.config.scaling_factor
 
     requires_grad_before = {name: param.requires_grad for name, param in unet.named_parameters()}
@@ -126,7 +134,7 @@ def train_lora(
                 0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
             ).long()
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
+            if prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
                 target = noise

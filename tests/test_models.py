@@ -9,6 +9,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
+from diffusers import DDIMScheduler
+
 from models.pipeline import build_tiny_pipeline, load_base_pipeline, pick_device
 from models.render import Renderer
 from models.train import LORA_TARGET_MODULES, TrainConfig, TrainingError, train_lora
@@ -189,6 +191,18 @@ def test_training_without_images_is_refused(pipe):
     with pytest.raises(TrainingError) as error:
         train_lora(pipe, [], "sks person", TrainConfig(steps=1))
     assert error.value.reason == "no_training_images"
+
+
+def test_a_base_model_with_an_unknown_prediction_type_is_refused_not_trained_as_epsilon(pipe):
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config, prediction_type="sample")
+    try:
+        with pytest.raises(TrainingError) as error:
+            train_lora(pipe, _photos(), "sks person", TrainConfig(steps=1))
+    finally:
+        pipe.scheduler = original
+    assert error.value.reason == "unknown_prediction_type"
+    assert not getattr(pipe.unet, "peft_config", None)  # refused before any adapter was added
 
 
 def test_load_base_pipeline_reads_a_local_sd15_folder_offline(pipe, tmp_path):
