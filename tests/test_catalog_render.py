@@ -1,17 +1,26 @@
-"""Every template of the shipped catalog renders on the tiny model at its own size (through Renderer directly).
+"""The shipped catalog renders on the tiny model (through Renderer directly).
 
-One candidate and one step per template keep this fast; every template's prompt, negative prompt, guidance,
-size and inpainting inputs are exercised.
+Templates differ in what the renderer does with them by size, mode (text-to-image or inpainting an init image),
+style LoRA and output size; one template of each distinct combination is rendered (one candidate, one step), and
+every template's prompt and negative prompt go through the text encoder.
 """
 from __future__ import annotations
 
 import pytest
 from PIL import Image
 
-from miniapp_api.catalog import fit_output_size, load_catalog
-from miniapp_api.services import TEMPLATES_DIR
+from portraits.catalog import fit_output_size, load_catalog
+from portraits.services import TEMPLATES_DIR
 
 CATALOG = load_catalog(TEMPLATES_DIR)
+
+
+def render_shape(template) -> tuple:
+    return (template.width, template.height, bool(template.init_image), bool(template.style_lora),
+            template.output_size)
+
+
+ONE_PER_SHAPE = list({render_shape(t): t for t in reversed(list(CATALOG))}.values())
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +38,19 @@ def user_lora(tiny_pipeline) -> bytes:
                       TrainConfig(rank=4, steps=1, resolution=64))
 
 
-@pytest.mark.parametrize("template", list(CATALOG), ids=lambda t: t.id)
+def test_every_template_prompt_goes_through_the_text_encoder(tiny_pipeline):
+    for template in CATALOG:
+        for text in (template.prompt_for("sks person"), template.negative_prompt):
+            embeds, _ = tiny_pipeline.encode_prompt(text, "cpu", 1, False)
+            assert embeds.shape[0] == 1, template.id
+
+
+def test_the_rendered_sample_covers_every_shape_in_the_catalog():
+    assert {render_shape(t) for t in ONE_PER_SHAPE} == {render_shape(t) for t in CATALOG}
+    assert any(t.init_image for t in ONE_PER_SHAPE) and any(not t.init_image for t in ONE_PER_SHAPE)
+
+
+@pytest.mark.parametrize("template", ONE_PER_SHAPE, ids=lambda t: t.id)
 def test_template_renders_at_its_size(template, renderer, user_lora):
     init_image = mask = None
     if template.init_image:
