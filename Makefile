@@ -26,14 +26,16 @@ chromium:
 
 install: $(VENV)/.installed font
 
+# Both run in embedded mode (the scripts set EMBEDDED): in-process MongoDB, embedded Redis, the WeChat simulator.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.demo --out demo-output
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.dev.demo --out demo-output
 
 serve: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.serve --port $(PORT) $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.dev.serve --port $(PORT) $(ARGS)
 
 test: install chromium
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(BIN)/lint-imports
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	@for script in bench/*.py; do echo "== $$script"; HF_HUB_OFFLINE=1 $(BIN)/python $$script || exit 1; done

@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from miniapp_api import create_app, states  # noqa: E402
-from miniapp_api.config import Settings  # noqa: E402
-from miniapp_api.redis_conn import start_embedded  # noqa: E402
-from miniapp_api.services import build_services  # noqa: E402
+from miniapp_api import create_app  # noqa: E402
+from portraits import states  # noqa: E402
+from portraits.config import Settings  # noqa: E402
+from portraits.store.redis_client import start_embedded  # noqa: E402
+from portraits.services import build_services  # noqa: E402
 from tests.money_support import signed_notification, transaction_for  # noqa: E402
 from wechat_sim.keys import generate_credentials  # noqa: E402
 
@@ -37,7 +38,7 @@ def percentile(values: list[float], fraction: float) -> float:
 def build(workdir: Path):
     creds = generate_credentials()
     settings = Settings(
-        instance_dir=workdir, secret_key=secrets.token_urlsafe(32), master_key=secrets.token_bytes(32),
+        embedded=True, instance_dir=workdir, secret_key=secrets.token_urlsafe(32), master_key=secrets.token_bytes(32),
         wechat_appid=creds.appid, wechat_secret=creds.app_secret, wechat_api_base="http://127.0.0.1:9",
         wechatpay_mchid=creds.mchid, wechatpay_private_key_pem=creds.merchant_private_key_pem,
         wechatpay_cert_serial_no=creds.merchant_cert_serial_no, wechatpay_apiv3_key=creds.apiv3_key,

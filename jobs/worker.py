@@ -20,30 +20,14 @@ import logging
 import threading
 import time
 
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
-from jobs import context, queues
-
-_stopping = threading.Event()
-_stop_grace_s = [20.0]
-
-
-def stop_requested() -> bool:
-    return _stopping.is_set()
-
-
-def check_hand_back(fraction: float, elapsed_s: float) -> None:
-    """Called by long jobs at each step: raise HandBack when the worker is stopping and the job would outlast the
-    grace period."""
-    if not _stopping.is_set() or fraction >= 1.0:
-        return
-    remaining = elapsed_s * (1.0 - fraction) / fraction if fraction > 0 else float("inf")
-    if remaining > _stop_grace_s[0]:
-        from jobs.recovery import HandBack
-
-        raise HandBack(f"worker stopping; about {remaining:.0f}s of work left")
-
+from jobs import context, gpu_job, periodic, recovery
+from portraits import tasks
+from portraits.config import ConfigError, Settings
+from portraits.queue.tracking import QueueTracker
+from portraits.services import build_services
 
 class ResidentModelWorker(SimpleWorker):
     def __init__(self, *args, heartbeat_s: int = 10, dead_after_s: int = 45, stop_grace_s: float = 20.0,
@@ -53,7 +37,7 @@ class ResidentModelWorker(SimpleWorker):
         kwargs.setdefault("job_monitoring_interval", heartbeat_s)
         super().__init__(*args, worker_ttl=worker_ttl, **kwargs)
         self.dead_after_s = dead_after_s
-        _stop_grace_s[0] = stop_grace_s
+        gpu_job.stop_grace_s[0] = stop_grace_s
         self._handed_back = None
         self.push_exc_handler(self._note_hand_back)
 
@@ -63,27 +47,21 @@ class ResidentModelWorker(SimpleWorker):
 
     def heartbeat(self, timeout=None, pipeline=None):
         super().heartbeat(timeout, pipeline=pipeline)
-        from jobs.tracking import QueueTracker
-
-        gpu = [name for name in self.queue_names() if name in queues.GPU_QUEUES]
+        gpu = [name for name in self.queue_names() if name in tasks.GPU_QUEUES]
         if gpu:
             ttl = timeout or self.worker_ttl + 60
             QueueTracker(self.connection).worker_alive(gpu, self.name, ttl, pipeline=pipeline)
 
     def register_death(self):
-        from jobs.tracking import QueueTracker
-
         QueueTracker(self.connection).worker_gone(self.queue_names(), self.name)
         super().register_death()
 
     def request_stop(self, signum, frame):
-        _stopping.set()
+        gpu_job.stopping.set()
         super().request_stop(signum, frame)
 
     def _note_hand_back(self, job, exc_type, exc_value, traceback):
-        from jobs.recovery import HandBack
-
-        if exc_type is not None and issubclass(exc_type, HandBack):
+        if exc_type is not None and issubclass(exc_type, gpu_job.HandBack):
             self._handed_back = job
             return False  # not an error worth logging as one
         return True
@@ -99,10 +77,8 @@ class ResidentModelWorker(SimpleWorker):
             stop.set()
             beat.join()
         if self._handed_back is not None:
-            from jobs.recovery import hand_back
-
             handed, self._handed_back = self._handed_back, None
-            outcome = hand_back(context.services(), handed, self.name)
+            outcome = recovery.hand_back(context.services(), handed, self.name)
             self.log.warning("Worker %s: job %s %s", self.name, handed.id, outcome)
 
     def _beat_while_running(self, job, stop: threading.Event) -> None:
@@ -128,26 +104,22 @@ class EmbeddedWorker(ResidentModelWorker):
 
 def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
     """A GPU worker on the render and train queues, renders first."""
-    from rq import Queue
-
     options = {}
     if settings is not None:
         options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
                        stop_grace_s=settings.worker_stop_grace_s)
     options.update(overrides)
-    gpu_queues = [Queue(name, connection=connection, default_timeout=queues.TIMEOUTS[name])
-                  for name in queues.GPU_QUEUES]
+    gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
+                  for name in tasks.GPU_QUEUES]
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
 def run_embedded_workers(services, stop: threading.Event, poll_s: float = 0.2) -> None:
     """One thread working every queue in priority order until `stop` is set (demo, serve, tests)."""
-    from jobs.periodic import build_scheduler
-
     context.install(services)
-    worker = EmbeddedWorker([queues.queue(services, name) for name in queues.ALL_QUEUES],
+    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES],
                             connection=services.redis, job_monitoring_interval=5)
-    cron = build_scheduler(services)
+    cron = periodic.build_scheduler(services)
     while not stop.is_set():
         cron.enqueue_jobs()
         worked = worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
@@ -158,7 +130,7 @@ def run_embedded_workers(services, stop: threading.Event, poll_s: float = 0.2) -
 def drain(services, max_rounds: int = 100) -> int:
     """Run every queued job (and the retries they enqueue) in this thread; returns how many rounds ran."""
     context.install(services)
-    worker = EmbeddedWorker([queues.queue(services, name) for name in queues.ALL_QUEUES], connection=services.redis)
+    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES], connection=services.redis)
     rounds = 0
     while rounds < max_rounds and worker.work(burst=True, with_scheduler=True, logging_level="WARNING"):
         rounds += 1
@@ -166,28 +138,27 @@ def drain(services, max_rounds: int = 100) -> int:
 
 
 def main(argv=None) -> None:
-    from miniapp_api.config import Settings
-    from miniapp_api.services import build_services
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["gpu", "default"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        parser.error(str(error))
     if settings.embedded_wechat or not settings.mongo_uri:
-        parser.error("separate workers need MONGO_URI and the WeChat settings; use `make serve` for embedded mode")
+        parser.error("separate workers need MONGO_URI and the WeChat settings, not the process's own embedded ones; "
+                     "use `make serve` for embedded mode")
     services = build_services(settings)
     context.install(services)
     if args.kind == "gpu":
-        from jobs.recovery import reap
-
         started = time.monotonic()
         services.renderer()  # load the base pipeline before the first job, once
         logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
-        reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
+        recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         build_gpu_worker(services.redis, settings).work()
     else:
-        SimpleWorker([queues.queue(services, queues.DEFAULT)], connection=services.redis).work(with_scheduler=True)
+        SimpleWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)
 
 
 if __name__ == "__main__":

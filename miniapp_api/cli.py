@@ -1,8 +1,8 @@
 """Operator accounts from the command line (the console has no sign-up page).
 
     flask --app miniapp_api create-operator NAME --role admin
-    python -m miniapp_api.operators create NAME --role support
-    python -m miniapp_api.operators set-role NAME viewer | disable NAME | enable NAME | list
+    python -m miniapp_api.cli create NAME --role support
+    python -m miniapp_api.cli set-role NAME viewer | disable NAME | enable NAME | list
 
 The password is read from CONSOLE_OPERATOR_PASSWORD or asked for twice at a hidden prompt; never pass it as an
 argument (it would land in shell history and in the process list).
@@ -13,9 +13,12 @@ import getpass
 import os
 
 import click
+from flask import current_app
 from flask.cli import with_appcontext
 
-from miniapp_api.console import accounts, audit
+from portraits import audit, operators
+from portraits.config import Settings
+from portraits.store import db as db_module
 
 PASSWORD_ENV = "CONSOLE_OPERATOR_PASSWORD"
 
@@ -43,8 +46,8 @@ def _warn_if_ephemeral(settings) -> None:
 def create(db, name: str, role: str, password: str) -> dict:
     actor = _cli_actor()
     try:
-        operator = accounts.create(db, name.strip().lower(), password, role, by=actor)
-    except accounts.AccountError as error:
+        operator = operators.create(db, name.strip().lower(), password, role, by=actor)
+    except operators.AccountError as error:
         raise click.ClickException(f"{error.code}: {error.message}")
     audit.record(db, operator=actor, role=None, action="operator_created", ip="command line",
                  target={"operator": operator["_id"]}, details={"role": role})
@@ -53,12 +56,10 @@ def create(db, name: str, role: str, password: str) -> dict:
 
 @click.command("create-operator")
 @click.argument("name")
-@click.option("--role", type=click.Choice(accounts.ROLES), required=True)
+@click.option("--role", type=click.Choice(operators.ROLES), required=True)
 @with_appcontext
 def create_operator_command(name: str, role: str) -> None:
     """Create a console operator account (password from CONSOLE_OPERATOR_PASSWORD or a prompt)."""
-    from flask import current_app
-
     services = current_app.extensions["portraits"]
     _warn_if_ephemeral(services.settings)
     operator = create(services.db, name, role, _password())
@@ -66,12 +67,9 @@ def create_operator_command(name: str, role: str) -> None:
 
 
 def _database():
-    from miniapp_api import db as db_module
-    from miniapp_api.config import Settings
-
     settings = Settings.from_env()
     _warn_if_ephemeral(settings)
-    return db_module.connect(settings.mongo_uri, settings.mongo_db)
+    return db_module.connect(settings.mongo_uri, settings.mongo_db, embedded=settings.embedded)
 
 
 @click.group()
@@ -81,7 +79,7 @@ def cli() -> None:
 
 @cli.command("create")
 @click.argument("name")
-@click.option("--role", type=click.Choice(accounts.ROLES), required=True)
+@click.option("--role", type=click.Choice(operators.ROLES), required=True)
 def create_cmd(name: str, role: str) -> None:
     operator = create(_database(), name, role, _password())
     click.echo(f"created operator {operator['_id']} ({operator['role']})")
@@ -90,8 +88,8 @@ def create_cmd(name: str, role: str) -> None:
 def _change(name: str, action: str, **changes) -> None:
     db = _database()
     try:
-        updated = accounts.update(db, name, **changes)
-    except accounts.AccountError as error:
+        updated = operators.update(db, name, **changes)
+    except operators.AccountError as error:
         raise click.ClickException(f"{error.code}: {error.message}")
     if updated is None:
         raise click.ClickException(f"operator_not_found: {name}")
@@ -102,7 +100,7 @@ def _change(name: str, action: str, **changes) -> None:
 
 @cli.command("set-role")
 @click.argument("name")
-@click.argument("role", type=click.Choice(accounts.ROLES))
+@click.argument("role", type=click.Choice(operators.ROLES))
 def set_role_cmd(name: str, role: str) -> None:
     _change(name, "role", role=role)
 
@@ -121,7 +119,7 @@ def enable_cmd(name: str) -> None:
 
 @cli.command("list")
 def list_cmd() -> None:
-    for operator in accounts.all_operators(_database()):
+    for operator in operators.all_operators(_database()):
         state = "disabled" if operator.get("disabled") else "active"
         click.echo(f"{operator['_id']}\t{operator['role']}\t{state}")
 

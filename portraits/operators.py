@@ -5,7 +5,7 @@ import re
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from miniapp_api import states
+from portraits import states
 
 ROLES = ("viewer", "support", "admin")
 ROLE_LABELS = {"viewer": "只读 Viewer", "support": "客服 Support", "admin": "管理员 Admin"}

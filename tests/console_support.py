@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from miniapp_api import states
-from miniapp_api.console import accounts
+from portraits import states
+from portraits import operators
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
@@ -19,7 +19,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def make_operator(services, name: str, role: str) -> dict:
-    return accounts.create(services.db, name, PASSWORD, role, by="test")
+    return operators.create(services.db, name, PASSWORD, role, by="test")
 
 
 def insert_paid_order(services, amount: int = 990) -> dict:

@@ -2,18 +2,12 @@
 needed to move money), notifications signed and encrypted with the simulator's own keys, and a default-queue run."""
 from __future__ import annotations
 
-import base64
-import json
 import secrets
-import time
-import uuid
 from functools import lru_cache
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from miniapp_api import billing, states
+from portraits import states
+from portraits.billing import orders
+from wechat_sim.signing import PlatformSigner, load_private_key
 
 
 def add_user_and_avatar(services, sim, name: str = "alice", user: dict | None = None) -> tuple[dict, dict]:
@@ -30,7 +24,7 @@ def add_user_and_avatar(services, sim, name: str = "alice", user: dict | None = 
 
 def place_order(services, sim, name: str = "alice") -> tuple[dict, dict, dict]:
     user, avatar = add_user_and_avatar(services, sim, name)
-    return user, avatar, billing.create_order(services, user, avatar, "avatar_pack")
+    return user, avatar, orders.create_order(services, user, avatar, "avatar_pack")
 
 
 def paid_order(services, sim, name: str = "alice") -> dict:
@@ -44,11 +38,12 @@ def paid_order(services, sim, name: str = "alice") -> dict:
 
 def run_default_jobs(services, rounds: int = 20) -> None:
     """Refunds, notifications and periodic work: the default queue only, never training."""
-    from jobs import context, queues
+    from jobs import context
+    from portraits import tasks
     from jobs.worker import EmbeddedWorker
 
     context.install(services)
-    worker = EmbeddedWorker([queues.queue(services, queues.DEFAULT)], connection=services.redis)
+    worker = EmbeddedWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis)
     for _ in range(rounds):
         if not worker.work(burst=True, with_scheduler=True, logging_level="ERROR"):
             break
@@ -58,27 +53,17 @@ def signed_notification(creds, resource: dict, *, event_type: str = "TRANSACTION
                         kind: str = "transaction", notification_id: str | None = None,
                         timestamp: int | None = None) -> tuple[dict, bytes]:
     """A WeChat Pay v3 callback exactly as the platform sends one: AES-256-GCM resource, RSA-SHA256 signature."""
-    nonce = secrets.token_hex(6)
-    ciphertext = AESGCM(creds.apiv3_key.encode()).encrypt(nonce.encode(), json.dumps(resource).encode(), kind.encode())
-    body = json.dumps({
-        "id": notification_id or str(uuid.uuid4()), "create_time": "2026-11-26T12:00:00+08:00",
-        "resource_type": "encrypt-resource", "event_type": event_type, "summary": "支付成功",
-        "resource": {"algorithm": "AEAD_AES_256_GCM", "ciphertext": base64.b64encode(ciphertext).decode(),
-                     "associated_data": kind, "nonce": nonce, "original_type": kind},
-    })
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    header_nonce = secrets.token_hex(16).upper()
-    signature = base64.b64encode(_private_key(creds.platform_private_key_pem).sign(f"{stamp}\n{header_nonce}\n{body}\n".encode(), padding.PKCS1v15(),
-                                          hashes.SHA256())).decode()
-    headers = {"Wechatpay-Timestamp": stamp, "Wechatpay-Nonce": header_nonce, "Wechatpay-Signature": signature,
-               "Wechatpay-Serial": creds.platform_public_key_id,
-               "Wechatpay-Signature-Type": "WECHATPAY2-SHA256-RSA2048", "Content-Type": "application/json"}
-    return headers, body.encode()
+    signer = PlatformSigner(_private_key(creds.platform_private_key_pem), creds.platform_public_key_id,
+                            creds.apiv3_key)
+    headers, body = signer.notification(resource, kind=kind, event_type=event_type, summary="支付成功",
+                                        notification_id=notification_id, create_time="2026-11-26T12:00:00+08:00",
+                                        timestamp=timestamp)
+    return {**headers, "Content-Type": "application/json"}, body.encode()
 
 
 @lru_cache(maxsize=4)
 def _private_key(pem: str):
-    return serialization.load_pem_private_key(pem.encode(), password=None)
+    return load_private_key(pem)
 
 
 def transaction_for(order: dict, creds, **changes) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from miniapp_api.blobs import BlobNotFound, DirectoryBlobStore, GridFSBlobStore
+from portraits.store.blobs import BlobNotFound, DirectoryBlobStore, GridFSBlobStore
 
 
 @pytest.fixture(params=["dir", "gridfs"])
@@ -42,7 +42,7 @@ def test_keys_cannot_escape_the_store(tmp_path, key):
 
 
 def test_sealed_blobs_are_unreadable_without_the_users_key(services):
-    from miniapp_api.vault import KeyShredded
+    from portraits.store.vault import KeyShredded
 
     services.vault.create_key("u1")
     services.sealed.put("u1", "users/u1/secret", b"face bytes")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from miniapp_api.catalog import (
+from portraits.catalog import (
     CATEGORIES,
     Catalog,
     CatalogError,
@@ -275,8 +275,9 @@ def test_empty_directory_is_refused(tmp_path):
 
 def test_a_broken_template_stops_service_start_up_naming_file_and_field(catalog_copy, monkeypatch, tmp_path,
                                                                          simulator, http_server, redis_server):
-    from miniapp_api import create_app, services as services_module
-    from miniapp_api.redis_conn import socket_path
+    from miniapp_api import create_app
+    from portraits import services as services_module
+    from portraits.store.redis_client import socket_path
     from conftest import make_settings
 
     _edit(catalog_copy, SAMPLE_ID, lambda d: d.update(steps=0))

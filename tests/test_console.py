@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from portraits.billing import alerts
 from tests.console_support import (PASSWORD, client_login, csrf_from, insert_failed_render, insert_paid_order,
                                    launch_browser, make_operator, screenshot)
 
@@ -228,9 +229,9 @@ def test_audit_log_is_append_only_and_no_console_route_serves_photos(app):
             assert rule.methods <= {"GET", "HEAD", "OPTIONS"}, rule
         assert not any(word in rule.rule for word in ("photo", "image", "blob", "crop")), rule
     # Only the audit module names the collection, and it only inserts and finds.
-    writers = [path for path in ROOT.glob("miniapp_api/**/*.py") if "operator_audit" in path.read_text()]
-    writers += [path for path in ROOT.glob("jobs/*.py") if "operator_audit" in path.read_text()]
-    assert [p.relative_to(ROOT).as_posix() for p in writers] == ["miniapp_api/console/audit.py"]
+    writers = [path for package in ("miniapp_api", "jobs", "portraits") for path in ROOT.glob(f"{package}/**/*.py")
+               if "operator_audit" in path.read_text()]
+    assert [p.relative_to(ROOT).as_posix() for p in writers] == ["portraits/audit.py"]
     calls = {node.func.attr for node in ast.walk(ast.parse(writers[0].read_text()))
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     assert calls & {"update_one", "update_many", "replace_one", "delete_one", "delete_many", "drop",
@@ -242,3 +243,18 @@ def test_unauthenticated_pages_redirect_to_login(client):
     for path in ("/console/", "/console/orders", "/console/audit", "/console/operators"):
         response = client.get(path)
         assert response.status_code == 302 and "/console/login" in response.headers["Location"], path
+
+
+def test_payment_alerts_are_counted_on_the_dashboard_and_dated_on_the_order_page(services, client):
+    make_operator(services, "vic", "viewer")
+    order = insert_paid_order(services)
+    alerts.alert(services, order["_id"], "amount_mismatch", "990", source="callback")
+    alerts.alert(services, order["_id"], "amount_mismatch", "990", source="callback")  # seen again: still one
+    client_login(client, "vic")
+    dashboard = client.get("/console/").get_data(as_text=True)
+    assert "支付告警 1" in dashboard
+    page = client.get(f"/console/orders/{order['_id']}").get_data(as_text=True)
+    stored = services.db.payment_alerts.find_one({"order_id": order["_id"]})
+    assert stored["seen"] == 2
+    line = next(line for line in page.splitlines() if "amount_mismatch" in line)
+    assert "—" not in line and "×2" in line

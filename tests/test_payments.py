@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from miniapp_api.payments import CallbackRejected, PaymentGateway, PaymentGatewayError
+from portraits.gateways.wechatpay import CallbackRejected, PaymentGateway, PaymentGatewayError
+from wechat_sim import signing
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials
 from wechat_sim.runner import start_simulator
@@ -121,9 +122,8 @@ def paid_order(sim, gateway, receiver, amount=990):
 
 
 def platform_sign(creds, timestamp: str, nonce: str, body: str) -> str:
-    key = serialization.load_pem_private_key(creds.platform_private_key_pem.encode(), password=None)
-    return base64.b64encode(key.sign(f"{timestamp}\n{nonce}\n{body}\n".encode(), padding.PKCS1v15(),
-                                     hashes.SHA256())).decode()
+    return signing.sign(signing.load_private_key(creds.platform_private_key_pem),
+                        signing.platform_message(timestamp, nonce, body))
 
 
 # ---------------------------------------------------------------- prepay

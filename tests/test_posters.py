@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from miniapp_api import posters
-from miniapp_api.posters import make_poster, wrap_text
+from models import posters
+from models.posters import make_poster, wrap_text
 from tests.qr_support import decode_qr
 
 FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miniapp_api import states
-from miniapp_api.privacy import user_ref
-from miniapp_api.vault import KeyShredded
+import jobs.training
+from portraits import states
+from portraits.privacy import user_ref
+from portraits.store.vault import KeyShredded
 from store_scan import Finding, StoreScanner, photo_samples, places
 
 
@@ -75,16 +76,14 @@ def assert_only_ids(value, openid: str) -> None:
 
 def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain, services, user_photos, monkeypatch,
                                                             tmp_path):
-    import models.train
-
     trained_with = {}
-    real_train = models.train.train_lora
+    real_train = jobs.training.train_lora
 
     def recording_train(pipe, images, caption, config, **kw):
         trained_with.update(caption=caption, sizes={image.size for image in images}, count=len(images))
         return real_train(pipe, images, caption, config, **kw)
 
-    monkeypatch.setattr(models.train, "train_lora", recording_train)
+    monkeypatch.setattr(jobs.training, "train_lora", recording_train)
     api, avatar, order = paid_avatar(gender="male")
     openid = services.db.users.find_one({"_id": api.user_id})["openid"]
     template_ids = list(services.settings.subscribe_templates.values())

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs import queues
-from jobs.tracking import QueueTracker, estimate
+from portraits import tasks
+from portraits.queue.tracking import QueueTracker, estimate
 
 
 def record(tag: str) -> str:
@@ -23,7 +23,7 @@ def record(tag: str) -> str:
 def quick_paid_avatar(services, api, sim, photos: int = 3) -> tuple[dict, dict]:
     """A ready avatar written straight to the stores (skipping photo intake), bought and paid through the
     simulator: the avatar is queued for training afterwards."""
-    from miniapp_api import states
+    from portraits import states
 
     rng = np.random.default_rng(len(api.user_id))
     avatar_id = "av_" + secrets.token_hex(10)
@@ -48,66 +48,66 @@ def quick_paid_avatar(services, api, sim, photos: int = 3) -> tuple[dict, dict]:
 
 
 def _enqueue(services, name, tag, subject=None, job_id=None):
-    return queues.enqueue(services, name, record, tag, job_id=job_id or f"{name}-{tag}-1", subject=subject)
+    return tasks.enqueue(services, name, record, tag, job_id=job_id or f"{name}-{tag}-1", subject=subject)
 
 
 def test_position_is_exact_fifo_and_matches_rq_dequeue_order(services):
     tracker = QueueTracker(services.redis)
-    q = queues.queue(services, queues.TRAIN)
+    q = tasks.queue(services, tasks.TRAIN)
     for i in range(12):
-        _enqueue(services, queues.TRAIN, f"a{i}", subject=f"avatar:a{i}")
+        _enqueue(services, tasks.TRAIN, f"a{i}", subject=f"avatar:a{i}")
     # Ours (ZRANK) agrees with RQ's own LPOS scan for every job.
     for i in range(12):
         job_id = f"train-a{i}-1"
-        assert tracker.position(queues.TRAIN, job_id)["position"] == q.get_job_position(job_id) == i
+        assert tracker.position(tasks.TRAIN, job_id)["position"] == q.get_job_position(job_id) == i
 
     # A retry (the same subject with a new job) goes first, in RQ's list and in ours.
-    _enqueue(services, queues.TRAIN, "a7", subject="avatar:a7", job_id="train-a7-2")
+    _enqueue(services, tasks.TRAIN, "a7", subject="avatar:a7", job_id="train-a7-2")
     assert q.get_job_position("train-a7-2") == 0
-    assert tracker.position(queues.TRAIN, "train-a7-2")["position"] == 0
-    assert tracker.position(queues.TRAIN, "train-a0-1")["position"] == 1
+    assert tracker.position(tasks.TRAIN, "train-a7-2")["position"] == 0
+    assert tracker.position(tasks.TRAIN, "train-a0-1")["position"] == 1
 
     # A deleted avatar's job leaves the line: everyone behind moves up.
     q.fetch_job("train-a3-1").cancel()
     tracker.forget_subject("avatar:a3")
-    assert tracker.position(queues.TRAIN, "train-a4-1")["position"] == q.get_job_position("train-a4-1") == 4
+    assert tracker.position(tasks.TRAIN, "train-a4-1")["position"] == q.get_job_position("train-a4-1") == 4
 
     # Dequeue order == ticket order, to the last job.
     order = [job_id.decode() for job_id in services.redis.zrange("portraits:waiting:train", 0, -1)]
     dequeued = []
     while (job := q.dequeue_any([q], None, connection=services.redis)) is not None:
         dequeued.append(job[0].id)
-        tracker.started(queues.TRAIN, job[0].id)
+        tracker.started(tasks.TRAIN, job[0].id)
         if len(dequeued) < len(order):
-            assert tracker.position(queues.TRAIN, order[len(dequeued)])["position"] == 0
+            assert tracker.position(tasks.TRAIN, order[len(dequeued)])["position"] == 0
     assert dequeued == order
-    assert tracker.waiting_count(queues.TRAIN) == 0
+    assert tracker.waiting_count(tasks.TRAIN) == 0
 
 
 def test_eta_from_measured_durations_live_workers_and_progress(services):
     tracker = QueueTracker(services.redis)
     for seconds in (100, 200):
-        tracker.record_duration(queues.TRAIN, seconds)
-    average = tracker.average_duration(queues.TRAIN)
+        tracker.record_duration(tasks.TRAIN, seconds)
+    average = tracker.average_duration(tasks.TRAIN)
     assert average == pytest.approx(0.8 * 100 + 0.2 * 200)
 
     for i in range(7):
-        _enqueue(services, queues.TRAIN, f"e{i}", subject=f"avatar:e{i}")
-    tracker.worker_alive([queues.TRAIN], "gpu-1", ttl_s=60)
-    tracker.worker_alive([queues.TRAIN], "gpu-2", ttl_s=60)
-    tracker.worker_alive([queues.TRAIN], "dead-gpu", ttl_s=-1)  # its heartbeat lapsed: not counted
-    assert tracker.live_workers(queues.TRAIN) == 2
+        _enqueue(services, tasks.TRAIN, f"e{i}", subject=f"avatar:e{i}")
+    tracker.worker_alive([tasks.TRAIN], "gpu-1", ttl_s=60)
+    tracker.worker_alive([tasks.TRAIN], "gpu-2", ttl_s=60)
+    tracker.worker_alive([tasks.TRAIN], "dead-gpu", ttl_s=-1)  # its heartbeat lapsed: not counted
+    assert tracker.live_workers(tasks.TRAIN) == 2
 
-    where = tracker.position(queues.TRAIN, "train-e5-1")
+    where = tracker.position(tasks.TRAIN, "train-e5-1")
     assert where == {"position": 5, "ahead": 5, "eta_seconds": int(np.ceil(average * (5 // 2 + 1))),
                      "running": False}
     # Renders are served first by the same workers: waiting renders push a training's ETA back.
-    _enqueue(services, queues.RENDER, "r0", subject="render:r0")
-    later = tracker.position(queues.TRAIN, "train-e5-1")["eta_seconds"]
+    _enqueue(services, tasks.RENDER, "r0", subject="render:r0")
+    later = tracker.position(tasks.TRAIN, "train-e5-1")["eta_seconds"]
     assert later == int(np.ceil(average * 3 + 60.0 / 2))
 
     # The running job: remaining time from its progress.
-    tracker.started(queues.TRAIN, "train-e0-1")
+    tracker.started(tasks.TRAIN, "train-e0-1")
     tracker.set_subject("avatar:e0", state="training", progress=0.75)
     tracked, running = tracker.poll("avatar:e0")
     assert running == {"position": 0, "ahead": 0, "eta_seconds": int(np.ceil(average * 0.25)), "running": True}
@@ -118,9 +118,9 @@ def test_queue_route_is_served_from_redis_alone(services, client, login):
     alice, bob = login("alice"), login("bob")
     tracker = QueueTracker(services.redis)
     for i in range(3):
-        _enqueue(services, queues.TRAIN, f"x{i}", subject=f"avatar:x{i}")
+        _enqueue(services, tasks.TRAIN, f"x{i}", subject=f"avatar:x{i}")
     tracker.set_subject("avatar:mine", owner=alice.user_id, state="queued")
-    _enqueue(services, queues.TRAIN, "mine", subject="avatar:mine")
+    _enqueue(services, tasks.TRAIN, "mine", subject="avatar:mine")
 
     class NoMongo:
         def __getattr__(self, name):
@@ -149,7 +149,7 @@ def test_training_progress_is_visible_in_the_avatar_state(services, login, sim, 
         seen.append((api.get(f"/api/v1/avatars/{avatar['_id']}").get_json(),
                      api.get(f"/api/v1/avatars/{avatar['_id']}/queue").get_json()))
 
-    monkeypatch.setattr("jobs.worker.check_hand_back", look)
+    monkeypatch.setattr("jobs.gpu_job.check_hand_back", look)
     drain()
     total = services.settings.train_steps
     assert len(seen) == total
@@ -158,19 +158,19 @@ def test_training_progress_is_visible_in_the_avatar_state(services, login, sim, 
         assert poll["step"] == step and poll["total"] == total
         assert state["queue"]["progress"] == poll["progress"] == round(step / total, 4)
         assert poll["position"] == 0
-    job = queues.queue(services, queues.TRAIN).fetch_job(f"train-{avatar['_id']}-1")
+    job = tasks.queue(services, tasks.TRAIN).fetch_job(f"train-{avatar['_id']}-1")
     assert job.meta == {"step": total, "total": total, "progress": 1.0}
     assert services.db.avatars.find_one({"_id": avatar["_id"]})["state"] == "trained"
-    assert QueueTracker(services.redis).average_duration(queues.TRAIN) < 600  # measured, not the default
+    assert QueueTracker(services.redis).average_duration(tasks.TRAIN) < 600  # measured, not the default
 
 
 def test_gpu_workers_serve_renders_before_trainings(services):
     from jobs.worker import build_gpu_worker
 
     for i in range(3):
-        _enqueue(services, queues.TRAIN, f"t{i}", subject=f"avatar:t{i}")
+        _enqueue(services, tasks.TRAIN, f"t{i}", subject=f"avatar:t{i}")
     for i in range(2):
-        _enqueue(services, queues.RENDER, f"r{i}", subject=f"render:r{i}")
+        _enqueue(services, tasks.RENDER, f"r{i}", subject=f"render:r{i}")
     worker = build_gpu_worker(services.redis, heartbeat_s=1, dead_after_s=5)
     worker.work(burst=True, max_jobs=5, logging_level="WARNING")
     assert [t.decode() for t in services.redis.lrange("test:ran", 0, -1)] == ["r0", "r1", "t0", "t1", "t2"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.rendering import RankedCandidate, merge_with_parent, rank_candidates, score_candidate
+from models.ranking import RankedCandidate, merge_with_parent, rank_candidates, score_candidate
 from models import sample_photos
 from models.faces import identity_pivot
 

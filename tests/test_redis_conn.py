@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # server's pid and exits normally.
 USER_SCRIPT = """
 import sys
-from miniapp_api import redis_conn
+from portraits.store import redis_client
 from rq import Queue, SimpleWorker
 
-client = redis_conn.start_embedded(__import__("pathlib").Path(sys.argv[1]))
+client = redis_client.start_embedded(__import__("pathlib").Path(sys.argv[1]))
 client.set("k", "v")
 SimpleWorker([Queue("default", connection=client)], connection=client).work(burst=True, with_scheduler=True,
                                                                     logging_level="ERROR")
-print(redis_conn._embedded_servers[redis_conn.socket_path(client)].pid, flush=True)
+print(redis_client._embedded_servers[redis_client.socket_path(client)].pid, flush=True)
 if len(sys.argv) > 2:
     import time
     print("ready", flush=True)

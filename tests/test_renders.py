@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miniapp_api import posters
-from miniapp_api.catalog import fit_output_size
-from miniapp_api.renders import MAX_REFINEMENTS
+from models import posters
+from portraits.catalog import fit_output_size
+from portraits.renders import MAX_REFINEMENTS
 from models.labels import read_label
 from tests.qr_support import decode_qr
 

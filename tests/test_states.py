@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from miniapp_api import states
+from portraits import states
+from portraits.store import db as db_module
 from tests.race import winners
 
 
@@ -39,3 +40,13 @@ def test_concurrent_transitions_have_exactly_one_winner(services):
     services.db.orders.insert_one({"_id": "P2", "state": "paid", "history": []})
     assert winners(lambda: states.transition(services.db, "order", "P2", "refunding", reason="race")) == 1
     assert len(services.db.orders.find_one({"_id": "P2"})["history"]) == 1
+
+
+def test_payment_notification_records_expire_and_an_old_plain_index_is_replaced(services):
+    database = services.db
+    database.pay_notifications.drop_indexes()
+    database.pay_notifications.create_index("received_at")  # what deployments before the TTL have
+    db_module.ensure_indexes(database)
+    db_module.ensure_indexes(database)  # idempotent
+    index = database.pay_notifications.index_information()["received_at_1"]
+    assert index["expireAfterSeconds"] == db_module.PAY_NOTIFICATION_TTL_S

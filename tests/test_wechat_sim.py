@@ -1,7 +1,6 @@
 """The WeChat simulator and the app's WeChatGateway (wechatpy) against it, over real HTTP on localhost."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -11,13 +10,13 @@ import time
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives import serialization
 from PIL import Image
 
-from miniapp_api.redis_conn import start_embedded, stop_embedded
-from miniapp_api.wechat import SubscribeRefused, WeChatGateway, WeChatLoginError, WeChatUnavailable
+from portraits.store.redis_client import start_embedded, stop_embedded
+from portraits.gateways.wechat import SubscribeRefused, WeChatGateway, WeChatLoginError, WeChatUnavailable
 import wechat_sim.server
+from wechat_sim import signing
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials, load_or_create_credentials
 from wechat_sim.runner import start_simulator
@@ -252,12 +251,10 @@ def test_timeout_fault_is_unavailable(sim, make_gateway):
 
 
 def test_pay_api_rejects_a_request_signed_with_another_key(simulator, creds):
-    forger = serialization.load_pem_private_key(generate_credentials().merchant_private_key_pem.encode(),
-                                                password=None)
+    forger = signing.load_private_key(generate_credentials().merchant_private_key_pem)
     path = f"/v3/pay/transactions/out-trade-no/x1?mchid={creds.mchid}"
     timestamp, nonce = str(int(time.time())), "N" * 32
-    signature = base64.b64encode(forger.sign(f"GET\n{path}\n{timestamp}\n{nonce}\n\n".encode(),
-                                             padding.PKCS1v15(), hashes.SHA256())).decode()
+    signature = signing.sign(forger, signing.request_message("GET", path, timestamp, nonce, ""))
     authorization = (f'WECHATPAY2-SHA256-RSA2048 mchid="{creds.mchid}",nonce_str="{nonce}",'
                      f'signature="{signature}",timestamp="{timestamp}",serial_no="{creds.merchant_cert_serial_no}"')
     answer = requests.get(simulator.base_url + path, headers={"Authorization": authorization}, timeout=5)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs import queues
+import jobs.gpu_job
+from portraits import tasks
 from jobs.recovery import reap
-from jobs.tracking import QueueTracker
-from miniapp_api.redis_conn import socket_path
+from portraits.queue.tracking import QueueTracker
+from portraits.store.redis_client import socket_path
 from tests.test_queue import quick_paid_avatar
 from tests.waiting import wait_for
 
@@ -48,9 +49,7 @@ def restore_signals():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-    import jobs.worker
-
-    jobs.worker._stopping.clear()
+    jobs.gpu_job.stopping.clear()
 
 
 def start_worker_process(redis_server) -> subprocess.Popen:
@@ -76,7 +75,7 @@ def kill_mid_job_and_reap(services, redis_server, on_started=None) -> tuple[list
 
 @pytest.mark.parametrize("settings_overrides", [{"train_retries": 1}])
 def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, login, sim, redis_server, capsys):
-    from miniapp_api import states
+    from portraits import states
 
     api = login("dave")
     avatar, order = quick_paid_avatar(services, api, sim)
@@ -91,7 +90,7 @@ def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, lo
     assert outcomes == [{"job_id": f"train-{avatar_id}-1", "outcome": "retried"}]
     stored = services.db.avatars.find_one({"_id": avatar_id})
     assert stored["state"] == "queued" and stored["train_attempts"] == 1
-    assert QueueTracker(services.redis).position(queues.TRAIN, f"train-{avatar_id}-2")["position"] == 0
+    assert QueueTracker(services.redis).position(tasks.TRAIN, f"train-{avatar_id}-2")["position"] == 0
 
     # 2. The retry's worker is killed too, before our code ran: no attempts left, so the order is refunded.
     outcomes, second_s = kill_mid_job_and_reap(services, redis_server)
@@ -103,11 +102,11 @@ def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, lo
     # Never twice: more reaper passes, and RQ's own cleanup, change nothing.
     for _ in range(3):
         assert reap(services) == []
-    for name in queues.GPU_QUEUES:
-        queues.queue(services, name).started_job_registry.cleanup()
+    for name in tasks.GPU_QUEUES:
+        tasks.queue(services, name).started_job_registry.cleanup()
     assert len(services.db.orders.find_one({"_id": order["id"]})["refunds"]) == 1
     tracker = QueueTracker(services.redis)
-    assert tracker.waiting_count(queues.TRAIN) == 0 and tracker.running_count(queues.TRAIN) == 0
+    assert tracker.waiting_count(tasks.TRAIN) == 0 and tracker.running_count(tasks.TRAIN) == 0
     with capsys.disabled():
         print(f"\n  SIGKILL -> job recovered in {first_s:.1f}s (retry) and {second_s:.1f}s (refund); "
               f"WORKER_DEAD_AFTER_S=3 here, 45 by default")
@@ -116,7 +115,7 @@ def test_sigkilled_worker_job_is_retried_then_refunded_exactly_once(services, lo
 def test_job_that_rq_failed_before_our_code_ran_is_not_stuck(services, login, sim):
     api = login("erin")
     avatar, _ = quick_paid_avatar(services, api, sim)
-    q = queues.queue(services, queues.TRAIN)
+    q = tasks.queue(services, tasks.TRAIN)
     job = q.fetch_job(f"train-{avatar['_id']}-1")
     # As if RQ itself failed it (e.g. the job could not be loaded) before train_avatar ran.
     q.remove(job)
@@ -136,9 +135,9 @@ def test_heartbeats_advance_during_a_long_job(services, redis_server, restore_si
     the execution in the StartedJobRegistry (so the reaper leaves it alone) and the worker alive."""
     from jobs.worker import build_gpu_worker
 
-    queues.enqueue(services, queues.TRAIN, time.sleep, 4, job_id="train-long-1")
+    tasks.enqueue(services, tasks.TRAIN, time.sleep, 4, job_id="train-long-1")
     worker = build_gpu_worker(services.redis, heartbeat_s=1, dead_after_s=3)
-    key = queues.queue(services, queues.TRAIN).started_job_registry.key
+    key = tasks.queue(services, tasks.TRAIN).started_job_registry.key
     samples = []
 
     def watch():
@@ -156,13 +155,11 @@ def test_heartbeats_advance_during_a_long_job(services, redis_server, restore_si
     expiries = [score for _, score in samples if score is not None]
     assert len(set(expiries)) >= 3, expiries  # renewed over and over
     assert all(score > at for at, score in samples if score is not None)  # never lapsed
-    assert queues.queue(services, queues.TRAIN).fetch_job("train-long-1").get_status() == "finished"
+    assert tasks.queue(services, tasks.TRAIN).fetch_job("train-long-1").get_status() == "finished"
 
 
 def test_sigterm_finishes_the_running_job_in_a_real_worker_process(services, redis_server):
-    from jobs.rendering import render_portraits
-
-    queues.enqueue(services, queues.RENDER, render_portraits, "r1", job_id="render-r1-1")  # the stand-in runs
+    tasks.enqueue(services, tasks.RENDER, tasks.RENDER_PORTRAITS, "r1", job_id="render-r1-1")  # the stand-in runs
     process = start_worker_process(redis_server)
     try:
         wait_for(lambda: services.redis.llen("test:started"), 60, "the worker to start the job")
@@ -173,7 +170,7 @@ def test_sigterm_finishes_the_running_job_in_a_real_worker_process(services, red
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()
-    job = queues.queue(services, queues.RENDER).fetch_job("render-r1-1")
+    job = tasks.queue(services, tasks.RENDER).fetch_job("render-r1-1")
     assert job.get_status() == "finished" and job.return_value() == "finished"
 
 
@@ -199,12 +196,10 @@ def test_sigterm_hands_a_long_training_back_without_spending_an_attempt(services
     stored = services.db.avatars.find_one({"_id": avatar["_id"]})
     assert stored["state"] == "queued" and stored["train_attempts"] == 0
     assert stored["history"][-1]["reason"] == "worker_stopping"
-    assert tracker.position(queues.TRAIN, f"train-{avatar['_id']}-1")["position"] == 0
-    assert tracker.running_count(queues.TRAIN) == 0
+    assert tracker.position(tasks.TRAIN, f"train-{avatar['_id']}-1")["position"] == 0
+    assert tracker.running_count(tasks.TRAIN) == 0
 
-    import jobs.worker
-
-    jobs.worker._stopping.clear()
+    jobs.gpu_job.stopping.clear()
     drain()
     stored = services.db.avatars.find_one({"_id": avatar["_id"]})
     assert stored["state"] == "trained" and stored["train_attempts"] == 1

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Blueprint, request, send_file, url_for
 
-from miniapp_api.auth import login_required
-from miniapp_api.catalog import template_to_json
+from miniapp_api.api.auth import login_required
+from portraits.catalog import template_to_json
 from miniapp_api.errors import ApiError
-from miniapp_api.requests import services
+from miniapp_api.api.requests import services
 
 bp = Blueprint("catalog", __name__, url_prefix="/api/v1/templates")
 

@@ -7,11 +7,11 @@ import json
 from flask import Blueprint, Response, url_for
 from PIL import Image
 
-from jobs.rendering import image_key
-from miniapp_api.auth import login_required
-from miniapp_api.posters import make_poster
-from miniapp_api.requests import owned, services
-from miniapp_api.wechat import WeChatUnavailable
+from miniapp_api.api.auth import login_required
+from models.posters import make_poster
+from miniapp_api.api.requests import owned, services
+from portraits import keys
+from portraits.gateways.wechat import WeChatUnavailable
 from models.labels import METADATA_KEY, find_cjk_font, label_metadata
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
@@ -33,7 +33,7 @@ def image_json(image: dict) -> dict:
 @login_required
 def get_image(image_id):
     image = owned("images", image_id, "image")
-    data = services().sealed.get(image["user_id"], image_key(image["user_id"], image_id))
+    data = services().sealed.get(image["user_id"], keys.image(image["user_id"], image_id))
     services().db.images.update_one({"_id": image_id}, {"$inc": {"downloads": 1}})
     return Response(data, mimetype="image/png", headers={
         "Content-Disposition": f'attachment; filename="{image_id}.png"', "Cache-Control": "private, no-store"})
@@ -46,7 +46,7 @@ def get_poster(image_id):
     image = owned("images", image_id, "image")
     render = svc.db.renders.find_one({"_id": image["render_id"]})
     template = svc.catalog.get(render["template_id"]) if render else None
-    portrait = Image.open(io.BytesIO(svc.sealed.get(image["user_id"], image_key(image["user_id"], image_id))))
+    portrait = Image.open(io.BytesIO(svc.sealed.get(image["user_id"], keys.image(image["user_id"], image_id))))
     metadata = json.dumps(label_metadata(content_id=image["content_id"], provider=svc.settings.provider_name),
                           ensure_ascii=True)
     poster = make_poster(portrait, caption_zh=template.caption_zh if template else DEFAULT_CAPTION,

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from flask import Blueprint, g, url_for
 
-from miniapp_api import billing
-from miniapp_api.auth import consents_json, login_required
-from miniapp_api.avatars import avatar_json
-from miniapp_api.privacy import delete_user, user_ref
-from miniapp_api.renders import render_json
-from miniapp_api.requests import services
+from miniapp_api.api.auth import consents_json, login_required
+from miniapp_api.api.avatars import avatar_json
+from miniapp_api.api.orders import order_json
+from portraits.privacy import delete_user, user_ref
+from miniapp_api.api.renders import render_json
+from miniapp_api.api.requests import services
 
 bp = Blueprint("me", __name__, url_prefix="/api/v1/me")
 
@@ -27,7 +27,7 @@ def export():
                                      for k, v in (user.get("consents") or {}).items()},
                  "subscriptions": user.get("subscriptions", {})},
         "avatars": [avatar_json(a) for a in svc.db.avatars.find({"user_id": uid})],
-        "orders": [billing.order_json(o) for o in svc.db.orders.find({"user_id": uid})],
+        "orders": [order_json(o) for o in svc.db.orders.find({"user_id": uid})],
         "renders": [render_json(r) for r in svc.db.renders.find({"user_id": uid})],
         "images": [{"id": i["_id"], "url": url_for("images.get_image", image_id=i["_id"]),
                     "content_id": i["content_id"], "created_at": _iso(i["created_at"])}

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Blueprint, g
 
-from miniapp_api import billing
-from miniapp_api.auth import login_required
-from miniapp_api.avatars import require_face_consent
-from miniapp_api.requests import json_body, owned, services
+from portraits import consents
+from portraits.billing import orders
+from miniapp_api.api.auth import login_required
+from miniapp_api.api.requests import json_body, owned, services
 
 bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 
@@ -17,13 +17,39 @@ def create_order():
     body = json_body({"avatar_id": str, "sku": str})
     avatar = owned("avatars", body["avatar_id"], "avatar")
     if avatar["state"] == "ready":
-        require_face_consent(g.user)  # it may have been withdrawn or outdated since the avatar became ready
-    order = billing.create_order(services(), g.user, avatar, body["sku"])
-    return billing.order_json(order, billing.pay_params(services(), order)), 201
+        consents.require_face_consent(services().settings, g.user)  # it may have been withdrawn or outdated since the avatar became ready
+    order = orders.create_order(services(), g.user, avatar, body["sku"])
+    return order_json(order, orders.pay_params(services(), order)), 201
 
 
 @bp.get("/<order_id>")
 @login_required
 def get_order(order_id):
     order = owned("orders", order_id, "order")
-    return billing.order_json(order, billing.pay_params(services(), order))
+    return order_json(order, orders.pay_params(services(), order))
+
+
+def order_json(order: dict, params: dict | None = None) -> dict:
+    """An order as the client (and the personal-data export) sees it."""
+    body = {
+        "id": order["_id"],
+        "avatar_id": order["avatar_id"],
+        "sku": order["sku"],
+        "amount": order["amount"],
+        "state": order["state"],
+        "render_credits": order.get("render_credits", 0),
+        "created_at": _iso(order.get("created_at")),
+        "paid_at": _iso(order.get("paid_at")),
+        "refunds": [
+            {"out_refund_no": r["out_refund_no"], "amount": r["amount"], "state": r["state"],
+             "reason": r.get("reason"), "requested_at": _iso(r.get("requested_at"))}
+            for r in order.get("refunds", [])
+        ],
+    }
+    if params is not None:
+        body["pay_params"] = params
+    return body
+
+
+def _iso(value):
+    return value.isoformat().replace("+00:00", "Z") if value else None

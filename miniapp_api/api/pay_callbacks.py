@@ -9,9 +9,11 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from pymongo.errors import DuplicateKeyError
 
-from miniapp_api import billing, states
-from miniapp_api.payments import CallbackRejected
-from miniapp_api.requests import services
+from portraits import states
+from portraits.billing import payments, refunds
+from portraits.billing.locks import OrderBusy
+from portraits.gateways.wechatpay import CallbackRejected
+from miniapp_api.api.requests import services
 
 bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
 
@@ -54,12 +56,12 @@ def payment_notify():
         _record(notification, "ignored")
         return "", 204
     try:
-        order = billing.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
-    except billing.PaymentMismatch as mismatch:
+        order = payments.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
+    except payments.PaymentMismatch as mismatch:
         return _fail(400, mismatch.code, "transaction does not match the order",
                      {"fields": sorted(k for k, v in mismatch.details["expected"].items()
                                        if mismatch.details["observed"][k] != v)})
-    except billing.OrderBusy:
+    except OrderBusy:
         return _fail(503, "order_busy", "order is being updated; deliver again later")
     if order is None:
         return _fail(404, "unknown_order", "no such order")
@@ -75,9 +77,9 @@ def refund_notify():
     if _seen(notification):
         return "", 204
     try:
-        order = billing.apply_refund_result(services(), notification.resource,
+        order = refunds.apply_refund_result(services(), notification.resource,
                                             source=f"refund-notify:{notification.id}")
-    except billing.OrderBusy:
+    except OrderBusy:
         return _fail(503, "order_busy", "order is being updated; deliver again later")
     if order is None:
         return _fail(404, "unknown_refund", "no such refund")

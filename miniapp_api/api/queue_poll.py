@@ -2,24 +2,24 @@
 
 The token is checked by its signature (no user lookup) and against the owner and token generation kept with the
 tracked subject; the subject, position and ETA come from Redis (usually this process's memory of it, see
-jobs.local_view). MongoDB is never touched.
+portraits.queue.local_view). MongoDB is never touched.
 """
 from __future__ import annotations
 
-from jobs.tracking import QueueTracker
-from jobs.training import subject as avatar_subject
-from miniapp_api.auth import bearer_token, invalid_token, token_claims
-from miniapp_api.errors import not_found
+from miniapp_api.api.auth import bearer_token
+from portraits import keys, users
+from portraits.errors import not_found
+from portraits.queue.tracking import QueueTracker
 
 
 def answer(services, authorization: str, avatar_id: str) -> dict:
-    claims = token_claims(services.settings, bearer_token(authorization))
+    claims = users.token_claims(services.settings, bearer_token(authorization))
     tracker = QueueTracker(services.redis)
-    tracked, where = tracker.poll(avatar_subject(avatar_id))
+    tracked, where = tracker.poll(keys.avatar_subject(avatar_id))
     if not tracked or tracked.get("owner") != claims.get("uid"):
         raise not_found("avatar")
     if tracked.get("owner_gen", "0") != str(claims.get("gen", 0)):
-        raise invalid_token()  # revoked (consent withdrawn since it was issued), as every other route would say
+        raise users.invalid_token()  # revoked (consent withdrawn since it was issued), as every other route would say
     return queue_json(tracker, tracked, where)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from flask import current_app, g, request
 
-from miniapp_api.errors import ApiError, not_found
+from miniapp_api.errors import ApiError
+from portraits.errors import not_found
 
 
 def services():

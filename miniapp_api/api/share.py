@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, render_template_string
 
-from miniapp_api.requests import services
+from miniapp_api.api.requests import services
 
 bp = Blueprint("share", __name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from flask import Blueprint, g
 
-from miniapp_api.auth import login_required
+from miniapp_api.api.auth import login_required
 from miniapp_api.errors import ApiError
-from miniapp_api.requests import json_body, services
+from miniapp_api.api.requests import json_body, services
 
 bp = Blueprint("subscriptions", __name__, url_prefix="/api/v1/subscriptions")
 

@@ -10,6 +10,9 @@ from datetime import timedelta
 
 from flask import Blueprint
 
+from miniapp_api.cli import create_operator_command
+from portraits import audit
+
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static",
                static_url_path="/static")
 
@@ -27,12 +30,7 @@ def init_app(app) -> None:
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.console_session_ttl_s),
     )
     app.register_blueprint(bp)
-    from miniapp_api.console import audit
-
     audit.ensure_indexes(app.extensions["portraits"].db)
-
-    from miniapp_api.operators import create_operator_command
-
     app.cli.add_command(create_operator_command)
 
 

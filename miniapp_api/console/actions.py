@@ -12,8 +12,9 @@ from decimal import Decimal, InvalidOperation
 
 from flask import g, redirect, render_template, request, url_for
 
-from miniapp_api import billing
-from miniapp_api.renders import claim_render_credit, insert_render, new_render_id
+from portraits.billing import refunds
+from portraits import renders
+from portraits.errors import DomainError
 from miniapp_api.console import bp
 from miniapp_api.console.pages import REFUNDABLE_STATES, _order_or_404, refundable
 from miniapp_api.console.security import ConsoleRefusal, record, role_required, services
@@ -60,9 +61,9 @@ def refund_execute(order_id):
     amount, reason = _checked_amount(order, amount), _checked_reason(request.form.get("reason", ""))
     operator = g.operator["_id"]
     try:
-        moved = billing.request_refund(services(), order_id, reason, by=f"operator:{operator}",
+        moved = refunds.request_refund(services(), order_id, reason, by=f"operator:{operator}",
                                        expect=set(REFUNDABLE_STATES), amount=amount)
-    except billing.RefundRefused as refused:
+    except refunds.RefundRefused as refused:
         record("refund_requested", target={"order_id": order_id, "user_id": order["user_id"]},
                details={"amount": amount, "reason": reason, "code": refused.code}, outcome="refused")
         raise ConsoleRefusal(409, refused.code, "可退余额已变化，未发起退款，请刷新后重试 (what is left changed; nothing refunded)")
@@ -80,15 +81,15 @@ def refund_execute(order_id):
 @role_required("support")
 def refund_retry(order_id):
     order = _order_or_404(order_id)
-    failed = [r for r in order.get("refunds", []) if r["state"] in billing.REFUND_FINAL_FAILURES]
+    failed = [r for r in order.get("refunds", []) if r["state"] in refunds.REFUND_FINAL_FAILURES]
     if order["state"] != "refund_failed" or not failed:
         raise ConsoleRefusal(409, "no_failed_refund", "该订单没有失败的退款 (no failed refund to retry)")
     amount = _checked_amount(order, failed[-1]["amount"])
     reason = _checked_reason(request.form.get("reason") or f"retry of {failed[-1]['out_refund_no']}")
     try:
-        moved = billing.request_refund(services(), order_id, reason, by=f"operator:{g.operator['_id']}",
+        moved = refunds.request_refund(services(), order_id, reason, by=f"operator:{g.operator['_id']}",
                                        expect={"refund_failed"}, amount=amount)
-    except billing.RefundRefused as refused:
+    except refunds.RefundRefused as refused:
         raise ConsoleRefusal(409, refused.code, "可退余额已变化，未发起退款 (what is left changed; nothing refunded)")
     record("refund_retried", target={"order_id": order_id, "user_id": order["user_id"]},
            details={"amount": amount, "reason": reason, "after": failed[-1]["out_refund_no"]},
@@ -96,6 +97,13 @@ def refund_retry(order_id):
     if moved is None:
         raise ConsoleRefusal(409, "refund_not_possible", "订单状态已变化，未发起退款 (order changed; nothing refunded)")
     return redirect(url_for("console.order", order_id=order_id, done="refund"))
+
+
+RETRY_REFUSALS = {
+    "render_not_retryable": "只有失败且未重试过的出图可以重试 (only a failed render, once)",
+    "avatar_not_trained": "数字分身不可用 (the avatar is not trained)",
+    "no_render_credits": "订单没有可用的出图次数或已退款 (no credit left on the order)",
+}
 
 
 @bp.post("/renders/<render_id>/retry")
@@ -106,27 +114,12 @@ def render_retry(render_id):
     if render is None:
         raise ConsoleRefusal(404, "render_not_found", "没有这个出图任务 (no such render)")
     target = {"render_id": render_id, "order_id": render["order_id"], "user_id": render["user_id"]}
-    new_id = new_render_id()
-    # Claim the failed render first: two operators clicking at once make one new render, not two.
-    claimed = svc.db.renders.find_one_and_update(
-        {"_id": render_id, "state": "failed", "retried_by": {"$exists": False}}, {"$set": {"retried_by": new_id}})
-    if claimed is None:
-        raise ConsoleRefusal(409, "render_not_retryable", "只有失败且未重试过的出图可以重试 (only a failed render, once)")
-    avatar = svc.db.avatars.find_one({"_id": render["avatar_id"]})
-    refusal = None
-    if avatar is None or avatar["state"] != "trained":
-        refusal = ConsoleRefusal(409, "avatar_not_trained", "数字分身不可用 (the avatar is not trained)")
-    elif render.get("charged") and claim_render_credit(svc.db, render["order_id"], render["user_id"]) is None:
-        refusal = ConsoleRefusal(409, "no_render_credits", "订单没有可用的出图次数或已退款 (no credit left on the order)")
-    if refusal is not None:
-        svc.db.renders.update_one({"_id": render_id, "retried_by": new_id}, {"$unset": {"retried_by": ""}})
-        record("render_retried", target=target, details={"code": refusal.code}, outcome="refused")
-        raise refusal
-    parent = svc.db.renders.find_one({"_id": render["parent_id"]}) if render.get("parent_id") else None
-    insert_render(svc, avatar, render["template_id"], render["order_id"], render["params"], parent=parent,
-                  charged=bool(render.get("charged")), by=f"operator:{g.operator['_id']}", render_id=new_id,
-                  retry_of=render_id)
-    record("render_retried", target=target, details={"new_render_id": new_id})
+    try:
+        retried = renders.retry_failed_render(svc, render, by=f"operator:{g.operator['_id']}")
+    except DomainError as error:
+        record("render_retried", target=target, details={"code": error.code}, outcome="refused")
+        raise ConsoleRefusal(409, error.code, RETRY_REFUSALS[error.code])
+    record("render_retried", target=target, details={"new_render_id": retried["_id"]})
     return redirect(url_for("console.order", order_id=render["order_id"], done="retry"))
 
 
@@ -159,7 +152,7 @@ def _checked_amount(order: dict, amount: int) -> int:
         # Counted per order, so a support account cannot pass its limit by splitting a refund into parts.
         by_operators = sum(r["amount"] for r in order.get("refunds", [])
                            if str(r.get("requested_by", "")).startswith("operator:")
-                           and r["state"] not in billing.REFUND_FINAL_FAILURES)
+                           and r["state"] not in refunds.REFUND_FINAL_FAILURES)
         if amount + by_operators > limit:
             record("refund_denied", target={"order_id": order["_id"], "user_id": order["user_id"]},
                    details={"amount": amount, "limit": limit, "already": by_operators}, outcome="refused")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from flask import g, redirect, render_template, request, url_for
 
-from miniapp_api.console import accounts, audit, bp
+from miniapp_api.console import bp
+
+from portraits import audit, operators as accounts
 from miniapp_api.console.security import ConsoleRefusal, record, role_required, services
 
 

@@ -4,28 +4,25 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from rq import Queue, Worker
-from rq.registry import StartedJobRegistry
+from portraits import tasks
+from portraits.queue.tracking import QueueTracker, estimate
+from portraits import states
+from portraits.billing.refunds import REFUND_FINAL_FAILURES
 
-from jobs import queues
-from jobs.tracking import QueueTracker, estimate
-from miniapp_api import billing, states
-
-QUEUE_LABELS = {queues.RENDER: "出图 render", queues.TRAIN: "训练 train", queues.DEFAULT: "后台 default"}
+QUEUE_LABELS = {tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.DEFAULT: "后台 default"}
 
 
 def queue_rows(services) -> list[dict]:
     tracker = QueueTracker(services.redis)
     rows = []
-    for name in queues.ALL_QUEUES:
-        if name in queues.GPU_QUEUES:
+    for name in tasks.ALL_QUEUES:
+        if name in tasks.GPU_QUEUES:
             waiting, running = tracker.waiting_count(name), tracker.running_count(name)
         else:
-            rq_queue = Queue(name, connection=services.redis)
-            waiting, running = rq_queue.count, StartedJobRegistry(queue=rq_queue).count
+            waiting, running = tasks.default_queue_counts(services, name)
         row = {"name": name, "label": QUEUE_LABELS[name], "waiting": waiting, "running": running,
                "workers": tracker.live_workers(name), "eta_new_s": None}
-        if name in queues.GPU_QUEUES:
+        if name in tasks.GPU_QUEUES:
             row["eta_new_s"] = eta_for_new_job(tracker, name)
             row["average_s"] = round(tracker.average_duration(name))
         rows.append(row)
@@ -40,11 +37,7 @@ def eta_for_new_job(tracker: QueueTracker, queue: str) -> int:
 
 
 def workers(services) -> list[dict]:
-    rows = []
-    for worker in Worker.all(connection=services.redis):
-        rows.append({"name": worker.name, "state": worker.get_state(), "queues": ", ".join(worker.queue_names()),
-                     "job": worker.get_current_job_id(), "heartbeat": worker.last_heartbeat})
-    return sorted(rows, key=lambda row: row["name"])
+    return tasks.live_workers(services)
 
 
 def failures_since(services, since: datetime) -> dict:
@@ -59,7 +52,7 @@ def failures_since(services, since: datetime) -> dict:
                         .sort("updated_at", -1).limit(50)),
         "refund_failed": list(db.orders.find({"state": "refund_failed"}, {"_id": 1, "user_id": 1, "updated_at": 1})
                               .sort("updated_at", -1).limit(50)),
-        "alerts": db.payment_alerts.count_documents({"at": {"$gte": since}}),
+        "alerts": db.payment_alerts.count_documents({"last_at": {"$gte": since}}),
     }
 
 
@@ -81,7 +74,7 @@ def revenue_since(services, since: datetime) -> dict:
     """Money taken by orders paid since `since`, less refunds requested since then that did not finally fail."""
     gross = sum(order["amount"] for order in services.db.orders.find({"paid_at": {"$gte": since}}, {"amount": 1}))
     refunded = sum(refund["amount"] for refund in refunds_since(services, since)
-                   if refund["state"] not in billing.REFUND_FINAL_FAILURES)
+                   if refund["state"] not in REFUND_FINAL_FAILURES)
     return {"gross": gross, "refunded": refunded, "net": gross - refunded}
 
 
@@ -94,7 +87,7 @@ def dashboard(services) -> dict:
         "workers": workers(services),
         "failures": failures_since(services, day_ago),
         "refunds": refunds,
-        "refunds_total": sum(r["amount"] for r in refunds if r["state"] not in billing.REFUND_FINAL_FAILURES),
+        "refunds_total": sum(r["amount"] for r in refunds if r["state"] not in REFUND_FINAL_FAILURES),
         "revenue": revenue_since(services, today),
         "today": today,
     }

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from flask import g, render_template, request
 
-from miniapp_api import billing
-from miniapp_api.console import audit, bp, metrics, present
+from portraits.billing import refunds
+from miniapp_api.console import bp, metrics, present
+from portraits import audit
 from miniapp_api.console.security import ConsoleRefusal, record, role_required, services
 
 REFUNDABLE_STATES = ("paid", "fulfilled")
@@ -38,7 +39,8 @@ def order(order_id):
     record("view_order", target={"order_id": order_id, "user_id": doc["user_id"]})
     avatar = svc.db.avatars.find_one({"_id": doc.get("avatar_id")})
     renders = svc.db.renders.find({"order_id": order_id}).sort("created_at", 1)
-    alerts = list(svc.db.payment_alerts.find({"order_id": order_id}, {"kind": 1, "source": 1, "at": 1}).sort("at", 1))
+    alerts = list(svc.db.payment_alerts.find({"order_id": order_id}, {"kind": 1, "source": 1, "first_at": 1, "last_at": 1,
+                                                                     "seen": 1}).sort("first_at", 1))
     entries = audit.recent(svc.db, target_id=order_id, limit=50) if g.operator["role"] == "admin" else None
     return render_template("console/order.html", order=present.order_view(doc), refundable=refundable(doc),
                            can_refund=doc["state"] in REFUNDABLE_STATES and refundable(doc) > 0,
@@ -71,4 +73,4 @@ def _order_or_404(order_id: str) -> dict:
 
 
 def refundable(order: dict) -> int:
-    return billing.refundable_amount(order)
+    return refunds.refundable_amount(order)

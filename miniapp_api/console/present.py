@@ -6,9 +6,8 @@ import re
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from jobs.rendering import subject as render_subject
-from jobs.tracking import QueueTracker
-from jobs.training import subject as avatar_subject
+from portraits import keys, tasks
+from portraits.queue.tracking import QueueTracker
 
 _BLOB_PATH = re.compile(r"users/\S+")
 
@@ -84,14 +83,7 @@ def job_view(services, subject: str) -> dict | None:
     view = {"job_id": tracked.get("job_id"), "queue": tracked.get("queue"), "state": tracked.get("state"),
             "progress": tracked.get("progress"), "rq_status": None}
     if view["job_id"]:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
-        try:
-            status = Job.fetch(view["job_id"], connection=services.redis).get_status(refresh=False)
-            view["rq_status"] = getattr(status, "value", status)
-        except NoSuchJobError:
-            view["rq_status"] = "expired"
+        view["rq_status"] = tasks.job_status(services, view["job_id"])
     return view
 
 
@@ -104,7 +96,7 @@ def avatar_view(services, avatar: dict | None) -> dict | None:
             "photos_purged": bool(avatar.get("photos_purged_at")), "train_attempts": avatar.get("train_attempts", 0),
             "failure": redact(avatar.get("failure")), "created_at": avatar.get("created_at"),
             "trained_at": avatar.get("trained_at"), "training_seconds": avatar.get("training_seconds"),
-            "history": history(avatar.get("history")), "job": job_view(services, avatar_subject(avatar["_id"]))}
+            "history": history(avatar.get("history")), "job": job_view(services, keys.avatar_subject(avatar["_id"]))}
 
 
 def render_view(services, render: dict) -> dict:
@@ -116,7 +108,7 @@ def render_view(services, render: dict) -> dict:
             "images": len(render.get("image_ids", [])), "likeness": render.get("likeness_best"),
             "failure": redact(render.get("failure")), "created_at": render.get("created_at"),
             "finished_at": render.get("finished_at"), "history": history(render.get("history")),
-            "job": job_view(services, render_subject(render["_id"]))}
+            "job": job_view(services, keys.render_subject(render["_id"]))}
 
 
 def user_view(user: dict) -> dict:

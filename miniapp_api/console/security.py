@@ -12,7 +12,7 @@ import secrets
 
 from flask import current_app, g, redirect, request, session, url_for
 
-from miniapp_api.console import accounts, audit
+from portraits import operators, audit
 
 CSRF_FIELD = "csrf_token"
 
@@ -81,7 +81,7 @@ def load_operator() -> dict | None:
     name = session.get("op")
     if not name:
         return None
-    operator = accounts.collection(services().db).find_one({"_id": name})
+    operator = operators.collection(services().db).find_one({"_id": name})
     if operator is None or operator.get("disabled") or operator.get("session_generation", 0) != session.get("gen"):
         session.clear()
         return None
@@ -95,7 +95,7 @@ def role_required(role: str):
             operator = g.get("operator")
             if operator is None:
                 return redirect(url_for("console.login", next=request.path))
-            if not accounts.at_least(operator["role"], role):
+            if not operators.at_least(operator["role"], role):
                 record("forbidden", details={"path": request.path, "required": role}, outcome="refused")
                 raise ConsoleRefusal(403, "forbidden_role",
                                      f"你的角色（{operator['role']}）无权执行此操作，需要 {role} (role {role} required)")

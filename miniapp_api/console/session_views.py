@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from flask import g, redirect, render_template, request, url_for
 
-from miniapp_api.console import accounts, bp, present
+from miniapp_api.console import bp, present
+
+from portraits import operators
 from miniapp_api.console.security import (ConsoleRefusal, check_csrf, clear_failures, client_ip, csrf_token,
                                           end_session, load_operator, locked_out, note_failure, record, services,
                                           start_session)
@@ -32,7 +34,7 @@ def _template_helpers():
     settings = services().settings
     return {"operator": g.get("operator"), "csrf_token": csrf_token, "money": present.money,
             "when": present.make_time_formatter(settings.console_timezone), "duration": present.duration,
-            "role_labels": accounts.ROLE_LABELS, "at_least": accounts.at_least,
+            "role_labels": operators.ROLE_LABELS, "at_least": operators.at_least,
             "support_limit": settings.support_refund_limit_fen}
 
 
@@ -57,7 +59,7 @@ def login_submit():
     if locked_out(name, ip):
         record("login_locked", operator=name or "anonymous", role=None, outcome="refused")
         raise ConsoleRefusal(429, "login_locked", "登录失败次数过多，请稍后再试 (too many failed logins; try later)")
-    operator = accounts.authenticate(services().db, name, password)
+    operator = operators.authenticate(services().db, name, password)
     if operator is None:
         failures = note_failure(name, ip)
         record("login_failed", operator=name or "anonymous", role=None, details={"failures": failures},

@@ -1,6 +1,6 @@
-"""The whole paid flow, offline, on embedded defaults, driven over HTTP like the mini-program would.
+"""The whole paid flow, offline, in embedded mode (EMBEDDED on), driven over HTTP like the mini-program would.
 
-    python -m miniapp_api.demo --out demo-output
+    python -m miniapp_api.dev.demo --out demo-output
 
 API server, workers and the WeChat simulator run in this process; MongoDB is in-process (mongomock), Redis is a
 real embedded redis-server, the base model is the tiny random-weight Stable Diffusion unless BASE_MODEL_PATH is set.
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import requests
 
-from miniapp_api.config import Settings
-from miniapp_api.embedded import EmbeddedStack
+from models.sample_photos import astronaut_photos
+from portraits.config import Settings
+from wechat_sim.client import SimulatorClient
+from miniapp_api.dev.embedded import EmbeddedStack
 
 
 class Timer:
@@ -68,17 +70,13 @@ def _wait(fetch, done, describe, timeout_s: float = 1800.0) -> dict:
 
 
 def run(out: Path, photo_count: int, template_id: str | None) -> dict:
-    from models.sample_photos import astronaut_photos
-
     if out.exists():
         shutil.rmtree(out)
     (out / "portraits").mkdir(parents=True)
-    settings = Settings.from_env({**__import__("os").environ, "INSTANCE_DIR": str(out / "instance")})
+    settings = Settings.from_env(instance_dir=out / "instance", embedded=True)
     timer = Timer()
     with timer.step("start API, workers and WeChat simulator"):
         stack = EmbeddedStack(settings)
-    from wechat_sim.client import SimulatorClient
-
     sim = SimulatorClient(stack.simulator.base_url)
     api = requests.Session()
     base = stack.base_url + "/api/v1"

@@ -1,6 +1,6 @@
-"""Serve the API on a port with embedded defaults: WeChat simulator and workers in the same process.
+"""Serve the API on a port in embedded mode (EMBEDDED on): WeChat simulator and workers in the same process.
 
-    python -m miniapp_api.serve --port 8000
+    python -m miniapp_api.dev.serve --port 8000
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 
-from miniapp_api.config import Settings
-from miniapp_api.embedded import EmbeddedStack
+from portraits import operators
+from portraits.config import Settings
+from miniapp_api.dev.embedded import EmbeddedStack
 
 
 def main(argv=None) -> None:
@@ -22,12 +23,10 @@ def main(argv=None) -> None:
                         help="create this admin for /console at start (password from CONSOLE_OPERATOR_PASSWORD); "
                              "the embedded database lives only as long as this process")
     args = parser.parse_args(argv)
-    stack = EmbeddedStack(Settings.from_env(), host=args.host, port=args.port)
+    stack = EmbeddedStack(Settings.from_env(embedded=True), host=args.host, port=args.port)
     if args.operator:
-        from miniapp_api.console import accounts
-
         password = os.environ.get("CONSOLE_OPERATOR_PASSWORD") or getpass.getpass(f"password for {args.operator}: ")
-        accounts.create(stack.services.db, args.operator, password, "admin", by="cli:serve")
+        operators.create(stack.services.db, args.operator, password, "admin", by="cli:serve")
         print(f"console    {stack.base_url}/console   (admin {args.operator})")
     sim = stack.simulator.base_url if stack.simulator else "(real WeChat)"
     print(f"API        {stack.base_url}/api/v1   (spec: {stack.base_url}/api/v1/openapi.json)")

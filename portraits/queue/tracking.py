@@ -10,7 +10,7 @@ Live GPU workers keep an entry scored by when their last heartbeat expires, so t
 are alive now, not the ones that died without saying so.
 
 The line is also kept in a shape whose parts rarely change, so each web process can answer polls from memory (see
-jobs.local_view): `lo`, the lowest back ticket still waiting; `holes`, back tickets above `lo` that left out of turn
+portraits.queue.local_view): `lo`, the lowest back ticket still waiting; `holes`, back tickets above `lo` that left out of turn
 (deleted avatars); `fronts`, the negative tickets waiting. Every back ticket from `lo` up to the last one issued is
 waiting or a hole, so a back ticket t waits at len(fronts) + (t - lo) - (holes below t): only `lo` moves with each
 job served, and the ticket is the waiting user's own. The sorted set stays the truth the tests compare against.
@@ -24,7 +24,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from jobs.local_view import LocalView, as_hash, as_text
+from portraits.queue.local_view import LocalView, as_hash, as_text
 
 PREFIX = "portraits"
 DEFAULT_DURATION_S = {"train": 600.0, "render": 60.0}
@@ -241,7 +241,7 @@ class QueueTracker:
         """(the subject's hash, its position); position is None when it has no job. From memory when nothing changed.
 
         Only the subject's hash is the user's own; everything else is shared by all who wait in that line, so a
-        process reads it from Redis once per change, not once per poll (jobs.local_view).
+        process reads it from Redis once per change, not once per poll (portraits.queue.local_view).
         """
         try:
             return self._poll_from_memory(LocalView.of(self.redis), subject)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -101,8 +102,6 @@ class GridFSBlobStore:
         return count
 
     def keys(self, prefix: str = ""):
-        import re
-
         for found in self.fs.find({"filename": {"$regex": "^" + re.escape(prefix)}}):
             yield found.filename
 

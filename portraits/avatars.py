@@ -1,0 +1,249 @@
+"""Avatars: photo intake, readiness, and the training lifecycle (queued -> training -> trained | failed).
+
+The state machine itself is in portraits.states; this module holds the rules around it: which photos count, when an
+avatar is ready to pay for, what a payment starts, and what a finished or failed training leaves behind.
+"""
+from __future__ import annotations
+
+import io
+import secrets
+
+import numpy as np
+from PIL import Image
+
+from models.faces import identity_pivot
+from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
+from portraits import consents, keys, notifications, photos, states, tasks
+from portraits.billing import refunds
+from portraits.errors import Conflict, Invalid, TooLarge, UnsupportedMedia
+from portraits.queue.tracking import QueueTracker
+from portraits.retries import retry_or_fail
+
+GENDERS = ("female", "male")
+ROLES = ("front", "extra")
+CLASS_WORDS = {"female": "woman", "male": "man"}
+TRIGGER = "sks"
+TAKES_PHOTOS = ("collecting", "ready")
+# Uploads that are not a usable picture at all are refused outright (nothing recorded); any other refusal is a
+# verdict the user sees in the photo list.
+NOT_A_PHOTO = {
+    "not_an_image": (Invalid, "The upload is not an image."),
+    "unsupported_format": (UnsupportedMedia, "Upload a JPEG, PNG or WebP photo."),
+    "file_too_large": (TooLarge, "The photo is over the size limit."),
+    "too_many_pixels": (TooLarge, "The photo has too many pixels."),
+}
+
+
+def caption_for(gender: str) -> str:
+    return f"a photo of {TRIGGER} {CLASS_WORDS[gender]}"
+
+
+def subject_words(gender: str) -> str:
+    """How a template's prompt names the user: the trigger token and the class word of their avatar."""
+    return f"{TRIGGER} {CLASS_WORDS[gender]}"
+
+
+# ------------------------------------------------------------------------------------------------- intake
+
+
+def create_avatar(services, user: dict, gender: str) -> dict:
+    if gender not in GENDERS:
+        raise Invalid("invalid_fields", "gender must be female or male.", {"fields": {"gender": "female|male"}})
+    consents.require_face_consent(services.settings, user)
+    at = states.now()
+    avatar = {"_id": "av_" + secrets.token_hex(10), "user_id": user["_id"], "gender": gender,
+              "state": "collecting", "photos": [], "train_attempts": 0, "created_at": at, "updated_at": at,
+              "history": states.initial_history("collecting", f"user:{user['_id']}")}
+    services.db.avatars.insert_one(avatar)
+    return avatar
+
+
+def intake_limits(settings) -> IntakeLimits:
+    return IntakeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+
+
+def check_upload(services, user: dict, avatar: dict, role: str) -> None:
+    """What can be refused before the photo is read at all."""
+    consents.require_face_consent(services.settings, user)
+    if role not in ROLES:
+        raise Invalid("invalid_fields", "role must be front or extra.", {"fields": {"role": "front|extra"}})
+    if avatar["state"] not in TAKES_PHOTOS:
+        raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.", {"state": avatar["state"]})
+
+
+def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict]:
+    """Judge one upload and record its verdict; returns (the photo's record, the avatar after it)."""
+    settings = services.settings
+    check_upload(services, user, avatar, role)
+    accepted_photos = [p for p in avatar["photos"] if p["accepted"]]
+    if len(accepted_photos) >= settings.max_photos:
+        raise Conflict("too_many_photos", "This avatar has enough photos.", {"max_photos": settings.max_photos})
+    if len(data) > settings.max_upload_bytes:
+        raise TooLarge("file_too_large", "The photo is over the size limit.", {"max_bytes": settings.max_upload_bytes})
+    accepted_faces = load_accepted_faces(services, avatar, accepted_photos)
+    verdict = judge_photo(data, role=role, accepted=accepted_faces, limits=intake_limits(settings),
+                          analyzer=services.face_analyzer(), training_size=settings.train_resolution)
+    refusal = next((reason for reason in verdict.reasons if reason in NOT_A_PHOTO), None)
+    if refusal:
+        kind, message = NOT_A_PHOTO[refusal]
+        raise kind(refusal, message)
+    photo = {"id": "ph_" + secrets.token_hex(8), "role": role, "accepted": verdict.accepted,
+             "reasons": list(verdict.reasons), "uploaded_at": states.now()}
+    earlier_outliers = []
+    if verdict.accepted:
+        outliers = identity_outliers(services, [face.embedding for face in accepted_faces] + [verdict.embedding])
+        if len(accepted_faces) in outliers:
+            photo.update(accepted=False, reasons=["different_person"])
+        earlier_outliers = [accepted_photos[i] for i in outliers if i < len(accepted_faces)]
+    if photo["accepted"]:
+        # Only the aligned crop and its embedding are kept (sealed with the user's key); the upload itself is not.
+        crop_key = keys.photo_crop(avatar["user_id"], avatar["_id"], photo["id"])
+        embedding_key = keys.photo_embedding(avatar["user_id"], avatar["_id"], photo["id"])
+        crop = io.BytesIO()
+        verdict.crop.save(crop, format="PNG")
+        services.sealed.put(avatar["user_id"], crop_key, crop.getvalue())
+        services.sealed.put(avatar["user_id"], embedding_key,
+                            np.asarray(verdict.embedding, dtype=np.float64).tobytes())
+        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash))
+    updated = services.db.avatars.find_one_and_update(
+        {"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)}},
+        {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
+    if updated is None:
+        for key in (photo.get("crop_key"), photo.get("embedding_key")):
+            if key:
+                services.blobs.delete(key)
+        raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.")
+    for outlier in earlier_outliers:
+        updated = refuse_as_different_person(services, avatar["_id"], outlier) or updated
+    return photo, refresh_readiness(services, updated, user)
+
+
+def load_accepted_faces(services, avatar: dict, accepted_photos: list[dict]) -> list[AcceptedFace]:
+    return [
+        AcceptedFace(embedding=np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]),
+                                             dtype=np.float64),
+                     phash=int(p["phash"]))
+        for p in accepted_photos
+    ]
+
+
+def identity_outliers(services, embeddings: list) -> list[int]:
+    """Indices of accepted faces unlike the others (leave-one-out against the mean of the rest).
+
+    The upload-time check compares a new photo with the pivot of the earlier ones, which cannot catch a stranger
+    among the first two; this pass re-judges every accepted photo each time one is added, so the set that makes the
+    avatar ready never holds one.
+    """
+    return drop_outliers(embeddings, intake_limits(services.settings).same_person_min_similarity)
+
+
+def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | None:
+    updated = services.db.avatars.find_one_and_update(
+        {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
+        {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
+         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}},
+        return_document=True)
+    for key in (photo.get("crop_key"), photo.get("embedding_key")):
+        if key:
+            services.blobs.delete(key)
+    return updated
+
+
+def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
+    accepted = [p for p in avatar["photos"] if p["accepted"]]
+    missing = []
+    if not consents.has_face_consent(services.settings, user):
+        missing.append("face_consent")
+    if not any(p["role"] == "front" for p in accepted):
+        missing.append("front_photo")
+    if len(accepted) < services.settings.min_photos:
+        missing.append("more_photos")
+    return missing
+
+
+def refresh_readiness(services, avatar: dict, user: dict) -> dict:
+    """Readiness depends on the user too (a consent withdrawn or outdated by a new text version)."""
+    if avatar["state"] not in TAKES_PHOTOS:
+        return avatar
+    target = "ready" if not missing_for_training(services, avatar, user) else "collecting"
+    if avatar["state"] != target:
+        moved = states.transition(services.db, "avatar", avatar["_id"], target, expect=set(TAKES_PHOTOS),
+                                  by=f"user:{user['_id']}")
+        avatar = moved or services.db.avatars.find_one({"_id": avatar["_id"]})
+    return avatar
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def start_training(services, order: dict) -> None:
+    """A payment was applied: the avatar joins the GPU queue (once, however often the payment is seen)."""
+    avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
+                               by=f"order:{order['_id']}", set_fields={"order_id": order["_id"]})
+    if avatar is not None:
+        enqueue_training(services, avatar)
+
+
+def enqueue_training(services, avatar: dict) -> None:
+    job_id = keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0) + 1)
+    subject = keys.avatar_subject(avatar["_id"])
+    tasks.track_for_owner(services, subject, avatar["user_id"])
+    tasks.enqueue(services, tasks.TRAIN, tasks.TRAIN_AVATAR, avatar["_id"], job_id=job_id, subject=subject)
+
+
+def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
+    """Claim a queued avatar for this job; None when it is not queued (handled elsewhere, or gone)."""
+    avatar = states.transition(services.db, "avatar", avatar_id, "training", expect={"queued"}, by=f"job:{job_id}",
+                               inc={"train_attempts": 1}, set_fields={"training_started_at": states.now()})
+    if avatar is None:
+        return None
+    QueueTracker(services.redis).set_subject(keys.avatar_subject(avatar_id), state="training", progress=0)
+    notifications.notify(services, avatar["user_id"], "training_started", {"avatar_id": avatar_id})
+    return avatar
+
+
+def store_identity_pivot(services, avatar: dict) -> None:
+    """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone."""
+    embeddings = [np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]), dtype=np.float64)
+                  for p in avatar["photos"] if p["accepted"]]
+    pivot = np.asarray(identity_pivot(embeddings), dtype=np.float64)
+    services.sealed.put(avatar["user_id"], keys.pivot(avatar), pivot.tobytes())
+
+
+def training_images(services, avatar: dict) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(services.sealed.get(avatar["user_id"], photo["crop_key"]))).convert("RGB")
+            for photo in avatar["photos"] if photo["accepted"]]
+
+
+def training_seed(avatar: dict) -> int:
+    """Fixed per avatar, so a retried training draws the same noise."""
+    return int.from_bytes(avatar["_id"].encode()[:4], "big")
+
+
+def store_lora(services, avatar: dict, weights: bytes) -> None:
+    services.sealed.put(avatar["user_id"], keys.lora(avatar), weights)
+
+
+def complete_training(services, avatar: dict, job_id: str, _result, seconds: float) -> str:
+    """Mark the avatar trained (its LoRA is stored) and delete its photos as the consent text promises."""
+    trained = states.transition(services.db, "avatar", avatar["_id"], "trained", expect={"training"},
+                                by=f"job:{job_id}",
+                                set_fields={"lora_key": keys.lora(avatar), "pivot_key": keys.pivot(avatar),
+                                            "trained_at": states.now(), "training_seconds": round(seconds, 3)})
+    if trained is None:
+        return "superseded"
+    photos.purge_avatar_photos(services, trained)
+    QueueTracker(services.redis).set_subject(keys.avatar_subject(avatar["_id"]), state="trained", progress=1)
+    notifications.notify(services, avatar["user_id"], "avatar_ready", {"avatar_id": avatar["_id"]})
+    return "trained"
+
+
+def fail_training(services, avatar_id: str, reason: str) -> str:
+    """Retry while attempts remain, else fail the avatar and refund its order — each exactly once."""
+    outcome, failed = retry_or_fail(services, "avatar", avatar_id, attempts_field="train_attempts",
+                                    retries=services.settings.train_retries, running_state="training",
+                                    enqueue=enqueue_training, subject=keys.avatar_subject(avatar_id), reason=reason)
+    if failed is None:
+        return outcome
+    refunds.request_refund(services, failed["order_id"], reason="training_failed")
+    return "failed"

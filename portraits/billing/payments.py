@@ -1,0 +1,78 @@
+"""Applying a payment to its order: from a verified callback, the reconciliation job, or an expiry that found the
+order paid. Only an exact match of what the order asked for is applied; a paid order starts its avatar's training."""
+from __future__ import annotations
+
+from portraits import avatars, states
+from portraits.billing import alerts, refunds
+from portraits.billing.locks import order_lock
+from portraits.gateways.wechatpay import PaymentGatewayError
+
+# Checked in this order; the first field that differs names the rejection.
+MISMATCH_CODES = (("appid", "appid_mismatch"), ("mchid", "mchid_mismatch"), ("amount", "amount_mismatch"),
+                  ("openid", "payer_mismatch"))
+
+
+class PaymentMismatch(ValueError):
+    def __init__(self, code: str, details: dict):
+        super().__init__(code)
+        self.code = code
+        self.details = details
+
+
+def apply_payment(services, transaction: dict, source: str) -> dict | None:
+    """Apply a transaction (from a verified callback or an order query). Returns the order, or None if unknown.
+    Raises PaymentMismatch, changing nothing but an alert, when the transaction is not what the order asked for."""
+    order_id = transaction.get("out_trade_no")
+    if not isinstance(order_id, str) or services.db.orders.find_one({"_id": order_id}, {"_id": 1}) is None:
+        return None
+    with order_lock(services, order_id):
+        order = services.db.orders.find_one({"_id": order_id})
+        expected = {
+            "appid": services.settings.wechat_appid,
+            "mchid": services.settings.wechatpay_mchid,
+            "amount": order["amount"],
+            "openid": order["openid"],
+        }
+        observed = {
+            "appid": transaction.get("appid"),
+            "mchid": transaction.get("mchid"),
+            "amount": (transaction.get("amount") or {}).get("total"),
+            "openid": (transaction.get("payer") or {}).get("openid"),
+        }
+        if transaction.get("trade_state") == "SUCCESS" and observed != expected:
+            code = next(code for field, code in MISMATCH_CODES if observed[field] != expected[field])
+            details = {"expected": expected, "observed": observed}
+            alerts.alert(services, order_id, code, key=source, source=source, details=details)
+            raise PaymentMismatch(code, details)
+        if transaction.get("trade_state") != "SUCCESS":
+            return order
+        # Only an unpaid order becomes paid: `refunding -> paid` exists for settled partial refunds, and a late copy
+        # of the payment must never take an order back there.
+        paid = states.transition(
+            services.db, "order", order_id, "paid", expect={"created", "closed"}, by=source,
+            set_fields={"transaction_id": transaction.get("transaction_id"), "paid_at": states.now()},
+            unset_fields=("open_avatar_id",),
+        )
+        if paid is None:
+            return services.db.orders.find_one({"_id": order_id})
+        if paid["history"][-2]["to"] == "closed":
+            refunds.request_refund(services, order_id, reason="paid_after_close", by=source)
+            return services.db.orders.find_one({"_id": order_id})
+        avatars.start_training(services, paid)
+        return paid
+
+
+def apply_queried_payment(services, order_id: str, source: str) -> str:
+    """WeChat Pay says the order is paid (closing it failed with `orderpaid`): apply the payment its record shows.
+    Returns what happened (a stable word)."""
+    try:
+        transaction = services.payments.query_order(order_id)
+    except PaymentGatewayError:
+        return "query_failed"
+    if transaction is None:
+        return "unknown_at_gateway"
+    try:
+        apply_payment(services, transaction, source=source)
+    except PaymentMismatch as mismatch:
+        return mismatch.code
+    return "paid"

@@ -1,0 +1,56 @@
+"""Every name the service writes under: blob keys (all under the user's prefix, so erasure is one prefix delete),
+queue-tracker subjects and job ids, and Redis lock names. Nothing else builds these strings."""
+from __future__ import annotations
+
+
+def user_prefix(user_id: str) -> str:
+    return f"users/{user_id}/"
+
+
+def photo_base(user_id: str, avatar_id: str, photo_id: str) -> str:
+    return f"users/{user_id}/avatars/{avatar_id}/photos/{photo_id}"
+
+
+def photo_crop(user_id: str, avatar_id: str, photo_id: str) -> str:
+    return photo_base(user_id, avatar_id, photo_id) + ".png"
+
+
+def photo_embedding(user_id: str, avatar_id: str, photo_id: str) -> str:
+    return photo_base(user_id, avatar_id, photo_id) + ".emb"
+
+
+def lora(avatar: dict) -> str:
+    return f"users/{avatar['user_id']}/avatars/{avatar['_id']}/lora.safetensors"
+
+
+def pivot(avatar: dict) -> str:
+    return f"users/{avatar['user_id']}/avatars/{avatar['_id']}/pivot.f64"
+
+
+def image(user_id: str, image_id: str) -> str:
+    return f"users/{user_id}/images/{image_id}.png"
+
+
+def avatar_subject(avatar_id: str) -> str:
+    """The queue tracker's name for an avatar waiting for or in training."""
+    return f"avatar:{avatar_id}"
+
+
+def render_subject(render_id: str) -> str:
+    return f"render:{render_id}"
+
+
+def train_job_id(avatar_id: str, attempt: int) -> str:
+    return f"train-{avatar_id}-{attempt}"
+
+
+def render_job_id(render_id: str, attempt: int) -> str:
+    return f"render-{render_id}-{attempt}"
+
+
+def refund_job_id(out_refund_no: str) -> str:
+    return f"refund-{out_refund_no}"
+
+
+def order_lock(order_id: str) -> str:
+    return f"order-lock:{order_id}"

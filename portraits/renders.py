@@ -1,0 +1,302 @@
+"""Renders (one template on one avatar): credits, More Like Me, and the render lifecycle
+(queued -> rendering -> done | failed).
+
+A paid order carries render credits (one per render set); a render takes one when it is created and, if it fails
+for a technical reason after its retries, gives it back exactly once. More Like Me is free and limited per set.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from models.labels import label_image
+from models.ranking import RankedCandidate
+from portraits import avatars, keys, notifications, privacy, states, tasks
+from portraits.billing import orders, refunds
+from portraits.catalog import fit_output_size
+from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
+from portraits.queue.tracking import QueueTracker
+from portraits.retries import retry_or_fail
+
+# More Like Me is free but limited: this many refinements per paid render set (its whole tree of children).
+MAX_REFINEMENTS = 3
+MORE_LIKE_ME = {"identity": 1.25, "identity_max": 2.0, "style": 0.5, "candidates": 2, "candidates_max": 16}
+RETRY_SEED_STRIDE = 1_000_003
+
+
+def claim_render_credit(db, order_id: str, user_id: str) -> dict | None:
+    """Take one render set from a paid order atomically; None when none is left (or the order is not paid)."""
+    return db.orders.find_one_and_update(
+        {"_id": order_id, "user_id": user_id, "state": {"$in": ["paid", "fulfilled"]},
+         "render_credits": {"$gt": 0}},
+        {"$inc": {"render_credits": -1}})
+
+
+def claim_refinement(db, root_id: str) -> bool:
+    """Count one More Like Me against the root render set; False once MAX_REFINEMENTS are used."""
+    claimed = db.renders.find_one_and_update(
+        {"_id": root_id, "refinements_used": {"$not": {"$gte": MAX_REFINEMENTS}}},
+        {"$inc": {"refinements_used": 1}})
+    return claimed is not None
+
+
+def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
+    template = services.catalog.get(template_id)
+    if template is None:
+        raise NotFound("template_not_found", "No such template.")
+    if avatar["state"] != "trained":
+        raise Conflict("avatar_not_trained", "The avatar is not ready for portraits yet.", {"state": avatar["state"]})
+    if template.gender != avatar["gender"]:
+        raise Invalid("template_gender_mismatch", "Pick a template made for this avatar's gender.",
+                      {"template_gender": template.gender, "avatar_gender": avatar["gender"]})
+    order = claim_render_credit(services.db, avatar["order_id"], user["_id"])
+    if order is None:
+        raise PaymentRequired("no_render_credits", "All render sets of this order are used.")
+    params = {"identity_strength": template.identity_strength, "style_strength": template.style_strength,
+              "candidates": template.candidates, "images_to_keep": template.images_to_keep}
+    try:
+        return insert_render(services, avatar, template.id, order["_id"], params, parent=None, charged=True)
+    except Exception:
+        services.db.orders.update_one({"_id": order["_id"]}, {"$inc": {"render_credits": 1}})
+        raise
+
+
+def more_like_me(services, parent: dict, avatar: dict) -> dict:
+    if parent["state"] != "done":
+        raise Conflict("render_not_done", "Wait for this render to finish first.", {"state": parent["state"]})
+    if avatar["state"] != "trained":
+        raise Conflict("avatar_not_trained", "The avatar is not ready for portraits.", {"state": avatar["state"]})
+    root_id = parent.get("root_id") or parent["_id"]
+    if not claim_refinement(services.db, root_id):
+        raise Conflict("refinement_limit", "This render was refined as far as it goes.", {"max": MAX_REFINEMENTS})
+    try:
+        return insert_render(services, avatar, parent["template_id"], parent["order_id"],
+                             more_like_me_params(parent["params"]), parent=parent, charged=False)
+    except Exception:
+        services.db.renders.update_one({"_id": root_id}, {"$inc": {"refinements_used": -1}})
+        raise
+
+
+def more_like_me_params(p: dict) -> dict:
+    """Stronger identity, weaker style, more candidates; never weaker identity or fewer candidates than before."""
+    return {
+        "identity_strength": round(max(p["identity_strength"],
+                                       min(p["identity_strength"] * MORE_LIKE_ME["identity"],
+                                           MORE_LIKE_ME["identity_max"])), 3),
+        "style_strength": round(p["style_strength"] * MORE_LIKE_ME["style"], 3),
+        "candidates": max(p["candidates"], min(p["candidates"] * MORE_LIKE_ME["candidates"],
+                                               MORE_LIKE_ME["candidates_max"])),
+        "images_to_keep": p["images_to_keep"],
+    }
+
+
+def refinements_left(services, render: dict) -> int:
+    root = services.db.renders.find_one({"_id": render["root_id"]}) if render.get("root_id") else render
+    return max(0, MAX_REFINEMENTS - (root or {}).get("refinements_used", 0))
+
+
+def queue_position(services, render: dict) -> dict | None:
+    if render["state"] not in ("queued", "rendering"):
+        return None
+    tracker = QueueTracker(services.redis)
+    tracked = tracker.subject(keys.render_subject(render["_id"]))
+    if not tracked.get("job_id"):
+        return None
+    return tracker.position(tracked["queue"], tracked["job_id"])
+
+
+def new_render_id() -> str:
+    return "rd_" + secrets.token_hex(10)
+
+
+def insert_render(services, avatar, template_id, order_id, params, *, parent, charged: bool, by: str | None = None,
+                  render_id: str | None = None, retry_of: str | None = None) -> dict:
+    """A new queued render set (a user's, a More Like Me child, or an operator's retry of a failed one)."""
+    at = states.now()
+    render = {"_id": render_id or new_render_id(), "user_id": avatar["user_id"], "avatar_id": avatar["_id"],
+              "order_id": order_id, "template_id": template_id, "parent_id": parent["_id"] if parent else None,
+              "root_id": (parent.get("root_id") or parent["_id"]) if parent else None,
+              "parent_likeness": parent.get("likeness_best") if parent else None,
+              "params": params, "seed": secrets.randbelow(2**31), "charged": charged, "state": "queued",
+              "attempts": 0, "image_ids": [], "created_at": at, "updated_at": at,
+              "history": states.initial_history("queued", by or f"user:{avatar['user_id']}")}
+    if retry_of:
+        render["retry_of"] = retry_of
+    services.db.renders.insert_one(render)
+    enqueue_render(services, render)
+    return render
+
+
+def enqueue_render(services, render: dict) -> None:
+    subject = keys.render_subject(render["_id"])
+    tasks.track_for_owner(services, subject, render["user_id"])
+    tasks.enqueue(services, tasks.RENDER, tasks.RENDER_PORTRAITS, render["_id"],
+                  job_id=keys.render_job_id(render["_id"], render.get("attempts", 0) + 1), subject=subject)
+
+
+# ------------------------------------------------------------------------------------------------- lifecycle
+
+
+def begin_render(services, render_id: str, job_id: str) -> dict | None:
+    """Claim a queued render for this job; None when it is not queued (handled elsewhere, or gone)."""
+    render = states.transition(services.db, "render", render_id, "rendering", expect={"queued"}, by=f"job:{job_id}",
+                               inc={"attempts": 1})
+    if render is not None:
+        QueueTracker(services.redis).set_subject(keys.render_subject(render_id), state="rendering")
+    return render
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """Everything the renderer is asked for one render set: what to draw, how many, how many to keep."""
+
+    lora: bytes
+    adapter_name: str
+    prompt: str
+    negative_prompt: str
+    count: int
+    keep: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+    identity_strength: float
+    style_lora: bytes | None
+    style_strength: float
+    init_image: Image.Image | None
+    mask_image: Image.Image | None
+    output_size: tuple[int, int] | None
+    pivot: np.ndarray | None
+    require_face: bool
+
+
+def plan_render(services, render: dict) -> RenderPlan:
+    settings = services.settings
+    template = services.catalog.get(render["template_id"])
+    avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
+    params = render["params"]
+    steps = template.steps if settings.render_max_steps is None else min(template.steps, settings.render_max_steps)
+    count = params["candidates"]
+    if settings.render_max_candidates is not None:
+        count = max(1, min(count, settings.render_max_candidates))
+    init_image = mask = None
+    if template.init_image:
+        init_image = Image.open(services.catalog.asset_path(template.init_image)).convert("RGB")
+        mask = Image.open(services.catalog.asset_path(template.mask)).convert("L")
+    # A retry draws different candidates: the same seed would only reproduce a set without usable faces.
+    seed = (render["seed"] + RETRY_SEED_STRIDE * (render.get("attempts", 1) - 1)) % 2**31
+    pivot = None
+    if avatar.get("pivot_key"):
+        pivot = np.frombuffer(services.sealed.get(avatar["user_id"], avatar["pivot_key"]), dtype=np.float64)
+    return RenderPlan(
+        lora=services.sealed.get(avatar["user_id"], avatar["lora_key"]), adapter_name=f"user_{avatar['_id']}",
+        prompt=template.prompt_for(avatars.subject_words(avatar["gender"])), negative_prompt=template.negative_prompt,
+        count=count, keep=min(params["images_to_keep"], count), steps=steps, guidance=template.guidance,
+        width=template.width, height=template.height, seed=seed, identity_strength=params["identity_strength"],
+        style_lora=services.catalog.asset_path(template.style_lora).read_bytes() if template.style_lora else None,
+        style_strength=params["style_strength"], init_image=init_image, mask_image=mask,
+        output_size=template.output_size, pivot=pivot,
+        # The tiny random-weight base model draws no faces, so its candidates cannot be scored and are kept
+        # unscored; a real base model's candidates without exactly one usable face are dropped.
+        require_face=not settings.uses_tiny_model)
+
+
+def fit_to_template(plan: RenderPlan, candidates: list[Image.Image]) -> list[Image.Image]:
+    if not plan.output_size:
+        return candidates
+    return [fit_output_size(image, plan.output_size) for image in candidates]
+
+
+def parent_images(services, render: dict) -> list[dict]:
+    """The parent's kept images, which a More Like Me child must beat (see models.ranking.merge_with_parent)."""
+    if not render.get("parent_id"):
+        return []
+    parent = services.db.renders.find_one({"_id": render["parent_id"]}) or {}
+    return list(services.db.images.find({"_id": {"$in": parent.get("image_ids", [])}}))
+
+
+def store_labelled(services, render: dict, image: Image.Image, score: float | None) -> str:
+    """Label one portrait (visible mark + metadata), seal it under the user's key and log the label."""
+    image_id = "img_" + secrets.token_hex(10)
+    content_id = "AIGC-" + secrets.token_hex(12).upper()
+    data = label_image(image, content_id=content_id, provider=services.settings.provider_name,
+                       font_path=services.settings.cjk_font_path)
+    services.sealed.put(render["user_id"], keys.image(render["user_id"], image_id), data)
+    at = states.now()
+    services.db.images.insert_one({"_id": image_id, "user_id": render["user_id"], "render_id": render["_id"],
+                                   "content_id": content_id, "likeness": score, "width": image.width,
+                                   "height": image.height, "created_at": at})
+    services.db.label_log.insert_one(privacy.label_log_entry(services, content_id, render["user_id"], at))
+    return image_id
+
+
+@dataclass(frozen=True)
+class KeptImage:
+    image_id: str
+    likeness: float | None
+    carried: bool  # carried over from the parent render, not drawn by this one
+
+
+def keep_candidates(services, render: dict, kept: list[RankedCandidate]) -> list[KeptImage]:
+    """The kept candidates as stored images: new ones labelled and stored, carried-over ones as they are."""
+    return [KeptImage(image_id=candidate.image_id or store_labelled(services, render, candidate.image,
+                                                                    candidate.likeness),
+                      likeness=candidate.likeness, carried=candidate.image_id is not None)
+            for candidate in kept]
+
+
+def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], _seconds: float) -> str:
+    image_ids = [image.image_id for image in kept]
+    scores = [image.likeness for image in kept if image.likeness is not None]
+    carried = [image.image_id for image in kept if image.carried]
+    done = states.transition(services.db, "render", render["_id"], "done", expect={"rendering"}, by=f"job:{job_id}",
+                             set_fields={"image_ids": image_ids, "likeness_best": max(scores) if scores else None,
+                                         "carried_image_ids": carried, "finished_at": states.now()})
+    if done is None:
+        return "superseded"
+    QueueTracker(services.redis).set_subject(keys.render_subject(render["_id"]), state="done")
+    orders.fulfil(services, render["order_id"])
+    notifications.notify(services, render["user_id"], "portraits_ready", {"render_id": render["_id"]})
+    return "done"
+
+
+def fail_render(services, render_id: str, reason: str) -> str:
+    """Retry while attempts remain; then the render set goes back to the user as a free credit, exactly once (only
+    the caller whose transition to `failed` wins gives it), and an order that cannot be delivered is refunded."""
+    outcome, failed = retry_or_fail(services, "render", render_id, attempts_field="attempts",
+                                    retries=services.settings.render_retries, running_state="rendering",
+                                    enqueue=enqueue_render, subject=keys.render_subject(render_id), reason=reason)
+    if failed is None:
+        return outcome
+    if failed.get("charged"):
+        services.db.orders.update_one({"_id": failed["order_id"]}, {"$inc": {"render_credits": 1}})
+    refunds.refund_if_undeliverable(services, failed["order_id"], by=f"render:{render_id}")
+    return "failed"
+
+
+def retry_failed_render(services, render: dict, by: str) -> dict:
+    """An operator's retry of a failed render set: a new render, once per failed one, charged as the original was."""
+    new_id = new_render_id()
+    # Claim the failed render first: two operators clicking at once make one new render, not two.
+    claimed = services.db.renders.find_one_and_update(
+        {"_id": render["_id"], "state": "failed", "retried_by": {"$exists": False}},
+        {"$set": {"retried_by": new_id}})
+    if claimed is None:
+        raise Conflict("render_not_retryable", "Only a failed render can be retried, once.")
+    avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
+    refusal = None
+    if avatar is None or avatar["state"] != "trained":
+        refusal = Conflict("avatar_not_trained", "The avatar is not trained.")
+    elif render.get("charged") and claim_render_credit(services.db, render["order_id"], render["user_id"]) is None:
+        refusal = Conflict("no_render_credits", "The order has no render credit left, or was refunded.")
+    if refusal is not None:
+        services.db.renders.update_one({"_id": render["_id"], "retried_by": new_id}, {"$unset": {"retried_by": ""}})
+        raise refusal
+    parent = services.db.renders.find_one({"_id": render["parent_id"]}) if render.get("parent_id") else None
+    return insert_render(services, avatar, render["template_id"], render["order_id"], render["params"],
+                         parent=parent, charged=bool(render.get("charged")), by=by, render_id=new_id,
+                         retry_of=render["_id"])
