@@ -43,7 +43,18 @@ class SimulatorClient:
         return self._post("/sim/refunds/settle", {"out_refund_no": out_refund_no})
 
     def notifications(self) -> list:
+        """Every notification with its deliveries and its "redelivery" state (status: not_scheduled | pending |
+        acknowledged | gave_up | stopped, retries made, next_attempt_at)."""
         return self._get("/sim/notifications")
+
+    def deliveries(self, notification_id: str | None = None) -> list:
+        """Every delivery attempt, oldest first: {notification_id, trigger ("initial" | "redelivery" | "manual"),
+        retry (1-based, for redeliveries), at, finished_at, status_code, error, delivered, kind, event_type, url}."""
+        path = "/sim/deliveries" + (f"?notification_id={notification_id}" if notification_id else "")
+        return self._get(path)
+
+    def stats(self) -> dict:
+        return self._get("/sim/stats")
 
     def refunds(self) -> list:
         return self._get("/sim/refunds")

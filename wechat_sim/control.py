@@ -1,5 +1,6 @@
 """The simulator's own /sim/ endpoints: act as the user in WeChat (log in, grant subscriptions, pay), deliver and
-redeliver callbacks, settle refunds, arm faults, and read back what the app did."""
+redeliver callbacks, settle refunds, arm faults, and read back what the app did (and every callback delivery
+attempt, automatic redeliveries included: /sim/deliveries)."""
 from __future__ import annotations
 
 import secrets
@@ -7,7 +8,7 @@ import threading
 import time
 from datetime import datetime
 
-from flask import Blueprint
+from flask import Blueprint, request
 
 from wechat_sim.signing import CHINA_TZ, rfc3339_now
 from wechat_sim.simulator import FAULT_MODES, current_simulator
@@ -64,7 +65,7 @@ def sim_pay():
         result = {"out_trade_no": out_trade_no, "transaction_id": order["transaction_id"],
                   "notification_id": record["id"]}
     if payload.get("deliver", True):
-        outcome = sim.deliver(record["id"])
+        outcome = sim.deliver_first(record["id"])
         result.update(status_code=outcome["status_code"], error=outcome["error"], delivered=outcome["delivered"])
     else:
         result.update(status_code=None, error=None, delivered=False)
@@ -73,7 +74,9 @@ def sim_pay():
 
 @blueprint.post("/sim/redeliver")
 def sim_redeliver():
-    """Send a stored notification again (same id and body). copies>1 sends them concurrently."""
+    """Send a stored notification again (same id and body). copies>1 sends them concurrently. These manual
+    deliveries queue no automatic retries, but one answered 2xx acknowledges the notification and so ends its
+    automatic redelivery."""
     sim = current_simulator()
     payload = request_json() or {}
     notification_id = payload.get("notification_id")
@@ -145,19 +148,40 @@ def sim_revoke_tokens():
 
 @blueprint.post("/sim/reset")
 def sim_reset():
-    state = current_simulator().state
-    with state.lock:
-        state.reset()
+    """Forget everything, automatic redeliveries still pending included."""
+    current_simulator().reset()
     return json_response({"ok": True})
 
 
 @blueprint.get("/sim/stats")
 def sim_stats():
-    state = current_simulator().state
+    sim = current_simulator()
+    state = sim.state
     with state.lock:
+        records = list(state.notifications.values())
+        by_status: dict[str, int] = {}
+        for record in records:
+            status = record["redelivery"]["status"]
+            by_status[status] = by_status.get(status, 0) + 1
         return json_response({"token_issued": state.token_issued, "orders": len(state.orders),
-                              "refunds": len(state.refunds), "notifications": len(state.notifications),
-                              "messages": len(state.messages)})
+                              "refunds": len(state.refunds), "notifications": len(records),
+                              "messages": len(state.messages),
+                              "deliveries": sum(len(record["deliveries"]) for record in records),
+                              "redelivery": {**sim.redelivery_config(), "notifications": by_status}})
+
+
+@blueprint.get("/sim/deliveries")
+def sim_deliveries():
+    """Every callback delivery attempt (initial, automatic redelivery, manual), oldest first; ?notification_id=
+    keeps one notification's."""
+    state = current_simulator().state
+    wanted = request.args.get("notification_id")
+    with state.lock:
+        attempts = [{**attempt, "kind": record["kind"], "event_type": record["event_type"], "url": record["url"]}
+                    for record in state.notifications.values() if wanted in (None, record["id"])
+                    for attempt in record["deliveries"]]
+    attempts.sort(key=lambda attempt: attempt["at"])
+    return json_response(attempts)
 
 
 @blueprint.get("/sim/notifications")

@@ -11,6 +11,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from wechat_sim.keys import SimCredentials, load_or_create_credentials
 from wechat_sim.server import create_sim_app
+from wechat_sim.simulator import WeChatSimulator
 
 
 class _QuietRequestHandler(WSGIRequestHandler):
@@ -28,7 +29,12 @@ class RunningSimulator:
     _server: BaseWSGIServer = field(repr=False)
     _thread: threading.Thread = field(repr=False)
 
+    @property
+    def simulator(self) -> WeChatSimulator:
+        return self.app.extensions["wechat_sim"]
+
     def stop(self) -> None:
+        self.simulator.stop()  # no automatic redelivery after this
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -36,7 +42,8 @@ class RunningSimulator:
 
 def start_simulator(creds: SimCredentials, host: str = "127.0.0.1", port: int = 0,
                     **app_options) -> RunningSimulator:
-    """app_options go to create_sim_app (refund_settle_delay_s, callback_timeout_s)."""
+    """app_options go to create_sim_app (refund_settle_delay_s, callback_timeout_s, redelivery_scale: the factor
+    on WeChat Pay's retry intervals, 1.0 for the real pace; None, the default, for no automatic redelivery)."""
     app = create_sim_app(creds, **app_options)
     server = make_server(host, port, app, threaded=True, request_handler=_QuietRequestHandler)
     thread = threading.Thread(target=server.serve_forever, name="wechat-sim", daemon=True)
@@ -51,9 +58,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the generated keys are kept")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--redelivery-scale", type=float, default=1.0,
+                        help="factor on WeChat Pay's callback retry intervals (15 s ... 6 h); 1, the default, is "
+                             "the real pace")
+    parser.add_argument("--no-redelivery", action="store_true",
+                        help="deliver each callback once; redeliver only on POST /sim/redeliver")
     args = parser.parse_args(argv)
     creds = load_or_create_credentials(args.dir)
-    app = create_sim_app(creds)
+    app = create_sim_app(creds, redelivery_scale=None if args.no_redelivery else args.redelivery_scale)
     print(f"WeChat simulator on http://{args.host}:{args.port} (appid {creds.appid}, mchid {creds.mchid}, "
           f"credentials in {args.dir})", flush=True)
     make_server(args.host, args.port, app, threaded=True, request_handler=_QuietRequestHandler).serve_forever()

@@ -15,21 +15,30 @@ from flask import Flask, Response, request
 
 from wechat_sim import control, miniprogram, pay
 from wechat_sim.keys import SimCredentials
-from wechat_sim.simulator import LOGIN_CODE_TTL_S, WeChatSimulator, current_simulator
+from wechat_sim.redelivery import REDELIVERY_INTERVALS_S
+from wechat_sim.simulator import DEFAULT_REDELIVERY_SCALE, LOGIN_CODE_TTL_S, WeChatSimulator, current_simulator
 from wechat_sim.web import json_response, v3_error
 
-__all__ = ["LOGIN_CODE_TTL_S", "create_sim_app"]
+__all__ = ["DEFAULT_REDELIVERY_SCALE", "LOGIN_CODE_TTL_S", "REDELIVERY_INTERVALS_S", "create_sim_app"]
 
 _REQUEST_FAULT_MODES = ("5xx", "timeout", "not_enough")
 
 
 def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
-                   callback_timeout_s: float = 5.0) -> Flask:
+                   callback_timeout_s: float = 5.0,
+                   redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE) -> Flask:
     """Refunds stay PROCESSING until POST /sim/refunds/settle, which keeps tests deterministic; with
-    refund_settle_delay_s they also settle by themselves that long after being requested, as WeChat does."""
+    refund_settle_delay_s they also settle by themselves that long after being requested, as WeChat does.
+
+    With redelivery_scale set, a callback not acknowledged with a 2xx within callback_timeout_s is delivered
+    again after WeChat Pay's intervals (REDELIVERY_INTERVALS_S, 15 s up to 6 h, about 24 h in all) times the
+    scale (1.0: the real pace; tests compress it with e.g. 0.001), until a 2xx or the last retry. None, the
+    default, is no automatic redelivery: every callback is delivered once, and again only when /sim/redeliver
+    asks. app.extensions["wechat_sim"].stop() ends the redelivery thread (RunningSimulator.stop does)."""
     # This module's LOGIN_CODE_TTL_S is read on every code exchange, so tests can shorten it on a running app.
     simulator = WeChatSimulator(creds, refund_settle_delay_s=refund_settle_delay_s,
-                                callback_timeout_s=callback_timeout_s, login_code_ttl_s=lambda: LOGIN_CODE_TTL_S)
+                                callback_timeout_s=callback_timeout_s, login_code_ttl_s=lambda: LOGIN_CODE_TTL_S,
+                                redelivery_scale=redelivery_scale)
     app = Flask("wechat_sim")
     app.extensions["wechat_sim"] = simulator
     app.extensions["wechat_sim_state"] = simulator.state

@@ -14,9 +14,14 @@ import requests
 from flask import current_app
 
 from wechat_sim.keys import SimCredentials
+from wechat_sim.redelivery import REDELIVERY_INTERVALS_S, RedeliveryScheduler
 from wechat_sim.signing import PlatformSigner, load_public_key, rfc3339_now
 
 LOGIN_CODE_TTL_S = 300
+# Automatic redelivery is off unless asked for (redelivery_scale=1.0 is WeChat Pay's real pace, 15 s to the first
+# retry): a refused callback is then delivered exactly once, which tests that count deliveries or leave a callback
+# refused for a while rely on. The command-line simulator (runner.main) turns it on at the real pace.
+DEFAULT_REDELIVERY_SCALE: float | None = None
 FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed")
 
 _TRADE_STATE_DESC = {"NOTPAY": "订单未支付", "SUCCESS": "支付成功", "CLOSED": "订单已关闭", "REFUND": "转入退款"}
@@ -46,10 +51,17 @@ class SimState:
 class WeChatSimulator:
     """One simulated WeChat (an app and a merchant). Refunds stay PROCESSING until settle_refund, which keeps tests
     deterministic; with refund_settle_delay_s they also settle by themselves that long after being requested, as
-    WeChat does. login_code_ttl_s is asked on every code exchange, so a running simulator's codes can be expired."""
+    WeChat does. login_code_ttl_s is asked on every code exchange, so a running simulator's codes can be expired.
+
+    A payment or refund callback the notify_url does not acknowledge (any answer but 2xx, a timeout, a connection
+    error) is delivered again on WeChat Pay's schedule (REDELIVERY_INTERVALS_S) multiplied by redelivery_scale,
+    until one is acknowledged or the last retry fails; with redelivery_scale=None (the default) there is no
+    automatic redelivery: each callback is delivered exactly once unless /sim/redeliver asks again."""
 
     def __init__(self, creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
-                 callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S):
+                 callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S,
+                 redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE,
+                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S):
         self.creds = creds
         self.state = SimState()
         self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
@@ -57,6 +69,26 @@ class WeChatSimulator:
         self.refund_settle_delay_s = refund_settle_delay_s
         self.callback_timeout_s = callback_timeout_s
         self._login_code_ttl_s = login_code_ttl_s
+        self.redelivery = (None if redelivery_scale is None
+                           else RedeliveryScheduler(self, redelivery_scale, redelivery_intervals_s))
+
+    def reset(self) -> None:
+        """Forget everything, pending redeliveries included."""
+        with self.state.lock:
+            self.state.reset()
+            if self.redelivery is not None:
+                self.redelivery.clear()
+
+    def stop(self) -> None:
+        """End automatic redelivery (its thread included); nothing else here runs by itself for long."""
+        if self.redelivery is not None:
+            self.redelivery.stop()
+
+    def redelivery_config(self) -> dict:
+        scheduler = self.redelivery
+        return {"enabled": scheduler is not None, "scale": scheduler.scale if scheduler else None,
+                "intervals_s": list(scheduler.intervals if scheduler else REDELIVERY_INTERVALS_S),
+                "queued": scheduler.pending() if scheduler else 0}
 
     # ---------------------------------------------------------------- mini-program users and tokens
 
@@ -128,20 +160,27 @@ class WeChatSimulator:
         body = self.signer.notification_body(plain, kind=kind, event_type=event_type, summary=summary,
                                              notification_id=notification_id)
         record = {"id": notification_id, "kind": kind, "event_type": event_type, "url": url, "body": body,
-                  "resource": plain, "created_at": time.time(), "headers": None, "deliveries": []}
+                  "resource": plain, "created_at": time.time(), "headers": None, "deliveries": [],
+                  # status: not_scheduled | pending (a retry is queued) | acknowledged | gave_up | stopped
+                  "redelivery": {"status": "not_scheduled", "retries": 0, "next_retry": None,
+                                 "next_attempt_at": None, "acknowledged_at": None, "gave_up_at": None}}
         self.state.notifications[notification_id] = record
         return record
 
-    def deliver(self, notification_id: str, resign: bool = True) -> dict:
-        """POST one notification to its notify_url, as WeChat does on every (re)delivery. Never holds the lock
-        while waiting on the receiver, which may well call back into the simulator."""
+    def deliver(self, notification_id: str, resign: bool = True, *, trigger: str = "manual",
+                retry: int | None = None) -> dict:
+        """POST one notification to its notify_url, as WeChat does on every (re)delivery, and record the attempt
+        (trigger: "initial", "redelivery" (retry: its 1-based number) or "manual"). A 2xx acknowledges the
+        notification, which ends its automatic redelivery. Never holds the lock while waiting on the receiver,
+        which may well call back into the simulator."""
         state = self.state
         with state.lock:
             record = state.notifications[notification_id]
             body, url = record["body"], record["url"]
             headers = record["headers"] if (record["headers"] and not resign) else self.signer.headers(body)
             record["headers"] = headers
-        outcome = {"notification_id": notification_id, "status_code": None, "error": None, "at": time.time()}
+        outcome = {"notification_id": notification_id, "trigger": trigger, "retry": retry, "status_code": None,
+                   "error": None, "at": time.time()}
         if not url:
             outcome["error"] = "no_notify_url"
         else:
@@ -153,9 +192,56 @@ class WeChatSimulator:
                 outcome["error"] = "timeout"
             except requests.RequestException as error:
                 outcome["error"] = f"connection_error: {type(error).__name__}"
-        outcome["delivered"] = outcome["status_code"] in (200, 204)
+        outcome["finished_at"] = time.time()
+        # WeChat Pay takes any 2xx as the merchant's acknowledgement (its docs answer 200 or 204).
+        outcome["delivered"] = outcome["status_code"] is not None and 200 <= outcome["status_code"] < 300
         with state.lock:
             record["deliveries"].append(outcome)
+            if outcome["delivered"] and record["redelivery"]["status"] in ("not_scheduled", "pending"):
+                record["redelivery"].update(status="acknowledged", next_retry=None, next_attempt_at=None,
+                                            acknowledged_at=outcome["finished_at"])
+        return outcome
+
+    def deliver_first(self, notification_id: str) -> dict:
+        """The first delivery of a new notification; when it is not acknowledged, WeChat Pay's retries follow."""
+        outcome = self.deliver(notification_id, trigger="initial")
+        if not outcome["delivered"] and outcome["error"] != "no_notify_url":
+            with self.state.lock:
+                record = self.state.notifications.get(notification_id)
+                if record is not None and record["redelivery"]["status"] == "not_scheduled":
+                    self._queue_retry(record, 0)
+        return outcome
+
+    def _queue_retry(self, record: dict, retry: int) -> None:
+        """Caller holds the lock. retry is 0-based: the wait before it is the retry-th interval."""
+        if self.redelivery is None:
+            return
+        if retry >= len(self.redelivery.intervals):
+            record["redelivery"].update(status="gave_up", next_retry=None, next_attempt_at=None,
+                                        gave_up_at=time.time())
+            return
+        due = self.redelivery.schedule(record["id"], retry)
+        if due is None:
+            record["redelivery"].update(status="stopped", next_retry=None, next_attempt_at=None)
+        else:
+            record["redelivery"].update(status="pending", next_retry=retry, next_attempt_at=due)
+
+    def redeliver_due(self, notification_id: str, retry: int) -> dict | None:
+        """The scheduler's work when a retry falls due: deliver it unless the notification is gone (reset) or no
+        longer waits for this retry, then queue the next retry or give up. The outcome, or None when skipped."""
+        state = self.state
+        with state.lock:
+            record = state.notifications.get(notification_id)
+            if record is None or record["redelivery"]["status"] != "pending" \
+                    or record["redelivery"]["next_retry"] != retry:
+                return None
+        outcome = self.deliver(notification_id, trigger="redelivery", retry=retry + 1)
+        with state.lock:
+            if state.notifications.get(notification_id) is not record:
+                return outcome  # reset meanwhile
+            record["redelivery"]["retries"] += 1
+            if record["redelivery"]["status"] == "pending" and record["redelivery"]["next_retry"] == retry:
+                self._queue_retry(record, retry + 1)
         return outcome
 
     # ---------------------------------------------------------------- refunds
@@ -189,7 +275,7 @@ class WeChatSimulator:
                                            refund["notify_url"], plain)
             refund["notification_ids"].append(record["id"])
         try:
-            return self.deliver(record["id"])
+            return self.deliver_first(record["id"])
         finally:
             done.set()
 

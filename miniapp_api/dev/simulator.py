@@ -12,7 +12,7 @@ def with_embedded_wechat(settings: Settings):
         return settings, None
     creds = load_or_create_credentials(settings.instance_dir / "wechat_sim")
     # Refunds settle a moment after they are asked for, as WeChat Pay's do.
-    simulator = start_simulator(creds, refund_settle_delay_s=2.0)
+    simulator = start_simulator(creds, refund_settle_delay_s=2.0, redelivery_scale=1.0)
     configured = pointed_at_simulator(settings, creds, simulator.base_url)
     if not configured.subscribe_templates:
         configured = configured.replace(subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES))
