@@ -22,7 +22,7 @@ def consent_texts(settings) -> list[dict]:
 def face_consent(settings, user: dict) -> dict | None:
     """The user's face-processing consent as the client sees it, `current` when given for today's text and kept."""
     face = (user.get("consents") or {}).get(FACE_PROCESSING)
-    if not face:
+    if not face or "version" not in face:  # never given (a record without a version is no consent either)
         return None
     return {"version": face["version"], "given_at": face.get("given_at"), "withdrawn_at": face.get("withdrawn_at"),
             "current": face.get("withdrawn_at") is None and face["version"] == settings.consent_version}

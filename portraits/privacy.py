@@ -110,6 +110,9 @@ def delete_user(services, user: dict) -> None:
 def withdraw_face_consent(services, user: dict) -> dict:
     """The account stays (orders, the right to consent again); everything face-related goes, and so do the
     user's sessions: every token issued so far is revoked, and the client logs in again."""
+    if not (user.get("consents") or {}).get("face_processing"):
+        # Never given: nothing was processed under it, so there is nothing to erase and no session to end.
+        return {"avatars": 0, "renders": 0, "jobs": 0, "tokens_revoked": False}
     erased = erase_user_data(services, user, reason="consent_withdrawn")
     services.db.users.update_one(
         {"_id": user["_id"]},

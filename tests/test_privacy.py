@@ -245,3 +245,14 @@ def test_deleting_a_user_closes_their_unpaid_order_at_wechat_pay_too(ready_avata
     assert api.delete("/api/v1/me").status_code == 202
     assert [o["trade_state"] for o in sim.orders() if o["out_trade_no"] == order["id"]] == ["CLOSED"]
     assert services.db.orders.find_one({"_id": order["id"]})["state"] == "closed"
+
+
+def test_withdrawing_a_consent_never_given_changes_nothing_and_login_keeps_working(login, client, sim):
+    api = login("never", consent=False)
+    withdrawn = api.delete("/api/v1/consents/face_processing")
+    assert withdrawn.status_code == 200, withdrawn.get_json()
+    assert withdrawn.get_json()["consents"] == {"face_processing": None}
+    assert withdrawn.get_json()["deleted"]["tokens_revoked"] is False
+    assert api.get("/api/v1/consents").status_code == 200  # the token still works
+    again = client.post("/api/v1/auth/login", json={"code": sim.login_code("never")})
+    assert again.status_code == 200 and again.get_json()["user"]["consents"] == {"face_processing": None}
