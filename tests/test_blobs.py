@@ -1,9 +1,13 @@
 """Blob stores: a directory by default, GridFS so workers on other machines share photos, weights and images."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from portraits.store.blobs import BlobNotFound, DirectoryBlobStore, GridFSBlobStore
+from tests.test_queue import quick_paid_avatar
 
 
 @pytest.fixture(params=["dir", "gridfs"])
@@ -55,3 +59,35 @@ def test_sealed_blobs_are_unreadable_without_the_users_key(services):
     services.vault.shred("u1")
     with pytest.raises(KeyShredded):
         services.sealed.get("u1", "users/u1/secret")
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_keeps_the_old_blob(tmp_path, monkeypatch):
+    store = DirectoryBlobStore(tmp_path)
+    store.put("users/u1/lora.safetensors", b"old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as error:
+        store.put("users/u1/lora.safetensors", b"new" * 1000)
+    assert error.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "users/u1").iterdir()] == ["lora.safetensors"]
+    assert store.get("users/u1/lora.safetensors") == b"old"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"train_retries": 1}])
+def test_a_training_whose_weights_cannot_be_stored_is_retried_then_refunded(services, login, sim, drain, monkeypatch):
+    def disk_full(key, data):
+        if key.endswith("lora.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(key, data)
+
+    real_put = services.blobs.put
+    monkeypatch.setattr(services.blobs, "put", disk_full)
+    avatar, order = quick_paid_avatar(services, login("full"), sim)
+    drain()
+    stored = services.db.avatars.find_one({"_id": avatar["_id"]})
+    assert stored["state"] == "failed" and stored["train_attempts"] == 2
+    assert services.db.orders.find_one({"_id": order["id"]})["state"] in ("refunding", "refunded")
+    assert not [p for p in services.settings.blob_root.rglob(".tmp-*")]

@@ -30,9 +30,17 @@ class DirectoryBlobStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # a disk that fills up says so here, before the blob is visible
+            os.replace(tmp, path)
+        except BaseException:
+            # Disk full, a failing disk, a kill: no half-written temporary file stays behind; the caller's job
+            # fails and is retried or refunded like any technical failure.
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def get(self, key: str) -> bytes:
         try:
