@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import queue
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -81,14 +83,34 @@ class Face:
 
 
 class FaceAnalyzer:
-    """Loads the dlib models once; reuse one instance per process (loading takes ~1 s)."""
+    """Loads the dlib models once; reuse one instance per process (loading takes ~1 s, ~100 MB resident).
 
-    def __init__(self, model_dir: str | None = None, detect_short_side: int = DETECT_SHORT_SIDE):
+    Safe to share between threads (gunicorn gthread workers, the threaded dev server). dlib's models are not
+    thread-safe: two HOG detections at once on one detector corrupt the heap and kill the process. So each dlib
+    model is used by one thread at a time: the CNN verifier, the landmark predictor and the embedder each behind a
+    lock, HOG detectors handed out from a pool (``hog_detectors`` of them; 1 by default, which is a lock). Decoding,
+    resizing and the numpy work around the calls run concurrently.
+
+    Measured (bench/bench_face_threads.py, 2 cores): per-thread copies of the models or a process pool bought no
+    throughput worth their memory (~100 MB and ~1 s of loading per copy), because only the HOG scan and image
+    decoding release the GIL; the CNN, landmark and embedding calls hold it for their whole run (a 1 ms sleep in
+    another thread waits ~90 ms during an embedding, ~120 ms during a CNN check), so they cannot overlap anyway.
+    """
+
+    def __init__(self, model_dir: str | None = None, detect_short_side: int = DETECT_SHORT_SIDE,
+                 hog_detectors: int = 1):
         model_dir = model_dir or _model_dir()
-        self._detector = dlib.get_frontal_face_detector()
+        # Idle HOG detectors: a call takes one and puts it back, so no two threads ever run the same one. More than
+        # one lets HOG scans overlap (each extra detector: ~0.6 MB, ~250 ms to build); it measured within noise.
+        self._detectors: queue.LifoQueue = queue.LifoQueue()
+        for _ in range(max(1, hog_detectors)):
+            self._detectors.put(dlib.get_frontal_face_detector())
         self._verifier = dlib.cnn_face_detection_model_v1(os.path.join(model_dir, "mmod_human_face_detector.dat"))
         self._shape_predictor = dlib.shape_predictor(os.path.join(model_dir, "shape_predictor_68_face_landmarks.dat"))
         self._encoder = dlib.face_recognition_model_v1(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
+        self._verifier_lock = threading.Lock()
+        self._shape_predictor_lock = threading.Lock()
+        self._encoder_lock = threading.Lock()
         self.detect_short_side = detect_short_side
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
@@ -103,7 +125,9 @@ class FaceAnalyzer:
         factor = CNN_CROP_SIDE / max(crop.shape[:2])
         size = (max(1, round(crop.shape[1] * factor)), max(1, round(crop.shape[0] * factor)))
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-        return len(self._verifier(np.ascontiguousarray(crop), 0)) > 0
+        crop = np.ascontiguousarray(crop)
+        with self._verifier_lock:
+            return len(self._verifier(crop, 0)) > 0
 
     def _candidates(self, gray: np.ndarray, scale: float) -> list[tuple[tuple[int, int, int, int], float]]:
         """HOG candidates on ``gray`` resized by ``scale``, as boxes in ``gray``'s pixels."""
@@ -111,7 +135,12 @@ class FaceAnalyzer:
         if scale != 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        rects, scores, _ = self._detector.run(gray, 0, HOG_CANDIDATE_SCORE)
+        gray = np.ascontiguousarray(gray)
+        detector = self._detectors.get()
+        try:
+            rects, scores, _ = detector.run(gray, 0, HOG_CANDIDATE_SCORE)
+        finally:
+            self._detectors.put(detector)
         return [((round(r.left() / scale), round(r.top() / scale), round(r.right() / scale), round(r.bottom() / scale)),
                  float(score)) for r, score in zip(rects, scores)]
 
@@ -141,7 +170,8 @@ class FaceAnalyzer:
                 continue
             if score < HOG_CONFIDENT_SCORE and not self._confirmed_by_cnn(rgb, box):
                 continue
-            shape = self._shape_predictor(rgb, dlib.rectangle(left, top, right, bottom))
+            with self._shape_predictor_lock:
+                shape = self._shape_predictor(rgb, dlib.rectangle(left, top, right, bottom))
             landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
             faces.append(Face(box=box, landmarks=landmarks, score=score))
         faces.sort(key=lambda f: f.area, reverse=True)
@@ -156,8 +186,10 @@ class FaceAnalyzer:
         region = np.ascontiguousarray(rgb[y0:bottom + reach, x0:right + reach])
         rect = dlib.rectangle(left - x0, top - y0, right - x0, bottom - y0)
         points = [dlib.point(round(x - x0), round(y - y0)) for x, y in face.landmarks]
-        vector = np.array(self._encoder.compute_face_descriptor(region, dlib.full_object_detection(rect, points)),
-                          dtype=np.float64)
+        shape = dlib.full_object_detection(rect, points)
+        with self._encoder_lock:
+            descriptor = self._encoder.compute_face_descriptor(region, shape)
+        vector = np.array(descriptor, dtype=np.float64)
         return vector / np.linalg.norm(vector)
 
     def aligned_crop(self, rgb: np.ndarray, face: Face, size: int = 512) -> Image.Image:

@@ -54,3 +54,8 @@ def refund_job_id(out_refund_no: str) -> str:
 
 def order_lock(order_id: str) -> str:
     return f"order-lock:{order_id}"
+
+
+def avatar_upload_lock(avatar_id: str) -> str:
+    """Held while one upload to the avatar is judged and recorded (portraits.avatars.add_photo)."""
+    return f"avatar-upload-lock:{avatar_id}"
