@@ -10,7 +10,7 @@ from rq.cron import CronScheduler
 
 from jobs import context
 
-from portraits import privacy, tasks
+from portraits import privacy, sweeper, tasks
 from jobs.reconcile import expire_orders, reconcile
 from jobs.recovery import REAP_INTERVAL_S, reap_lost_jobs
 from portraits.config import ConfigError, Settings
@@ -21,12 +21,17 @@ def purge_stale_avatars() -> int:
     return privacy.purge_stale_collecting(context.services())
 
 
+def sweep_owed_work() -> dict:
+    return sweeper.sweep(context.services())
+
+
 # (function, interval in seconds). Each runs on the default queue; every one of them is idempotent.
 PERIODIC = [
     (purge_stale_avatars, 3600),
     (expire_orders, 60),
     (reconcile, 120),
     (reap_lost_jobs, REAP_INTERVAL_S),
+    (sweep_owed_work, sweeper.SWEEP_INTERVAL_S),
 ]
 
 

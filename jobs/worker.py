@@ -24,7 +24,7 @@ from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
 from jobs import context, gpu_job, periodic, recovery
-from portraits import tasks
+from portraits import sweeper, tasks
 from portraits.config import ConfigError, Settings
 from portraits.queue.tracking import QueueTracker
 from portraits.services import build_services
@@ -156,8 +156,10 @@ def main(argv=None) -> None:
         services.renderer()  # load the base pipeline before the first job, once
         logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
+        sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again
         build_gpu_worker(services.redis, settings).work()
     else:
+        sweeper.sweep(services)
         SimpleWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)
 
 

@@ -6,18 +6,23 @@ avatar is ready to pay for, what a payment starts, and what a finished or failed
 from __future__ import annotations
 
 import io
+import logging
 import secrets
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
+from redis.exceptions import LockError
 
 from models.faces import identity_pivot
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
 from portraits import consents, keys, notifications, photos, states, tasks
 from portraits.billing import refunds
-from portraits.errors import Conflict, Invalid, TooLarge, UnsupportedMedia
+from portraits.errors import Conflict, Invalid, TooLarge, Unavailable, UnsupportedMedia
 from portraits.queue.tracking import QueueTracker
 from portraits.retries import retry_or_fail
+
+log = logging.getLogger(__name__)
 
 GENDERS = ("female", "male")
 ROLES = ("front", "extra")
@@ -72,14 +77,69 @@ def check_upload(services, user: dict, avatar: dict, role: str) -> None:
 
 
 def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict]:
-    """Judge one upload and record its verdict; returns (the photo's record, the avatar after it)."""
+    """Judge one upload and record its verdict; returns (the photo's record, the avatar after it).
+
+    Uploads to one avatar are judged one at a time: read the avatar, judge against its accepted photos, record.
+    Two guards keep MAX_PHOTOS and the duplicate and identity checks true when uploads arrive together (the app
+    sends several at once; gunicorn threads and the dev server run them concurrently):
+    - the database: an accepted photo is recorded only if no accepted photo appeared since the avatar was read
+      (a compare-and-set on the photo list), otherwise the upload is judged again against the new photos;
+    - a per-avatar Redis lock around read-judge-record, so concurrent uploads queue instead of being judged in
+      vain; one that cannot have it within UPLOAD_LOCK_WAIT_S is refused with `avatar_busy` (503, retry later).
+    """
     settings = services.settings
     check_upload(services, user, avatar, role)
-    accepted_photos = [p for p in avatar["photos"] if p["accepted"]]
-    if len(accepted_photos) >= settings.max_photos:
-        raise Conflict("too_many_photos", "This avatar has enough photos.", {"max_photos": settings.max_photos})
+    check_photo_count(settings, avatar)
     if len(data) > settings.max_upload_bytes:
         raise TooLarge("file_too_large", "The photo is over the size limit.", {"max_bytes": settings.max_upload_bytes})
+    with upload_lock(services, avatar["_id"]):
+        for _ in range(UPLOAD_ATTEMPTS):
+            current = services.db.avatars.find_one({"_id": avatar["_id"]})
+            if current is None:
+                raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.")
+            check_upload(services, user, current, role)
+            check_photo_count(settings, current)
+            recorded = judge_and_record(services, user, current, data, role)
+            if recorded is not None:
+                return recorded
+    raise Unavailable("avatar_busy", "Other photos of this avatar are being added; try again in a moment.")
+
+
+# The lock lives at most this long if its holder dies (judging one photo takes well under a second); should one
+# outlive it, the database guard in judge_and_record still holds.
+UPLOAD_LOCK_TIMEOUT_S = 60
+# How long an upload waits for the uploads queued before it on the same avatar.
+UPLOAD_LOCK_WAIT_S = 20
+# Judgings an upload gets when other accepted photos keep arriving in between (only if the lock was lost).
+UPLOAD_ATTEMPTS = 3
+
+
+@contextmanager
+def upload_lock(services, avatar_id: str):
+    lock = services.redis.lock(keys.avatar_upload_lock(avatar_id), timeout=UPLOAD_LOCK_TIMEOUT_S,
+                               blocking_timeout=UPLOAD_LOCK_WAIT_S)
+    if not lock.acquire():
+        raise Unavailable("avatar_busy", "Other photos of this avatar are being added; try again in a moment.",
+                          {"retry_after_s": 5})
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except LockError:  # expired meanwhile; the compare-and-set on the photo list still kept the limits
+            log.warning("upload lock for %s expired before release", avatar_id)
+
+
+def check_photo_count(settings, avatar: dict) -> None:
+    if sum(1 for p in avatar["photos"] if p["accepted"]) >= settings.max_photos:
+        raise Conflict("too_many_photos", "This avatar has enough photos.", {"max_photos": settings.max_photos})
+
+
+def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict] | None:
+    """Judge the upload against ``avatar`` as read, and record the verdict; None when an accepted photo was added
+    since ``avatar`` was read (the verdict may no longer hold: judge again)."""
+    settings = services.settings
+    accepted_photos = [p for p in avatar["photos"] if p["accepted"]]
     accepted_faces = load_accepted_faces(services, avatar, accepted_photos)
     verdict = judge_photo(data, role=role, accepted=accepted_faces, limits=intake_limits(settings),
                           analyzer=services.face_analyzer(), training_size=settings.train_resolution)
@@ -95,6 +155,7 @@ def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tup
         if len(accepted_faces) in outliers:
             photo.update(accepted=False, reasons=["different_person"])
         earlier_outliers = [accepted_photos[i] for i in outliers if i < len(accepted_faces)]
+    guard = {"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)}}
     if photo["accepted"]:
         # Only the aligned crop and its embedding are kept (sealed with the user's key); the upload itself is not.
         crop_key = keys.photo_crop(avatar["user_id"], avatar["_id"], photo["id"])
@@ -105,14 +166,17 @@ def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tup
         services.sealed.put(avatar["user_id"], embedding_key,
                             np.asarray(verdict.embedding, dtype=np.float64).tobytes())
         photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash))
+        # Judged against exactly the accepted photos read: none may have been added since (the count and the
+        # duplicate and identity checks would not hold). A refused verdict changes no limit and needs no guard.
+        seen = [p["id"] for p in accepted_photos]
+        guard["photos"] = {"$not": {"$elemMatch": {"accepted": True, "id": {"$nin": seen}}}}
     updated = services.db.avatars.find_one_and_update(
-        {"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)}},
-        {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
+        guard, {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
     if updated is None:
         for key in (photo.get("crop_key"), photo.get("embedding_key")):
             if key:
                 services.blobs.delete(key)
-        raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.")
+        return None  # the avatar left collecting, or took another accepted photo: the caller reads it again
     for outlier in earlier_outliers:
         updated = refuse_as_different_person(services, avatar["_id"], outlier) or updated
     return photo, refresh_readiness(services, updated, user)
@@ -176,12 +240,17 @@ def refresh_readiness(services, avatar: dict, user: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def start_training(services, order: dict) -> None:
-    """A payment was applied: the avatar joins the GPU queue (once, however often the payment is seen)."""
+def start_training(services, order: dict) -> bool:
+    """A payment was applied: the avatar joins the GPU queue (once, however often the payment is seen). False when
+    the avatar cannot train for this order (it left `ready` since the order was made, or another order took it):
+    the payment is then refunded by the caller."""
     avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
                                by=f"order:{order['_id']}", set_fields={"order_id": order["_id"]})
     if avatar is not None:
         enqueue_training(services, avatar)
+        return True
+    current = services.db.avatars.find_one({"_id": order["avatar_id"]}, {"order_id": 1, "state": 1})
+    return bool(current) and current.get("order_id") == order["_id"] and current["state"] != "collecting"
 
 
 def enqueue_training(services, avatar: dict) -> None:

@@ -57,10 +57,16 @@ def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
         raise PaymentRequired("no_render_credits", "All render sets of this order are used.")
     params = {"identity_strength": template.identity_strength, "style_strength": template.style_strength,
               "candidates": template.candidates, "images_to_keep": template.images_to_keep}
+    render_id = new_render_id()
     try:
-        return insert_render(services, avatar, template.id, order["_id"], params, parent=None, charged=True)
+        return insert_render(services, avatar, template.id, order["_id"], params, parent=None, charged=True,
+                             render_id=render_id)
     except Exception:
-        services.db.orders.update_one({"_id": order["_id"]}, {"$inc": {"render_credits": 1}})
+        # The credit goes back only if the render was never written. Once it is (the failure came after, queueing
+        # its job), the render is owed and will be made (the sweep enqueues a `queued` render Redis does not
+        # have): giving the credit back too would hand out a render set for free (found by tests/test_drills.py).
+        if services.db.renders.find_one({"_id": render_id}, {"_id": 1}) is None:
+            services.db.orders.update_one({"_id": order["_id"]}, {"$inc": {"render_credits": 1}})
         raise
 
 
@@ -72,11 +78,15 @@ def more_like_me(services, parent: dict, avatar: dict) -> dict:
     root_id = parent.get("root_id") or parent["_id"]
     if not claim_refinement(services.db, root_id):
         raise Conflict("refinement_limit", "This render was refined as far as it goes.", {"max": MAX_REFINEMENTS})
+    render_id = new_render_id()
     try:
         return insert_render(services, avatar, parent["template_id"], parent["order_id"],
-                             more_like_me_params(parent["params"]), parent=parent, charged=False)
+                             more_like_me_params(parent["params"]), parent=parent, charged=False,
+                             render_id=render_id)
     except Exception:
-        services.db.renders.update_one({"_id": root_id}, {"$inc": {"refinements_used": -1}})
+        # As in create_render: a child render that was written is owed and counts against the limit.
+        if services.db.renders.find_one({"_id": render_id}, {"_id": 1}) is None:
+            services.db.renders.update_one({"_id": root_id}, {"$inc": {"refinements_used": -1}})
         raise
 
 
@@ -272,10 +282,18 @@ def fail_render(services, render_id: str, reason: str) -> str:
                                     enqueue=enqueue_render, subject=keys.render_subject(render_id), reason=reason)
     if failed is None:
         return outcome
-    if failed.get("charged"):
-        services.db.orders.update_one({"_id": failed["order_id"]}, {"$inc": {"render_credits": 1}})
-    refunds.refund_if_undeliverable(services, failed["order_id"], by=f"render:{render_id}")
+    settle_failed_render(services, failed)
     return "failed"
+
+
+def settle_failed_render(services, render: dict) -> None:
+    """What a failed render is owed, each step keyed so that running it again (the sweeper after a crash here)
+    does only what is missing: its credit back, once, and the order's refund if it can no longer be delivered."""
+    if render.get("charged"):
+        services.db.orders.update_one({"_id": render["order_id"], "credited_renders": {"$ne": render["_id"]}},
+                                      {"$inc": {"render_credits": 1}, "$push": {"credited_renders": render["_id"]}})
+    refunds.refund_if_undeliverable(services, render["order_id"], by=f"render:{render['_id']}")
+    services.db.renders.update_one({"_id": render["_id"]}, {"$set": {"settled_at": states.now()}})
 
 
 def retry_failed_render(services, render: dict, by: str) -> dict:

@@ -140,6 +140,14 @@ def job_status(services, job_id: str) -> str:
     return getattr(status, "value", status)
 
 
+def job_statuses(services, job_ids: list[str]) -> list[str]:
+    """job_status for many jobs in one round trip (the sweep asks about every job owed)."""
+    with services.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        return [raw.decode() if raw is not None else "expired" for raw in pipe.execute()]
+
+
 def default_queue_counts(services, name: str) -> tuple[int, int]:
     """(waiting, running) of a non-GPU queue, from RQ's own list and registry."""
     q = queue(services, name)

@@ -2,25 +2,43 @@
 
 The token is checked by its signature (no user lookup) and against the owner and token generation kept with the
 tracked subject; the subject, position and ETA come from Redis (usually this process's memory of it, see
-portraits.queue.local_view). MongoDB is never touched.
+portraits.queue.local_view). MongoDB is read only when Redis does not know the avatar: one not queued yet (still
+collecting photos), or one whose queue entry Redis lost, which is queued again on the spot (portraits.sweeper)
+so a paying user is never told their avatar does not exist.
 """
 from __future__ import annotations
 
 from miniapp_api.api.auth import bearer_token
-from portraits import keys, users
+from portraits import keys, sweeper, users
 from portraits.errors import not_found
 from portraits.queue.tracking import QueueTracker
 
 
 def answer(services, authorization: str, avatar_id: str) -> dict:
-    claims = users.token_claims(services.settings, bearer_token(authorization))
+    token = bearer_token(authorization)
+    claims = users.token_claims(services.settings, token)
     tracker = QueueTracker(services.redis)
     tracked, where = tracker.poll(keys.avatar_subject(avatar_id))
-    if not tracked or tracked.get("owner") != claims.get("uid"):
+    if not tracked:
+        tracked, where = _from_database(services, token, avatar_id, tracker)
+    if tracked.get("owner") != claims.get("uid"):
         raise not_found("avatar")
     if tracked.get("owner_gen", "0") != str(claims.get("gen", 0)):
         raise users.invalid_token()  # revoked (consent withdrawn since it was issued), as every other route would say
     return queue_json(tracker, tracked, where)
+
+
+def _from_database(services, token: str, avatar_id: str, tracker: QueueTracker) -> tuple[dict, dict | None]:
+    user = users.user_from_token(services, token)  # a deleted or revoked user is refused here, as everywhere
+    avatar = services.db.avatars.find_one({"_id": avatar_id, "user_id": user["_id"]})
+    if avatar is None:
+        raise not_found("avatar")
+    if avatar["state"] == "queued" and sweeper.heal_queued_avatar(services, avatar):
+        tracked, where = tracker.poll(keys.avatar_subject(avatar_id))
+        if tracked:
+            return tracked, where
+    return {"owner": user["_id"], "owner_gen": str(user.get("token_generation", 0)), "state": avatar["state"],
+            "progress": 1 if avatar["state"] == "trained" else 0}, None
 
 
 def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) -> dict:

@@ -226,6 +226,13 @@ class QueueTracker:
     def subject(self, subject: str) -> dict:
         return as_hash(self.redis.hgetall(subject_key(subject)))
 
+    def subject_job_ids(self, subjects: list[str]) -> list[str | None]:
+        """The job id each subject is tracked with (None: not tracked), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for subject in subjects:
+                pipe.hget(subject_key(subject), "job_id")
+            return [as_text(raw) if raw is not None else None for raw in pipe.execute()]
+
     def forget_subject(self, subject: str) -> None:
         """The subject is deleted: its job leaves the line too, so nobody behind it waits for a ghost."""
         tracked = self.subject(subject)

@@ -1,0 +1,186 @@
+"""The sweep: MongoDB records the work owed; this brings RQ (and the other stores) back in line with it.
+
+Every state that owes work is a state in MongoDB, written by the same update that created the debt:
+- an order `paid` whose avatar is still `ready` owes a training start (the process died between the two writes);
+- an avatar `queued` owes an RQ job (`train-<avatar>-<attempt>`), a render `queued` owes one too;
+- an avatar `training` or a render `rendering` whose job RQ no longer knows (Redis lost its data) owes a retry;
+- an avatar `failed` whose order is still `paid` owes a refund;
+- a render `failed` and not yet `settled_at` owes its credit back (charged ones) and, maybe, the order's refund;
+- a render `done` whose order is still `paid` owes the fulfilment, a paid order whose avatar cannot train a refund;
+- an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded.
+The sweep finds each of these and does what is missing through the ordinary, idempotent domain functions, so it can
+run at any time, as often as wanted, from any process (the clock every SWEEP_INTERVAL_S, every worker at start).
+Queued work is re-enqueued in the order it was paid for, so positions rebuilt after a Redis loss keep the line.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import timedelta
+
+from portraits import avatars, keys, photos, renders, states, tasks
+from portraits.billing import orders, refunds
+from portraits.queue.tracking import QueueTracker
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 60
+# RQ's words for a job that is still going to run (or running).
+LIVE = ("queued", "started", "scheduled", "deferred")
+LOST_REASON = "job_lost"
+
+
+def sweep(services) -> dict[str, int]:
+    """One pass over everything owed; returns what was done, by kind (nothing when all is in line)."""
+    done = Counter()
+    _settle_paid_orders(services, done)
+    _requeue(services, done)
+    _recover_running(services, done)
+    _settle_failed_avatars(services, done)
+    _settle_failed_renders(services, done)
+    _purge_photos(services, done)
+    done = +done  # only what happened
+    if done:
+        log.warning("sweep: %s", dict(done))
+    return dict(done)
+
+
+def _settle_paid_orders(services, done: Counter) -> None:
+    """A paid order owes a training (its avatar still `ready`), a refund (its avatar can no longer train for it), or
+    its fulfilment (a render of it is `done`)."""
+    paid = list(services.db.orders.find({"state": "paid"}, {"avatar_id": 1}))
+    avatar_of = {a["_id"]: a for a in services.db.avatars.find({"_id": {"$in": [o["avatar_id"] for o in paid]}},
+                                                                {"state": 1, "order_id": 1})}
+    delivered = set(services.db.renders.distinct("order_id", {"order_id": {"$in": [o["_id"] for o in paid]},
+                                                               "state": "done"}))
+    for order in paid:
+        avatar = avatar_of.get(order["avatar_id"])
+        if avatar is None:
+            continue
+        if avatar.get("order_id") == order["_id"]:
+            if order["_id"] in delivered and orders.fulfil(services, order["_id"]) is not None:
+                done["order_fulfilled"] += 1
+        elif avatar["state"] == "ready" and avatars.start_training(services, order):
+            done["training_started"] += 1
+        elif refunds.request_refund(services, order["_id"], reason="avatar_unavailable", by="sweeper") is not None:
+            done["refund_requested"] += 1
+
+
+def _paid_at(services, order_ids) -> dict:
+    return {o["_id"]: o.get("paid_at") for o in services.db.orders.find({"_id": {"$in": list(order_ids)}},
+                                                                         {"paid_at": 1})}
+
+
+def _requeue(services, done: Counter) -> None:
+    queued_avatars = list(services.db.avatars.find({"state": "queued"}))
+    queued_renders = list(services.db.renders.find({"state": "queued"}))
+    paid_at = _paid_at(services, {a.get("order_id") for a in queued_avatars})
+    # In the order the work was bought: the line rebuilt after a loss is the line that was lost.
+    queued_avatars.sort(key=lambda a: paid_at.get(a.get("order_id")) or a["updated_at"])
+    queued_renders.sort(key=lambda r: r["created_at"])
+    owed = ([(avatar, keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0) + 1),
+              keys.avatar_subject(avatar["_id"])) for avatar in queued_avatars]
+            + [(render, keys.render_job_id(render["_id"], render.get("attempts", 0) + 1),
+                keys.render_subject(render["_id"])) for render in queued_renders])
+    alive = _jobs_alive(services, [(job_id, subject) for _, job_id, subject in owed])
+    alive = _not_lost_in_a_worker(services, owed, alive)
+    for (doc, _, subject), is_alive in zip(owed, alive):
+        if is_alive:
+            continue
+        if subject.startswith("avatar:"):
+            avatars.enqueue_training(services, doc)
+            done["training_requeued"] += 1
+        else:
+            renders.enqueue_render(services, doc)
+            done["render_requeued"] += 1
+
+
+def _not_lost_in_a_worker(services, owed: list[tuple[dict, str, str]], alive: list[bool]) -> list[bool]:
+    """A worker pops a job from its queue (LPOP) and marks it started at once. One that dies, or fails to write to
+    Redis, in between leaves a job whose hash still says `queued` but which is in no list and no registry: nothing
+    will ever run it or find it (the reaper sees only started and failed jobs), and tasks.enqueue keeps it as one
+    still queued. Such a job, still not started past the grace a live worker needs, is deleted here so that it is
+    queued again. One read of each GPU queue's list per sweep, only when a queued job is that old.
+    Found by tests/test_drills.py (a worker's heartbeat write failing right after its LPOP)."""
+    cutoff = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 2)
+    old = [i for i, ((doc, _, _), is_alive) in enumerate(zip(owed, alive))
+           if is_alive and doc.get("updated_at") is not None and doc["updated_at"] < cutoff]
+    if not old:
+        return alive
+    alive = list(alive)
+    waiting: dict[str, set[str]] = {}
+    for i, status in zip(old, tasks.job_statuses(services, [owed[i][1] for i in old])):
+        _, job_id, subject = owed[i]
+        if status != "queued":
+            continue
+        q = tasks.queue(services, tasks.TRAIN if subject.startswith("avatar:") else tasks.RENDER)
+        if q.name not in waiting:
+            listed = services.redis.lrange(q.key, 0, -1) + services.redis.lrange(q.intermediate_queue_key, 0, -1)
+            waiting[q.name] = {raw.decode() for raw in listed}
+        if job_id not in waiting[q.name]:
+            job = q.fetch_job(job_id)
+            if job is not None:
+                job.delete()
+            alive[i] = False
+    return alive
+
+
+def heal_queued_avatar(services, avatar: dict) -> bool:
+    """Queue a `queued` avatar's job again if Redis lost it (the poll calls this when Redis does not know the
+    avatar); True when it was re-enqueued."""
+    job_id = keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0) + 1)
+    if _jobs_alive(services, [(job_id, keys.avatar_subject(avatar["_id"]))])[0]:
+        return False
+    avatars.enqueue_training(services, avatar)
+    return True
+
+
+def _jobs_alive(services, owed: list[tuple[str, str]]) -> list[bool]:
+    """For each (job id, subject): the job exists and will run, and the queue tracker knows it (the poll answers
+    from the tracker). Two reads per job, pipelined."""
+    statuses = tasks.job_statuses(services, [job_id for job_id, _ in owed])
+    tracked = QueueTracker(services.redis).subject_job_ids([subject for _, subject in owed])
+    return [status in LIVE and tracked_id == job_id
+            for (job_id, _), status, tracked_id in zip(owed, statuses, tracked)]
+
+
+def _recover_running(services, done: Counter) -> None:
+    """Running work whose job RQ has forgotten (not failed: a failed job is the reaper's, jobs.recovery)."""
+    grace = timedelta(seconds=services.settings.worker_dead_after_s * 2)
+    cutoff = states.now() - grace
+    for avatar in services.db.avatars.find({"state": "training", "updated_at": {"$lt": cutoff}}):
+        job_id = keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0))
+        if tasks.job_status(services, job_id) == "expired":
+            done[f"training_{avatars.fail_training(services, avatar['_id'], LOST_REASON)}"] += 1
+    for render in services.db.renders.find({"state": "rendering", "updated_at": {"$lt": cutoff}}):
+        job_id = keys.render_job_id(render["_id"], render.get("attempts", 0))
+        if tasks.job_status(services, job_id) == "expired":
+            done[f"render_{renders.fail_render(services, render['_id'], LOST_REASON)}"] += 1
+
+
+def _settle_failed_avatars(services, done: Counter) -> None:
+    # A failed avatar keeps its photos until its refund settles (then they are purged): those are the unsettled ones.
+    for avatar in services.db.avatars.find({"state": "failed", "photos_purged_at": {"$exists": False},
+                                            "order_id": {"$exists": True}}, {"order_id": 1}):
+        order = services.db.orders.find_one({"_id": avatar["order_id"]}, {"state": 1})
+        if order is not None and order["state"] == "paid":
+            if refunds.request_refund(services, avatar["order_id"], reason="training_failed", by="sweeper"):
+                done["refund_requested"] += 1
+
+
+def _settle_failed_renders(services, done: Counter) -> None:
+    for render in services.db.renders.find({"state": "failed", "settled_at": {"$exists": False}}):
+        renders.settle_failed_render(services, render)
+        done["render_settled"] += 1
+
+
+def _purge_photos(services, done: Counter) -> None:
+    for avatar in services.db.avatars.find({"state": "trained", "photos_purged_at": {"$exists": False}}):
+        photos.purge_avatar_photos(services, avatar)
+        done["photos_purged"] += 1
+    for avatar in services.db.avatars.find({"state": "failed", "photos_purged_at": {"$exists": False}},
+                                           {"order_id": 1}):
+        order = services.db.orders.find_one({"_id": avatar.get("order_id")}, {"state": 1})
+        if order is not None and order["state"] == "refunded":
+            photos.purge_failed_avatar_photos(services, avatar["_id"])
+            done["photos_purged"] += 1

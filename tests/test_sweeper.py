@@ -1,0 +1,161 @@
+"""MongoDB records the work owed; the sweep (portraits.sweeper) heals whatever a lost Redis or a step that never
+happened left behind, and does nothing twice.
+
+Each test makes one step fail the way a crash between two writes would (the step raises, so what came before it is
+written and what comes after is not), then lets the sweep finish the work.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from portraits import keys, photos, renders, states, sweeper, tasks
+from portraits import avatars as avatars_module
+from portraits.billing import orders as orders_module
+from portraits.billing import refunds as refunds_module
+from portraits.queue.tracking import QueueTracker
+from tests.test_queue import quick_paid_avatar
+
+
+class Crash(RuntimeError):
+    """The process dying at this point: nothing after it happens."""
+
+
+def crash_once(monkeypatch, module, name: str):
+    real = getattr(module, name)
+    calls = []
+
+    def crashing(*args, **kwargs):
+        if not calls:
+            calls.append(args)
+            raise Crash(f"{name} never happened")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crashing)
+    return calls
+
+
+def test_after_redis_loses_its_data_paid_avatars_are_queued_again_in_payment_order(services, login, sim, drain):
+    paid = [quick_paid_avatar(services, login(f"payer{i}"), sim)[0] for i in range(3)]
+    # Paid in the opposite order of their creation: the rebuilt line follows the payments.
+    at = states.now()
+    for rank, avatar in enumerate(reversed(paid)):
+        services.db.orders.update_one({"_id": avatar["order_id"]}, {"$set": {"paid_at": at + timedelta(seconds=rank)}})
+    services.redis.flushall()
+
+    assert sweeper.sweep(services) == {"training_requeued": 3}
+    assert sweeper.sweep(services) == {}  # nothing owed twice
+    tracker = QueueTracker(services.redis)
+    positions = [tracker.position(tasks.TRAIN, keys.train_job_id(a["_id"], 1))["position"] for a in paid]
+    assert positions == [2, 1, 0]
+    drain()
+    assert [services.db.avatars.find_one({"_id": a["_id"]})["state"] for a in paid] == ["trained"] * 3
+
+
+def test_the_queue_poll_of_a_paying_user_never_answers_404_after_a_redis_loss(services, login, sim):
+    api = login("patient")
+    avatar, _ = quick_paid_avatar(services, api, sim)
+    services.redis.flushall()
+    poll = api.get(f"/api/v1/avatars/{avatar['_id']}/queue")
+    assert poll.status_code == 200, poll.get_json()
+    assert poll.get_json()["state"] == "queued" and poll.get_json()["position"] == 0
+    assert tasks.job_status(services, keys.train_job_id(avatar["_id"], 1)) == "queued"  # queued again on the spot
+    assert sweeper.sweep(services) == {}
+
+
+def test_a_just_created_avatar_polls_as_collecting_and_a_stranger_gets_404(services, login):
+    owner, stranger = login("owner"), login("stranger")
+    avatar = owner.post("/api/v1/avatars", json={"gender": "male"}).get_json()
+    poll = owner.get(f"/api/v1/avatars/{avatar['id']}/queue")
+    assert poll.status_code == 200 and poll.get_json()["state"] == "collecting"
+    assert stranger.get(f"/api/v1/avatars/{avatar['id']}/queue").status_code == 404
+
+
+def test_a_payment_whose_training_never_started_is_started_by_the_sweep(services, login, sim, drain, monkeypatch):
+    crashed = crash_once(monkeypatch, avatars_module, "start_training")
+    api = login("bob")
+    with pytest.raises(AssertionError):
+        quick_paid_avatar(services, api, sim)  # the payment lands; the avatar stays ready
+    assert crashed
+    order = services.db.orders.find_one({"user_id": api.user_id})
+    assert order["state"] == "paid"
+    assert services.db.avatars.find_one({"_id": order["avatar_id"]})["state"] == "ready"
+    assert sweeper.sweep(services) == {"training_started": 1}
+    drain()
+    assert services.db.avatars.find_one({"_id": order["avatar_id"]})["state"] == "trained"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"fault_train_failures": 99, "train_retries": 0}])
+def test_a_failed_training_whose_refund_was_never_asked_for_is_refunded_once(services, login, sim, drain,
+                                                                              monkeypatch):
+    crash_once(monkeypatch, refunds_module, "request_refund")
+    avatar, order = quick_paid_avatar(services, login("carol"), sim)
+    drain()
+    assert services.db.avatars.find_one({"_id": avatar["_id"]})["state"] == "failed"
+    assert services.db.orders.find_one({"_id": order["id"]})["state"] == "paid"
+    assert sweeper.sweep(services) == {"refund_requested": 1}
+    assert sweeper.sweep(services) == {}
+    drain()
+    settled = services.db.orders.find_one({"_id": order["id"]})
+    assert [r["out_refund_no"] for r in settled["refunds"]] == [refunds_module.refund_number(order["id"])]
+
+
+def test_a_training_whose_job_redis_lost_while_it_ran_is_retried(services, login, sim, drain):
+    avatar, _ = quick_paid_avatar(services, login("dave"), sim)
+    job_id = keys.train_job_id(avatar["_id"], 1)
+    states.transition(services.db, "avatar", avatar["_id"], "training", expect={"queued"}, by=f"job:{job_id}",
+                      inc={"train_attempts": 1})
+    services.redis.flushall()  # the job and its worker's records are gone
+    assert sweeper.sweep(services) == {}  # within the grace a live worker could still be on it
+    old = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 3)
+    services.db.avatars.update_one({"_id": avatar["_id"]}, {"$set": {"updated_at": old}})
+    assert sweeper.sweep(services) == {"training_retried": 1}
+    drain()
+    assert services.db.avatars.find_one({"_id": avatar["_id"]})["state"] == "trained"
+
+
+def test_a_trained_avatar_whose_photo_purge_never_happened_is_purged(services, login, sim, drain, monkeypatch):
+    crash_once(monkeypatch, photos, "purge_avatar_photos")
+    avatar, _ = quick_paid_avatar(services, login("erin"), sim)
+    drain()
+    stored = services.db.avatars.find_one({"_id": avatar["_id"]})
+    assert stored["state"] == "trained" and "photos_purged_at" not in stored
+    assert sweeper.sweep(services) == {"photos_purged": 1}
+    stored = services.db.avatars.find_one({"_id": avatar["_id"]})
+    assert stored["photos_purged_at"] and not any(p.get("crop_key") for p in stored["photos"])
+    assert list(services.blobs.keys(f"users/{stored['user_id']}/avatars/{avatar['_id']}/photos/")) == []
+
+
+def _render_on_trained_avatar(services, login, sim, drain, name: str) -> tuple[dict, str]:
+    avatar, order = quick_paid_avatar(services, login(name), sim)
+    drain()
+    template = next(t for t in services.catalog if t.gender == "female")
+    render = renders.create_render(services, services.db.users.find_one({"_id": avatar["user_id"]}),
+                                   services.db.avatars.find_one({"_id": avatar["_id"]}), template.id)
+    return render, order["id"]
+
+
+def test_a_delivered_render_whose_order_was_never_fulfilled_is_fulfilled(services, login, sim, drain, monkeypatch):
+    render, order_id = _render_on_trained_avatar(services, login, sim, drain, "frank")
+    crash_once(monkeypatch, orders_module, "fulfil")
+    drain()
+    assert services.db.renders.find_one({"_id": render["_id"]})["state"] == "done"
+    assert services.db.orders.find_one({"_id": order_id})["state"] == "paid"
+    assert sweeper.sweep(services) == {"order_fulfilled": 1}
+    assert services.db.orders.find_one({"_id": order_id})["state"] == "fulfilled"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"fault_render_failures": 99, "render_retries": 0}])
+def test_a_failed_render_whose_credit_never_came_back_gets_it_once(services, login, sim, drain, monkeypatch):
+    render, order_id = _render_on_trained_avatar(services, login, sim, drain, "grace")
+    credits = services.db.orders.find_one({"_id": order_id})["render_credits"]
+    crash_once(monkeypatch, renders, "settle_failed_render")
+    drain()
+    assert services.db.renders.find_one({"_id": render["_id"]})["state"] == "failed"
+    assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits
+    assert sweeper.sweep(services) == {"render_settled": 1}
+    assert sweeper.sweep(services) == {}
+    assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits + 1
+    renders.settle_failed_render(services, services.db.renders.find_one({"_id": render["_id"]}))  # replayed
+    assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits + 1
