@@ -64,7 +64,11 @@ def register_error_handlers(app) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
         code = _HTTP_CODES.get(error.code, "http_error")
-        return envelope(error.code, code, error.description or error.name)
+        response = envelope(error.code, code, error.description or error.name)
+        for name, value in error.get_headers():  # Allow on a 405, Content-Range on a 416
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

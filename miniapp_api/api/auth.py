@@ -5,8 +5,10 @@ import functools
 
 from flask import Blueprint, g, request
 
-from miniapp_api.api.requests import json_body, services
+from miniapp_api.api.openapi import endpoint
+from miniapp_api.api.requests import services
 from miniapp_api.errors import ApiError
+from miniapp_api.schemas import LoginRequest, Session
 from portraits import consents, users
 
 bp = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
@@ -42,9 +44,10 @@ def _iso(value):
 
 
 @bp.post("/login")
-def login():
-    body = json_body({"code": str})
+@endpoint(ok={200: Session}, errors=[401, 503], public=True)
+def login(json: LoginRequest):
+    """Exchange a wx.login code for a bearer token."""
     svc = services()
-    user = users.login(svc, body["code"])
+    user = users.login(svc, json.code)
     return {"token": users.issue_token(svc.settings, user), "expires_in": svc.settings.token_ttl_s,
             "user": {"id": user["_id"], "consents": consents_json(user)}}

@@ -5,8 +5,9 @@ from flask import Blueprint, g, request
 
 from miniapp_api.api import queue_poll
 from miniapp_api.api.auth import login_required
-from miniapp_api.api.requests import json_body, owned, services
-from miniapp_api.errors import ApiError
+from miniapp_api.api.openapi import endpoint
+from miniapp_api.api.requests import owned, services
+from miniapp_api.schemas import Avatar, AvatarRequest, PhotoUpload, PhotoVerdict, Queue
 from portraits import avatars, consents, keys
 from portraits.queue.tracking import QueueTracker
 
@@ -15,38 +16,39 @@ bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
 
 @bp.post("")
 @login_required
-def create_avatar():
-    body = json_body({"gender": str})
-    return avatar_json(avatars.create_avatar(services(), g.user, body["gender"])), 201
+@endpoint(ok={201: Avatar}, errors=[403])
+def create_avatar(json: AvatarRequest):
+    """Start an avatar."""
+    return avatar_json(avatars.create_avatar(services(), g.user, json.gender)), 201
 
 
 @bp.get("/<avatar_id>")
 @login_required
+@endpoint(ok={200: Avatar}, errors=[404])
 def get_avatar(avatar_id):
+    """State, photo verdicts, queue."""
     avatar = avatars.refresh_readiness(services(), owned("avatars", avatar_id, "avatar"), g.user)
     return avatar_json(avatar)
 
 
 @bp.get("/<avatar_id>/queue")
+@endpoint(ok={200: Queue}, errors=[404])
 def avatar_queue(avatar_id):
-    """The cheap poll, safe at thousands of clients (see miniapp_api.api.queue_poll)."""
+    """The cheap poll, answered from Redis alone: safe at thousands of clients (miniapp_api.api.queue_poll)."""
     return queue_poll.answer(services(), request.headers.get("Authorization", ""), avatar_id)
 
 
 @bp.post("/<avatar_id>/photos")
 @login_required
-def upload_photo(avatar_id):
+@endpoint(ok={201: PhotoVerdict}, errors=[403, 404, 409, 503])
+def upload_photo(avatar_id, form: PhotoUpload):
+    """Upload one photo; it is judged on arrival."""
     svc = services()
     avatar = owned("avatars", avatar_id, "avatar")
     consents.require_face_consent(svc.settings, g.user)
-    if request.mimetype != "multipart/form-data":
-        raise ApiError(415, "multipart_required", "Upload the photo as multipart/form-data, field 'photo'.")
-    upload = request.files.get("photo")
-    if upload is None:
-        raise ApiError(400, "photo_missing", "The multipart field 'photo' is missing.")
-    role = request.form.get("role", "extra")
-    photo, updated = avatars.add_photo(svc, g.user, avatar, upload.read(svc.settings.max_upload_bytes + 1), role)
-    return {"id": photo["id"], "accepted": photo["accepted"], "reasons": photo["reasons"], "role": role,
+    data = form.photo.read(svc.settings.max_upload_bytes + 1)
+    photo, updated = avatars.add_photo(svc, g.user, avatar, data, form.role)
+    return {"id": photo["id"], "accepted": photo["accepted"], "reasons": photo["reasons"], "role": form.role,
             "avatar": avatar_json(updated)}, 201
 
 

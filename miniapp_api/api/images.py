@@ -8,11 +8,13 @@ from flask import Blueprint, Response, url_for
 from PIL import Image
 
 from miniapp_api.api.auth import login_required
-from models.posters import make_poster
+from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
+from miniapp_api.schemas import PNG
+from models.labels import METADATA_KEY, find_cjk_font, label_metadata
+from models.posters import make_poster
 from portraits import keys
 from portraits.gateways.wechat import WeChatUnavailable
-from models.labels import METADATA_KEY, find_cjk_font, label_metadata
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 
@@ -31,7 +33,9 @@ def image_json(image: dict) -> dict:
 
 @bp.get("/<image_id>")
 @login_required
+@endpoint(ok={200: PNG}, errors=[404])
 def get_image(image_id):
+    """The image (owner only): a PNG with visible and metadata AI labels."""
     image = owned("images", image_id, "image")
     data = services().sealed.get(image["user_id"], keys.image(image["user_id"], image_id))
     services().db.images.update_one({"_id": image_id}, {"$inc": {"downloads": 1}})
@@ -41,7 +45,9 @@ def get_image(image_id):
 
 @bp.get("/<image_id>/poster")
 @login_required
+@endpoint(ok={200: PNG}, errors=[404])
 def get_poster(image_id):
+    """A 750x1334 share poster with a mini-program code back into the app."""
     svc = services()
     image = owned("images", image_id, "image")
     render = svc.db.renders.find_one({"_id": image["render_id"]})

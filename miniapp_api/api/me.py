@@ -5,17 +5,21 @@ from flask import Blueprint, g, url_for
 
 from miniapp_api.api.auth import consents_json, login_required
 from miniapp_api.api.avatars import avatar_json
+from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.orders import order_json
-from portraits.privacy import delete_user, user_ref
 from miniapp_api.api.renders import render_json
 from miniapp_api.api.requests import services
+from miniapp_api.schemas import Deleted, Export
+from portraits.privacy import delete_user, user_ref
 
 bp = Blueprint("me", __name__, url_prefix="/api/v1/me")
 
 
 @bp.get("/export")
 @login_required
+@endpoint(ok={200: Export})
 def export():
+    """Everything held about me."""
     svc = services()
     user = g.user
     uid = user["_id"]
@@ -40,7 +44,9 @@ def export():
 
 @bp.delete("")
 @login_required
+@endpoint(ok={202: Deleted})
 def delete_me():
+    """Delete me and everything mine (paid, undelivered orders are refunded)."""
     delete_user(services(), g.user)
     return {"deleted": True}, 202
 

@@ -1,174 +1,184 @@
-"""The client contract as OpenAPI 3, served at /api/v1/openapi.json. Tests check it covers every route."""
+"""The client contract, generated: spectree turns the pydantic models of miniapp_api.schemas into the OpenAPI 3.1
+document at /api/v1/openapi.json, and validates each request (before the handler) and response (after it).
+
+A handler declares its route with `endpoint(...)`: the success statuses with their models, the refusals of its own,
+whether it is public. Its request models are its `json`, `form` or `query` parameter annotations. The statuses any
+route of its kind can answer are added here: 405 and 500 always, 401 unless public, 400 with a request model, 413
+and 415 with a body. A request its models refuse is answered in the error envelope (requests.refusal).
+"""
 from __future__ import annotations
 
-from flask import Blueprint
+import threading
+from typing import Iterable, get_type_hints
 
-bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
+from flask import Blueprint, current_app, request
+from spectree import Response, SecurityScheme, SpecTree
+from spectree.models import SecuritySchemeData
+from spectree.plugins.base import Context
+from spectree.plugins.flask_plugin import FlaskPlugin
 
+from miniapp_api.api.requests import refusal, require_json_object, require_multipart
+from miniapp_api.schemas import ErrorEnvelope, OpenApiDocument
 
-def _obj(properties: dict, required: list[str] | None = None) -> dict:
-    schema = {"type": "object", "properties": properties}
-    if required:
-        schema["required"] = required
-    return schema
+bp = Blueprint("contract", __name__, url_prefix="/api/v1")  # spectree leaves out endpoints named "openapi*"
 
-
-S = {"type": "string"}
-I = {"type": "integer"}
-B = {"type": "boolean"}
-N = {"type": "number"}
-NULLABLE_N = {"type": "number", "nullable": True}
-
-ERROR = _obj({"error": _obj({"code": S, "message": S, "details": {"type": "object"}}, ["code", "message"])}, ["error"])
-
-QUEUE = _obj({"state": S, "position": I, "ahead": I, "eta_seconds": I, "progress": N, "step": I, "total": I})
-POSITION = _obj({"position": I, "ahead": I, "eta_seconds": I, "running": B})
-NULLABLE_S = {"type": "string", "nullable": True}
-PHOTO = _obj({"id": S, "role": S, "accepted": B, "reasons": {"type": "array", "items": S}})
-AVATAR = _obj({"id": S, "state": {"type": "string", "enum": ["collecting", "ready", "queued", "training", "trained",
-                                                               "failed"]},
-               "gender": S, "photos": {"type": "array", "items": PHOTO}, "accepted_count": I, "min_photos": I,
-               "max_photos": I, "missing": {"type": "array", "items": S}, "order_id": NULLABLE_S,
-               "photos_purged": B, "failure": NULLABLE_S, "queue": {**QUEUE, "nullable": True}})
-PAY_PARAMS = _obj({k: S for k in ("appId", "timeStamp", "nonceStr", "package", "signType", "paySign")})
-REFUND = _obj({"out_refund_no": S, "amount": I, "state": S, "reason": NULLABLE_S, "requested_at": NULLABLE_S})
-ORDER = _obj({"id": S, "avatar_id": S, "sku": S, "amount": I,
-              "state": {"type": "string", "enum": ["created", "paid", "fulfilled", "closed", "refunding", "refunded",
-                                                   "refund_failed"]},
-              "render_credits": I, "created_at": NULLABLE_S, "paid_at": NULLABLE_S,
-              "refunds": {"type": "array", "items": REFUND}, "pay_params": PAY_PARAMS})
-IMAGE = _obj({"id": S, "url": S, "poster_url": S, "likeness": NULLABLE_N, "content_id": S, "render_id": S,
-              "width": I, "height": I})
-RENDER = _obj({"id": S, "state": {"type": "string", "enum": ["queued", "rendering", "done", "failed"]},
-               "avatar_id": S, "template_id": S, "parent_id": {"type": "string", "nullable": True},
-               "likeness": NULLABLE_N, "parent_likeness": NULLABLE_N, "refinements_left": I,
-               "images": {"type": "array", "items": IMAGE}, "queue": {**POSITION, "nullable": True}})
-TEMPLATE = _obj({"id": S, "name": _obj({"zh": S, "en": S}), "category": S, "gender": S, "preview_url": S})
-CONSENT_STATE = _obj({"face_processing": {"nullable": True, **_obj({"version": S, "given_at": S, "withdrawn_at": S,
-                                                                     "current": B})}})
+MEANINGS = {
+    400: "refused input: malformed_json, json_object_required, invalid_fields (details.fields: {name: problem}), or "
+         "a reason of this route",
+    401: "no valid identity: missing_token, invalid_token, token_expired; login: invalid_login_code; WeChat Pay "
+         "callbacks: a signature, timestamp or body that cannot be trusted",
+    402: "what was paid for is used up: no_render_credits",
+    403: "not allowed before the user does something: consent_required, guardian_consent_required",
+    404: "no such thing, or another user's (answered the same): <kind>_not_found; callbacks: unknown_order, "
+         "unknown_refund",
+    405: "this path does not take that method; the Allow header lists the ones it takes",
+    409: "not possible in the current state",
+    413: "too large: the body (file_too_large), or the photo (file_too_large, too_many_pixels)",
+    415: "json_required, multipart_required, or an image format we do not take (unsupported_format)",
+    416: "the byte range asked for is outside the file",
+    500: "internal_error: a fault on our side; nothing was charged twice",
+    502: "a provider failed the request (payment_unavailable); nothing happened, trying again may work",
+    503: "cannot answer now (wechat_unavailable, avatar_busy; callbacks: order_busy); the same call may succeed later",
+}
+ALLOW = {"description": "the methods this path takes", "schema": {"type": "string"}}
 
 
-def _json(schema: dict) -> dict:
-    return {"content": {"application/json": {"schema": schema}}}
+class Answers(Response):
+    """spectree's Response plus what it cannot say itself: PNG bodies and the Allow header of 405. It lists only
+    the statuses given (spectree would add its validation-error status to every route)."""
+
+    def __init__(self, ok: dict, errors: dict):
+        self.media = {status: kind for status, kind in ok.items() if isinstance(kind, str)}
+        models = {f"HTTP_{status}": None if isinstance(kind, str) else kind for status, kind in ok.items()}
+        models |= {f"HTTP_{status}": (model, MEANINGS[status]) for status, model in sorted(errors.items())}
+        super().__init__(**models)
+
+    def add_model(self, code, model, replace=True, description=None):
+        if replace:
+            super().add_model(code, model, replace, description)
+
+    def generate_spec(self, naming_strategy):
+        spec = super().generate_spec(naming_strategy)
+        for status, media in self.media.items():
+            spec[str(status)]["content"] = {media: {}}
+        if "405" in spec:
+            spec["405"]["headers"] = {"Allow": ALLOW}
+        return dict(sorted(spec.items()))
 
 
-def _responses(ok_status: str, ok: dict | None, *errors: str, ok_description: str = "OK") -> dict:
-    responses = {ok_status: {"description": ok_description, **({} if ok is None else ok)}}
-    for status in errors:
-        responses[status] = {"description": "error envelope with a stable reason code", **_json(ERROR)}
-    return responses
+class ContractBroken(Exception):
+    """A handler answered something its response model refuses."""
 
 
-def _op(summary: str, responses: dict, body: dict | None = None, params: list | None = None, auth: bool = True,
-        tag: str = "api") -> dict:
-    op = {"summary": summary, "tags": [tag], "responses": responses}
-    if body is not None:
-        op["requestBody"] = {"required": True, **body}
-    if params:
-        op["parameters"] = params
-    if not auth:
-        op["security"] = []
-    return op
+class ContractPlugin(FlaskPlugin):
+    """spectree's Flask plugin. A response its model refuses is a bug of ours: under test it fails the request
+    (500, logged with the reason); in production it is logged and sent as it is."""
+
+    def request_validation(self, request, query, json, form, headers, cookies):
+        if all(model is None for model in (query, json, form, headers, cookies)):  # spectree would parse them anyway
+            request.context = Context(None, None, None, None, None)
+            return
+        super().request_validation(request, query, json, form, headers, cookies)
+
+    def validate_response(self, resp, resp_model, skip_validation, force_resp_serialize):
+        if skip_validation:  # spectree would read the body even then, which a streamed file cannot give
+            return current_app.make_response(resp), None
+        response, broken = super().validate_response(resp, resp_model, skip_validation, force_resp_serialize)
+        if broken is None:
+            return response, None
+        problem = f"{request.method} {request.path} answered what its response model refuses: {broken}"
+        if current_app.testing:
+            raise ContractBroken(problem)
+        current_app.logger.error(problem)
+        return current_app.make_response(resp), None
 
 
-def _path_id(name: str) -> dict:
-    return {"name": name, "in": "path", "required": True, "schema": S}
+contract = SpecTree(
+    "flask", backend=ContractPlugin, mode="strict", annotations=True,
+    title="AI portrait mini-program API", version="1.0.0",
+    description="Times are ISO-8601 UTC; money is integer fen. Errors: HTTP status + {error:{code, message, details}} "
+                "with a stable reason code. Any id of another user answers 404. Request bodies may carry fields "
+                "not listed here; they are ignored.",
+    security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(type="http", scheme="bearer"))],
+    security={"bearer": []},
+    naming_strategy=lambda model: model.__name__, nested_naming_strategy=lambda _parent, child: child,
+    validation_error_status=400, validation_error_model=ErrorEnvelope,
+)
 
 
-def _query(name: str) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": S}
+def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, signed_body=None,
+             error_model=ErrorEnvelope):
+    """Declare a route's contract. ok: {status: response model, schemas.PNG, or None for no body}; errors: the
+    statuses of its own refusals; signed_body: a body verified by its signature before anything reads it, so it
+    is documented, not validated (WeChat Pay's callbacks)."""
+
+    def decorate(func):
+        hints = get_type_hints(func)
+        inputs = {name: hints[name] for name in ("json", "form", "query") if name in hints}
+        statuses = {405, 500, *errors}
+        if not public:
+            statuses.add(401)  # missing_token, invalid_token, token_expired
+        if inputs:
+            statuses.add(400)  # what the models refuse
+        if "json" in inputs or "form" in inputs or signed_body is not None:
+            statuses.add(413)  # a body over MAX_CONTENT_LENGTH
+        if "json" in inputs or "form" in inputs:
+            statuses.add(415)  # json_required, multipart_required
+        binary = any(isinstance(kind, str) for kind in ok.values())
+        return contract.validate(
+            json=signed_body, resp=Answers(ok, dict.fromkeys(statuses, error_model)),
+            security={} if public else None, before=_refuse_invalid(inputs), operation_id=func.__name__,
+            skip_validation=signed_body is not None or binary)(func)
+
+    return decorate
 
 
-def spec() -> dict:
-    callback_body = {"content": {"application/json": {"schema": _obj({"id": S, "create_time": S, "event_type": S,
-                                                                       "resource_type": S, "resource": {"type": "object"},
-                                                                       "summary": S})}}}
-    paths = {
-        "/api/v1/auth/login": {"post": _op("exchange a wx.login code", _responses(
-            "200", _json(_obj({"token": S, "expires_in": I, "user": _obj({"id": S, "consents": CONSENT_STATE})})),
-            "400", "401", "415", "503"), _json(_obj({"code": S}, ["code"])), auth=False)},
-        "/api/v1/consents": {
-            "get": _op("current consent texts", _responses("200", _json({"type": "array", "items": _obj(
-                {"kind": S, "version": S, "text": S})}), "401")),
-            "post": _op("give face-processing consent", _responses("201", _json(CONSENT_STATE), "400", "401", "403",
-                                                                  "409", "415"),
-                        _json(_obj({"kind": S, "version": S, "age_14_or_over": B, "own_face": B},
-                                   ["kind", "version", "age_14_or_over", "own_face"]))),
-        },
-        "/api/v1/consents/face_processing": {"delete": _op(
-            "withdraw consent; deletes photos, avatars, weights, renders and images", _responses(
-                "200", _json(_obj({"consents": CONSENT_STATE, "deleted": {"type": "object"}})), "401"))},
-        "/api/v1/avatars": {"post": _op("start an avatar", _responses("201", _json(AVATAR), "400", "401", "403", "415"),
-                                        _json(_obj({"gender": {"type": "string", "enum": ["female", "male"]}},
-                                                   ["gender"])))},
-        "/api/v1/avatars/{avatar_id}": {"get": _op("state, photo verdicts, queue", _responses(
-            "200", _json(AVATAR), "401", "404"), params=[_path_id("avatar_id")])},
-        "/api/v1/avatars/{avatar_id}/queue": {"get": _op("cheap poll, answered from Redis alone", _responses(
-            "200", _json(QUEUE), "401", "404"), params=[_path_id("avatar_id")])},
-        "/api/v1/avatars/{avatar_id}/photos": {"post": _op("upload one photo; judged on arrival", _responses(
-            "201", _json(_obj({"id": S, "accepted": B, "reasons": {"type": "array", "items": S}, "role": S,
-                               "avatar": AVATAR})), "400", "401", "403", "404", "409", "413", "415"),
-            {"content": {"multipart/form-data": {"schema": _obj(
-                {"photo": {"type": "string", "format": "binary"},
-                 "role": {"type": "string", "enum": ["front", "extra"]}}, ["photo"])}}},
-            params=[_path_id("avatar_id")])},
-        "/api/v1/orders": {"post": _op("buy (WeChat Pay JSAPI prepay)", _responses(
-            "201", _json(ORDER), "400", "401", "404", "409", "415", "502"),
-            _json(_obj({"avatar_id": S, "sku": S}, ["avatar_id", "sku"])))},
-        "/api/v1/orders/{order_id}": {"get": _op("order state", _responses("200", _json(ORDER), "401", "404"),
-                                                 params=[_path_id("order_id")])},
-        "/api/v1/pay/notify": {"post": _op("WeChat Pay v3 payment callback (signed, AES-256-GCM encrypted)",
-                                           _responses("204", None, "400", "401", "404", ok_description="applied"),
-                                           callback_body, auth=False, tag="wechatpay")},
-        "/api/v1/pay/refund-notify": {"post": _op("WeChat Pay v3 refund callback", _responses(
-            "204", None, "400", "401", "404", ok_description="applied"), callback_body, auth=False, tag="wechatpay")},
-        "/api/v1/subscriptions": {"post": _op("report wx.requestSubscribeMessage grants", _responses(
-            "200", _json(_obj({"subscriptions": {"type": "object", "additionalProperties": I}})), "400", "401", "415"),
-            _json(_obj({"grants": {"type": "object", "additionalProperties": {"type": "string",
-                                                                               "enum": ["accept", "reject"]}}},
-                       ["grants"])))},
-        "/api/v1/templates": {"get": _op("template catalog", _responses(
-            "200", _json({"type": "array", "items": TEMPLATE}), "400", "401"),
-            params=[_query("category"), _query("gender")])},
-        "/api/v1/templates/{template_id}/preview": {"get": _op("template preview card", {
-            "200": {"description": "PNG", "content": {"image/png": {}}},
-            "404": {"description": "no such template", **_json(ERROR)}}, params=[_path_id("template_id")],
-            auth=False)},
-        "/api/v1/renders": {"post": _op("render a template (uses one render set)", _responses(
-            "201", _json(RENDER), "400", "401", "402", "404", "409", "415"),
-            _json(_obj({"avatar_id": S, "template_id": S}, ["avatar_id", "template_id"])))},
-        "/api/v1/renders/{render_id}": {"get": _op("render results", _responses("200", _json(RENDER), "401", "404"),
-                                                   params=[_path_id("render_id")])},
-        "/api/v1/renders/{render_id}/more-like-me": {"post": _op("re-render closer to the user's face", _responses(
-            "201", _json(RENDER), "401", "404", "409"), params=[_path_id("render_id")])},
-        "/api/v1/images/{image_id}": {"get": _op("the labelled image (owner only)", {
-            "200": {"description": "PNG with visible and metadata AI labels", "content": {"image/png": {}}},
-            "401": {"description": "error", **_json(ERROR)}, "404": {"description": "error", **_json(ERROR)}},
-            params=[_path_id("image_id")])},
-        "/api/v1/images/{image_id}/poster": {"get": _op("share poster with a code back into the app", {
-            "200": {"description": "750x1334 PNG", "content": {"image/png": {}}},
-            "401": {"description": "error", **_json(ERROR)}, "404": {"description": "error", **_json(ERROR)}},
-            params=[_path_id("image_id")])},
-        "/api/v1/me/export": {"get": _op("everything held about me", _responses(
-            "200", _json({"type": "object"}), "401"))},
-        "/api/v1/me": {"delete": _op("delete me and everything mine", _responses(
-            "202", _json(_obj({"deleted": B})), "401"))},
-        "/api/v1/openapi.json": {"get": _op("this document", {"200": {"description": "OpenAPI 3",
-                                                                     **_json({"type": "object"})}}, auth=False)},
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "AI portrait mini-program API", "version": "1.0.0",
-                 "description": "Times are ISO-8601 UTC; money is integer fen. Errors: HTTP status + "
-                                "{error:{code, message, details}}. Any id of another user answers 404."},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-                       "schemas": {"Error": ERROR, "Avatar": AVATAR, "Order": ORDER, "Render": RENDER,
-                                   "Image": IMAGE, "Template": TEMPLATE, "Queue": QUEUE}},
-        "security": [{"bearer": []}],
-        "paths": paths,
-    }
+def _refuse_invalid(inputs: dict):
+    """spectree's `before` hook: the request's shape first (415, malformed JSON), then what its models refused."""
+
+    def before(req, resp, error, instance, adapter):
+        if "json" in inputs:
+            require_json_object()
+        if "form" in inputs:
+            require_multipart()
+        if error is not None:
+            name, model = next((name, model) for name, model in inputs.items() if model.__name__ == error.title)
+            raise refusal(error, model, _submitted(name))
+
+    return before
+
+
+def _submitted(name: str) -> dict:
+    if name == "json":
+        return request.get_json(silent=True)
+    if name == "form":
+        return {**request.form.to_dict(), **request.files.to_dict()}
+    return request.args.to_dict()
+
+
+_generated = threading.Lock()
+
+
+def document() -> dict:
+    """The OpenAPI document, generated once (from the routes of the app serving it) and tidied."""
+    with _generated:
+        spec = contract.spec
+        spec.pop("tags", None)
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                for key in ("tags", "description", "parameters"):
+                    if key in operation and not operation[key]:  # spectree writes them empty
+                        del operation[key]
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("description") == "":
+                        del parameter["description"]
+                    if parameter["schema"].pop("allowEmptyValue", False):  # spectree leaves it in the schema
+                        parameter["allowEmptyValue"] = True
+        return spec
 
 
 @bp.get("/openapi.json")
+@endpoint(ok={200: OpenApiDocument}, public=True)
 def openapi_json():
-    return spec()
+    """This document."""
+    return document()

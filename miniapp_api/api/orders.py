@@ -3,28 +3,33 @@ from __future__ import annotations
 
 from flask import Blueprint, g
 
+from miniapp_api.api.auth import login_required
+from miniapp_api.api.openapi import endpoint
+from miniapp_api.api.requests import owned, services
+from miniapp_api.schemas import Order, OrderRequest
 from portraits import consents
 from portraits.billing import orders
-from miniapp_api.api.auth import login_required
-from miniapp_api.api.requests import json_body, owned, services
 
 bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 
 
 @bp.post("")
 @login_required
-def create_order():
-    body = json_body({"avatar_id": str, "sku": str})
-    avatar = owned("avatars", body["avatar_id"], "avatar")
+@endpoint(ok={201: Order}, errors=[403, 404, 409, 502])
+def create_order(json: OrderRequest):
+    """Buy an avatar pack: a WeChat Pay JSAPI prepay, paid with wx.requestPayment(pay_params)."""
+    avatar = owned("avatars", json.avatar_id, "avatar")
     if avatar["state"] == "ready":
         consents.require_face_consent(services().settings, g.user)  # it may have been withdrawn or outdated since the avatar became ready
-    order = orders.create_order(services(), g.user, avatar, body["sku"])
+    order = orders.create_order(services(), g.user, avatar, json.sku)
     return order_json(order, orders.pay_params(services(), order)), 201
 
 
 @bp.get("/<order_id>")
 @login_required
+@endpoint(ok={200: Order}, errors=[404])
 def get_order(order_id):
+    """An order's state (pay_params while it can still be paid)."""
     order = owned("orders", order_id, "order")
     return order_json(order, orders.pay_params(services(), order))
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from pymongo.errors import DuplicateKeyError
 
+from miniapp_api.api.openapi import endpoint
+from miniapp_api.api.requests import services
+from miniapp_api.schemas import PayCallbackError, PayNotification
 from portraits import states
 from portraits.billing import payments, refunds
 from portraits.billing.locks import OrderBusy
 from portraits.gateways.wechatpay import CallbackRejected
-from miniapp_api.api.requests import services
 
 bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
 
@@ -46,7 +48,10 @@ def _record(notification, outcome: str) -> None:
 
 
 @bp.post("/notify")
+@endpoint(ok={204: None}, errors=[400, 401, 404, 503], public=True, signed_body=PayNotification,
+          error_model=PayCallbackError)
 def payment_notify():
+    """WeChat Pay v3 payment callback (signed, AES-256-GCM encrypted): 204 once applied, 5xx to be delivered again."""
     notification, failure = _verified()
     if failure:
         return failure
@@ -70,7 +75,10 @@ def payment_notify():
 
 
 @bp.post("/refund-notify")
+@endpoint(ok={204: None}, errors=[400, 401, 404, 503], public=True, signed_body=PayNotification,
+          error_model=PayCallbackError)
 def refund_notify():
+    """WeChat Pay v3 refund callback: 204 once applied, 5xx to be delivered again."""
     notification, failure = _verified()
     if failure:
         return failure

@@ -5,7 +5,9 @@ from flask import Blueprint, g
 
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.images import image_json
-from miniapp_api.api.requests import json_body, owned, services
+from miniapp_api.api.openapi import endpoint
+from miniapp_api.api.requests import owned, services
+from miniapp_api.schemas import Render, RenderRequest
 from portraits import renders
 
 bp = Blueprint("renders", __name__, url_prefix="/api/v1/renders")
@@ -13,21 +15,26 @@ bp = Blueprint("renders", __name__, url_prefix="/api/v1/renders")
 
 @bp.post("")
 @login_required
-def create_render():
-    body = json_body({"avatar_id": str, "template_id": str})
-    avatar = owned("avatars", body["avatar_id"], "avatar")
-    return render_json(renders.create_render(services(), g.user, avatar, body["template_id"])), 201
+@endpoint(ok={201: Render}, errors=[402, 404, 409])
+def create_render(json: RenderRequest):
+    """Render a template on an avatar (uses one render set of its order)."""
+    avatar = owned("avatars", json.avatar_id, "avatar")
+    return render_json(renders.create_render(services(), g.user, avatar, json.template_id)), 201
 
 
 @bp.get("/<render_id>")
 @login_required
+@endpoint(ok={200: Render}, errors=[404])
 def get_render(render_id):
+    """A render's state and images."""
     return render_json(owned("renders", render_id, "render"))
 
 
 @bp.post("/<render_id>/more-like-me")
 @login_required
+@endpoint(ok={201: Render}, errors=[404, 409])
 def more_like_me(render_id):
+    """Render it again, closer to the user's face (free, a few times per render)."""
     parent = owned("renders", render_id, "render")
     avatar = owned("avatars", parent["avatar_id"], "avatar")
     return render_json(renders.more_like_me(services(), parent, avatar)), 201

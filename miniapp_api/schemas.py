@@ -1,0 +1,440 @@
+"""The client contract as pydantic models: what each /api/v1 route takes and answers.
+
+Request models validate the request before the handler runs (miniapp_api.api.openapi wires them in with spectree;
+refusals keep the error envelope, see miniapp_api.api.requests.refusal). Response models validate what handlers
+answer and, with the request models, generate the OpenAPI document served at /api/v1/openapi.json.
+
+Request models ignore unknown fields (as the API always did); response models forbid them, so the published
+schemas say `additionalProperties: false` and a handler cannot answer a field the contract does not list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError, core_schema
+from werkzeug.datastructures import FileStorage
+
+from portraits import states
+from portraits.avatars import GENDERS, ROLES
+from portraits.consents import FACE_PROCESSING
+
+# ------------------------------------------------------------------------------------------------ field types
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+"""A string with something other than whitespace in it."""
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A non-empty string from a fixed set; the schema lists the set as its enum.
+
+    Refusals: `string_type` for anything but a non-empty string, `not_one_of` (ctx `expected`: "a|b") otherwise."""
+
+    values: tuple[str, ...]
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        return core_schema.no_info_plain_validator_function(self.check)
+
+    def __get_pydantic_json_schema__(self, schema, handler):
+        return {"type": "string", "enum": list(self.values)}
+
+    def check(self, value):
+        if not isinstance(value, str) or not value.strip():
+            raise PydanticCustomError("string_type", "must be a non-empty string")
+        if value not in self.values:
+            raise PydanticCustomError("not_one_of", "must be one of {expected}", {"expected": "|".join(self.values)})
+        return value
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A field refused with a reason code of its own instead of invalid_fields (codes clients relied on before the
+    models existed), `when` it is missing, or holds a value outside its enum (for a map: any value not listed).
+    Wrong JSON types of the field itself stay invalid_fields. The schema says so as `x-refusal`."""
+
+    code: str
+    message: str
+    when: Literal["missing", "outside_enum"]
+    details: Callable[[Any], dict] = field(default=lambda value: {})
+
+    def __get_pydantic_json_schema__(self, schema, handler):
+        return {**handler(schema), "x-refusal": {"code": self.code, "when": self.when}}
+
+    def covers(self, error: dict) -> bool:
+        """Whether this pydantic error of the field is one refused with `code`."""
+        if self.when == "missing":
+            return error["type"] == "missing"
+        return error["type"] == "not_one_of" or len(error["loc"]) > 1
+
+
+class _UploadedFile:
+    """A multipart file part; a missing part, or a plain form field of that name, is `missing`."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        return core_schema.no_info_plain_validator_function(cls.check)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema, handler):
+        return {"type": "string", "format": "binary"}
+
+    @staticmethod
+    def check(value):
+        if not isinstance(value, FileStorage):
+            raise PydanticCustomError("missing", "a file part is required")
+        return value
+
+
+UploadedFile = Annotated[FileStorage, _UploadedFile]
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def omittable() -> Any:
+    """A field that is absent when it does not apply (never null): not required, and no `default` published."""
+    return Field(default=None, json_schema_extra=_no_default)
+
+
+Gender = Annotated[str, OneOf(GENDERS)]
+Role = Annotated[str, OneOf(ROLES)]
+GRANT_ANSWERS = ("accept", "reject", "ban", "filter")  # wx.requestSubscribeMessage's answers per template
+GrantAnswer = Annotated[str, OneOf(GRANT_ANSWERS)]
+AvatarState = Literal[tuple(states.MACHINES["avatar"])]
+OrderState = Literal[tuple(states.MACHINES["order"])]
+RenderState = Literal[tuple(states.MACHINES["render"])]
+PNG = "image/png"  # a success answered with a PNG body instead of JSON
+
+
+class Body(BaseModel):
+    """A request: strict JSON types (no "yes" for true, no 1 for "1"), unknown fields ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Reply(BaseModel):
+    """A response: exactly the listed fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+class ErrorDetail(Reply):
+    code: str = Field(description="stable snake_case reason code")
+    message: str = Field(description="for people; may change")
+    details: dict[str, Any] = Field(description="machine-readable, per code (invalid_fields: {fields: {name: "
+                                                "'missing' | 'must be ...' | 'a|b'}})")
+
+
+class ErrorEnvelope(Reply):
+    """Every refusal: the HTTP status and a stable reason code."""
+
+    error: ErrorDetail
+
+
+class PayCallbackError(ErrorEnvelope):
+    """A refused WeChat Pay callback: WeChat Pay reads code/message (and redelivers on 5xx), we read `error`."""
+
+    code: Literal["FAIL"] = omittable()
+    message: str = omittable()
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+class LoginRequest(Body):
+    code: NonEmptyStr = Field(description="the code from wx.login")
+
+
+class ConsentRequest(Body):
+    kind: Annotated[str, OneOf((FACE_PROCESSING,)),
+                    Refused("unknown_consent_kind", "Only face_processing consent exists.", "outside_enum",
+                            lambda kind: {"kind": kind})]
+    version: NonEmptyStr = Field(description="the version of the text shown (GET /consents)")
+    age_14_or_over: bool
+    own_face: bool
+
+
+class AvatarRequest(Body):
+    gender: Gender
+
+
+class PhotoUpload(Body):
+    photo: Annotated[UploadedFile, Refused("photo_missing", "The multipart field 'photo' is missing.", "missing")]
+    role: Role = Field(default="extra", description="front: a frontal portrait; extra: any other angle")
+
+
+class OrderRequest(Body):
+    avatar_id: NonEmptyStr
+    sku: NonEmptyStr
+
+
+def _grant_problems(grants) -> dict:
+    return {"grants": {template: "must be accept, reject, ban or filter"
+                       for template, answer in grants.items() if answer not in GRANT_ANSWERS}}
+
+
+class GrantsReport(Body):
+    grants: Annotated[dict[str, GrantAnswer],
+                      Refused("invalid_grants", "Some grants are not understood.", "outside_enum",
+                              _grant_problems)] = Field(
+        description="template id -> the answer wx.requestSubscribeMessage gave for it")
+
+
+def _empty_allowed(schema: dict) -> None:
+    _no_default(schema)
+    schema["allowEmptyValue"] = True  # lifted onto the query parameter by miniapp_api.api.openapi
+
+
+class TemplateFilter(Body):
+    """Query parameters; an empty one means no filter."""
+
+    category: NonEmptyStr = Field(default=None, json_schema_extra=_empty_allowed)
+    gender: Gender = Field(default=None, json_schema_extra=_empty_allowed)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, query):
+        return {name: value for name, value in query.items() if value != ""} if isinstance(query, dict) else query
+
+
+class RenderRequest(Body):
+    avatar_id: NonEmptyStr
+    template_id: NonEmptyStr
+
+
+class PayResource(Body):
+    algorithm: str
+    ciphertext: str
+    associated_data: str
+    nonce: str
+    original_type: str
+
+
+class PayNotification(Body):
+    """A WeChat Pay v3 callback. It is verified (signature, timestamp) and decrypted by the payment gateway before
+    anything reads it, so this model documents the body rather than validating it."""
+
+    id: str
+    create_time: str
+    event_type: str
+    resource_type: str
+    resource: PayResource
+    summary: str
+
+
+# --------------------------------------------------------------------------------------------------- responses
+
+class FaceConsent(Reply):
+    version: str
+    given_at: str | None
+    withdrawn_at: str | None
+    current: bool = Field(description="given for today's text and not withdrawn")
+
+
+class ConsentState(Reply):
+    face_processing: FaceConsent | None
+
+
+class SessionUser(Reply):
+    id: str
+    consents: ConsentState
+
+
+class Session(Reply):
+    token: str
+    expires_in: int
+    user: SessionUser
+
+
+class ConsentText(Reply):
+    kind: Annotated[str, OneOf((FACE_PROCESSING,))]
+    version: str
+    text: str
+
+
+class Erased(Reply):
+    avatars: int
+    renders: int
+    jobs: int
+    tokens_revoked: bool
+
+
+class Withdrawal(Reply):
+    consents: ConsentState
+    deleted: Erased
+
+
+class Photo(Reply):
+    id: str
+    role: Role | None
+    accepted: bool
+    reasons: list[str]
+
+
+class Queue(Reply):
+    state: str
+    position: int
+    ahead: int
+    eta_seconds: int
+    progress: float
+    step: int = omittable()
+    total: int = omittable()
+
+
+class Avatar(Reply):
+    id: str
+    state: AvatarState
+    gender: Gender
+    photos: list[Photo]
+    accepted_count: int
+    min_photos: int
+    max_photos: int
+    missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos")
+    order_id: str | None
+    photos_purged: bool
+    failure: Literal["technical_failure"] | None
+    queue: Queue | None
+
+
+class PhotoVerdict(Reply):
+    id: str
+    accepted: bool
+    reasons: list[str]
+    role: Role
+    avatar: Avatar
+
+
+class PayParams(Reply):
+    """What wx.requestPayment needs."""
+
+    appId: str
+    timeStamp: str
+    nonceStr: str
+    package: str
+    signType: str
+    paySign: str
+
+
+class Refund(Reply):
+    out_refund_no: str
+    amount: int
+    state: str
+    reason: str | None
+    requested_at: str | None
+
+
+class OrderRecord(Reply):
+    id: str
+    avatar_id: str
+    sku: str
+    amount: int = Field(description="fen")
+    state: OrderState
+    render_credits: int
+    created_at: str | None
+    paid_at: str | None
+    refunds: list[Refund]
+
+
+class Order(OrderRecord):
+    pay_params: PayParams = omittable()
+
+
+class Subscriptions(Reply):
+    subscriptions: dict[str, int] = Field(description="template id -> messages WeChat lets us send")
+
+
+class TemplateName(Reply):
+    zh: str
+    en: str
+
+
+class Template(Reply):
+    id: str
+    name: TemplateName
+    category: str
+    gender: Gender
+    preview_url: str
+
+
+class Image(Reply):
+    id: str
+    url: str
+    poster_url: str
+    likeness: float | None
+    content_id: str
+    render_id: str
+    width: int | None
+    height: int | None
+
+
+class QueueSpot(Reply):
+    position: int
+    ahead: int
+    eta_seconds: int
+    running: bool
+
+
+class Render(Reply):
+    id: str
+    state: RenderState
+    avatar_id: str
+    template_id: str
+    parent_id: str | None
+    likeness: float | None
+    parent_likeness: float | None
+    refinements_left: int
+    images: list[Image]
+    queue: QueueSpot | None
+
+
+class ConsentRecord(Reply):
+    version: str
+    given_at: str | None
+    withdrawn_at: str | None
+    age_14_or_over: bool
+    own_face: bool
+    ip: str | None
+
+
+class ExportedUser(Reply):
+    id: str
+    openid: str
+    created_at: str
+    consents: ConsentState
+    consent_records: dict[str, ConsentRecord]
+    subscriptions: dict[str, int]
+
+
+class ExportedImage(Reply):
+    id: str
+    url: str
+    content_id: str
+    created_at: str | None
+
+
+class LabelLogEntry(Reply):
+    content_id: str
+    created_at: str | None
+
+
+class Export(Reply):
+    """Everything held about the user."""
+
+    user: ExportedUser
+    avatars: list[Avatar]
+    orders: list[OrderRecord]
+    renders: list[Render]
+    images: list[ExportedImage]
+    label_log: list[LabelLogEntry]
+
+
+class Deleted(Reply):
+    deleted: bool
+
+
+class OpenApiDocument(RootModel[dict[str, Any]]):
+    """An OpenAPI 3.1 document."""
