@@ -1,5 +1,6 @@
 """Every name the service writes under: blob keys (all under the user's prefix, so erasure is one prefix delete),
-queue-tracker subjects and job ids, and Redis lock names. Nothing else builds these strings."""
+queue-tracker subjects and job ids, and Redis lock names. The queue tracker's own Redis keys (the line, tickets,
+durations, workers) are named in portraits/queue/tracking.py, beside the Lua scripts that use them."""
 from __future__ import annotations
 
 

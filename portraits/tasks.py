@@ -7,7 +7,6 @@ Renders are served ahead of training: GPU workers listen to `render` first.
 from __future__ import annotations
 
 from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
@@ -133,11 +132,7 @@ def enqueue_message(services, user_id: str, kind: str, data: dict, backoff_s: li
 
 def job_status(services, job_id: str) -> str:
     """RQ's word for a job ('queued', 'started', 'failed', ...), or 'expired' once RQ no longer has it."""
-    try:
-        status = Job.fetch(job_id, connection=services.redis).get_status(refresh=False)
-    except NoSuchJobError:
-        return "expired"
-    return getattr(status, "value", status)
+    return job_statuses(services, [job_id])[0]
 
 
 def job_statuses(services, job_ids: list[str]) -> list[str]:
