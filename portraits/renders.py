@@ -7,6 +7,7 @@ for a technical reason after its retries, gives it back exactly once. More Like 
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,20 +28,64 @@ MORE_LIKE_ME = {"identity": 1.25, "identity_max": 2.0, "style": 0.5, "candidates
 RETRY_SEED_STRIDE = 1_000_003
 
 
-def claim_render_credit(db, order_id: str, user_id: str) -> dict | None:
-    """Take one render set from a paid order atomically; None when none is left (or the order is not paid)."""
+# A credit or a refinement is taken in the same update that records a claim naming the render it pays for; the
+# claim is dropped once that render is written. A claim left behind (the process died between the two writes) is
+# settled by the sweep: dropped if its render exists, given back if it never will (settle_stale_claims).
+CLAIMS = {"orders": ("render_claims", "render_credits", 1), "renders": ("refinement_claims", "refinements_used", -1)}
+
+
+def claim_render_credit(db, order_id: str, user_id: str, render_id: str) -> dict | None:
+    """Take one render set from a paid order for `render_id`, atomically; None when none is left (or the order is
+    not paid)."""
     return db.orders.find_one_and_update(
         {"_id": order_id, "user_id": user_id, "state": {"$in": ["paid", "fulfilled"]},
          "render_credits": {"$gt": 0}},
-        {"$inc": {"render_credits": -1}})
+        {"$inc": {"render_credits": -1}, "$push": {"render_claims": _claim(render_id)}})
 
 
-def claim_refinement(db, root_id: str) -> bool:
-    """Count one More Like Me against the root render set; False once MAX_REFINEMENTS are used."""
+def claim_refinement(db, root_id: str, render_id: str) -> bool:
+    """Count one More Like Me (`render_id`) against the root render set; False once MAX_REFINEMENTS are used."""
     claimed = db.renders.find_one_and_update(
         {"_id": root_id, "refinements_used": {"$not": {"$gte": MAX_REFINEMENTS}}},
-        {"$inc": {"refinements_used": 1}})
+        {"$inc": {"refinements_used": 1}, "$push": {"refinement_claims": _claim(render_id)}})
     return claimed is not None
+
+
+def _claim(render_id: str) -> dict:
+    return {"render_id": render_id, "at": states.now()}
+
+
+def drop_claim(db, collection: str, holder_id: str, render_id: str) -> None:
+    """The render a claim paid for is written: the claim is done."""
+    field, _, _ = CLAIMS[collection]
+    db[collection].update_one({"_id": holder_id}, {"$pull": {field: {"render_id": render_id}}})
+
+
+def give_back_claim(db, collection: str, holder_id: str, render_id: str) -> bool:
+    """The render a claim paid for was never written: the credit (or refinement) goes back, once (the filter on the
+    claim makes a second call, or a racing sweep, a no-op)."""
+    field, counter, sign = CLAIMS[collection]
+    given = db[collection].update_one({"_id": holder_id, f"{field}.render_id": render_id},
+                                      {"$inc": {counter: sign}, "$pull": {field: {"render_id": render_id}}})
+    return given.modified_count == 1
+
+
+def settle_stale_claims(services, older_than) -> Counter:
+    """Claims older than `older_than` (no request takes that long between its two writes): each dropped if its
+    render was written, given back otherwise."""
+    settled = Counter()
+    for collection, (field, _, _) in CLAIMS.items():
+        holders = list(services.db[collection].find({f"{field}.at": {"$lt": older_than}}, {field: 1}))
+        stale = [(holder["_id"], claim["render_id"]) for holder in holders for claim in holder[field]
+                 if claim["at"] < older_than]
+        written = {r["_id"] for r in services.db.renders.find({"_id": {"$in": [rid for _, rid in stale]}}, {"_id": 1})}
+        for holder_id, render_id in stale:
+            if render_id in written:
+                drop_claim(services.db, collection, holder_id, render_id)
+                settled["claim_dropped"] += 1
+            elif give_back_claim(services.db, collection, holder_id, render_id):
+                settled["claim_given_back"] += 1
+    return settled
 
 
 def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
@@ -52,22 +97,30 @@ def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
     if template.gender != avatar["gender"]:
         raise Invalid("template_gender_mismatch", "Pick a template made for this avatar's gender.",
                       {"template_gender": template.gender, "avatar_gender": avatar["gender"]})
-    order = claim_render_credit(services.db, avatar["order_id"], user["_id"])
+    render_id = new_render_id()
+    order = claim_render_credit(services.db, avatar["order_id"], user["_id"], render_id)
     if order is None:
         raise PaymentRequired("no_render_credits", "All render sets of this order are used.")
     params = {"identity_strength": template.identity_strength, "style_strength": template.style_strength,
               "candidates": template.candidates, "images_to_keep": template.images_to_keep}
-    render_id = new_render_id()
+    return _insert_claimed(services, "orders", order["_id"], render_id,
+                           lambda: insert_render(services, avatar, template.id, order["_id"], params, parent=None,
+                                                 charged=True, render_id=render_id))
+
+
+def _insert_claimed(services, collection: str, holder_id: str, render_id: str, insert) -> dict:
+    """Write the render a claim paid for, then drop the claim. On a failure the claim goes back only if the render
+    was never written: once it is (the failure came after, queueing its job) the render is owed and will be made
+    (the sweep enqueues a `queued` render Redis does not have), and giving the credit back too would hand out a
+    render set for free (found by tests/test_drills.py)."""
     try:
-        return insert_render(services, avatar, template.id, order["_id"], params, parent=None, charged=True,
-                             render_id=render_id)
+        render = insert()
     except Exception:
-        # The credit goes back only if the render was never written. Once it is (the failure came after, queueing
-        # its job), the render is owed and will be made (the sweep enqueues a `queued` render Redis does not
-        # have): giving the credit back too would hand out a render set for free (found by tests/test_drills.py).
         if services.db.renders.find_one({"_id": render_id}, {"_id": 1}) is None:
-            services.db.orders.update_one({"_id": order["_id"]}, {"$inc": {"render_credits": 1}})
+            give_back_claim(services.db, collection, holder_id, render_id)
         raise
+    drop_claim(services.db, collection, holder_id, render_id)
+    return render
 
 
 def more_like_me(services, parent: dict, avatar: dict) -> dict:
@@ -76,18 +129,13 @@ def more_like_me(services, parent: dict, avatar: dict) -> dict:
     if avatar["state"] != "trained":
         raise Conflict("avatar_not_trained", "The avatar is not ready for portraits.", {"state": avatar["state"]})
     root_id = parent.get("root_id") or parent["_id"]
-    if not claim_refinement(services.db, root_id):
-        raise Conflict("refinement_limit", "This render was refined as far as it goes.", {"max": MAX_REFINEMENTS})
     render_id = new_render_id()
-    try:
-        return insert_render(services, avatar, parent["template_id"], parent["order_id"],
-                             more_like_me_params(parent["params"]), parent=parent, charged=False,
-                             render_id=render_id)
-    except Exception:
-        # As in create_render: a child render that was written is owed and counts against the limit.
-        if services.db.renders.find_one({"_id": render_id}, {"_id": 1}) is None:
-            services.db.renders.update_one({"_id": root_id}, {"$inc": {"refinements_used": -1}})
-        raise
+    if not claim_refinement(services.db, root_id, render_id):
+        raise Conflict("refinement_limit", "This render was refined as far as it goes.", {"max": MAX_REFINEMENTS})
+    return _insert_claimed(services, "renders", root_id, render_id,
+                           lambda: insert_render(services, avatar, parent["template_id"], parent["order_id"],
+                                                 more_like_me_params(parent["params"]), parent=parent,
+                                                 charged=False, render_id=render_id))
 
 
 def more_like_me_params(p: dict) -> dict:
@@ -229,18 +277,23 @@ def parent_images(services, render: dict) -> list[dict]:
     return list(services.db.images.find({"_id": {"$in": parent.get("image_ids", [])}}))
 
 
-def store_labelled(services, render: dict, image: Image.Image, score: float | None) -> str:
-    """Label one portrait (visible mark + metadata), seal it under the user's key and log the label."""
-    image_id = "img_" + secrets.token_hex(10)
-    content_id = "AIGC-" + secrets.token_hex(12).upper()
+def store_labelled(services, render: dict, image: Image.Image, score: float | None, index: int) -> str:
+    """Label one portrait (visible mark + metadata), seal it under the user's key and log the label. The ids are
+    derived from (render, attempt, index), so a step replayed after a crash writes the same image and the same
+    label-log row again instead of a second one."""
+    image_id, content_id = keys.image_ids(render["_id"], render["attempts"], index)
     data = label_image(image, content_id=content_id, provider=services.settings.provider_name,
                        font_path=services.settings.cjk_font_path)
     services.sealed.put(render["user_id"], keys.image(render["user_id"], image_id), data)
     at = states.now()
-    services.db.images.insert_one({"_id": image_id, "user_id": render["user_id"], "render_id": render["_id"],
-                                   "content_id": content_id, "likeness": score, "width": image.width,
-                                   "height": image.height, "created_at": at})
-    services.db.label_log.insert_one(privacy.label_log_entry(services, content_id, render["user_id"], at))
+    services.db.images.update_one(
+        {"_id": image_id},
+        {"$setOnInsert": {"user_id": render["user_id"], "render_id": render["_id"], "content_id": content_id,
+                          "likeness": score, "width": image.width, "height": image.height, "created_at": at}},
+        upsert=True)
+    services.db.label_log.update_one(
+        {"content_id": content_id},
+        {"$setOnInsert": privacy.label_log_entry(services, content_id, render["user_id"], at)}, upsert=True)
     return image_id
 
 
@@ -254,9 +307,9 @@ class KeptImage:
 def keep_candidates(services, render: dict, kept: list[RankedCandidate]) -> list[KeptImage]:
     """The kept candidates as stored images: new ones labelled and stored, carried-over ones as they are."""
     return [KeptImage(image_id=candidate.image_id or store_labelled(services, render, candidate.image,
-                                                                    candidate.likeness),
+                                                                    candidate.likeness, index),
                       likeness=candidate.likeness, carried=candidate.image_id is not None)
-            for candidate in kept]
+            for index, candidate in enumerate(kept)]
 
 
 def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], _seconds: float) -> str:
@@ -270,7 +323,8 @@ def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], 
         return "superseded"
     QueueTracker(services.redis).set_subject(keys.render_subject(render["_id"]), state="done")
     orders.fulfil(services, render["order_id"])
-    notifications.notify(services, render["user_id"], "portraits_ready", {"render_id": render["_id"]})
+    notifications.notify(services, render["user_id"], "portraits_ready", render["_id"],
+                         {"render_id": render["_id"]})
     return "done"
 
 
@@ -302,19 +356,43 @@ def retry_failed_render(services, render: dict, by: str) -> dict:
     # Claim the failed render first: two operators clicking at once make one new render, not two.
     claimed = services.db.renders.find_one_and_update(
         {"_id": render["_id"], "state": "failed", "retried_by": {"$exists": False}},
-        {"$set": {"retried_by": new_id}})
+        {"$set": {"retried_by": new_id, "retried_at": states.now()}})
     if claimed is None:
         raise Conflict("render_not_retryable", "Only a failed render can be retried, once.")
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
     refusal = None
     if avatar is None or avatar["state"] != "trained":
         refusal = Conflict("avatar_not_trained", "The avatar is not trained.")
-    elif render.get("charged") and claim_render_credit(services.db, render["order_id"], render["user_id"]) is None:
+    elif render.get("charged") and claim_render_credit(services.db, render["order_id"], render["user_id"],
+                                                       new_id) is None:
         refusal = Conflict("no_render_credits", "The order has no render credit left, or was refunded.")
     if refusal is not None:
-        services.db.renders.update_one({"_id": render["_id"], "retried_by": new_id}, {"$unset": {"retried_by": ""}})
+        release_retry(services.db, render["_id"], new_id)
         raise refusal
     parent = services.db.renders.find_one({"_id": render["parent_id"]}) if render.get("parent_id") else None
-    return insert_render(services, avatar, render["template_id"], render["order_id"], render["params"],
-                         parent=parent, charged=bool(render.get("charged")), by=by, render_id=new_id,
-                         retry_of=render["_id"])
+
+    def insert():
+        return insert_render(services, avatar, render["template_id"], render["order_id"], render["params"],
+                             parent=parent, charged=bool(render.get("charged")), by=by, render_id=new_id,
+                             retry_of=render["_id"])
+    if not render.get("charged"):
+        return insert()
+    return _insert_claimed(services, "orders", render["order_id"], new_id, insert)
+
+
+def release_retry(db, failed_id: str, new_id: str) -> None:
+    """The retry `new_id` of a failed render was refused or never written: the failed render can be retried again."""
+    db.renders.update_one({"_id": failed_id, "retried_by": new_id},
+                          {"$unset": {"retried_by": "", "retried_at": ""}})
+
+
+def release_stale_retries(services, older_than) -> int:
+    """Operators' retries whose new render was never written (the process died between the two writes)."""
+    claimed = list(services.db.renders.find({"state": "failed", "retried_at": {"$lt": older_than}},
+                                            {"retried_by": 1}))
+    written = {r["_id"] for r in services.db.renders.find({"_id": {"$in": [r["retried_by"] for r in claimed]}},
+                                                          {"_id": 1})}
+    stale = [r for r in claimed if r["retried_by"] not in written]
+    for render in stale:
+        release_retry(services.db, render["_id"], render["retried_by"])
+    return len(stale)

@@ -7,7 +7,11 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - an avatar `failed` whose order is still `paid` owes a refund;
 - a render `failed` and not yet `settled_at` owes its credit back (charged ones) and, maybe, the order's refund;
 - a render `done` whose order is still `paid` owes the fulfilment, a paid order whose avatar cannot train a refund;
-- an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded.
+- an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded;
+- a render credit or refinement claimed for a render that was never written owes its return (renders.CLAIMS), and
+  an operator's retry that was never written frees the failed render for another retry;
+- a subscribe message owed whose job Redis lost, or one a state change owes that was never recorded
+  (portraits.notifications.heal).
 The sweep finds each of these and does what is missing through the ordinary, idempotent domain functions, so it can
 run at any time, as often as wanted, from any process (the clock every SWEEP_INTERVAL_S, every worker at start).
 Queued work is re-enqueued in the order it was paid for, so positions rebuilt after a Redis loss keep the line.
@@ -18,13 +22,15 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from portraits import avatars, keys, photos, renders, states, tasks
+from portraits import avatars, keys, notifications, photos, renders, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 60
+# A refund still `refunding` this long after it was asked for is waiting on WeChat Pay beyond any normal delay.
+REFUND_OVERDUE = timedelta(days=1)
 # RQ's words for a job that is still going to run (or running).
 LIVE = ("queued", "started", "scheduled", "deferred")
 LOST_REASON = "job_lost"
@@ -39,10 +45,44 @@ def sweep(services) -> dict[str, int]:
     _settle_failed_avatars(services, done)
     _settle_failed_renders(services, done)
     _purge_photos(services, done)
+    _settle_claims(services, done)
+    done.update(notifications.heal(services, _grace_cutoff(services)))
     done = +done  # only what happened
+    at = states.now()
+    services.db.sweeps.update_one({"_id": "last"}, {"$set": {"at": at}}, upsert=True)
     if done:
         log.warning("sweep: %s", dict(done))
+        services.db.sweeps.insert_one({"at": at, "done": dict(done)})
     return dict(done)
+
+
+def healed_since(services, since) -> dict[str, int]:
+    """What the sweeps since `since` did, by kind (for the console)."""
+    total = Counter()
+    for run in services.db.sweeps.find({"at": {"$gte": since}, "done": {"$exists": True}}, {"done": 1}):
+        total.update(run["done"])
+    return dict(total)
+
+
+def last_sweep_at(services):
+    last = services.db.sweeps.find_one({"_id": "last"})
+    return last["at"] if last else None
+
+
+def needs_people(services) -> list[dict]:
+    """What the sweep cannot heal by itself (README, "What the code cannot heal"): refunds WeChat Pay refused, and
+    refunds overdue at WeChat Pay (an outage longer than the refund window keeps them here until it ends)."""
+    overdue_before = states.now() - REFUND_OVERDUE
+    rows = [{"order_id": o["_id"], "state": o["state"], "since": o["updated_at"], "why": "refund_failed",
+             "error": (o.get("refunds") or [{}])[-1].get("error")}
+            for o in services.db.orders.find({"state": "refund_failed"}, {"updated_at": 1, "refunds": 1, "state": 1})]
+    for order in services.db.orders.find({"state": "refunding", "refunds.requested_at": {"$lt": overdue_before}},
+                                         {"updated_at": 1, "refunds": 1, "state": 1}):
+        latest = order["refunds"][-1]
+        if latest.get("requested_at") and latest["requested_at"] < overdue_before:
+            rows.append({"order_id": order["_id"], "state": order["state"], "since": latest["requested_at"],
+                         "why": "refund_overdue", "error": latest.get("error")})
+    return sorted(rows, key=lambda row: row["since"])
 
 
 def _settle_paid_orders(services, done: Counter) -> None:
@@ -102,7 +142,7 @@ def _not_lost_in_a_worker(services, owed: list[tuple[dict, str, str]], alive: li
     still queued. Such a job, still not started past the grace a live worker needs, is deleted here so that it is
     queued again. One read of each GPU queue's list per sweep, only when a queued job is that old.
     Found by tests/test_drills.py (a worker's heartbeat write failing right after its LPOP)."""
-    cutoff = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 2)
+    cutoff = _grace_cutoff(services)
     old = [i for i, ((doc, _, _), is_alive) in enumerate(zip(owed, alive))
            if is_alive and doc.get("updated_at") is not None and doc["updated_at"] < cutoff]
     if not old:
@@ -146,8 +186,7 @@ def _jobs_alive(services, owed: list[tuple[str, str]]) -> list[bool]:
 
 def _recover_running(services, done: Counter) -> None:
     """Running work whose job RQ has forgotten (not failed: a failed job is the reaper's, jobs.recovery)."""
-    grace = timedelta(seconds=services.settings.worker_dead_after_s * 2)
-    cutoff = states.now() - grace
+    cutoff = _grace_cutoff(services)
     for avatar in services.db.avatars.find({"state": "training", "updated_at": {"$lt": cutoff}}):
         job_id = keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0))
         if tasks.job_status(services, job_id) == "expired":
@@ -184,3 +223,14 @@ def _purge_photos(services, done: Counter) -> None:
         if order is not None and order["state"] == "refunded":
             photos.purge_failed_avatar_photos(services, avatar["_id"])
             done["photos_purged"] += 1
+
+
+def _grace_cutoff(services):
+    """Work younger than this may still be in the hands of a live process."""
+    return states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 2)
+
+
+def _settle_claims(services, done: Counter) -> None:
+    older_than = _grace_cutoff(services)
+    done.update(renders.settle_stale_claims(services, older_than))
+    done["retry_released"] += renders.release_stale_retries(services, older_than)

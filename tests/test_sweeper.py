@@ -121,7 +121,8 @@ def test_a_trained_avatar_whose_photo_purge_never_happened_is_purged(services, l
     drain()
     stored = services.db.avatars.find_one({"_id": avatar["_id"]})
     assert stored["state"] == "trained" and "photos_purged_at" not in stored
-    assert sweeper.sweep(services) == {"photos_purged": 1}
+    # The crash came before the "avatar ready" message was owed, too: the sweep owes it.
+    assert sweeper.sweep(services) == {"photos_purged": 1, "message_owed": 1}
     stored = services.db.avatars.find_one({"_id": avatar["_id"]})
     assert stored["photos_purged_at"] and not any(p.get("crop_key") for p in stored["photos"])
     assert list(services.blobs.keys(f"users/{stored['user_id']}/avatars/{avatar['_id']}/photos/")) == []
@@ -142,7 +143,8 @@ def test_a_delivered_render_whose_order_was_never_fulfilled_is_fulfilled(service
     drain()
     assert services.db.renders.find_one({"_id": render["_id"]})["state"] == "done"
     assert services.db.orders.find_one({"_id": order_id})["state"] == "paid"
-    assert sweeper.sweep(services) == {"order_fulfilled": 1}
+    # The crash came before the "portraits ready" message was owed, too: the sweep owes it.
+    assert sweeper.sweep(services) == {"order_fulfilled": 1, "message_owed": 1}
     assert services.db.orders.find_one({"_id": order_id})["state"] == "fulfilled"
 
 
@@ -159,3 +161,86 @@ def test_a_failed_render_whose_credit_never_came_back_gets_it_once(services, log
     assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits + 1
     renders.settle_failed_render(services, services.db.renders.find_one({"_id": render["_id"]}))  # replayed
     assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits + 1
+
+
+def _later(services) -> timedelta:
+    return timedelta(seconds=services.settings.worker_dead_after_s * 3)
+
+
+def test_a_render_credit_claimed_for_a_render_never_written_comes_back_once(services, login, sim, drain,
+                                                                            monkeypatch):
+    avatar, order = quick_paid_avatar(services, login("hugo"), sim)
+    drain()
+    credits = services.db.orders.find_one({"_id": order["id"]})["render_credits"]
+    user = services.db.users.find_one({"_id": avatar["user_id"]})
+    template = next(t for t in services.catalog if t.gender == "female")
+    # The process dies between taking the credit and writing the render: the claim is all that is left.
+    monkeypatch.setattr(renders, "_insert_claimed", lambda *args: (_ for _ in ()).throw(Crash("died")))
+    with pytest.raises(Crash):
+        renders.create_render(services, user, services.db.avatars.find_one({"_id": avatar["_id"]}), template.id)
+    monkeypatch.undo()
+    stored = services.db.orders.find_one({"_id": order["id"]})
+    assert stored["render_credits"] == credits - 1 and len(stored["render_claims"]) == 1
+    assert "claim_given_back" not in sweeper.sweep(services)  # a live request could still be between the writes
+    real = states.now
+    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    assert sweeper.sweep(services).get("claim_given_back") == 1
+    assert sweeper.sweep(services).get("claim_given_back") is None
+    stored = services.db.orders.find_one({"_id": order["id"]})
+    assert stored["render_credits"] == credits and stored["render_claims"] == []
+
+
+def test_a_claim_whose_render_was_written_is_dropped_and_costs_the_credit(services, login, sim, drain, monkeypatch):
+    avatar, order = quick_paid_avatar(services, login("iris"), sim)
+    drain()
+    credits = services.db.orders.find_one({"_id": order["id"]})["render_credits"]
+    crash_once(monkeypatch, renders, "drop_claim")  # dies right after the render is written and queued
+    template = next(t for t in services.catalog if t.gender == "female")
+    with pytest.raises(Crash):
+        renders.create_render(services, services.db.users.find_one({"_id": avatar["user_id"]}),
+                              services.db.avatars.find_one({"_id": avatar["_id"]}), template.id)
+    real = states.now
+    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    assert sweeper.sweep(services).get("claim_dropped") == 1
+    stored = services.db.orders.find_one({"_id": order["id"]})
+    assert stored["render_credits"] == credits - 1 and stored["render_claims"] == []
+    drain()
+    assert services.db.renders.find_one({"order_id": order["id"]})["state"] == "done"
+
+
+def test_more_like_me_claimed_but_never_written_gives_the_refinement_back(services, login, sim, drain, monkeypatch):
+    render, _ = _render_on_trained_avatar(services, login, sim, drain, "jade")
+    drain()
+    parent = services.db.renders.find_one({"_id": render["_id"]})
+    monkeypatch.setattr(renders, "insert_render", lambda *args, **kwargs: (_ for _ in ()).throw(Crash("died")))
+    monkeypatch.setattr(renders, "give_back_claim", lambda *args: (_ for _ in ()).throw(Crash("died too")))
+    with pytest.raises(Crash):
+        renders.more_like_me(services, parent, services.db.avatars.find_one({"_id": parent["avatar_id"]}))
+    monkeypatch.undo()
+    assert services.db.renders.find_one({"_id": parent["_id"]})["refinements_used"] == 1
+    real = states.now
+    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    assert sweeper.sweep(services).get("claim_given_back") == 1
+    root = services.db.renders.find_one({"_id": parent["_id"]})
+    assert root["refinements_used"] == 0 and root["refinement_claims"] == []
+
+
+@pytest.mark.parametrize("settings_overrides", [{"fault_render_failures": 1, "render_retries": 0}])
+def test_an_operator_retry_never_written_frees_the_failed_render(services, login, sim, drain, monkeypatch):
+    render, _ = _render_on_trained_avatar(services, login, sim, drain, "kurt")
+    drain()
+    failed = services.db.renders.find_one({"_id": render["_id"]})
+    assert failed["state"] == "failed"
+    monkeypatch.setattr(renders, "insert_render", lambda *args, **kwargs: (_ for _ in ()).throw(Crash("died")))
+    monkeypatch.setattr(renders, "give_back_claim", lambda *args: (_ for _ in ()).throw(Crash("died too")))
+    with pytest.raises(Crash):
+        renders.retry_failed_render(services, failed, by="operator:ada")
+    monkeypatch.undo()
+    real = states.now
+    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    done = sweeper.sweep(services)
+    assert done.get("retry_released") == 1 and done.get("claim_given_back") == 1
+    retried = renders.retry_failed_render(services, services.db.renders.find_one({"_id": render["_id"]}),
+                                          by="operator:ada")
+    assert retried["state"] == "queued" and retried["retry_of"] == render["_id"]
+    assert services.db.orders.find_one({"_id": render["order_id"]})["render_claims"] == []

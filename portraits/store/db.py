@@ -51,6 +51,8 @@ def _serialise_mongomock_writes() -> None:
 
 # WeChat Pay redelivers a notification for about 24 hours; its record is kept well past that, then expires.
 PAY_NOTIFICATION_TTL_S = 30 * 24 * 3600
+MESSAGE_TTL_S = 30 * 24 * 3600
+SWEEP_HISTORY_S = 7 * 24 * 3600  # what each sweep did, for the console
 
 
 def ensure_indexes(db) -> None:
@@ -69,6 +71,13 @@ def ensure_indexes(db) -> None:
     db.images.create_index("render_id")
     db.images.create_index("content_id", unique=True)
     _ensure_ttl_index(db.pay_notifications, "received_at", PAY_NOTIFICATION_TTL_S)
+    db.messages.create_index([("state", ASCENDING), ("created_at", ASCENDING)])
+    db.messages.create_index("user_id")
+    _ensure_ttl_index(db.messages, "created_at", MESSAGE_TTL_S)
+    _ensure_ttl_index(db.sweeps, "at", SWEEP_HISTORY_S)
+    db.orders.create_index("render_claims.at", sparse=True)
+    db.renders.create_index("refinement_claims.at", sparse=True)
+    db.renders.create_index("retried_at", sparse=True)
     db.label_log.create_index("content_id", unique=True)
     db.label_log.create_index("created_at")
 
