@@ -5,5 +5,5 @@ from jobs import context
 from portraits import notifications
 
 
-def send_message(user_id: str, kind: str, data: dict) -> str:
-    return notifications.send_message(context.services(), user_id, kind, data)
+def send_message(message_id: str) -> str:
+    return notifications.send_message(context.services(), message_id)

@@ -267,7 +267,7 @@ def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
     if avatar is None:
         return None
     QueueTracker(services.redis).set_subject(keys.avatar_subject(avatar_id), state="training", progress=0)
-    notifications.notify(services, avatar["user_id"], "training_started", {"avatar_id": avatar_id})
+    notifications.notify(services, avatar["user_id"], "training_started", avatar_id, {"avatar_id": avatar_id})
     return avatar
 
 
@@ -303,7 +303,8 @@ def complete_training(services, avatar: dict, job_id: str, _result, seconds: flo
         return "superseded"
     photos.purge_avatar_photos(services, trained)
     QueueTracker(services.redis).set_subject(keys.avatar_subject(avatar["_id"]), state="trained", progress=1)
-    notifications.notify(services, avatar["user_id"], "avatar_ready", {"avatar_id": avatar["_id"]})
+    notifications.notify(services, avatar["user_id"], "avatar_ready", avatar["_id"],
+                         {"avatar_id": avatar["_id"]})
     return "trained"
 
 

@@ -3,6 +3,8 @@ queue-tracker subjects and job ids, and Redis lock names. The queue tracker's ow
 durations, workers) are named in portraits/queue/tracking.py, beside the Lua scripts that use them."""
 from __future__ import annotations
 
+import hashlib
+
 
 def user_prefix(user_id: str) -> str:
     return f"users/{user_id}/"
@@ -51,6 +53,22 @@ def render_job_id(render_id: str, attempt: int) -> str:
 
 def refund_job_id(out_refund_no: str) -> str:
     return f"refund-{out_refund_no}"
+
+
+def image_ids(render_id: str, attempt: int, index: int) -> tuple[str, str]:
+    """(image id, AIGC content id) of the index-th portrait kept by one attempt of a render: the same every time
+    that step runs, and as unguessable as the render's own random id."""
+    digest = hashlib.sha256(f"{render_id}:{attempt}:{index}".encode()).hexdigest()
+    return "img_" + digest[:20], "AIGC-" + digest[20:44].upper()
+
+
+def message_id(kind: str, about: str) -> str:
+    """One subscribe message of `kind` about one avatar, render or refund (portraits.notifications)."""
+    return f"{kind}-{about}"
+
+
+def message_job_id(message_id: str) -> str:
+    return f"msg-{message_id}"
 
 
 def order_lock(order_id: str) -> str:

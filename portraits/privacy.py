@@ -65,6 +65,7 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
         QueueTracker(services.redis).forget_subject(keys.render_subject(render["_id"]))
     services.db.renders.delete_many({"user_id": user_id})
     services.db.images.delete_many({"user_id": user_id})
+    services.db.messages.delete_many({"user_id": user_id})
     services.blobs.delete_prefix(keys.user_prefix(user_id))
     # Crypto-shredding: whatever copy of a sealed blob survives elsewhere (a backup, a replica) is unreadable now.
     services.vault.shred(user_id)

@@ -10,6 +10,7 @@ from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
+from portraits import keys
 from portraits.queue.tracking import QueueTracker
 
 RENDER = "render"
@@ -124,10 +125,10 @@ def delete_jobs_of(services, needles: set[str]) -> int:
     return deleted
 
 
-def enqueue_message(services, user_id: str, kind: str, data: dict, backoff_s: list[int]):
+def enqueue_message(services, message_id: str, backoff_s: list[int]):
     """A subscribe message, sent by a job of its own so a GPU job never waits on (or fails with) WeChat."""
-    return queue(services, DEFAULT).enqueue(SEND_MESSAGE, user_id, kind, data,
-                                            retry=Retry(max=len(backoff_s), interval=backoff_s), result_ttl=3600)
+    return enqueue(services, DEFAULT, SEND_MESSAGE, message_id, job_id=keys.message_job_id(message_id),
+                   retry=Retry(max=len(backoff_s), interval=backoff_s))
 
 
 def job_status(services, job_id: str) -> str:

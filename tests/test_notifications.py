@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from datetime import timedelta
+
 from jobs.notifications import send_message
 from miniapp_api.dev.embedded import DEFAULT_SUBSCRIBE_TEMPLATES as TEMPLATES
+from portraits import keys, notifications, states, sweeper
 from tests.test_queue import quick_paid_avatar
 
 
@@ -17,6 +20,12 @@ def grant(api, sim, name: str, kinds, count: int = 1):
         reported = api.post("/api/v1/subscriptions", json={"grants": {TEMPLATES[k]: "accept" for k in kinds}})
         assert reported.status_code == 200, reported.get_json()
     return reported.get_json()["subscriptions"]
+
+
+def owe(services, user_id: str, kind: str, about: str) -> str:
+    """What a state change does: owe the message (and queue its job); its id."""
+    notifications.notify(services, user_id, kind, about, {"avatar_id": about})
+    return keys.message_id(kind, about)
 
 
 def sent(sim, template_id):
@@ -61,16 +70,16 @@ def test_refused_and_exhausted_grants(services, login, sim):
     api = login("ivan")
     kind = "avatar_ready"
     # No grant reported: nothing is sent, nothing asked of WeChat.
-    assert send_message(api.user_id, kind, {"avatar_id": "a1"}) == "no_grant"
+    assert send_message(owe(services, api.user_id, kind, "a0")) == "no_grant"
     # We were told "accept" but WeChat holds no grant (43101): our count is cleared, the job does not fail.
     api.post("/api/v1/subscriptions", json={"grants": {TEMPLATES[kind]: "accept"}})
     api.post("/api/v1/subscriptions", json={"grants": {TEMPLATES[kind]: "accept"}})
-    assert send_message(api.user_id, kind, {"avatar_id": "a1"}) == "refused"
+    assert send_message(owe(services, api.user_id, kind, "a1")) == "refused"
     assert services.db.users.find_one({"_id": api.user_id})["subscriptions"][TEMPLATES[kind]] == 0
     assert sent(sim, TEMPLATES[kind]) == []
     # Two grants, three messages: the third finds the grant exhausted.
     grant(api, sim, "ivan", [kind], count=2)
-    assert [send_message(api.user_id, kind, {"avatar_id": f"a{i}"}) for i in range(3)] == ["sent", "sent", "no_grant"]
+    assert [send_message(owe(services, api.user_id, kind, f"b{i}")) for i in range(3)] == ["sent", "sent", "no_grant"]
     assert len(sent(sim, TEMPLATES[kind])) == 2
     # "reject" and "ban" clear the count; an unknown answer is refused.
     grant(api, sim, "ivan", [kind])
@@ -92,6 +101,68 @@ def test_wechat_down_never_fails_the_training_and_the_grant_is_kept(services, lo
     assert sim.messages() == []
     subscriptions = services.db.users.find_one({"_id": api.user_id})["subscriptions"]
     assert subscriptions[TEMPLATES["avatar_ready"]] == 1  # given back for the retry
+    message_id = keys.message_id("avatar_ready", avatar["_id"])
+    assert services.db.messages.find_one({"_id": message_id})["state"] == "owed"  # still owed, for the retry
     with pytest.raises(WeChatUnavailable):
-        send_message(api.user_id, "avatar_ready", {"avatar_id": avatar["_id"]})
-    assert send_message(api.user_id, "avatar_ready", {"avatar_id": avatar["_id"]}) == "sent"
+        send_message(message_id)
+    assert send_message(message_id) == "sent"
+    assert send_message(message_id) == "not_owed"  # the job's own retry, later, sends nothing more
+    assert len(sent(sim, TEMPLATES["avatar_ready"])) == 1
+
+
+def test_a_message_is_owed_once_and_sent_once_however_often_it_is_replayed(services, login, sim, drain):
+    api = login("kate")
+    grant(api, sim, "kate", ["avatar_ready"], count=3)
+    message_id = owe(services, api.user_id, "avatar_ready", "av_1")
+    assert owe(services, api.user_id, "avatar_ready", "av_1") == message_id  # the step replayed after a crash
+    assert services.db.messages.count_documents({}) == 1
+    drain()
+    assert send_message(message_id) == "not_owed"
+    assert len(sent(sim, TEMPLATES["avatar_ready"])) == 1
+    assert services.db.users.find_one({"_id": api.user_id})["subscriptions"][TEMPLATES["avatar_ready"]] == 2
+
+
+def later(services, monkeypatch):
+    """The domain's clock moved past the sweep's grace for work in a live process's hands."""
+    real = states.now
+    monkeypatch.setattr(states, "now", lambda: real() + timedelta(seconds=services.settings.worker_dead_after_s * 3))
+
+
+def test_the_sweep_queues_again_a_message_redis_lost(services, login, sim, drain, monkeypatch):
+    api = login("liam")
+    grant(api, sim, "liam", ["avatar_ready"])
+    message_id = owe(services, api.user_id, "avatar_ready", "av_2")
+    services.redis.flushall()
+    drain()
+    assert sent(sim, TEMPLATES["avatar_ready"]) == []
+    later(services, monkeypatch)
+    assert sweeper.sweep(services)["message_requeued"] == 1
+    drain()
+    assert services.db.messages.find_one({"_id": message_id})["state"] == "sent"
+    assert len(sent(sim, TEMPLATES["avatar_ready"])) == 1
+    assert "message_requeued" not in sweeper.sweep(services)
+
+
+def test_the_sweep_owes_a_message_a_crash_never_recorded_and_never_resends_an_interrupted_one(
+        services, login, sim, drain, monkeypatch):
+    api = login("mona")
+    grant(api, sim, "mona", ["training_started", "avatar_ready"])
+    avatar, _ = quick_paid_avatar(services, api, sim)
+    # The process died between the avatar's `trained` and the message being owed (or Redis lost the job).
+    services.redis.flushall()
+    drain()
+    services.db.messages.delete_many({})
+    services.db.avatars.update_one({"_id": avatar["_id"]}, {"$set": {"state": "trained", "trained_at": states.now()}})
+    later(services, monkeypatch)
+    assert sweeper.sweep(services)["message_owed"] == 1
+    drain()
+    [message] = sent(sim, TEMPLATES["avatar_ready"])
+    assert message["data"]["character_string2"]["value"] == avatar["_id"]
+    # A sender that died between taking the grant and recording WeChat's answer: maybe sent; never sent again.
+    interrupted = owe(services, api.user_id, "training_started", "av_3")
+    long_ago = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 3)
+    services.db.messages.update_one({"_id": interrupted}, {"$set": {"state": "sending", "sending_at": long_ago}})
+    assert sweeper.sweep(services)["message_interrupted"] == 1
+    drain()
+    assert services.db.messages.find_one({"_id": interrupted})["state"] == "interrupted"
+    assert sent(sim, TEMPLATES["training_started"]) == []

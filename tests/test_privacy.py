@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import jobs.training
-from portraits import states
+from portraits import renders, states, tasks
 from portraits.privacy import user_ref
 from portraits.store.vault import KeyShredded
 from store_scan import Finding, StoreScanner, photo_samples, places
+from tests.test_queue import quick_paid_avatar
 
 
 def personal_needles(services, api, user_photos) -> dict:
@@ -111,11 +112,13 @@ def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain,
     assert places(findings, "user_id") == {
         ("mongo", "users"), ("mongo", "user_keys"), ("mongo", "avatars"), ("mongo", "orders"),
         ("mongo", "renders"), ("mongo", "images"),
+        # The subscribe messages owed to the user (their jobs carry only the message's id).
+        ("mongo", "messages"),
         # Sealed blobs are filed under the user's id: the LoRA, the identity pivot and the labelled images.
         ("blobs", "blobs/users/*/avatars/*/lora.safetensors"), ("blobs", "blobs/users/*/avatars/*/pivot.f64"),
         ("blobs", "blobs/users/*/images/*.png"),
-        # Queue subjects name their owner; subscribe-message jobs name the user they notify.
-        ("redis", "portraits:subject:avatar:*"), ("redis", "portraits:subject:render:*"), ("redis", "rq:job:*"),
+        # Queue subjects name their owner; no job does.
+        ("redis", "portraits:subject:avatar:*"), ("redis", "portraits:subject:render:*"),
     }, findings
     assert places(findings, "openid") == {("mongo", "users"), ("mongo", "orders")}
     # Every blob is sealed (the pivot and the images too), none is a plain file.
@@ -256,3 +259,44 @@ def test_withdrawing_a_consent_never_given_changes_nothing_and_login_keeps_worki
     assert api.get("/api/v1/consents").status_code == 200  # the token still works
     again = client.post("/api/v1/auth/login", json={"code": sim.login_code("never")})
     assert again.status_code == 200 and again.get_json()["user"]["consents"] == {"face_processing": None}
+
+
+def test_a_render_running_at_delete_me_leaves_no_failed_job_and_no_trace_of_the_user(
+        services, login, sim, drain, monkeypatch, caplog):
+    api = login("nora")
+    avatar, _ = quick_paid_avatar(services, api, sim)
+    drain()
+    template = next(t for t in api.get("/api/v1/templates?gender=female").get_json())
+    render = api.post("/api/v1/renders", json={"avatar_id": avatar["_id"], "template_id": template["id"]})
+    assert render.status_code == 201, render.get_json()
+    real_keep = renders.keep_candidates
+    erased = []
+
+    def user_deletes_the_account_mid_render(services_, render_, kept):
+        erased.append(api.delete("/api/v1/me").status_code)
+        return real_keep(services_, render_, kept)  # storing the images now fails: the user's key is shredded
+
+    monkeypatch.setattr(renders, "keep_candidates", user_deletes_the_account_mid_render)
+    caplog.set_level("DEBUG")
+    drain()
+    assert erased == [202]
+    assert tasks.queue(services, tasks.RENDER).failed_job_registry.count == 0
+    leftovers = [key for key in services.redis.scan_iter("*")
+                 if api.user_id.encode() in key or any(api.user_id.encode() in v for v in _values(services, key))]
+    assert leftovers == []
+    assert api.user_id not in caplog.text
+
+
+def _values(services, key) -> list[bytes]:
+    kind = services.redis.type(key)
+    if kind == b"string":
+        return [services.redis.get(key) or b""]
+    if kind == b"hash":
+        return list(services.redis.hgetall(key).values())
+    if kind == b"list":
+        return services.redis.lrange(key, 0, -1)
+    if kind == b"set":
+        return list(services.redis.smembers(key))
+    if kind == b"zset":
+        return [member for member, _ in services.redis.zrange(key, 0, -1, withscores=True)]
+    return []

@@ -203,7 +203,7 @@ def settle_refunds(services, order_id: str, source: str) -> dict | None:
             back = states.transition(services.db, "order", order_id, target, expect={order["state"]}, by=source,
                                      reason=f"partial_refund:{latest['out_refund_no']}")
             if back is not None:
-                notifications.notify(services, order["user_id"], "refund_made",
+                notifications.notify(services, order["user_id"], "refund_made", latest["out_refund_no"],
                                      {"order_id": order_id, "amount": latest["amount"]})
         return services.db.orders.find_one({"_id": order_id})
 
@@ -232,7 +232,7 @@ def _on_refund_failed(services, order: dict, failed: dict, source: str) -> None:
 
 def on_refunded(services, order: dict) -> None:
     photos.purge_failed_avatar_photos(services, order["avatar_id"])
-    notifications.notify(services, order["user_id"], "refund_made",
+    notifications.notify(services, order["user_id"], "refund_made", notifications.refund_message_about(order),
                          {"order_id": order["_id"], "amount": order["amount"]})
 
 
