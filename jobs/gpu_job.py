@@ -8,6 +8,7 @@ is stopping hands a long job back (HandBack) instead of finishing it; see jobs.w
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from rq import get_current_job
 from jobs import context
 from portraits.queue.tracking import QueueTracker
 
+log = logging.getLogger(__name__)
 stopping = threading.Event()
 stop_grace_s = [20.0]
 
@@ -42,6 +44,7 @@ def check_hand_back(fraction: float, elapsed_s: float) -> None:
 @dataclass(frozen=True)
 class GpuJobKind:
     queue: str
+    collection: str  # where the claimed document lives: one erased meanwhile (DELETE /me) ends the job quietly
     claim: Callable  # (services, doc_id, job_id) -> doc | None
     work: Callable  # (services, doc, job) -> result; raises on a technical failure
     complete: Callable  # (services, doc, job_id, result, seconds) -> outcome
@@ -63,6 +66,11 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
         result = kind.work(services, doc, job)
     except Exception as error:
         tracker.finished(kind.queue, job_id, measure=False)
+        if services.db[kind.collection].count_documents({"_id": doc_id}, limit=1) == 0:
+            # Its user was erased while it ran (their key shredded, their blobs gone). A failed job would keep the
+            # error, which names the user's blob keys, in Redis for the failure TTL and in the log: end it instead.
+            log.info("%s stopped: its %s was erased while it ran", job_id, kind.collection[:-1])
+            return "erased"
         kind.fail(services, doc_id, f"{type(error).__name__}: {error}")
         raise
     seconds = time.monotonic() - started

@@ -42,5 +42,5 @@ def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
     return renders.keep_candidates(services, render, kept)
 
 
-RENDERING = gpu_job.GpuJobKind(queue=tasks.RENDER, claim=renders.begin_render, work=_draw_and_keep,
-                               complete=renders.complete_render, fail=renders.fail_render)
+RENDERING = gpu_job.GpuJobKind(queue=tasks.RENDER, collection="renders", claim=renders.begin_render,
+                               work=_draw_and_keep, complete=renders.complete_render, fail=renders.fail_render)

@@ -48,5 +48,5 @@ def _config(settings, avatar: dict) -> TrainConfig:
                        seed=avatars.training_seed(avatar))
 
 
-TRAINING = gpu_job.GpuJobKind(queue=tasks.TRAIN, claim=avatars.begin_training, work=_train,
+TRAINING = gpu_job.GpuJobKind(queue=tasks.TRAIN, collection="avatars", claim=avatars.begin_training, work=_train,
                               complete=avatars.complete_training, fail=avatars.fail_training)
