@@ -265,3 +265,28 @@ def test_id_photos_come_out_at_standard_sizes_on_their_plain_background_and_shar
     stranger = login("mallory")
     assert stranger.get(first_image["poster_url"]).status_code == 404
     assert stranger.get(first_image["url"]).status_code == 404
+
+
+def test_storing_a_kept_portrait_again_after_a_crash_writes_one_image_and_one_label_log_row(services, login, sim,
+                                                                                           drain):
+    from portraits import renders
+    from tests.test_queue import quick_paid_avatar
+
+    avatar, _ = quick_paid_avatar(services, login("olga"), sim)
+    drain()
+    template = next(t for t in services.catalog if t.gender == "female")
+    render = renders.create_render(services, services.db.users.find_one({"_id": avatar["user_id"]}),
+                                   services.db.avatars.find_one({"_id": avatar["_id"]}), template.id)
+    claimed = renders.begin_render(services, render["_id"], "job-test")
+    portrait = Image.new("RGB", (64, 64), "white")
+    first = renders.store_labelled(services, claimed, portrait, 0.5, 0)
+    replayed = renders.store_labelled(services, claimed, portrait, 0.5, 0)  # the same step, after a crash
+    assert first == replayed
+    image = services.db.images.find_one({"_id": first})
+    assert services.db.images.count_documents({"render_id": render["_id"]}) == 1
+    assert services.db.label_log.count_documents({"content_id": image["content_id"]}) == 1
+    assert read_label(services.sealed.get(avatar["user_id"], f"users/{avatar['user_id']}/images/{first}.png"))[
+        "ProduceID"] == image["content_id"]
+    # Another attempt of the same render draws new portraits: new ids.
+    again = renders.store_labelled(services, {**claimed, "attempts": claimed["attempts"] + 1}, portrait, 0.5, 0)
+    assert again != first
