@@ -6,8 +6,10 @@ the reaper lets RQ's own abandoned-job handling move it to the FailedJobRegistry
 FailedJobRegistry. The same walk covers a job RQ failed before our code ran at all. For each failed job not yet
 looked at, the job id names the subject and the attempt (`train-<avatar>-<n>`, `render-<render>-<n>`); only if the
 avatar or render is still on that very attempt does the reaper call the ordinary, idempotent failure handler
-(retry, or fail and refund). Jobs our own code already handled are stale and left alone, so a refund is never made
-twice. The reaper runs periodically (jobs.periodic) and when a GPU worker starts, in any process that has the
+(retry, or fail and refund). Jobs our own code already moved on are stale and left alone, so a refund is never made
+twice; "stale" never means "thrown away": whatever the step that moved it on still owes (a refund not yet asked for,
+a credit not yet returned, an order not yet fulfilled, photos not yet purged) is recorded in MongoDB and done by the
+sweep (portraits.sweeper). The reaper runs periodically (jobs.periodic) and when a GPU worker starts, in any process that has the
 database; a short claim in Redis keeps two reapers off the same job.
 """
 from __future__ import annotations

@@ -258,3 +258,31 @@ def test_payment_alerts_are_counted_on_the_dashboard_and_dated_on_the_order_page
     assert stored["seen"] == 2
     line = next(line for line in page.splitlines() if "amount_mismatch" in line)
     assert "—" not in line and "×2" in line
+
+
+def test_the_dashboard_shows_what_the_sweep_healed_and_what_only_people_can(services, client):
+    from datetime import timedelta
+
+    from portraits import states, sweeper
+
+    make_operator(services, "wes", "viewer")
+    healed = insert_paid_order(services)  # its avatar `queued` with no job: Redis lost it
+    overdue = insert_paid_order(services)
+    asked = states.now() - timedelta(days=2)
+    services.db.orders.update_one({"_id": overdue["_id"]}, {"$set": {"state": "refunding", "refunds": [
+        {"out_refund_no": "R" + overdue["_id"], "amount": 990, "state": "PROCESSING", "requested_at": asked,
+         "error": "wechatpay_unavailable"}]}})
+    refused = insert_paid_order(services)
+    services.db.orders.update_one({"_id": refused["_id"]}, {"$set": {"state": "refund_failed"}})
+    services.db.avatars.update_many({"_id": {"$in": [overdue["avatar_id"], refused["avatar_id"]]}},
+                                    {"$set": {"state": "failed"}})
+    services.redis.flushall()
+    assert sweeper.sweep(services).get("training_requeued") == 1
+    client_login(client, "wes")
+    page = client.get("/console/").get_data(as_text=True)
+    section = page[page.index('id="sweep"'):page.index("Refunds in the last 24 hours")]
+    assert "training_requeued" in section
+    needs = section[section.index('id="needs-people"'):]
+    assert overdue["_id"] in needs and "refund_overdue" in needs and "wechatpay_unavailable" in needs
+    assert refused["_id"] in needs and "refund_failed" in needs
+    assert healed["_id"] not in needs

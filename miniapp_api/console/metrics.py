@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from portraits import tasks
+from portraits import sweeper, tasks
 from portraits.queue.tracking import QueueTracker, estimate
 from portraits import states
 from portraits.billing.refunds import REFUND_FINAL_FAILURES
@@ -90,4 +90,6 @@ def dashboard(services) -> dict:
         "refunds_total": sum(r["amount"] for r in refunds if r["state"] not in REFUND_FINAL_FAILURES),
         "revenue": revenue_since(services, today),
         "today": today,
+        "sweep": {"last_at": sweeper.last_sweep_at(services), "healed": sweeper.healed_since(services, day_ago),
+                  "needs_people": sweeper.needs_people(services)},
     }
