@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from miniapp_api import console
+from miniapp_api import bodies, console, headers, throttle
 from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, images, me, openapi, orders,
                              pay_callbacks, renders, share, subscriptions)
 from miniapp_api.dev.simulator import with_embedded_wechat
@@ -24,7 +24,6 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:
         services = build_services(settings)
         services.simulator = simulator
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_upload_bytes + 256 * 1024
     app.config["JSON_AS_ASCII"] = False
     app.json.ensure_ascii = False
     app.extensions["portraits"] = services
@@ -32,6 +31,9 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:
     for module in BLUEPRINTS:
         app.register_blueprint(module.bp)
     register_error_handlers(app)
+    bodies.init_app(app)
+    headers.init_app(app)
+    throttle.init_app(app)
     console.init_app(app)
 
     @app.get("/healthz")

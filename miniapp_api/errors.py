@@ -47,7 +47,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
-    413: "file_too_large",
+    413: "body_too_large",  # a body without Content-Length read past its route's limit (miniapp_api.bodies)
     415: "unsupported_media_type",
 }
 

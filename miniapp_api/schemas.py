@@ -22,8 +22,9 @@ from portraits.consents import FACE_PROCESSING
 
 # ------------------------------------------------------------------------------------------------ field types
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
-"""A string with something other than whitespace in it."""
+FIELD_MAX_CHARS = 128  # far above any id, code or version we issue or WeChat does (a wx.login code: 32)
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1, max_length=FIELD_MAX_CHARS, pattern=r"\S")]
+"""A string with something other than whitespace in it, and not longer than FIELD_MAX_CHARS (field_too_long)."""
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,22 @@ def create_avatar(services, user: dict, gender: str) -> dict:
     if gender not in GENDERS:
         raise Invalid("invalid_fields", "gender must be female or male.", {"fields": {"gender": "female|male"}})
     consents.require_face_consent(services.settings, user)
+    check_open_avatars(services, user)
     at = states.now()
     avatar = {"_id": "av_" + secrets.token_hex(10), "user_id": user["_id"], "gender": gender,
               "state": "collecting", "photos": [], "train_attempts": 0, "created_at": at, "updated_at": at,
               "history": states.initial_history("collecting", f"user:{user['_id']}")}
     services.db.avatars.insert_one(avatar)
     return avatar
+
+
+def check_open_avatars(services, user: dict) -> None:
+    """Avatars not paid for yet are capped per user (paid ones are capped by what was paid). Two creations at the
+    same instant may both pass: the cap bounds a flood, it is not an exact count."""
+    limit = services.settings.max_open_avatars
+    if services.db.avatars.count_documents({"user_id": user["_id"], "state": {"$in": list(TAKES_PHOTOS)}}) >= limit:
+        raise Conflict("too_many_avatars", "You have enough avatars waiting for photos or payment; finish or let "
+                                           "one of them expire first.", {"max_open_avatars": limit})
 
 
 def intake_limits(settings) -> IntakeLimits:
@@ -131,8 +141,14 @@ def upload_lock(services, avatar_id: str):
 
 
 def check_photo_count(settings, avatar: dict) -> None:
+    """Accepted photos stop at MAX_PHOTOS; refused ones at MAX_REFUSED_PHOTOS, since judging each costs about a
+    second of CPU. Uploads to one avatar are judged one at a time (upload_lock), so the count read holds."""
     if sum(1 for p in avatar["photos"] if p["accepted"]) >= settings.max_photos:
         raise Conflict("too_many_photos", "This avatar has enough photos.", {"max_photos": settings.max_photos})
+    if sum(1 for p in avatar["photos"] if not p["accepted"]) >= settings.max_refused_photos:
+        raise Conflict("too_many_refused_photos", "Too many photos of this avatar were refused; start a new "
+                                                  "avatar with clearer photos.",
+                       {"max_refused_photos": settings.max_refused_photos})
 
 
 def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict] | None:

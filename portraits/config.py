@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from limits import parse_many
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -79,7 +80,24 @@ def _seconds_list(value: Any) -> Any:
     return value
 
 
+def _rate_limits(value: str) -> str:
+    try:
+        parse_many(value)
+    except ValueError as error:
+        raise ValueError('must be limits like "20/minute;200/hour"') from error
+    return value
+
+
+def _url_prefix(value: str) -> str:
+    prefix = "/" + value.strip("/") if value.strip("/") else ""
+    if any(char.isspace() or char in "?#<>" for char in prefix):
+        raise ValueError("must be a URL path such as /console, or empty for the root")
+    return prefix
+
+
 Flag = Annotated[bool, BeforeValidator(_flag)]
+RateLimits = Annotated[str, AfterValidator(_rate_limits)]
+UrlPrefix = Annotated[str, AfterValidator(_url_prefix)]
 JsonDict = Annotated[dict, BeforeValidator(_json)]
 SecondsList = Annotated[tuple[int, ...], BeforeValidator(_seconds_list)]
 
@@ -196,7 +214,16 @@ class Settings(BaseSettings):
     min_photos: int = setting(8, "accepted photos needed per avatar")
     max_photos: int = setting(30, "accepted photos allowed per avatar")
     max_upload_bytes: int = setting(15 * 1024 * 1024, "largest photo upload")
+    max_json_body_bytes: int = setting(64 * 1024, "largest body of every other request (JSON, the WeChat Pay "
+                                                  "callbacks, console forms); larger ones answer 413 "
+                                                  "`body_too_large` before anything reads them")
+    max_json_depth: int = setting(32, "deepest nesting of arrays and objects in a JSON body; deeper answers 400 "
+                                      "`json_too_deep`")
     max_pixels: int = setting(40_000_000, "larger declared images are refused before decoding")
+    max_refused_photos: int = setting(30, "refused photos recorded per avatar; further uploads to it answer 409 "
+                                          "`too_many_refused_photos` (judging one costs about a second of CPU)")
+    max_open_avatars: int = setting(5, "avatars per user not yet paid for (collecting or ready); one more answers "
+                                       "409 `too_many_avatars`")
     collecting_ttl_s: int = setting(7 * 24 * 3600, "unpaid avatars and their photos are deleted after this")
 
     skus: JsonDict = setting(description="products, prices in fen", default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
@@ -232,6 +259,16 @@ class Settings(BaseSettings):
     cjk_font_path: str | None = setting(None, 'font for the visible "AI生成" label and posters',
                                         shown="WenQuanYi Micro Hei")
 
+    rate_limit_login: RateLimits = setting(
+        "30/minute;300/hour", "logins per client address (no user yet; every one calls WeChat's code2session); "
+                              "many phones can share one address behind carrier NAT, so keep it generous. Over any "
+                              "of the `;`-separated limits: 429 `rate_limited` with `Retry-After`")
+    rate_limit_avatars: RateLimits = setting("10/hour;30/day", "avatars started per user")
+    rate_limit_uploads: RateLimits = setting("60/minute;300/hour", "photo uploads per user, accepted or refused")
+    rate_limit_orders: RateLimits = setting("10/minute;60/hour", "orders created per user (each is a WeChat Pay "
+                                                                 "prepay call)")
+    rate_limit_renders: RateLimits = setting("20/minute;200/hour", "renders and More Like Me requests per user")
+
     support_refund_limit_fen: int = setting(990, "most a support operator may refund on one order, in fen "
                                                  "(admins: no limit)")
     console_secure_cookies: Flag = setting(True, "console session cookie only over HTTPS; `false` only for local "
@@ -239,6 +276,11 @@ class Settings(BaseSettings):
     console_session_ttl_s: int = setting(8 * 3600, "console session lifetime")
     console_login_max_failures: int = setting(5, "failed logins per name and address before lockout")
     console_login_lockout_s: int = setting(15 * 60, "lockout window (starts at the first failure)")
+    console_url_prefix: UrlPrefix = setting("/console", "the path the operator console is served under; empty "
+                                                        "for the root of `CONSOLE_HOST`")
+    console_host: str | None = setting(None, "when set, the console answers only requests for this host name "
+                                             "(`ops.example.com`, with its port if not the default) and 404 on any "
+                                             "other, so it can have an origin of its own; unset: every host")
     console_timezone: str = setting("Asia/Shanghai", 'the console\'s day boundary for "revenue today" and how it '
                                                      "shows times")
 

@@ -78,3 +78,7 @@ def order_lock(order_id: str) -> str:
 def avatar_upload_lock(avatar_id: str) -> str:
     """Held while one upload to the avatar is judged and recorded (portraits.avatars.add_photo)."""
     return f"avatar-upload-lock:{avatar_id}"
+
+
+# Flask-Limiter's counters (miniapp_api.throttle) live under this prefix.
+RATE_LIMITS = "portraits:limits"

@@ -71,6 +71,11 @@ def face_analyzer():
     return FaceAnalyzer()
 
 
+# The suite logs in and uploads far faster than a person; tests/test_rate_limits.py lowers these where it means to.
+UNLIMITED = {name: "100000/minute" for name in ("rate_limit_login", "rate_limit_avatars", "rate_limit_uploads",
+                                                "rate_limit_orders", "rate_limit_renders")}
+
+
 def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Settings:
     settings = Settings(
         embedded=True,  # in-process MongoDB unless a test sets mongo_uri; Redis and the simulator come from fixtures
@@ -85,6 +90,7 @@ def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Se
         train_resolution=64,
         render_max_steps=2,
         render_max_candidates=3,  # what templates keep (3): a render set is still full, drawn from half the candidates
+        **UNLIMITED,
     )
     settings = pointed_at_simulator(settings, simulator.creds, simulator.base_url)
     return settings.replace(**overrides)

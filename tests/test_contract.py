@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from miniapp_api import bodies
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.errors import DOMAIN_STATUS, register_error_handlers
 from miniapp_api.schemas import Deleted
@@ -136,14 +137,16 @@ def test_every_secured_operation_answers_401_without_a_token(client, spec):
                 method, path)
 
 
-def test_every_body_over_the_limit_answers_413(app, login, spec):
+def test_every_body_over_the_limit_answers_413(app, login, spec, services):
     api = login("tess", consent=False)
-    too_big = b"x" * (app.config["MAX_CONTENT_LENGTH"] + 1)
     for path, method, operation in operations(spec):
         for media in operation.get("requestBody", {}).get("content", {}):
+            kind = getattr(app.view_functions[app.url_map.bind("").match(concrete(path), method.upper())[0]],
+                           "body_kind", None)
+            too_big = b"x" * (bodies.body_limit(services.settings, kind) + 1)
             response = api.client.open(concrete(path), method=method.upper(), data=too_big, content_type=media,
                                        headers=api._headers())
-            assert problems_of(response)[:2] == (413, "file_too_large"), (method, path)
+            assert problems_of(response)[:2] == (413, "body_too_large"), (method, path)
 
 
 def test_every_json_body_is_refused_when_it_is_not_a_json_object(login, spec):

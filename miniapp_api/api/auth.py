@@ -44,7 +44,7 @@ def _iso(value):
 
 
 @bp.post("/login")
-@endpoint(ok={200: Session}, errors=[401, 503], public=True)
+@endpoint(ok={200: Session}, errors=[401, 503], public=True, rate_limit="rate_limit_login")
 def login(json: LoginRequest):
     """Exchange a wx.login code for a bearer token."""
     svc = services()

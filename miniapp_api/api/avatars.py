@@ -16,7 +16,7 @@ bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
 
 @bp.post("")
 @login_required
-@endpoint(ok={201: Avatar}, errors=[403])
+@endpoint(ok={201: Avatar}, errors=[403, 409], rate_limit="rate_limit_avatars")
 def create_avatar(json: AvatarRequest):
     """Start an avatar."""
     return avatar_json(avatars.create_avatar(services(), g.user, json.gender)), 201
@@ -40,7 +40,7 @@ def avatar_queue(avatar_id):
 
 @bp.post("/<avatar_id>/photos")
 @login_required
-@endpoint(ok={201: PhotoVerdict}, errors=[403, 404, 409, 503])
+@endpoint(ok={201: PhotoVerdict}, errors=[403, 404, 409, 503], rate_limit="rate_limit_uploads")
 def upload_photo(avatar_id, form: PhotoUpload):
     """Upload one photo; it is judged on arrival."""
     svc = services()

@@ -17,14 +17,16 @@ from spectree.models import SecuritySchemeData
 from spectree.plugins.base import Context
 from spectree.plugins.flask_plugin import FlaskPlugin
 
+from miniapp_api import bodies
 from miniapp_api.api.requests import refusal, require_json_object, require_multipart
 from miniapp_api.schemas import ErrorEnvelope, OpenApiDocument
 
 bp = Blueprint("contract", __name__, url_prefix="/api/v1")  # spectree leaves out endpoints named "openapi*"
 
 MEANINGS = {
-    400: "refused input: malformed_json, json_object_required, invalid_fields (details.fields: {name: problem}), or "
-         "a reason of this route",
+    400: "refused input: malformed_json, json_too_deep (details.max_depth), json_object_required, field_too_long "
+         "(details.fields: {name: problem}), invalid_fields (details.fields: {name: problem}), or a reason of this "
+         "route",
     401: "no valid identity: missing_token, invalid_token, token_expired; login: invalid_login_code; WeChat Pay "
          "callbacks: a signature, timestamp or body that cannot be trusted",
     402: "what was paid for is used up: no_render_credits",
@@ -33,19 +35,24 @@ MEANINGS = {
          "unknown_refund",
     405: "this path does not take that method; the Allow header lists the ones it takes",
     409: "not possible in the current state",
-    413: "too large: the body (file_too_large), or the photo (file_too_large, too_many_pixels)",
+    413: "too large: the body (body_too_large, details.max_bytes: MAX_JSON_BODY_BYTES, for a photo upload "
+         "MAX_UPLOAD_BYTES plus its multipart framing), or the photo (file_too_large, too_many_pixels)",
     415: "json_required, multipart_required, or an image format we do not take (unsupported_format)",
     416: "the byte range asked for is outside the file",
+    429: "rate_limited: too many of these requests from this user (or, before login, this address); the "
+         "Retry-After header says in how many seconds to try again",
     500: "internal_error: a fault on our side; nothing was charged twice",
     502: "a provider failed the request (payment_unavailable); nothing happened, trying again may work",
     503: "cannot answer now (wechat_unavailable, avatar_busy; callbacks: order_busy); the same call may succeed later",
 }
+SIGNED = "signed"  # a body read by its signature check only
 ALLOW = {"description": "the methods this path takes", "schema": {"type": "string"}}
+RETRY_AFTER = {"description": "seconds until the request may be made again", "schema": {"type": "string"}}
 
 
 class Answers(Response):
-    """spectree's Response plus what it cannot say itself: PNG bodies and the Allow header of 405. It lists only
-    the statuses given (spectree would add its validation-error status to every route)."""
+    """spectree's Response plus what it cannot say itself: PNG bodies, the Allow header of 405 and Retry-After of
+    429. It lists only the statuses given (spectree would add its validation-error status to every route)."""
 
     def __init__(self, ok: dict, errors: dict):
         self.media = {status: kind for status, kind in ok.items() if isinstance(kind, str)}
@@ -63,6 +70,8 @@ class Answers(Response):
             spec[str(status)]["content"] = {media: {}}
         if "405" in spec:
             spec["405"]["headers"] = {"Allow": ALLOW}
+        if "429" in spec:
+            spec["429"]["headers"] = {"Retry-After": RETRY_AFTER}
         return dict(sorted(spec.items()))
 
 
@@ -107,10 +116,11 @@ contract = SpecTree(
 
 
 def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, signed_body=None,
-             error_model=ErrorEnvelope):
+             error_model=ErrorEnvelope, rate_limit: str | None = None):
     """Declare a route's contract. ok: {status: response model, schemas.PNG, or None for no body}; errors: the
     statuses of its own refusals; signed_body: a body verified by its signature before anything reads it, so it
-    is documented, not validated (WeChat Pay's callbacks)."""
+    is documented, not validated (WeChat Pay's callbacks); rate_limit: the setting holding the route's rate limits
+    (miniapp_api.throttle applies them; 429)."""
 
     def decorate(func):
         hints = get_type_hints(func)
@@ -124,11 +134,17 @@ def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, sign
             statuses.add(413)  # a body over MAX_CONTENT_LENGTH
         if "json" in inputs or "form" in inputs:
             statuses.add(415)  # json_required, multipart_required
+        if rate_limit is not None:
+            statuses.add(429)  # rate_limited
         binary = any(isinstance(kind, str) for kind in ok.values())
-        return contract.validate(
+        validated = contract.validate(
             json=signed_body, resp=Answers(ok, dict.fromkeys(statuses, error_model)),
             security={} if public else None, before=_refuse_invalid(inputs), operation_id=func.__name__,
             skip_validation=signed_body is not None or binary)(func)
+        validated.body_kind = (bodies.UPLOAD if "form" in inputs else bodies.JSON_BODY if "json" in inputs
+                               else SIGNED if signed_body is not None else None)
+        validated.rate_limit = rate_limit
+        return validated
 
     return decorate
 

@@ -15,7 +15,7 @@ bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 
 @bp.post("")
 @login_required
-@endpoint(ok={201: Order}, errors=[403, 404, 409, 502])
+@endpoint(ok={201: Order}, errors=[403, 404, 409, 502], rate_limit="rate_limit_orders")
 def create_order(json: OrderRequest):
     """Buy an avatar pack: a WeChat Pay JSAPI prepay, paid with wx.requestPayment(pay_params)."""
     avatar = owned("avatars", json.avatar_id, "avatar")

@@ -52,26 +52,9 @@ def _record(notification, outcome: str) -> None:
           error_model=PayCallbackError)
 def payment_notify():
     """WeChat Pay v3 payment callback (signed, AES-256-GCM encrypted): 204 once applied, 5xx to be delivered again."""
-    notification, failure = _verified()
-    if failure:
-        return failure
-    if _seen(notification):
-        return "", 204
-    if notification.event_type != "TRANSACTION.SUCCESS":
-        _record(notification, "ignored")
-        return "", 204
-    try:
-        order = payments.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
-    except payments.PaymentMismatch as mismatch:
-        return _fail(400, mismatch.code, "transaction does not match the order",
-                     {"fields": sorted(k for k, v in mismatch.details["expected"].items()
-                                       if mismatch.details["observed"][k] != v)})
-    except OrderBusy:
-        return _fail(503, "order_busy", "order is being updated; deliver again later")
-    if order is None:
-        return _fail(404, "unknown_order", "no such order")
-    _record(notification, order["state"])
-    return "", 204
+    return _receive(lambda notification: payments.apply_payment(
+        services(), notification.resource, source=f"notify:{notification.id}"),
+        only_event="TRANSACTION.SUCCESS", unknown=("unknown_order", "no such order"))
 
 
 @bp.post("/refund-notify")
@@ -79,17 +62,30 @@ def payment_notify():
           error_model=PayCallbackError)
 def refund_notify():
     """WeChat Pay v3 refund callback: 204 once applied, 5xx to be delivered again."""
+    return _receive(lambda notification: refunds.apply_refund_result(
+        services(), notification.resource, source=f"refund-notify:{notification.id}"),
+        only_event=None, unknown=("unknown_refund", "no such refund"))
+
+
+def _receive(apply, *, only_event: str | None, unknown: tuple[str, str]):
+    """What both callbacks do: verify, skip what was applied before (or is not `only_event`), apply, record."""
     notification, failure = _verified()
     if failure:
         return failure
     if _seen(notification):
         return "", 204
+    if only_event is not None and notification.event_type != only_event:
+        _record(notification, "ignored")
+        return "", 204
     try:
-        order = refunds.apply_refund_result(services(), notification.resource,
-                                            source=f"refund-notify:{notification.id}")
+        order = apply(notification)
+    except payments.PaymentMismatch as mismatch:
+        return _fail(400, mismatch.code, "transaction does not match the order",
+                     {"fields": sorted(k for k, v in mismatch.details["expected"].items()
+                                       if mismatch.details["observed"][k] != v)})
     except OrderBusy:
         return _fail(503, "order_busy", "order is being updated; deliver again later")
     if order is None:
-        return _fail(404, "unknown_refund", "no such refund")
+        return _fail(404, *unknown)
     _record(notification, order["state"])
     return "", 204

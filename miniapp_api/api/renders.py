@@ -15,7 +15,7 @@ bp = Blueprint("renders", __name__, url_prefix="/api/v1/renders")
 
 @bp.post("")
 @login_required
-@endpoint(ok={201: Render}, errors=[402, 404, 409])
+@endpoint(ok={201: Render}, errors=[402, 404, 409], rate_limit="rate_limit_renders")
 def create_render(json: RenderRequest):
     """Render a template on an avatar (uses one render set of its order)."""
     avatar = owned("avatars", json.avatar_id, "avatar")
@@ -32,7 +32,7 @@ def get_render(render_id):
 
 @bp.post("/<render_id>/more-like-me")
 @login_required
-@endpoint(ok={201: Render}, errors=[404, 409])
+@endpoint(ok={201: Render}, errors=[404, 409], rate_limit="rate_limit_renders")
 def more_like_me(render_id):
     """Render it again, closer to the user's face (free, a few times per render)."""
     parent = owned("renders", render_id, "render")

@@ -36,14 +36,19 @@ def require_multipart() -> None:
 def refusal(error: ValidationError, model: type[BaseModel], data: dict) -> ApiError:
     """What a request model's validation error answers: 400 invalid_fields with {"fields": {name: problem}}, unless
     every problem is one its field refuses with a reason code of its own (schemas.Refused)."""
-    problems, refused = {}, []
+    problems, refused, too_long = {}, [], {}
     for item in error.errors(include_url=False):
         name = str(item["loc"][0])
+        if item["type"] == "string_too_long" and len(item["loc"]) == 1:
+            too_long[name] = f"at most {item['ctx']['max_length']} characters"
+            continue
         rule = _refused(model, name)
         if rule is not None and rule.covers(item):
             refused.append((name, rule))
         else:
             problems[name] = _problem(model, name, item)
+    if too_long:
+        return ApiError(400, "field_too_long", "Some fields are longer than allowed.", {"fields": too_long})
     if problems or not refused:
         return ApiError(400, "invalid_fields", "Some fields are missing or have the wrong type.", {"fields": problems})
     name, rule = refused[0]

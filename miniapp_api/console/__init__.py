@@ -1,4 +1,5 @@
-"""The operator console: server-rendered pages under /console for support staff (orders, refunds, queues, audit).
+"""The operator console: server-rendered pages for support staff (orders, refunds, queues, audit), under
+CONSOLE_URL_PREFIX (/console), on every host or only on CONSOLE_HOST.
 
     init_app(app) registers the blueprint, the console's session cookie settings and the create-operator command.
 """
@@ -23,13 +24,13 @@ def init_app(app) -> None:
     app.secret_key = hmac.new(settings.secret_key.encode(), b"console-session", hashlib.sha256).hexdigest()
     app.config.update(
         SESSION_COOKIE_NAME="portraits_console",
-        SESSION_COOKIE_PATH="/console",
+        SESSION_COOKIE_PATH=settings.console_url_prefix or "/",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SECURE=settings.console_secure_cookies,
         SESSION_COOKIE_SAMESITE="Strict",
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.console_session_ttl_s),
     )
-    app.register_blueprint(bp)
+    app.register_blueprint(bp, url_prefix=settings.console_url_prefix)
     audit.ensure_indexes(app.extensions["portraits"].db)
     app.cli.add_command(create_operator_command)
 

@@ -1,7 +1,7 @@
 """Log in and out; every console request loads its operator and checks the CSRF token of every POST."""
 from __future__ import annotations
 
-from flask import g, redirect, render_template, request, url_for
+from flask import abort, g, redirect, render_template, request, url_for
 
 from miniapp_api.console import bp, present
 
@@ -9,6 +9,14 @@ from portraits import operators
 from miniapp_api.console.security import (ConsoleRefusal, check_csrf, clear_failures, client_ip, csrf_token,
                                           end_session, load_operator, locked_out, note_failure, record, services,
                                           start_session)
+
+
+@bp.before_request
+def _only_on_the_console_host():
+    """With CONSOLE_HOST set, the console is not there on any other host (the public API's, for one)."""
+    console_host = services().settings.console_host
+    if console_host and request.host.lower() != console_host.lower():
+        abort(404)
 
 
 @bp.before_request
@@ -83,6 +91,6 @@ def logout():
 
 def _safe_next(value: str | None) -> str | None:
     """Only paths inside the console: never an open redirect."""
-    if value and value.startswith("/console/") and not value.startswith("//") and "\\" not in value:
+    if value and value.startswith(url_for("console.dashboard")) and not value.startswith("//") and "\\" not in value:
         return value
     return None

@@ -157,21 +157,26 @@ class PaymentGateway:
             envelope = json.loads(text)
             resource = envelope["resource"]
             event_type, notification_id = envelope["event_type"], envelope["id"]
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise CallbackRejected("bad_body", "not a WeChat Pay notification envelope") from error
         if envelope.get("resource_type") != "encrypt-resource" or not isinstance(resource, dict) \
                 or resource.get("algorithm") != "AEAD_AES_256_GCM":
             raise CallbackRejected("bad_body", "resource is not an AEAD_AES_256_GCM encrypted resource")
+        if not all(isinstance(value, str) for value in (
+                event_type, notification_id, resource.get("nonce"), resource.get("ciphertext"),
+                resource.get("associated_data", ""))):
+            raise CallbackRejected("bad_body", "id, event_type, resource.nonce, resource.ciphertext and "
+                                               "resource.associated_data must be strings")
         try:
             plaintext = aes_decrypt(nonce=resource["nonce"], ciphertext=resource["ciphertext"],
-                                    associated_data=resource.get("associated_data") or "", apiv3_key=self._apiv3_key)
-        except (KeyError, ValueError, TypeError) as error:
+                                    associated_data=resource.get("associated_data", ""), apiv3_key=self._apiv3_key)
+        except ValueError as error:  # not base64, or a nonce AES-GCM cannot take
             raise CallbackRejected("bad_ciphertext", "resource cannot be decrypted") from error
         if plaintext is None:
             raise CallbackRejected("bad_ciphertext", "AES-GCM tag mismatch (wrong APIv3 key or tampered resource)")
         try:
             decrypted = json.loads(plaintext)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise CallbackRejected("bad_ciphertext", "decrypted resource is not JSON") from error
         if not isinstance(decrypted, dict):
             raise CallbackRejected("bad_ciphertext", "decrypted resource is not a JSON object")
