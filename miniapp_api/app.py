@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from miniapp_api import console
+from miniapp_api import console, observability
 from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, images, me, openapi, orders,
                              pay_callbacks, renders, share, subscriptions)
 from miniapp_api.dev.simulator import with_embedded_wechat
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     console.init_app(app)
+    observability.init_app(app, services)  # request ids, access log, /livez /readyz /metrics, Sentry
 
     @app.get("/healthz")
     def healthz():

@@ -11,18 +11,29 @@ from pymongo.errors import DuplicateKeyError
 
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import services
+from miniapp_api.errors import error_detail
 from miniapp_api.schemas import PayCallbackError, PayNotification
-from portraits import states
+from portraits import metrics, states
 from portraits.billing import payments, refunds
 from portraits.billing.locks import OrderBusy
 from portraits.gateways.wechatpay import CallbackRejected
 
 bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
+CALLBACK_KINDS = {"pay_callbacks.payment_notify": "payment", "pay_callbacks.refund_notify": "refund"}
+
+
+def _counted(outcome: str) -> None:
+    metrics.PAYMENT_CALLBACKS.labels(kind=CALLBACK_KINDS[request.endpoint], outcome=outcome).inc()
+
+
+def _delivered(outcome: str):
+    _counted(outcome)
+    return "", 204
 
 
 def _fail(status: int, code: str, message: str, details: dict | None = None):
-    response = jsonify({"code": "FAIL", "message": message, "error": {"code": code, "message": message,
-                                                                      "details": details or {}}})
+    _counted(code)
+    response = jsonify({"code": "FAIL", "message": message, "error": error_detail(code, message, details)})
     response.status_code = status
     return response
 
@@ -56,10 +67,10 @@ def payment_notify():
     if failure:
         return failure
     if _seen(notification):
-        return "", 204
+        return _delivered("duplicate")
     if notification.event_type != "TRANSACTION.SUCCESS":
         _record(notification, "ignored")
-        return "", 204
+        return _delivered("ignored")
     try:
         order = payments.apply_payment(services(), notification.resource, source=f"notify:{notification.id}")
     except payments.PaymentMismatch as mismatch:
@@ -71,7 +82,7 @@ def payment_notify():
     if order is None:
         return _fail(404, "unknown_order", "no such order")
     _record(notification, order["state"])
-    return "", 204
+    return _delivered("applied")
 
 
 @bp.post("/refund-notify")
@@ -83,7 +94,7 @@ def refund_notify():
     if failure:
         return failure
     if _seen(notification):
-        return "", 204
+        return _delivered("duplicate")
     try:
         order = refunds.apply_refund_result(services(), notification.resource,
                                             source=f"refund-notify:{notification.id}")
@@ -92,4 +103,4 @@ def refund_notify():
     if order is None:
         return _fail(404, "unknown_refund", "no such refund")
     _record(notification, order["state"])
-    return "", 204
+    return _delivered("applied")
