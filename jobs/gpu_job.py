@@ -16,7 +16,10 @@ from typing import Callable
 from rq import get_current_job
 
 from jobs import context
+from portraits import metrics, tasks
 from portraits.queue.tracking import QueueTracker
+
+DURATIONS = {tasks.TRAIN: metrics.TRAINING_SECONDS, tasks.RENDER: metrics.RENDER_SECONDS}
 
 stopping = threading.Event()
 stop_grace_s = [20.0]
@@ -62,9 +65,11 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
     try:
         result = kind.work(services, doc, job)
     except Exception as error:
+        DURATIONS[kind.queue].labels(outcome="failed").observe(time.monotonic() - started)
         tracker.finished(kind.queue, job_id, measure=False)
         kind.fail(services, doc_id, f"{type(error).__name__}: {error}")
         raise
     seconds = time.monotonic() - started
+    DURATIONS[kind.queue].labels(outcome="done").observe(seconds)
     tracker.finished(kind.queue, job_id, measure=True)
     return kind.complete(services, doc, job_id, result, seconds)
