@@ -17,9 +17,12 @@ from typing import Callable
 from rq import get_current_job
 
 from jobs import context
+from portraits import metrics, tasks
 from portraits.queue.tracking import QueueTracker
 
 log = logging.getLogger(__name__)
+DURATIONS = {tasks.TRAIN: metrics.TRAINING_SECONDS, tasks.RENDER: metrics.RENDER_SECONDS}
+
 stopping = threading.Event()
 stop_grace_s = [20.0]
 
@@ -65,6 +68,7 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
     try:
         result = kind.work(services, doc, job)
     except Exception as error:
+        DURATIONS[kind.queue].labels(outcome="failed").observe(time.monotonic() - started)
         tracker.finished(kind.queue, job_id, measure=False)
         if services.db[kind.collection].count_documents({"_id": doc_id}, limit=1) == 0:
             # Its user was erased while it ran (their key shredded, their blobs gone). A failed job would keep the
@@ -74,5 +78,6 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
         kind.fail(services, doc_id, f"{type(error).__name__}: {error}")
         raise
     seconds = time.monotonic() - started
+    DURATIONS[kind.queue].labels(outcome="done").observe(seconds)
     tracker.finished(kind.queue, job_id, measure=True)
     return kind.complete(services, doc, job_id, result, seconds)

@@ -8,7 +8,7 @@ import logging
 
 from rq.cron import CronScheduler
 
-from jobs import context
+from jobs import context, observability
 
 from portraits import privacy, sweeper, tasks
 from jobs.reconcile import expire_orders, reconcile
@@ -43,11 +43,11 @@ def build_scheduler(services) -> CronScheduler:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
         raise SystemExit(f"jobs.periodic: {error}")
+    observability.start(settings, serve_metrics=False)
     services = build_services(settings)
     build_scheduler(services).start()
 

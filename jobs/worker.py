@@ -2,6 +2,7 @@
 
     python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
+    python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
 
 The GPU worker never forks: a forked work horse deadlocks when the parent has used multi-threaded torch, and
 forking would also throw away the resident base pipeline. One job at a time per process. A heartbeat thread keeps
@@ -16,20 +17,27 @@ without spending one of the avatar's attempts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 import threading
 import time
 
 from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
-from jobs import context, gpu_job, periodic, recovery
-from portraits import sweeper, tasks
+from jobs import context, gpu_job, observability, periodic, recovery
+from portraits import health, sweeper, tasks
 from portraits.config import ConfigError, Settings
 from portraits.queue.tracking import QueueTracker
 from portraits.services import build_services
 
-class ResidentModelWorker(SimpleWorker):
+
+class DefaultWorker(observability.JobLogContext, SimpleWorker):
+    pass
+
+
+class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
     def __init__(self, *args, heartbeat_s: int = 10, dead_after_s: int = 45, stop_grace_s: float = 20.0,
                  worker_ttl: int = 60, **kwargs):
         if dead_after_s <= heartbeat_s:
@@ -140,8 +148,8 @@ def drain(services, max_rounds: int = 100) -> int:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["gpu", "default"])
+    parser.add_argument("--check", action="store_true", help="readiness probe: exit 0 when ready, print the checks")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
@@ -149,6 +157,11 @@ def main(argv=None) -> None:
     if settings.embedded_wechat or not settings.mongo_uri:
         parser.error("separate workers need MONGO_URI and the WeChat settings, not the process's own embedded ones; "
                      "use `make serve` for embedded mode")
+    if args.check:
+        checks = observability.check_worker(settings, args.kind)
+        print(json.dumps(checks))
+        sys.exit(0 if health.is_ready(checks) else 1)
+    observability.start(settings)
     services = build_services(settings)
     context.install(services)
     if args.kind == "gpu":
@@ -160,7 +173,7 @@ def main(argv=None) -> None:
         build_gpu_worker(services.redis, settings).work()
     else:
         sweeper.sweep(services)
-        SimpleWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)
+        DefaultWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from miniapp_api import bodies, console, headers, throttle
+from miniapp_api import bodies, console, headers, observability, throttle
 from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, images, me, openapi, orders,
                              pay_callbacks, renders, share, subscriptions)
 from miniapp_api.dev.simulator import with_embedded_wechat
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:
     headers.init_app(app)
     throttle.init_app(app)
     console.init_app(app)
+    observability.init_app(app, services)  # request ids, access log, /livez /readyz /metrics, Sentry
 
     @app.get("/healthz")
     def healthz():

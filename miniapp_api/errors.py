@@ -1,10 +1,11 @@
-"""The error envelope of the client contract: HTTP status + {"error": {code, message, details}}."""
+"""The error envelope of the client contract: HTTP status + {"error": {code, message, details, request_id}}."""
 from __future__ import annotations
 
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
 from portraits import errors as domain
+from portraits import logs
 
 # Each kind of domain refusal answers one status.
 DOMAIN_STATUS = {
@@ -36,8 +37,14 @@ class ApiError(Exception):
         self.details = details or {}
 
 
+def error_detail(code: str, message: str, details: dict | None = None) -> dict:
+    """The envelope's `error` object; its request id is the one the response's X-Request-ID header carries."""
+    request_id = logs.current_request_id() or logs.new_request_id()  # bound for every request (observability)
+    return {"code": code, "message": message, "details": details or {}, "request_id": request_id}
+
+
 def envelope(status: int, code: str, message: str, details: dict | None = None):
-    response = jsonify({"error": {"code": code, "message": message, "details": details or {}}})
+    response = jsonify({"error": error_detail(code, message, details)})
     response.status_code = status
     return response
 

@@ -129,6 +129,9 @@ class ErrorDetail(Reply):
     message: str = Field(description="for people; may change")
     details: dict[str, Any] = Field(description="machine-readable, per code (invalid_fields: {fields: {name: "
                                                 "'missing' | 'must be ...' | 'a|b'}})")
+    request_id: str = Field(description="this request's id, also in the X-Request-ID response header (the caller's "
+                                        "own X-Request-ID when it was 1-128 characters of A-Z a-z 0-9 . _ : -); "
+                                        "quote it to support")
 
 
 class ErrorEnvelope(Reply):

@@ -39,7 +39,8 @@ SIMULATOR = "simulator"  # unset only while the local WeChat simulator runs (EMB
 FILE_CONTENTS = {"wechatpay_private_key_pem": "wechatpay_private_key_path",
                  "wechatpay_public_key_pem": "wechatpay_public_key_path"}
 # Never echoed back in an error message.
-SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", *FILE_CONTENTS}
+SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", "metrics_token", "sentry_dsn",
+                   *FILE_CONTENTS}
 # Defaults that depend on whether the tiny random-weight model is used: (tiny, real).
 MODEL_DEFAULTS = {"train_steps": (30, None), "train_resolution": (64, 512), "render_max_steps": (4, None)}
 
@@ -100,6 +101,8 @@ RateLimits = Annotated[str, AfterValidator(_rate_limits)]
 UrlPrefix = Annotated[str, AfterValidator(_url_prefix)]
 JsonDict = Annotated[dict, BeforeValidator(_json)]
 SecondsList = Annotated[tuple[int, ...], BeforeValidator(_seconds_list)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+                     BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)]
 
 
 def setting(default: Any = None, description: str = "", *, shown: str | None = None,
@@ -284,6 +287,22 @@ class Settings(BaseSettings):
     console_timezone: str = setting("Asia/Shanghai", 'the console\'s day boundary for "revenue today" and how it '
                                                      "shows times")
 
+    log_level: LogLevel = setting(
+        "INFO", "least severe level written by `web` (gunicorn.conf.py), the workers and the clock; their logs are "
+                "JSON lines on stderr")
+    metrics_token: str = setting("", "bearer token a Prometheus scrape of `/metrics` must send (`Authorization: "
+                                     "Bearer …`); unset: `/metrics` answers 404")
+    prometheus_multiproc_dir: Path | None = setting(
+        None, "directory, existing and emptied before the processes start (a tmpfs), where every process of this "
+              "machine or container (gunicorn's workers, the RQ workers) writes its metrics for one scrape to add up; "
+              "read by prometheus_client itself; unset: each process counts alone")
+    worker_metrics_port: int | None = setting(None, "a worker (`jobs.worker`) serves `/metrics` on this port, with the "
+                                                    "same token: for a worker in a container of its own; unset: off "
+                                                    "(the web's `/metrics` shows the workers sharing its directory)")
+    sentry_dsn: str = setting("", "where errors are reported (sentry-sdk: Flask in `web`, RQ in the workers), "
+                                  "openids, user ids, tokens and photo keys scrubbed; unset: off")
+    sentry_environment: str = setting("production", "the environment Sentry files the errors under")
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -322,6 +341,13 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.resolve() if value is not None else None
+
+    @field_validator("prometheus_multiproc_dir")
+    @classmethod
+    def _existing_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError("must be an existing directory")
+        return value
 
     @field_validator("secret_key")
     @classmethod

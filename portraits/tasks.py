@@ -10,7 +10,7 @@ from rq import Queue, Retry, Worker
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from portraits import keys
+from portraits import keys, logs
 from portraits.queue.tracking import QueueTracker
 
 RENDER = "render"
@@ -50,24 +50,31 @@ def enqueue(services, name: str, task: str, *args, job_id: str, subject: str | N
     """Enqueue once per job id; GPU jobs also take a ticket so their queue position is O(log n) to read.
 
     A subject that comes back with a new job (a retry after a technical failure or a lost worker) goes to the
-    front of its queue: it already waited its turn once.
+    front of its queue: it already waited its turn once. The request id being handled, if any, goes into the job's
+    meta, so the worker's log lines for the job carry it.
     """
+    meta = with_request_id(meta)
     q = queue(services, name)
     existing = q.fetch_job(job_id)
     if existing is not None and existing.get_status(refresh=True) in ("queued", "started", "scheduled", "deferred"):
         return existing
     if name not in GPU_QUEUES:
-        return q.enqueue(task, *args, job_id=job_id, retry=retry, meta=meta or {}, result_ttl=RESULT_TTL_S,
+        return q.enqueue(task, *args, job_id=job_id, retry=retry, meta=meta, result_ttl=RESULT_TTL_S,
                          failure_ttl=FAILURE_TTL_S)
     tracker = QueueTracker(services.redis)
     previous = tracker.subject(subject).get("job_id") if subject else None
     front = bool(previous) and previous != job_id
     with services.redis.pipeline() as pipe:  # MULTI/EXEC: the push and the ticket are one step
-        job = q.enqueue_call(task, args=args, job_id=job_id, retry=retry, meta=meta or {}, result_ttl=RESULT_TTL_S,
+        job = q.enqueue_call(task, args=args, job_id=job_id, retry=retry, meta=meta, result_ttl=RESULT_TTL_S,
                              failure_ttl=FAILURE_TTL_S, at_front=front, pipeline=pipe)
         tracker.waiting(name, job_id, subject, front=front, pipeline=pipe)
         pipe.execute()
     return job
+
+
+def with_request_id(meta: dict | None) -> dict:
+    request_id = logs.current_request_id()
+    return {**(meta or {}), **({logs.REQUEST_ID_META: request_id} if request_id else {})}
 
 
 def requeue_at_front(services, job, subject: str | None) -> None:
@@ -148,6 +155,14 @@ def default_queue_counts(services, name: str) -> tuple[int, int]:
     """(waiting, running) of a non-GPU queue, from RQ's own list and registry."""
     q = queue(services, name)
     return q.count, StartedJobRegistry(queue=q).count
+
+
+def gpu_queue_counts(services) -> list[dict]:
+    """Jobs waiting and running, and live workers, of each GPU queue, as the queue tracker counts them (the
+    console's numbers; the metrics' queue gauges)."""
+    tracker = QueueTracker(services.redis)
+    return [{"queue": name, "waiting": tracker.waiting_count(name), "running": tracker.running_count(name),
+             "workers": tracker.live_workers(name)} for name in GPU_QUEUES]
 
 
 def live_workers(services) -> list[dict]:

@@ -35,7 +35,7 @@ def test_every_operation_documents_its_errors_with_the_envelope(client):
                     schema = published.resolve(response["content"]["application/json"]["schema"])
                     assert schema["required"] == ["error"], (method, path, status)
                     error = published.resolve(schema["properties"]["error"])
-                    assert set(error["required"]) == {"code", "message", "details"}, (method, path, status)
+                    assert set(error["required"]) == {"code", "message", "details", "request_id"}, (method, path, status)
             public = operation.get("security") == []
             assert public == (path in PUBLIC), path
             assert public or "401" in operation["responses"], path

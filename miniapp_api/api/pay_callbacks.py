@@ -11,18 +11,29 @@ from pymongo.errors import DuplicateKeyError
 
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import services
+from miniapp_api.errors import error_detail
 from miniapp_api.schemas import PayCallbackError, PayNotification
-from portraits import states
+from portraits import metrics, states
 from portraits.billing import payments, refunds
 from portraits.billing.locks import OrderBusy
 from portraits.gateways.wechatpay import CallbackRejected
 
 bp = Blueprint("pay_callbacks", __name__, url_prefix="/api/v1/pay")
+CALLBACK_KINDS = {"pay_callbacks.payment_notify": "payment", "pay_callbacks.refund_notify": "refund"}
+
+
+def _counted(outcome: str) -> None:
+    metrics.PAYMENT_CALLBACKS.labels(kind=CALLBACK_KINDS[request.endpoint], outcome=outcome).inc()
+
+
+def _delivered(outcome: str):
+    _counted(outcome)
+    return "", 204
 
 
 def _fail(status: int, code: str, message: str, details: dict | None = None):
-    response = jsonify({"code": "FAIL", "message": message, "error": {"code": code, "message": message,
-                                                                      "details": details or {}}})
+    _counted(code)
+    response = jsonify({"code": "FAIL", "message": message, "error": error_detail(code, message, details)})
     response.status_code = status
     return response
 
@@ -73,10 +84,10 @@ def _receive(apply, *, only_event: str | None, unknown: tuple[str, str]):
     if failure:
         return failure
     if _seen(notification):
-        return "", 204
+        return _delivered("duplicate")
     if only_event is not None and notification.event_type != only_event:
         _record(notification, "ignored")
-        return "", 204
+        return _delivered("ignored")
     try:
         order = apply(notification)
     except payments.PaymentMismatch as mismatch:
@@ -88,4 +99,4 @@ def _receive(apply, *, only_event: str | None, unknown: tuple[str, str]):
     if order is None:
         return _fail(404, *unknown)
     _record(notification, order["state"])
-    return "", 204
+    return _delivered("applied")

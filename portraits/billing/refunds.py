@@ -12,7 +12,7 @@ import logging
 
 from rq import Retry
 
-from portraits import keys, notifications, photos, states, tasks
+from portraits import keys, metrics, notifications, photos, states, tasks
 from portraits.billing import alerts
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -147,12 +147,14 @@ def apply_refund_result(services, result: dict, source: str) -> dict | None:
                          extra={"refund_id": result.get("refund_id")})
         elif status == REFUND_SUCCESS:
             # `rejected` is only our reading of an error answer; WeChat Pay's SUCCESS overrides it.
-            _move_refund(services, order_id, out_refund_no, (*REFUND_PENDING, REFUND_REJECTED), status, by=source,
-                         extra={"refund_id": result.get("refund_id"), "succeeded_at": states.now()})
+            if _move_refund(services, order_id, out_refund_no, (*REFUND_PENDING, REFUND_REJECTED), status,
+                            by=source, extra={"refund_id": result.get("refund_id"), "succeeded_at": states.now()}):
+                metrics.REFUNDS_FINISHED.labels(state=status).inc()
         elif status in REFUND_FINAL_FAILURES:
-            _move_refund(services, order_id, out_refund_no, REFUND_PENDING, status, by=source,
-                         reason=result.get("error"), extra={"refund_id": result.get("refund_id"),
-                                                            "error": result.get("error")})
+            if _move_refund(services, order_id, out_refund_no, REFUND_PENDING, status, by=source,
+                            reason=result.get("error"), extra={"refund_id": result.get("refund_id"),
+                                                               "error": result.get("error")}):
+                metrics.REFUNDS_FINISHED.labels(state=status).inc()
         else:
             log.warning("refund %s: unknown status %r from %s", out_refund_no, status, source)
         return settle_refunds(services, order_id, source)

@@ -24,6 +24,8 @@ from collections import OrderedDict
 
 from redis.exceptions import RedisError
 
+from portraits import metrics
+
 FENCE_READS = False
 MAX_AGE_S = 300.0
 # About 1.3 KB a key (a waiting user's hash): at most ~65 MB a process; the least recently polled go first.
@@ -111,9 +113,11 @@ class LocalView:
                 missing.append((kind, key))
         if missing:
             self.misses += 1
+            metrics.POLL_CACHE_MISSES.inc()
             self._fetch(dict.fromkeys(missing), now)
         else:
             self.hits += 1
+            metrics.POLL_CACHE_HITS.inc()
         for _, key in specs:
             self._values.move_to_end(key)
         while len(self._values) > MAX_KEYS:
