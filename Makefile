@@ -26,7 +26,8 @@ chromium:
 
 install: $(VENV)/.installed font
 
-# Both run in embedded mode (the scripts set EMBEDDED): in-process MongoDB, embedded Redis, the WeChat simulator.
+# Both run the Procfile's processes (gunicorn, gpu, worker, clock) and the WeChat simulator as separate processes in
+# embedded mode: a SecantusDB server and the embedded Redis under INSTANCE_DIR, stopped with them (Ctrl-C).
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.dev.demo --out demo-output
 

@@ -8,24 +8,16 @@ import logging
 
 from rq.cron import CronScheduler
 
-from jobs import context, observability
-
-from portraits import privacy, sweeper, tasks
+from jobs import observability
+from jobs.maintenance import purge_stale_avatars, sweep_owed_work
 from jobs.reconcile import expire_orders, reconcile
 from jobs.recovery import REAP_INTERVAL_S, reap_lost_jobs
+from portraits import sweeper, tasks
 from portraits.config import ConfigError, Settings
 from portraits.services import build_services
 
-
-def purge_stale_avatars() -> int:
-    return privacy.purge_stale_collecting(context.services())
-
-
-def sweep_owed_work() -> dict:
-    return sweeper.sweep(context.services())
-
-
-# (function, interval in seconds). Each runs on the default queue; every one of them is idempotent.
+# (function, interval in seconds). Each runs on the default queue; every one of them is idempotent. RQ enqueues each
+# by its dotted name, so none may be defined in this module, which runs as __main__ in the clock process.
 PERIODIC = [
     (purge_stale_avatars, 3600),
     (expire_orders, 60),
@@ -38,6 +30,8 @@ PERIODIC = [
 def build_scheduler(services) -> CronScheduler:
     scheduler = CronScheduler(connection=services.redis, logging_level=logging.WARNING)
     for func, interval in PERIODIC:
+        if func.__module__ == "__main__":
+            raise ValueError(f"{func.__name__}: a periodic task must live in a module workers can import")
         scheduler.register(func, tasks.DEFAULT, interval=interval, job_timeout=tasks.TIMEOUTS[tasks.DEFAULT])
     return scheduler
 

@@ -26,7 +26,7 @@ import time
 from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 
-from jobs import context, gpu_job, observability, periodic, recovery
+from jobs import context, gpu_job, observability, recovery
 from portraits import health, sweeper, tasks
 from portraits.config import ConfigError, Settings
 from portraits.queue.tracking import QueueTracker
@@ -101,8 +101,8 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
 
 
 class EmbeddedWorker(ResidentModelWorker):
-    """For the demo and the one-process server: runs in a thread, where signals (handlers, SIGALRM timeouts) do
-    not work."""
+    """For `drain` (the tests' in-process worker): may run in a thread, where signals (handlers, SIGALRM
+    timeouts) do not work."""
 
     death_penalty_class = TimerDeathPenalty
 
@@ -120,19 +120,6 @@ def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWor
     gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
                   for name in tasks.GPU_QUEUES]
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
-
-
-def run_embedded_workers(services, stop: threading.Event, poll_s: float = 0.2) -> None:
-    """One thread working every queue in priority order until `stop` is set (demo, serve, tests)."""
-    context.install(services)
-    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES],
-                            connection=services.redis, job_monitoring_interval=5)
-    cron = periodic.build_scheduler(services)
-    while not stop.is_set():
-        cron.enqueue_jobs()
-        worked = worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
-        if not worked:
-            stop.wait(poll_s)
 
 
 def drain(services, max_rounds: int = 100) -> int:
@@ -154,9 +141,9 @@ def main(argv=None) -> None:
         settings = Settings.from_env()
     except ConfigError as error:
         parser.error(str(error))
-    if settings.embedded_wechat or not settings.mongo_uri:
-        parser.error("separate workers need MONGO_URI and the WeChat settings, not the process's own embedded ones; "
-                     "use `make serve` for embedded mode")
+    if settings.embedded_wechat or not settings.database_is_shared:
+        parser.error("separate workers need a database other processes share (MONGO_URI, or EMBEDDED's database "
+                     "server) and the WeChat settings, not a simulator of their own; `make serve` sets them")
     if args.check:
         checks = observability.check_worker(settings, args.kind)
         print(json.dumps(checks))

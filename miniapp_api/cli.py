@@ -69,7 +69,7 @@ def create_operator_command(name: str, role: str) -> None:
 def _database():
     settings = Settings.from_env()
     _warn_if_ephemeral(settings)
-    return db_module.connect(settings.mongo_uri, settings.mongo_db, embedded=settings.embedded)
+    return db_module.connect(settings)
 
 
 @click.group()

@@ -218,15 +218,17 @@ def identity_outliers(services, embeddings: list) -> list[int]:
 
 
 def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | None:
-    updated = services.db.avatars.find_one_and_update(
+    # update_one, then a read: the positional `$` in find_one_and_update is refused by SecantusDB ("The positional
+    # operator did not find the match needed") and sets the wrong element in mongomock; update_one with the
+    # same filter and `$` does what MongoDB does on all three (README, "SecantusDB and MongoDB").
+    refused = services.db.avatars.update_one(
         {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
         {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
-         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}},
-        return_document=True)
+         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}})
     for key in (photo.get("crop_key"), photo.get("embedding_key")):
         if key:
             services.blobs.delete(key)
-    return updated
+    return services.db.avatars.find_one({"_id": avatar_id}) if refused.matched_count else None
 
 
 def missing_for_training(services, avatar: dict, user: dict) -> list[str]:

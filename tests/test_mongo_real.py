@@ -1,28 +1,20 @@
-"""The same flow against a real MongoDB server: runs when MONGO_URI is set (skipped otherwise).
+"""The same flow against a real database server: MONGO_URI's, else a SecantusDB server the session starts.
 
-mongomock is what the demo and the rest of the suite use; this proves the queries, indexes and atomic updates hold
-on the real server too.
+The rest of the suite runs on mongomock unless MONGO_URI is set; this proves the queries, indexes and atomic updates
+hold on a server too (and, with MONGO_URI, on MongoDB itself).
 """
 from __future__ import annotations
 
-import os
 import pytest
 
 from tests.race import winners
 
-MONGO_URI = os.environ.get("MONGO_URI")
-pytestmark = [pytest.mark.mongo, pytest.mark.skipif(not MONGO_URI, reason="MONGO_URI is not set")]
+pytestmark = [pytest.mark.mongo]
 
 
 @pytest.fixture
-def settings_overrides():
-    return {"mongo_uri": MONGO_URI}
-
-
-@pytest.fixture(autouse=True)
-def drop_database(services):
-    yield
-    services.db.client.drop_database(services.db.name)
+def settings_overrides(database_server):
+    return {"mongo_uri": database_server}
 
 
 def test_paid_flow_on_real_mongodb(paid_avatar, drain, sim):
@@ -49,3 +41,17 @@ def test_one_open_order_per_avatar_is_enforced_by_the_unique_index(ready_avatar,
     second = api.post("/api/v1/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"})
     assert second.status_code == 409
     assert services.db.orders.count_documents({"avatar_id": avatar["id"]}) == 1
+
+
+def test_a_photo_refused_as_a_different_person_is_that_photo(services):
+    """The positional update SecantusDB refuses in find_one_and_update (and mongomock applies to the wrong element)."""
+    from portraits.avatars import refuse_as_different_person
+
+    photos = [{"id": f"ph{n}", "accepted": True, "crop_key": f"c{n}", "embedding_key": f"e{n}", "phash": "1"}
+              for n in range(3)]
+    services.db.avatars.insert_one({"_id": "A1", "photos": photos})
+    updated = refuse_as_different_person(services, "A1", {"id": "ph1"})
+    assert [(p["id"], p["accepted"], "crop_key" in p) for p in updated["photos"]] == [
+        ("ph0", True, True), ("ph1", False, False), ("ph2", True, True)]
+    assert updated["photos"][1]["reasons"] == ["different_person"]
+    assert refuse_as_different_person(services, "A1", {"id": "ph1"}) is None  # refused already: nothing matches

@@ -207,7 +207,8 @@ def test_a_token_revoked_by_withdrawal_cannot_poll_the_queue_of_a_later_avatar(s
 
 @pytest.mark.parametrize("settings_overrides", [{"collecting_ttl_s": 3600}])
 def test_avatars_left_collecting_are_purged_by_the_periodic_job(login, services, user_photos):
-    from jobs.periodic import PERIODIC, purge_stale_avatars
+    from jobs.maintenance import purge_stale_avatars
+    from jobs.periodic import PERIODIC
 
     assert purge_stale_avatars in [func for func, _ in PERIODIC]
     api = login()

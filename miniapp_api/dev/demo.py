@@ -2,9 +2,10 @@
 
     python -m miniapp_api.dev.demo --out demo-output
 
-API server, workers and the WeChat simulator run in this process; MongoDB is in-process (mongomock), Redis is a
-real embedded redis-server, the base model is the tiny random-weight Stable Diffusion unless BASE_MODEL_PATH is set.
-Writes the portraits, a share poster and summary.json into --out.
+It runs on the topology `make serve` runs (miniapp_api.dev.supervisor): gunicorn with two workers, a GPU worker,
+the default worker, the clock and the WeChat simulator as separate processes, sharing the embedded Redis and a
+SecantusDB server; the base model is the tiny random-weight Stable Diffusion unless BASE_MODEL_PATH is set.
+Writes the portraits, a share poster and summary.json into --out (the processes' logs in --out/instance/logs/).
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import requests
 
+from miniapp_api.dev.supervisor import Topology
 from models.sample_photos import astronaut_photos
-from portraits.config import Settings
+from portraits.store import db as db_module
 from wechat_sim.client import SimulatorClient
-from miniapp_api.dev.embedded import EmbeddedStack
 
 
 class Timer:
@@ -73,18 +74,21 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     (out / "portraits").mkdir(parents=True)
-    settings = Settings.from_env(instance_dir=out / "instance", embedded=True)
     timer = Timer()
-    with timer.step("start API, workers and WeChat simulator"):
-        stack = EmbeddedStack(settings)
-    sim = SimulatorClient(stack.simulator.base_url)
+    topology = Topology(out / "instance")
+    with timer.step("start the processes: gunicorn (2 workers), GPU worker, worker, clock, WeChat simulator"):
+        topology.start()
+        print(topology.describe(), flush=True)
+    settings = topology.settings
+    database = db_module.connect(settings)
+    sim = SimulatorClient(topology.simulator_url)
     api = requests.Session()
-    base = stack.base_url + "/api/v1"
+    base = topology.base_url + "/api/v1"
     try:
         with timer.step("log in with a wx.login code"):
             login = _check(api.post(f"{base}/auth/login", json={"code": sim.login_code("demo-user")}), 200)
             api.headers["Authorization"] = f"Bearer {login['token']}"
-            templates = stack.services.settings.subscribe_templates
+            templates = settings.subscribe_templates
             openid = sim.openid_of("demo-user")
             for template in templates.values():
                 sim.grant_subscription(openid, template)
@@ -131,30 +135,32 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
         with timer.step("download the labelled portraits and a share poster"):
             files = []
             for index, image in enumerate(render["images"], 1):
-                data = api.get(stack.base_url + image["url"])
+                data = api.get(topology.base_url + image["url"])
                 path = out / "portraits" / f"portrait-{index}.png"
                 path.write_bytes(_binary(data))
                 files.append(str(path))
-            poster = api.get(stack.base_url + render["images"][0]["poster_url"])
+            poster = api.get(topology.base_url + render["images"][0]["poster_url"])
             (out / "poster.png").write_bytes(_binary(poster))
         order = _check(api.get(f"{base}/orders/{order['id']}"), 200)
         summary = {
             "order": {"id": order["id"], "state": order["state"], "amount_fen": order["amount"],
                       "render_credits_left": order["render_credits"], "refunds": order["refunds"]},
-            "order_history": [h["to"] for h in stack.services.db.orders.find_one({"_id": order["id"]})["history"]],
+            "order_history": [h["to"] for h in database.orders.find_one({"_id": order["id"]})["history"]],
             "avatar": {"id": avatar["id"], "state": avatar["state"], "accepted_photos": avatar["accepted_count"],
                        "photos_purged": avatar["photos_purged"],
-                       "training_seconds": stack.services.db.avatars.find_one({"_id": avatar["id"]})["training_seconds"]},
+                       "training_seconds": database.avatars.find_one({"_id": avatar["id"]})["training_seconds"]},
             "render": {"id": render["id"], "template_id": chosen,
                        "images": [{"file": f, "likeness": i["likeness"], "content_id": i["content_id"]}
                                   for f, i in zip(files, render["images"])]},
             "poster": str(out / "poster.png"),
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
-            "base_model": stack.services.settings.base_model_path or "tiny random-weight Stable Diffusion",
+            "base_model": settings.base_model_path or "tiny random-weight Stable Diffusion",
             "timings_s": {**timer.steps, "total": timer.total()},
+            "processes": {child.name: child.command for child in topology.children.values()},
         }
     finally:
-        stack.stop()
+        database.client.close()
+        topology.stop()
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2))
     return summary
 

@@ -1,4 +1,5 @@
-"""MongoDB through pymongo; in-process mongomock only in embedded mode with MONGO_URI unset (demo and tests)."""
+"""MongoDB through pymongo: MONGO_URI's server, or in embedded mode the instance's SecantusDB server
+(`db_server`), or for in-process unit tests only mongomock."""
 from __future__ import annotations
 
 import functools
@@ -7,20 +8,24 @@ import threading
 import pymongo
 from pymongo import ASCENDING, DESCENDING
 
-from portraits.config import ConfigError
+from portraits.config import ConfigError, Settings
+from portraits.store import db_server
 
 
-def connect(mongo_uri: str | None, db_name: str, embedded: bool = False):
-    if mongo_uri:
-        client = pymongo.MongoClient(mongo_uri, tz_aware=True)
-    elif embedded:
+def connect(settings: Settings):
+    """The database the settings name (a client is opened; pymongo reconnects by itself after a server restart)."""
+    if settings.mongo_uri:
+        client = pymongo.MongoClient(settings.mongo_uri, tz_aware=True)
+    elif settings.embedded and settings.embedded_database == "secantus":
+        client = pymongo.MongoClient(db_server.join(settings.instance_dir), tz_aware=True)
+    elif settings.embedded:
         import mongomock
 
         _serialise_mongomock_writes()
         client = mongomock.MongoClient(tz_aware=True)
     else:
-        raise ConfigError("MONGO_URI is unset (EMBEDDED=1 gives an in-process database, for development only)")
-    return client[db_name]
+        raise ConfigError("MONGO_URI is unset (EMBEDDED=1 gives a local database server, for development only)")
+    return client[settings.mongo_db]
 
 
 _WRITE_LOCK = threading.RLock()

