@@ -230,8 +230,9 @@ def test_prepay_5xx_and_timeout_close_the_order_and_a_retry_works(app, services,
     sim.set_fault(PREPAY_PATH, "5xx")
     failed = api.post("/api/v1/orders", json={"avatar_id": avatar["_id"], "sku": "avatar_pack"})
     assert failed.status_code == 502
-    assert failed.get_json()["error"] == {"code": "payment_unavailable", "message": failed.get_json()["error"][
-        "message"], "details": {"gateway_code": "system_error"}}
+    error = failed.get_json()["error"]
+    assert error == {"code": "payment_unavailable", "message": error["message"], "request_id": error["request_id"],
+                     "details": {"gateway_code": "system_error"}}
 
     sim.set_fault(PREPAY_PATH, "timeout", delay_s=services.settings.wechatpay_timeout_s + 0.5)
     timed_out = api.post("/api/v1/orders", json={"avatar_id": avatar["_id"], "sku": "avatar_pack"})
