@@ -2,7 +2,7 @@
 
 Checks run cheapest first and stop at the first structural failure:
 bytes -> format -> declared pixels (header only) -> size -> decode (+ EXIF orientation) -> faces ->
-quality (face size, blur, exposure, frontalness), duplicates -> identity.
+quality (face size, blur, exposure, head pose), duplicates -> identity.
 Quality reasons are reported together so the user can fix everything at once.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot
+from models.pose import head_pose
 
 try:  # HEIF/HEIC (iPhone photos) only when the optional plugin is installed.
     import pillow_heif
@@ -58,9 +59,15 @@ class IntakeLimits:
     # portrait (gamma 0.3, gain 1.1) mean 232, clipped 0.46.
     bright_threshold: float = 225.0
     max_clipped_fraction: float = 0.25
-    # Frontalness (see FaceAnalyzer.frontalness). Observed: frontal portraits 0.84-0.98; a simulated head
-    # turn (one half of the face squeezed to 35%) 0.23. Only the front photo must be frontal.
-    min_frontalness: float = 0.6
+    # Head pose in degrees (models.pose). The front photo, the one the avatar is built around, must face the camera
+    # within these; extras may turn further, up to where the 68 landmarks (and so the aligned crop) stop being
+    # reliable. Observed: real people looking at the camera |yaw| 2-10, a speaker turned to his audience 26 (accepted
+    # now; the old frontalness ratio refused him at 0.44); a simulated head turn (half the face squeezed to 35%) 43.
+    # Pitch: real frontal photos -4..+26 (the astronaut, shot from above her eye line, reads the most).
+    max_front_yaw: float = 30.0
+    max_front_pitch: float = 35.0
+    max_extra_yaw: float = 60.0
+    max_extra_pitch: float = 45.0
     # Hamming distance between 64-bit DCT perceptual hashes of the whole photo, at or below which it is a
     # duplicate. Observed: the same photo re-encoded, resized, as PNG/WebP or EXIF-rotated 0; re-saved with
     # a 2% crop 4, a 4% crop 10; the 21 distinct astronaut photos pairwise 10-56 (mean 29).
@@ -87,7 +94,9 @@ class PhotoVerdict:
     embedding: np.ndarray | None = None
     crop: Image.Image | None = None  # aligned face crop at the training size
     phash: int | None = None
-    scores: dict = field(default_factory=dict)  # blur, brightness, frontalness, face_fraction (+ similarity)
+    # blur, brightness, yaw/pitch/roll (degrees), frontalness (the old ratio, for comparison), face_fraction,
+    # (+ similarity)
+    scores: dict = field(default_factory=dict)
 
 
 def _refuse(reason: str, **scores) -> PhotoVerdict:
@@ -205,12 +214,16 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
 
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     patch = _face_patch(gray, main)
+    pose = head_pose(main.landmarks, (width, height))
     scores = {
         "face_fraction": main.width / min(width, height),
         "blur": _sharpness(patch),
         "brightness": float(patch.mean()),
         "clipped": float((patch >= 250).mean()),
         "frontalness": analyzer.frontalness(main),
+        "yaw": pose.yaw,
+        "pitch": pose.pitch,
+        "roll": pose.roll,
     }
     reasons = []
     if scores["face_fraction"] < limits.min_face_fraction:
@@ -221,7 +234,9 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
         reasons.append("too_dark")
     if scores["brightness"] > limits.bright_threshold or scores["clipped"] > limits.max_clipped_fraction:
         reasons.append("overexposed")
-    if role == "front" and scores["frontalness"] < limits.min_frontalness:
+    max_yaw, max_pitch = ((limits.max_front_yaw, limits.max_front_pitch) if role == "front"
+                          else (limits.max_extra_yaw, limits.max_extra_pitch))
+    if abs(pose.yaw) > max_yaw or abs(pose.pitch) > max_pitch:
         reasons.append("not_frontal")
     phash = perceptual_hash(gray)
     if any(hamming(phash, earlier.phash) <= limits.duplicate_distance for earlier in accepted):
