@@ -2,9 +2,12 @@
 duplicates that survive a re-crop, and identity judged against the user's own photos."""
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
+from PIL import Image, ImageEnhance
 
 from intake_support import LIMITS, judge, real_photo
 from models import sample_photos as photos
@@ -72,3 +75,40 @@ def test_a_clearly_turned_front_photo_is_refused_with_its_angles(analyzer):
 def test_an_extra_turned_beyond_its_bound_is_refused(analyzer):
     strict = IntakeLimits(max_extra_yaw=20.0)
     assert judge(real_photo("obama2"), analyzer, role="extra", limits=strict).reasons == ["not_frontal"]
+
+
+# ------------------------------------------------------------------------------------------------------------ exposure
+
+REAL_PEOPLE = ["obama", "obama2", "obama3", "biden"]
+
+
+def scaled(data: bytes, factor: float) -> bytes:
+    return photos.encode(ImageEnhance.Brightness(Image.open(io.BytesIO(data)).convert("RGB")).enhance(factor))
+
+
+def blown_out(data: bytes) -> bytes:
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+    return photos.encode(Image.fromarray((np.clip(image ** 0.3 * 1.1, 0, 1) * 255).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("name", REAL_PEOPLE)
+def test_a_darker_skinned_well_lit_face_is_not_refused_as_too_dark(analyzer, name):
+    # A proxy (the skin of a real photo x0.3, eyes, teeth and surroundings untouched): no licensed real photo of a
+    # darker-skinned face than these is on hand. The old mean-brightness cut (60) refused every one of them.
+    verdict = judge(photos.darker_skin_photo(real_photo(name), analyzer, 0.3), analyzer)
+    assert verdict.scores["brightness"] < 60  # the old cut
+    assert verdict.accepted, (verdict.reasons, verdict.scores)
+
+
+@pytest.mark.parametrize("name", REAL_PEOPLE)
+def test_under_exposed_real_photos_are_still_too_dark(analyzer, name):
+    verdict = judge(scaled(real_photo(name), 0.3), analyzer)
+    assert verdict.reasons == ["too_dark"], verdict.scores
+
+
+@pytest.mark.parametrize("name", ["obama2"])
+def test_a_blown_out_real_photo_is_overexposed(analyzer, name):
+    # The old mean cut (225) let this one through at 215: its face is light all over, with no shadow left.
+    verdict = judge(blown_out(real_photo(name)), analyzer)
+    assert verdict.reasons == ["overexposed"], verdict.scores
+    assert verdict.scores["shadow_level"] > LIMITS.max_shadow_level
