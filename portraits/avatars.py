@@ -165,7 +165,8 @@ def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str)
         services.sealed.put(avatar["user_id"], crop_key, crop.getvalue())
         services.sealed.put(avatar["user_id"], embedding_key,
                             np.asarray(verdict.embedding, dtype=np.float64).tobytes())
-        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash))
+        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash),
+                     face_hash=str(verdict.face_hash), face_tone=list(verdict.tone))
         # Judged against exactly the accepted photos read: none may have been added since (the count and the
         # duplicate and identity checks would not hold). A refused verdict changes no limit and needs no guard.
         seen = [p["id"] for p in accepted_photos]
@@ -186,7 +187,9 @@ def load_accepted_faces(services, avatar: dict, accepted_photos: list[dict]) -> 
     return [
         AcceptedFace(embedding=np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]),
                                              dtype=np.float64),
-                     phash=int(p["phash"]))
+                     phash=int(p["phash"]),
+                     face_hash=int(p["face_hash"]) if "face_hash" in p else None,
+                     tone=tuple(p["face_tone"]) if "face_tone" in p else None)
         for p in accepted_photos
     ]
 
@@ -205,7 +208,8 @@ def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | 
     updated = services.db.avatars.find_one_and_update(
         {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
         {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
-         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}},
+         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": "",
+                    "photos.$.face_hash": "", "photos.$.face_tone": ""}},
         return_document=True)
     for key in (photo.get("crop_key"), photo.get("embedding_key")):
         if key:

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance
 
 from intake_support import LIMITS, judge, real_photo
 from models import sample_photos as photos
-from models.intake import IntakeLimits
+from models.intake import AcceptedFace, IntakeLimits, hamming
 from models.pose import MODEL_POINTS, POSE_LANDMARKS, head_pose
 
 
@@ -112,3 +112,47 @@ def test_a_blown_out_real_photo_is_overexposed(analyzer, name):
     verdict = judge(blown_out(real_photo(name)), analyzer)
     assert verdict.reasons == ["overexposed"], verdict.scores
     assert verdict.scores["shadow_level"] > LIMITS.max_shadow_level
+
+
+# ---------------------------------------------------------------------------------------------------------- duplicates
+
+def accepted_face(verdict) -> AcceptedFace:
+    assert verdict.accepted, verdict.reasons
+    return AcceptedFace(verdict.embedding, verdict.phash, verdict.face_hash, verdict.tone)
+
+
+@pytest.fixture(scope="module")
+def obama_accepted(analyzer):
+    """Three genuinely different photos of one person, judged in order: each is accepted."""
+    accepted = []
+    for index, name in enumerate(["obama", "obama2", "obama3"]):
+        accepted.append(accepted_face(judge(real_photo(name), analyzer, role="front" if index == 0 else "extra",
+                                            accepted=accepted)))
+    return accepted
+
+
+def recropped(data: bytes, box: tuple[float, float, float, float], quality: int = 80) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    left, top, right, bottom = box
+    return photos.encode(image.crop((int(left * image.width), int(top * image.height),
+                                     int(right * image.width), int(bottom * image.height))), quality=quality)
+
+
+@pytest.mark.parametrize("box", [(0.2, 0.05, 0.9, 0.7), (0.1, 0.0, 1.0, 0.55)], ids=["tight", "upper_half"])
+def test_a_recropped_copy_of_an_accepted_real_photo_is_a_duplicate(analyzer, obama_accepted, box):
+    copy = recropped(real_photo("obama"), box)
+    verdict = judge(copy, analyzer, accepted=obama_accepted)
+    assert verdict.reasons == ["duplicate_photo"], verdict.scores
+    # The whole-photo hash alone (the old check) does not see it: the face moved in the frame.
+    assert all(hamming(verdict.phash, earlier.phash) > LIMITS.duplicate_distance for earlier in obama_accepted)
+
+
+def test_different_photos_of_one_person_are_not_duplicates(obama_accepted):
+    assert len(obama_accepted) == 3
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert hamming(obama_accepted[a].face_hash, obama_accepted[b].face_hash) > LIMITS.face_copy_distance
+
+
+def test_a_stranger_is_not_a_duplicate_whatever_the_hashes(analyzer, obama_accepted):
+    verdict = judge(real_photo("biden"), analyzer, accepted=obama_accepted)
+    assert verdict.reasons == ["different_person"]
