@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot
+from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot, leave_one_out_similarities
 from models.pose import head_pose
 
 try:  # HEIF/HEIC (iPhone photos) only when the optional plugin is installed.
@@ -91,12 +91,19 @@ class IntakeLimits:
     face_copy_distance: int = 6
     copy_min_similarity: float = 0.995
     copy_tone_tolerance: float = 0.03
-    # Cosine similarity of L2-normalised dlib embeddings to the pivot of the accepted photos. Observed on
-    # the shipped photos: same person (21 astronaut photos) pairwise 0.984-0.999, to the pivot >= 0.995;
-    # different people (astronaut vs Grace Hopper) 0.879-0.893. dlib's own same-person boundary
-    # (Euclidean 0.6 on raw descriptors) lies near 0.91 here, and real same-person photos vary more than
-    # augmentations of one photo, so the cut sits just above the different-person cluster.
+    # Cosine similarity of L2-normalised dlib embeddings to the pivot of the accepted photos. There is no clean gap:
+    # on 163 real photos of 76 people (issue 15) same-person pairs went down to 0.903 and different-person pairs up
+    # to 0.942; at 0.91, 0.47% of all different-person pairs passed, and 31% of those among East-Asian-looking faces
+    # (a small sample; dlib's descriptor is known to be weaker there). On the photos shipped here: Obama's three
+    # photos pairwise 0.957-0.970, six people against each other 0.805-0.882, augmentations of one portrait
+    # 0.984-0.999 (they are one photo, not a measure of how a person varies). dlib's own boundary (Euclidean 0.6 on
+    # raw descriptors) lies near 0.91. The cut is adjusted per user by calibrated_identity_cut.
     same_person_min_similarity: float = 0.91
+    # Per user (calibrated_identity_cut): a user whose own photos stray further from each other than the global cut
+    # allows (the lowest of their photos' similarities to the pivot of the others) gets that, less the margin, as
+    # their cut, but never below the floor; a user with consistent photos keeps the global cut.
+    identity_margin: float = 0.02
+    identity_floor: float = 0.90
     second_face_max_ratio: float = 0.25  # a second face with more than this share of the main face's area
 
 
@@ -300,9 +307,10 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
         verdict.reasons = ["duplicate_photo"]
         return verdict
     if len(accepted) >= 2:
-        pivot = identity_pivot([earlier.embedding for earlier in accepted])
-        scores["similarity"] = cosine_similarity(verdict.embedding, pivot)
-        if scores["similarity"] < limits.same_person_min_similarity:
+        earlier_embeddings = [earlier.embedding for earlier in accepted]
+        scores["similarity"] = cosine_similarity(verdict.embedding, identity_pivot(earlier_embeddings))
+        scores["identity_cut"] = calibrated_identity_cut(earlier_embeddings, limits)
+        if scores["similarity"] < scores["identity_cut"]:
             verdict.reasons = ["different_person"]
             return verdict
 
@@ -311,11 +319,25 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
     return verdict
 
 
-def drop_outliers(embeddings: list[np.ndarray], min_similarity: float) -> list[int]:
+def calibrated_identity_cut(embeddings: list[np.ndarray], limits: IntakeLimits) -> float:
+    """The similarity to the pivot of ``embeddings`` (the user's accepted photos) a new photo needs: the global cut,
+    lowered towards the spread of the user's own photos (bounded below by the floor) when they vary more than it
+    allows. Until there are three photos there is no spread to measure, and the global cut holds."""
+    own = leave_one_out_similarities(embeddings)
+    if not own:
+        return limits.same_person_min_similarity
+    return max(limits.identity_floor, min(limits.same_person_min_similarity, min(own) - limits.identity_margin))
+
+
+def drop_outliers(embeddings: list[np.ndarray], limits: IntakeLimits) -> list[int]:
     """Indices of embeddings to drop as "different_person": each one is compared with the pivot (normalised mean)
-    of all the others, so a stranger cannot pull the pivot towards themselves. With fewer than three there is no
-    majority to tell who the stranger is, and nothing is dropped."""
+    of all the others, at the cut those others calibrate, so a stranger cannot pull the pivot or the cut towards
+    themselves. With fewer than three there is no majority to tell who the stranger is, and nothing is dropped."""
     if len(embeddings) < 3:
         return []
-    return [i for i, e in enumerate(embeddings)
-            if cosine_similarity(e, identity_pivot(embeddings[:i] + embeddings[i + 1:])) < min_similarity]
+    dropped = []
+    for i, embedding in enumerate(embeddings):
+        others = embeddings[:i] + embeddings[i + 1:]
+        if cosine_similarity(embedding, identity_pivot(others)) < calibrated_identity_cut(others, limits):
+            dropped.append(i)
+    return dropped

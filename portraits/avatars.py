@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from redis.exceptions import LockError
 
-from models.faces import identity_pivot
+from models.faces import identity_pivot, likeness_baseline
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
 from portraits import consents, keys, notifications, photos, states, tasks
 from portraits.billing import refunds
@@ -201,7 +201,7 @@ def identity_outliers(services, embeddings: list) -> list[int]:
     among the first two; this pass re-judges every accepted photo each time one is added, so the set that makes the
     avatar ready never holds one.
     """
-    return drop_outliers(embeddings, intake_limits(services.settings).same_person_min_similarity)
+    return drop_outliers(embeddings, intake_limits(services.settings))
 
 
 def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | None:
@@ -276,11 +276,14 @@ def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
 
 
 def store_identity_pivot(services, avatar: dict) -> None:
-    """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone."""
+    """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone;
+    and how like the user their own photos are (``likeness_baseline``), what a render's likeness is read against."""
     embeddings = [np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]), dtype=np.float64)
                   for p in avatar["photos"] if p["accepted"]]
     pivot = np.asarray(identity_pivot(embeddings), dtype=np.float64)
     services.sealed.put(avatar["user_id"], keys.pivot(avatar), pivot.tobytes())
+    services.db.avatars.update_one({"_id": avatar["_id"]},
+                                   {"$set": {"likeness_baseline": likeness_baseline(embeddings)}})
 
 
 def training_images(services, avatar: dict) -> list[Image.Image]:

@@ -216,8 +216,8 @@ def test_drop_outliers_finds_the_stranger(analyzer, astronaut_series):
     embeddings = [a.embedding for a in astronaut_series[1][:8]]
     rgb = np.asarray(photos.grace_hopper_image())
     embeddings.insert(3, analyzer.embed(rgb, analyzer.faces(rgb)[0]))
-    assert drop_outliers(embeddings, LIMITS.same_person_min_similarity) == [3]
-    assert drop_outliers(embeddings[:3], LIMITS.same_person_min_similarity) == []
+    assert drop_outliers(embeddings, LIMITS) == [3]
+    assert drop_outliers(embeddings[:3], LIMITS) == []
 
 
 def test_unknown_role_is_a_programming_error(analyzer):

@@ -11,7 +11,9 @@ from PIL import Image, ImageEnhance
 
 from intake_support import LIMITS, judge, real_photo
 from models import sample_photos as photos
-from models.intake import AcceptedFace, IntakeLimits, hamming
+from models.faces import (cosine_similarity, identity_pivot, leave_one_out_similarities, likeness, likeness_baseline,
+                          relative_likeness)
+from models.intake import AcceptedFace, IntakeLimits, calibrated_identity_cut, drop_outliers, hamming
 from models.pose import MODEL_POINTS, POSE_LANDMARKS, head_pose
 
 
@@ -156,3 +158,62 @@ def test_different_photos_of_one_person_are_not_duplicates(obama_accepted):
 def test_a_stranger_is_not_a_duplicate_whatever_the_hashes(analyzer, obama_accepted):
     verdict = judge(real_photo("biden"), analyzer, accepted=obama_accepted)
     assert verdict.reasons == ["different_person"]
+
+
+# ------------------------------------------------------------------------------------------ identity, per user
+
+def spread_around(centre: np.ndarray, similarity: float, directions: range) -> list[np.ndarray]:
+    """Unit vectors whose cosine similarity to ``centre`` is exactly ``similarity``, each strayed along its own
+    direction (orthogonal to ``centre`` and to each other), so every similarity between them is exact too."""
+    basis, _ = np.linalg.qr(np.column_stack([centre] + [np.random.default_rng(i).normal(size=centre.shape)
+                                                        for i in range(1, 40)]))
+    sign = 1.0 if basis[:, 0] @ centre > 0 else -1.0
+    return [similarity * centre + np.sqrt(1 - similarity ** 2) * sign * basis[:, i] for i in directions]
+
+
+@pytest.fixture(scope="module")
+def centre() -> np.ndarray:
+    vector = np.random.default_rng(0).normal(size=128)
+    return vector / np.linalg.norm(vector)
+
+
+def test_a_user_with_consistent_photos_keeps_the_global_cut(obama_accepted):
+    embeddings = [face.embedding for face in obama_accepted]
+    assert min(leave_one_out_similarities(embeddings)) > 0.95  # Obama's three real photos agree well
+    assert calibrated_identity_cut(embeddings, LIMITS) == LIMITS.same_person_min_similarity
+
+
+def test_a_user_whose_own_photos_vary_gets_a_lower_cut_bounded_by_the_floor(centre):
+    varied = spread_around(centre, 0.935, range(1, 9))  # each to the pivot of the seven others: 0.9255
+    own = min(leave_one_out_similarities(varied))
+    cut = calibrated_identity_cut(varied, LIMITS)
+    assert LIMITS.identity_floor <= cut < LIMITS.same_person_min_similarity
+    assert cut == pytest.approx(max(LIMITS.identity_floor, own - LIMITS.identity_margin))
+    # A new photo of this user as far from them as their own photos are from each other passes their cut, where the
+    # global cut alone (the old check) refused it.
+    newcomer = spread_around(centre, 0.9152, range(9, 10))[0]  # 0.907 to the user's pivot
+    similarity = cosine_similarity(newcomer, identity_pivot(varied))
+    assert cut <= similarity < LIMITS.same_person_min_similarity
+    assert drop_outliers(varied + [newcomer], LIMITS) == []
+    wildly = spread_around(centre, 0.8, range(10, 18))
+    assert calibrated_identity_cut(wildly, LIMITS) == LIMITS.identity_floor
+
+
+def test_a_stranger_is_still_dropped_from_a_varied_user(centre, obama_accepted):
+    varied = spread_around(centre, 0.935, range(20, 26))
+    stranger = spread_around(centre, 0.90, range(26, 27))[0]  # 0.889 to the user's pivot: under the floor
+    assert drop_outliers(varied[:3] + [stranger] + varied[3:], LIMITS) == [3]
+
+
+def test_likeness_is_reported_against_the_users_own_photos(analyzer, obama_accepted):
+    embeddings = [face.embedding for face in obama_accepted]
+    baseline = likeness_baseline(embeddings)
+    assert 0.9 < baseline <= 1.0
+    pivot = identity_pivot(embeddings)
+    own_photo = likeness(embeddings[0], pivot)
+    rgb = np.asarray(Image.open(io.BytesIO(real_photo("biden"))).convert("RGB"))
+    stranger = likeness(analyzer.embed(rgb, analyzer.faces(rgb)[0]), pivot)
+    assert relative_likeness(own_photo, baseline) >= 1.0  # one of their photos, against a pivot it is part of
+    assert relative_likeness(stranger, baseline) < 0.05
+    assert relative_likeness(None, baseline) is None and relative_likeness(0.9, None) is None
+    assert likeness_baseline(embeddings[:2]) is None
