@@ -390,6 +390,9 @@ class Render(Reply):
     parent_id: str | None
     likeness: float | None
     parent_likeness: float | None
+    # The best likeness as a share of how like the user their own photos are (1.0: as like as their photos are to
+    # each other); None for avatars trained before it was measured, or without a scorable image.
+    relative_likeness: float | None = None
     refinements_left: int
     images: list[Image]
     queue: QueueSpot | None

@@ -17,6 +17,7 @@ import struct
 import zlib
 from functools import lru_cache
 
+import cv2
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
@@ -237,3 +238,32 @@ def oversized_file(size: int = 16 * 1024 * 1024) -> bytes:
     """A real JPEG padded past the byte limit (trailing bytes after EOI are ignored by decoders)."""
     data = astronaut_photo()
     return data + b"\x00" * max(0, size - len(data))
+
+
+def darker_skin_photo(data: bytes, analyzer, factor: float = 0.3) -> bytes:
+    """A proxy for a darker-skinned face in the same good light: the skin of the largest face multiplied by
+    ``factor``, while the eyes, the inside of the mouth, hair, clothes and background keep their pixels.
+
+    A multiplication keeps the skin's own contrast (every ratio between two skin pixels), as a darker skin under the
+    same light would; what it cannot reproduce is the real thing's specular shine, which skin tone does not darken,
+    nor how real skin of another tone scatters light. ``analyzer`` is a models.faces.FaceAnalyzer (for landmarks).
+    """
+    rgb = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+    face = analyzer.faces(rgb)[0]
+    points = face.landmarks.astype(np.int32)
+    centre_x = int(points[:, 0].mean())
+    # The jaw line and the brows raised and widened to take in the forehead, the temples and the ears.
+    upper = points[17:27].copy()
+    upper[:, 1] -= int(0.55 * face.height)
+    outline = np.concatenate([points[0:17], upper, points[[0, 16]]])
+    outline[:, 0] = centre_x + (outline[:, 0] - centre_x) * 1.18
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(outline), 255)
+    for part in (points[36:42], points[42:48], points[60:68]):
+        cv2.fillConvexPoly(mask, cv2.convexHull(part), 0)
+    # Skin only: leave the hair (dark, low-saturation) and the eye whites and teeth (bright, low-saturation) alone.
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    mask[(hsv[..., 1] < 40) & ((hsv[..., 2] < 70) | (hsv[..., 2] > 170))] = 0
+    soft = cv2.GaussianBlur(mask, (0, 0), max(1.0, face.width / 60)).astype(np.float32)[..., None] / 255
+    darker = rgb.astype(np.float32) * (1 - soft * (1 - factor))
+    return encode(Image.fromarray(darker.clip(0, 255).astype(np.uint8)))

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from redis.exceptions import LockError
 
-from models.faces import identity_pivot
+from models.faces import identity_pivot, likeness_baseline
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
 from portraits import consents, keys, notifications, photos, states, tasks
 from portraits.billing import refunds
@@ -181,7 +181,8 @@ def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str)
         services.sealed.put(avatar["user_id"], crop_key, crop.getvalue())
         services.sealed.put(avatar["user_id"], embedding_key,
                             np.asarray(verdict.embedding, dtype=np.float64).tobytes())
-        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash))
+        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash),
+                     face_hash=str(verdict.face_hash), face_tone=list(verdict.tone))
         # Judged against exactly the accepted photos read: none may have been added since (the count and the
         # duplicate and identity checks would not hold). A refused verdict changes no limit and needs no guard.
         seen = [p["id"] for p in accepted_photos]
@@ -202,7 +203,9 @@ def load_accepted_faces(services, avatar: dict, accepted_photos: list[dict]) -> 
     return [
         AcceptedFace(embedding=np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]),
                                              dtype=np.float64),
-                     phash=int(p["phash"]))
+                     phash=int(p["phash"]),
+                     face_hash=int(p["face_hash"]) if "face_hash" in p else None,
+                     tone=tuple(p["face_tone"]) if "face_tone" in p else None)
         for p in accepted_photos
     ]
 
@@ -214,7 +217,7 @@ def identity_outliers(services, embeddings: list) -> list[int]:
     among the first two; this pass re-judges every accepted photo each time one is added, so the set that makes the
     avatar ready never holds one.
     """
-    return drop_outliers(embeddings, intake_limits(services.settings).same_person_min_similarity)
+    return drop_outliers(embeddings, intake_limits(services.settings))
 
 
 def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | None:
@@ -224,7 +227,8 @@ def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | 
     refused = services.db.avatars.update_one(
         {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
         {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
-         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": ""}})
+         "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": "",
+                    "photos.$.face_hash": "", "photos.$.face_tone": ""}})
     for key in (photo.get("crop_key"), photo.get("embedding_key")):
         if key:
             services.blobs.delete(key)
@@ -290,11 +294,14 @@ def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
 
 
 def store_identity_pivot(services, avatar: dict) -> None:
-    """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone."""
+    """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone;
+    and how like the user their own photos are (``likeness_baseline``), what a render's likeness is read against."""
     embeddings = [np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]), dtype=np.float64)
                   for p in avatar["photos"] if p["accepted"]]
     pivot = np.asarray(identity_pivot(embeddings), dtype=np.float64)
     services.sealed.put(avatar["user_id"], keys.pivot(avatar), pivot.tobytes())
+    services.db.avatars.update_one({"_id": avatar["_id"]},
+                                   {"$set": {"likeness_baseline": likeness_baseline(embeddings)}})
 
 
 def training_images(services, avatar: dict) -> list[Image.Image]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from models.faces import relative_likeness
 from models.labels import label_image
 from models.ranking import RankedCandidate
 from portraits import avatars, keys, notifications, privacy, states, tasks
@@ -315,9 +316,13 @@ def keep_candidates(services, render: dict, kept: list[RankedCandidate]) -> list
 def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], _seconds: float) -> str:
     image_ids = [image.image_id for image in kept]
     scores = [image.likeness for image in kept if image.likeness is not None]
+    best = max(scores) if scores else None
     carried = [image.image_id for image in kept if image.carried]
+    avatar = services.db.avatars.find_one({"_id": render["avatar_id"]}, {"likeness_baseline": 1}) or {}
     done = states.transition(services.db, "render", render["_id"], "done", expect={"rendering"}, by=f"job:{job_id}",
-                             set_fields={"image_ids": image_ids, "likeness_best": max(scores) if scores else None,
+                             set_fields={"image_ids": image_ids, "likeness_best": best,
+                                         "relative_likeness_best": relative_likeness(best,
+                                                                                     avatar.get("likeness_baseline")),
                                          "carried_image_ids": carried, "finished_at": states.now()})
     if done is None:
         return "superseded"

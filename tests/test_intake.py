@@ -9,19 +9,14 @@ import pytest
 from PIL import Image, ImageFilter
 
 from models.faces import FaceAnalyzer, cosine_similarity, identity_pivot, likeness
-from models.intake import REASONS, AcceptedFace, IntakeLimits, drop_outliers, judge_photo
+from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
-
-LIMITS = IntakeLimits()
+from intake_support import LIMITS, judge
 
 
 @pytest.fixture(scope="module")
 def analyzer() -> FaceAnalyzer:
     return FaceAnalyzer()
-
-
-def judge(data: bytes, analyzer: FaceAnalyzer, *, role: str = "extra", accepted=(), limits: IntakeLimits = LIMITS):
-    return judge_photo(data, role=role, accepted=list(accepted), limits=limits, analyzer=analyzer)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def test_astronaut_series_is_mostly_accepted(astronaut_series):
             assert verdict.crop.size == (512, 512)
             assert verdict.embedding.shape == (128,)
             assert np.linalg.norm(verdict.embedding) == pytest.approx(1.0)
-            assert set(verdict.scores) >= {"blur", "brightness", "frontalness", "face_fraction"}
+            assert set(verdict.scores) >= {"blur", "brightness", "frontalness", "yaw", "pitch", "roll", "face_fraction"}
 
 
 def test_reason_codes_are_the_documented_ones():
@@ -154,7 +149,7 @@ def test_not_frontal_only_for_the_front_photo(analyzer):
     data = photos.head_turned_photo()
     front = judge(data, analyzer, role="front")
     assert front.reasons == ["not_frontal"]
-    assert front.scores["frontalness"] < LIMITS.min_frontalness
+    assert abs(front.scores["yaw"]) > LIMITS.max_front_yaw
     assert judge(data, analyzer, role="extra").accepted
 
 
@@ -221,8 +216,8 @@ def test_drop_outliers_finds_the_stranger(analyzer, astronaut_series):
     embeddings = [a.embedding for a in astronaut_series[1][:8]]
     rgb = np.asarray(photos.grace_hopper_image())
     embeddings.insert(3, analyzer.embed(rgb, analyzer.faces(rgb)[0]))
-    assert drop_outliers(embeddings, LIMITS.same_person_min_similarity) == [3]
-    assert drop_outliers(embeddings[:3], LIMITS.same_person_min_similarity) == []
+    assert drop_outliers(embeddings, LIMITS) == [3]
+    assert drop_outliers(embeddings[:3], LIMITS) == []
 
 
 def test_unknown_role_is_a_programming_error(analyzer):

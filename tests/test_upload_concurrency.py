@@ -13,12 +13,11 @@ import threading
 from contextlib import nullcontext
 from pathlib import Path
 
-import cv2
 import pytest
 import requests
 
 from models import sample_photos
-from models.intake import IntakeLimits, _decode, _open, hamming, perceptual_hash
+from models.intake import AcceptedFace, IntakeLimits, hamming, judge_photo
 from portraits import avatars, keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,15 +77,17 @@ def test_concurrent_judging_on_one_shared_analyzer_gives_the_sequential_verdicts
 
 
 @pytest.fixture(scope="module")
-def distinct_photos():
-    """30 photos of the astronaut, each one acceptable and pairwise well beyond the duplicate distance."""
-    margin = IntakeLimits().duplicate_distance + 2
-    kept, hashes = [], []
+def distinct_photos(face_analyzer):
+    """30 photos of the astronaut, each one acceptable, pairwise well beyond the whole-photo duplicate distance and
+    none a re-framed copy of another's face (judged in turn, as the intake would)."""
+    limits = IntakeLimits()
+    margin = limits.duplicate_distance + 2
+    kept, accepted = [], []
     for data in sample_photos.astronaut_photos(40):
-        phash = perceptual_hash(cv2.cvtColor(_decode(_open(data, IntakeLimits())), cv2.COLOR_RGB2GRAY))
-        if all(hamming(phash, other) > margin for other in hashes):
+        verdict = judge_photo(data, role="extra", accepted=accepted, limits=limits, analyzer=face_analyzer)
+        if verdict.accepted and all(hamming(verdict.phash, other.phash) > margin for other in accepted):
             kept.append(data)
-            hashes.append(phash)
+            accepted.append(AcceptedFace(verdict.embedding, verdict.phash, verdict.face_hash, verdict.tone))
     assert len(kept) >= 30
     return kept[:30]
 

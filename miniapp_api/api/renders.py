@@ -46,6 +46,7 @@ def render_json(render: dict) -> dict:
     return {"id": render["_id"], "state": render["state"], "avatar_id": render["avatar_id"],
             "template_id": render["template_id"], "parent_id": render.get("parent_id"),
             "likeness": render.get("likeness_best"), "parent_likeness": render.get("parent_likeness"),
+            "relative_likeness": render.get("relative_likeness_best"),
             "refinements_left": renders.refinements_left(svc, render),
             "images": [image_json(images[i]) for i in render.get("image_ids", []) if i in images],
             "queue": renders.queue_position(svc, render)}
