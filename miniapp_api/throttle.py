@@ -16,7 +16,7 @@ from flask_limiter import Limiter, RateLimitExceeded
 
 from miniapp_api.api.auth import bearer_token
 from miniapp_api.errors import ApiError, envelope
-from portraits import keys, users
+from portraits import keys, privacy, users
 from portraits.errors import Unauthenticated
 
 # Approximates a window sliding over the last period from two fixed windows: no burst of twice the limit at a
@@ -47,9 +47,10 @@ def init_app(app) -> None:
 
 
 def client_key(settings) -> str:
-    """Whom a request is counted against: the user its token names (checked by signature, no database), else its
-    address."""
+    """Whom a request is counted against: the user its token names (checked by signature, no database), by its
+    one-way reference (a counter in Redis never names a user), else its address."""
     try:
-        return "user:" + str(users.token_claims(settings, bearer_token()).get("uid"))
+        return "user:" + privacy.one_way_ref(settings.secret_key, str(users.token_claims(settings, bearer_token())
+                                                                       .get("uid")))
     except (ApiError, Unauthenticated):
         return "addr:" + (request.remote_addr or "unknown")

@@ -15,7 +15,13 @@ from portraits.queue.tracking import QueueTracker
 
 
 def user_ref(services, user_id: str) -> str:
-    return hmac.new(services.settings.secret_key.encode(), user_id.encode(), hashlib.sha256).hexdigest()[:32]
+    return one_way_ref(services.settings.secret_key, user_id)
+
+
+def one_way_ref(secret_key: str, user_id: str) -> str:
+    """What stands for a user where their id must not (payment records kept after erasure, rate-limit counters):
+    the same for the same user, and no way back to the id without SECRET_KEY."""
+    return hmac.new(secret_key.encode(), user_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def label_log_entry(services, content_id: str, user_id: str, at) -> dict:

@@ -38,7 +38,9 @@ def main(argv=None) -> None:
         if args.operator:
             password = os.environ.get("CONSOLE_OPERATOR_PASSWORD") or getpass.getpass(f"password for {args.operator}: ")
             operators.create(db_module.connect(topology.settings), args.operator, password, "admin", by="cli:serve")
-            print(f"console    {topology.base_url}/console   (admin {args.operator})")
+            console_base = (f"http://{topology.settings.console_host}:{args.port}" if topology.settings.console_host
+                            else topology.base_url)
+            print(f"console    {console_base}{topology.settings.console_url_prefix}/   (admin {args.operator})")
         sim = topology.simulator_url or "(real WeChat)"
         print(f"supervisor pid {os.getpid()}; its processes (see them with `ps -f --ppid {os.getpid()}`):")
         print(topology.describe())
