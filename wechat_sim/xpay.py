@@ -198,19 +198,26 @@ def _first_delivery(sim: WeChatSimulator, notification_id: str, deliver: bool) -
     return {key: outcome.get(key) for key in ("status_code", "error", "delivered", "reply")}
 
 
+def _find(orders, payload: dict) -> dict | None:
+    """The order the call names (order_id or wx_order_id) if it is the caller's user's, in the caller's env."""
+    wanted_id, wx_order_id = payload.get("order_id"), payload.get("wx_order_id")
+    order = next((o for o in orders if (wanted_id and o["order_id"] == wanted_id)
+                  or (wx_order_id and o["wx_order_id"] == wx_order_id)), None)
+    if order is None or order["openid"] != payload.get("openid") or order["env"] != payload.get("env", 0):
+        return None
+    return order
+
+
 @blueprint.post("/xpay/query_order")
 def query_order():
     sim = current_simulator()
     payload, refused = _authenticated_body(sim)
     if refused:
         return refused
-    wanted_id, wx_order_id = payload.get("order_id"), payload.get("wx_order_id")
     state = sim.state
     with state.lock:
-        found = [o for o in (*state.xpay_orders.values(), *state.xpay_refunds.values())
-                 if (wanted_id and o["order_id"] == wanted_id) or (wx_order_id and o["wx_order_id"] == wx_order_id)]
-        order = found[0] if found else None
-        if order is None or order["openid"] != payload.get("openid") or order["env"] != payload.get("env", 0):
+        order = _find((*state.xpay_orders.values(), *state.xpay_refunds.values()), payload)
+        if order is None:
             return _error(ERR_ORDER_NOT_EXIST, "order not exist")
         return json_response({"errcode": 0, "errmsg": "ok", "order": order_view(order)})
 
@@ -229,9 +236,8 @@ def refund_order():
             return _error(ERR_PARAM, "refund_order_id must be 8-32 letters, digits, _ or -")
         if str(payload.get("refund_reason")) not in "012345" or str(payload.get("req_from")) not in ("1", "2", "3"):
             return _error(ERR_PARAM, "refund_reason must be 0-5 and req_from 1-3")
-        order = state.xpay_orders.get(payload.get("order_id") or "") or next(
-            (o for o in state.xpay_orders.values() if o["wx_order_id"] == payload.get("wx_order_id")), None)
-        if order is None or order["openid"] != payload.get("openid") or order["env"] != payload.get("env", 0):
+        order = _find(state.xpay_orders.values(), payload)
+        if order is None:
             return _error(ERR_ORDER_NOT_EXIST, "order not exist")
         existing = state.xpay_refunds.get(refund_order_id)
         if existing is not None:
