@@ -195,20 +195,51 @@ class PushQuery(Body):
     signature: str = Field(description="SHA-1 of the Token, timestamp and nonce, sorted and joined")
     timestamp: str
     nonce: str
-    echostr: str = Field(default=None, json_schema_extra=_no_default, description="the URL verification's challenge (GET), answered as it is")
+    echostr: str = Field(default=None, json_schema_extra=_no_default,
+                         description="the URL verification's challenge (GET), answered as it is")
+
+
+class XPayPayInfo(Body):
+    MchOrderNo: str
+    TransactionId: str
+    PaidTime: int
+
+
+class XPayGoodsInfo(Body):
+    ProductId: str
+    Quantity: int
+    OrigPrice: int = Field(description="fen")
+    ActualPrice: int = Field(description="fen, what the user paid")
+    Attach: str
 
 
 class PushEvent(Body):
     """A message-push event in JSON mode (plaintext). Its signature is checked before anything reads it, so this
-    model documents the body rather than validating it; the fields besides these depend on `Event`
-    (xpay_goods_deliver_notify: OpenId, OutTradeNo, Env, WeChatPayInfo, GoodsInfo; xpay_refund_notify: OpenId,
-    MchRefundId, WxRefundId, MchOrderId, RefundFee, RetCode, RetMsg...)."""
+    model documents the body rather than validating it. Which fields come depends on `Event`:
+    xpay_goods_deliver_notify (OpenId, OutTradeNo, Env, WeChatPayInfo, GoodsInfo) and xpay_refund_notify (OpenId,
+    MchRefundId, WxRefundId, MchOrderId, WxOrderId, RefundFee, RetCode, RetMsg, the timestamps, RetryTimes)."""
 
     ToUserName: str
     FromUserName: str
     CreateTime: int
     MsgType: str
     Event: str
+    OpenId: str = omittable()
+    OutTradeNo: str = omittable()
+    Env: int = omittable()
+    WeChatPayInfo: XPayPayInfo = omittable()
+    GoodsInfo: XPayGoodsInfo = omittable()
+    MchRefundId: str = omittable()
+    WxRefundId: str = omittable()
+    MchOrderId: str = omittable()
+    WxOrderId: str = omittable()
+    RefundFee: int = omittable()
+    RetCode: int = omittable()
+    RetMsg: str = omittable()
+    RefundStartTimestamp: int = omittable()
+    RefundSuccTimestamp: int = omittable()
+    WxpayRefundTransactionId: str = omittable()
+    RetryTimes: int = omittable()
 
 
 def _grant_problems(grants) -> dict:

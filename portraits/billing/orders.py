@@ -60,6 +60,8 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
         "expires_at": at + timedelta(seconds=settings.order_expire_s),
         "history": states.initial_history("created", f"user:{user['_id']}"),
     }
+    if rail == rails.XPAY:
+        order.update(xpay_product_id=product.get("xpay_product_id") or sku, xpay_env=settings.xpay_env)
     try:
         services.db.orders.insert_one(order)
     except DuplicateKeyError:
@@ -69,11 +71,7 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     if rail == rails.CREDIT:
         return _pay_with_credit(services, order)
     if rail == rails.XPAY:
-        # Nothing to ask WeChat first: the client pays with the signed parameters pay_params gives it.
-        return services.db.orders.find_one_and_update(
-            {"_id": order["_id"]}, {"$set": {"xpay_product_id": product.get("xpay_product_id") or sku,
-                                             "xpay_env": settings.xpay_env}},
-            return_document=ReturnDocument.AFTER)
+        return order  # nothing to ask WeChat first: the client pays with the signed parameters of xpay_params
     try:
         prepay_id = services.payments.prepay(order["_id"], order["amount"], product["description"], user["openid"])
     except PaymentGatewayError as error:
