@@ -503,6 +503,16 @@ class ConsentRecord(Reply):
     ip: str | None
 
 
+class MakeGoodCredit(Reply):
+    """A free redo credit given for an order we could not refund (iOS virtual payment)."""
+
+    order_id: str = Field(description="the order it makes good")
+    sku: str
+    reason: str | None
+    granted_at: str | None
+    used_by: str | None = Field(description="the order it paid, once spent")
+
+
 class ExportedUser(Reply):
     id: str
     openid: str
@@ -510,6 +520,7 @@ class ExportedUser(Reply):
     consents: ConsentState
     consent_records: dict[str, ConsentRecord]
     subscriptions: dict[str, int]
+    make_good_credits: list[MakeGoodCredit]
 
 
 class ExportedImage(Reply):

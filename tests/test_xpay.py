@@ -161,6 +161,8 @@ def test_a_failed_ios_order_is_made_good_once_and_never_refunded(ready_avatar, d
     assert sim.xpay_refunds() == {"calls": 0, "refunds": []}
     assert history_targets(services, order["id"]) == ["created", "paid", "made_good"]
 
+    exported = api.get("/api/v1/me/export").get_json()["user"]["make_good_credits"]
+    assert [(c["order_id"], c["used_by"]) for c in exported] == [(order["id"], None)]
     products = api.get("/api/v1/products?platform=ios").get_json()
     assert products[0]["credits"] == 1 and products[0]["ios_make_good"] == services.settings.xpay_ios_make_good
 
