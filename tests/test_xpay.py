@@ -19,7 +19,8 @@ from portraits.billing import orders, reconcile, refunds
 from portraits.gateways.wechatpay import PaymentGatewayError
 from portraits.gateways.xpay import XPayGateway
 from portraits.push_events import PUSH_PATH
-from tests.money_support import add_user_and_avatar, history_targets, run_default_jobs
+from tests.money_support import (add_user_and_avatar, history_targets, run_default_jobs, signed_notification,
+                                 transaction_for)
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials
 from wechat_sim.runner import start_simulator
@@ -57,6 +58,15 @@ def pay(sim, services, api, order: dict, platform: str, deliver: bool = True) ->
         assert paid["delivered"], paid
         assert paid["reply"] == {"ErrCode": 0, "ErrMsg": "success"}
     return paid
+
+
+def goods_push(openid: str, order_id: str) -> dict:
+    """An xpay_goods_deliver_notify as WeChat would push it for a 9.9 yuan avatar pack."""
+    return {"ToUserName": "gh_x", "FromUserName": openid, "CreateTime": 1, "MsgType": "event",
+            "Event": "xpay_goods_deliver_notify", "OpenId": openid, "OutTradeNo": order_id, "Env": 0,
+            "WeChatPayInfo": {"MchOrderNo": "m1", "TransactionId": "t1", "PaidTime": 1},
+            "GoodsInfo": {"ProductId": "avatar_pack", "Quantity": 1, "OrigPrice": 990, "ActualPrice": 990,
+                          "Attach": ""}}
 
 
 def signed_push(client, token: str, message: dict, query: dict | None = None):
@@ -187,11 +197,7 @@ def test_forged_pushes_and_signatures_are_refused_and_change_nothing(login, clie
     order = buy(api, avatar["_id"], "android")
     token = services.settings.wechat_push_token
     params = order["xpay_params"]
-    genuine = {"ToUserName": "gh_x", "FromUserName": user["openid"], "CreateTime": 1, "MsgType": "event",
-               "Event": "xpay_goods_deliver_notify", "OpenId": user["openid"], "OutTradeNo": order["id"], "Env": 0,
-               "WeChatPayInfo": {"MchOrderNo": "m1", "TransactionId": "t1", "PaidTime": 1},
-               "GoodsInfo": {"ProductId": "avatar_pack", "Quantity": 1, "OrigPrice": 990, "ActualPrice": 990,
-                             "Attach": ""}}
+    genuine = goods_push(user["openid"], order["id"])
 
     forged = signed_push(client, "not-our-token", genuine)
     assert forged.status_code == 401 and forged.get_json()["error"]["code"] == "bad_signature"
@@ -225,6 +231,18 @@ def test_forged_pushes_and_signatures_are_refused_and_change_nothing(login, clie
     assert fresh["signature"] != params["signature"]
     pay(sim, services, api, {"xpay_params": fresh}, "android")
     assert services.db.orders.find_one({"_id": order["id"]})["state"] == "paid"
+
+
+def test_a_wechat_pay_callback_cannot_pay_an_xpay_order(login, client, services, sim, simulator, pushes):
+    api = login("alice")
+    user = services.db.users.find_one({"_id": api.user_id})
+    _, avatar = add_user_and_avatar(services, sim, user=user)
+    xpay_order = buy(api, avatar["_id"], "android")
+    stored = services.db.orders.find_one({"_id": xpay_order["id"]})
+    headers, body = signed_notification(simulator.creds, transaction_for(stored, simulator.creds))
+    refused = client.post("/api/v1/pay/notify", data=body, headers=headers)
+    assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "rail_mismatch"
+    assert services.db.orders.find_one({"_id": xpay_order["id"]})["state"] == "created"
 
 
 def test_the_push_url_verification_answers_echostr_only_to_our_signature(client, services):
@@ -328,7 +346,7 @@ def test_products_say_the_rail_and_the_ios_make_good_rule(login, services):
 
 
 @pytest.mark.parametrize("settings_overrides", [{"payment_rail": "by_platform", "xpay_platforms": ("ios",)}])
-def test_by_platform_picks_the_rail_from_the_client_platform(login, services, sim):
+def test_by_platform_picks_the_rail_from_the_client_platform(login, client, services, sim):
     api = login("alice")
     user = services.db.users.find_one({"_id": api.user_id})
     _, ios_avatar = add_user_and_avatar(services, sim, user=user)
@@ -336,6 +354,11 @@ def test_by_platform_picks_the_rail_from_the_client_platform(login, services, si
     assert buy(api, ios_avatar["_id"], "ios")["rail"] == "xpay"
     android = buy(api, android_avatar["_id"], "android")
     assert android["rail"] == "jsapi" and "pay_params" in android and "xpay_params" not in android
+    # A virtual-payment push cannot pay a WeChat Pay order.
+    answer = signed_push(client, services.settings.wechat_push_token, goods_push(user["openid"], android["id"]))
+    answer = answer.get_json()
+    assert answer == {"ErrCode": 1, "ErrMsg": "rail_mismatch"}
+    assert services.db.orders.find_one({"_id": android["id"]})["state"] == "created"
 
 
 # ---------------------------------------------------------------------- the simulator's push redelivery
