@@ -174,6 +174,72 @@ class PhotoUpload(Body):
 class OrderRequest(Body):
     avatar_id: NonEmptyStr
     sku: NonEmptyStr
+    platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
+                                  description="the client's platform (wx.getDeviceInfo: android, "
+                                                             "ios, devtools, windows, mac...); with PAYMENT_RAIL="
+                                                             "by_platform it picks the payment rail, and on ios the "
+                                                             "make-good rule applies")
+    use_credit: bool = Field(default=False, description="pay with one of the user's free redo credits for this sku "
+                                                        "(402 no_make_good_credit when none is left)")
+
+
+class ProductQuery(Body):
+    platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
+                                  description="the client's platform (wx.getDeviceInfo), which "
+                                                             "with PAYMENT_RAIL=by_platform decides the rail")
+
+
+class PushQuery(Body):
+    """The query string WeChat signs every message push with (plaintext mode)."""
+
+    signature: str = Field(description="SHA-1 of the Token, timestamp and nonce, sorted and joined")
+    timestamp: str
+    nonce: str
+    echostr: str = Field(default=None, json_schema_extra=_no_default,
+                         description="the URL verification's challenge (GET), answered as it is")
+
+
+class XPayPayInfo(Body):
+    MchOrderNo: str
+    TransactionId: str
+    PaidTime: int
+
+
+class XPayGoodsInfo(Body):
+    ProductId: str
+    Quantity: int
+    OrigPrice: int = Field(description="fen")
+    ActualPrice: int = Field(description="fen, what the user paid")
+    Attach: str
+
+
+class PushEvent(Body):
+    """A message-push event in JSON mode (plaintext). Its signature is checked before anything reads it, so this
+    model documents the body rather than validating it. Which fields come depends on `Event`:
+    xpay_goods_deliver_notify (OpenId, OutTradeNo, Env, WeChatPayInfo, GoodsInfo) and xpay_refund_notify (OpenId,
+    MchRefundId, WxRefundId, MchOrderId, WxOrderId, RefundFee, RetCode, RetMsg, the timestamps, RetryTimes)."""
+
+    ToUserName: str
+    FromUserName: str
+    CreateTime: int
+    MsgType: str
+    Event: str
+    OpenId: str = omittable()
+    OutTradeNo: str = omittable()
+    Env: int = omittable()
+    WeChatPayInfo: XPayPayInfo = omittable()
+    GoodsInfo: XPayGoodsInfo = omittable()
+    MchRefundId: str = omittable()
+    WxRefundId: str = omittable()
+    MchOrderId: str = omittable()
+    WxOrderId: str = omittable()
+    RefundFee: int = omittable()
+    RetCode: int = omittable()
+    RetMsg: str = omittable()
+    RefundStartTimestamp: int = omittable()
+    RefundSuccTimestamp: int = omittable()
+    WxpayRefundTransactionId: str = omittable()
+    RetryTimes: int = omittable()
 
 
 def _grant_problems(grants) -> dict:
@@ -336,6 +402,8 @@ class OrderRecord(Reply):
     avatar_id: str
     sku: str
     amount: int = Field(description="fen")
+    rail: str = Field(description="jsapi (WeChat Pay), xpay (virtual payment) or credit (a free redo credit)")
+    platform: str | None
     state: OrderState
     render_credits: int
     created_at: str | None
@@ -343,8 +411,39 @@ class OrderRecord(Reply):
     refunds: list[Refund]
 
 
+class XPayParams(Reply):
+    """What wx.requestVirtualPayment needs (pass them unchanged; signData is signed as the very text given)."""
+
+    mode: str = Field(description="short_series_goods")
+    signData: str
+    paySig: str
+    signature: str
+
+
 class Order(OrderRecord):
     pay_params: PayParams = omittable()
+    xpay_params: XPayParams = omittable()
+    ios_make_good: str = omittable()
+
+
+class Product(Reply):
+    sku: str
+    amount: int = Field(description="fen")
+    render_sets: int
+    description: str
+    rail: str = Field(description="how this client pays for it: jsapi (wx.requestPayment) or xpay "
+                                  "(wx.requestVirtualPayment)")
+    ios_make_good: str = Field(description="the make-good rule an iOS buyer is told before paying: the developer "
+                                           "cannot refund iOS virtual payments, so a technical failure is made good "
+                                           "with a free redo credit")
+    credits: int = Field(description="the user's unused free redo credits for it (pay with use_credit)")
+
+
+class PushReply(Reply):
+    """What WeChat reads from a push answer: ErrCode 0 acknowledges it; anything else makes it push again."""
+
+    ErrCode: int
+    ErrMsg: str
 
 
 class Subscriptions(Reply):
@@ -407,6 +506,16 @@ class ConsentRecord(Reply):
     ip: str | None
 
 
+class MakeGoodCredit(Reply):
+    """A free redo credit given for an order we could not refund (iOS virtual payment)."""
+
+    order_id: str = Field(description="the order it makes good")
+    sku: str
+    reason: str | None
+    granted_at: str | None
+    used_by: str | None = Field(description="the order it paid, once spent")
+
+
 class ExportedUser(Reply):
     id: str
     openid: str
@@ -414,6 +523,7 @@ class ExportedUser(Reply):
     consents: ConsentState
     consent_records: dict[str, ConsentRecord]
     subscriptions: dict[str, int]
+    make_good_credits: list[MakeGoodCredit]
 
 
 class ExportedImage(Reply):

@@ -41,7 +41,11 @@ FILE_CONTENTS = {"wechatpay_private_key_pem": "wechatpay_private_key_path",
                  "wechatpay_public_key_pem": "wechatpay_public_key_path"}
 # Never echoed back in an error message.
 SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", "metrics_token", "sentry_dsn",
-                   *FILE_CONTENTS}
+                   "xpay_app_key", "wechat_push_token", *FILE_CONTENTS}
+# Needed once any order may pay through virtual payment (PAYMENT_RAIL other than jsapi), unless the simulator plays.
+XPAY_SETTINGS = ("xpay_offer_id", "xpay_app_key", "wechat_push_token")
+DEFAULT_IOS_MAKE_GOOD = ("iOS 上由苹果处理退款，我们无法直接退款：若因技术故障未能交付，我们会赠送一次同款套餐的免费重做，"
+                         "自动发放到你的账户。")
 # Defaults that depend on whether the tiny random-weight model is used: (tiny, real).
 MODEL_DEFAULTS = {"train_steps": (30, None), "train_resolution": (64, 512), "render_max_steps": (4, None)}
 
@@ -82,6 +86,16 @@ def _seconds_list(value: Any) -> Any:
     return value
 
 
+def _int_text(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def _names_list(value: Any) -> Any:
+    if isinstance(value, str):
+        value = tuple(part.strip().lower() for part in value.split(",") if part.strip())
+    return value
+
+
 def _rate_limits(value: str) -> str:
     try:
         parse_many(value)
@@ -102,6 +116,7 @@ RateLimits = Annotated[str, AfterValidator(_rate_limits)]
 UrlPrefix = Annotated[str, AfterValidator(_url_prefix)]
 JsonDict = Annotated[dict, BeforeValidator(_json)]
 SecondsList = Annotated[tuple[int, ...], BeforeValidator(_seconds_list)]
+NamesList = Annotated[tuple[str, ...], BeforeValidator(_names_list)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"],
                      BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value)]
 
@@ -235,7 +250,32 @@ class Settings(BaseSettings):
                                        "409 `too_many_avatars`")
     collecting_ttl_s: int = setting(7 * 24 * 3600, "unpaid avatars and their photos are deleted after this")
 
-    skus: JsonDict = setting(description="products, prices in fen", default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
+    skus: JsonDict = setting(description="products, prices in fen: `{sku: {amount, render_sets, description, "
+                                         "xpay_product_id}}`; `xpay_product_id` is the item's id in the "
+                                         "virtual-payment console (default: the sku), whose price must be `amount`",
+                             default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
+    payment_rail: Literal["jsapi", "xpay", "by_platform"] = setting(
+        "jsapi", "how orders are paid: `jsapi` WeChat Pay JSAPI (wx.requestPayment); `xpay` WeChat's virtual payment "
+                 "(wx.requestVirtualPayment, on every platform); `by_platform` virtual payment for the order request's "
+                 "`platform` when it is one of `XPAY_PLATFORMS`, JSAPI otherwise")
+    xpay_platforms: NamesList = setting(("android", "ios"), "with `PAYMENT_RAIL=by_platform`: the client platforms "
+                                                            "(wx.getDeviceInfo's `platform`) that pay through virtual "
+                                                            "payment")
+    xpay_offer_id: str = setting("", "virtual-payment OfferID (required when `PAYMENT_RAIL` is not `jsapi`)",
+                                 embedded="from the simulator")
+    xpay_app_key: str = setting("", "virtual-payment AppKey of `XPAY_ENV` (signs paySig and the server APIs' "
+                                    "pay_sig; required when `PAYMENT_RAIL` is not `jsapi`)",
+                                embedded="from the simulator")
+    xpay_env: Annotated[Literal[0, 1], BeforeValidator(_int_text)] = setting(0, "virtual-payment environment: `0` production, `1` sandbox (its AppKey "
+                                         "differs)")
+    xpay_ios_make_good: str = setting(DEFAULT_IOS_MAKE_GOOD, "what an iOS buyer is told before paying (order and "
+                                                             "product answers, `ios_make_good`): the developer "
+                                                             "cannot refund iOS virtual payments, so a technical "
+                                                             "failure is made good with a free redo credit")
+    wechat_push_token: str = setting("", "the message-push Token of the mini-program's console: "
+                                         "`/api/v1/wechat/push` refuses pushes whose signature it does not make "
+                                         "(required when `PAYMENT_RAIL` is not `jsapi`)",
+                                     embedded="from the simulator")
     order_expire_s: int = setting(1800, "unpaid orders expire after this")
     reconcile_grace_s: int = setting(300, "age after which reconciliation asks WeChat Pay about orders still unpaid, "
                                           "refunds still pending, and orders whose prepay failed (closing them "
@@ -417,6 +457,8 @@ class Settings(BaseSettings):
             levels.discard(SIMULATOR)
         missing = [name for name, field in type(self).model_fields.items()
                    if _extra(field).get("required_unless") in levels and not self._has(name)]
+        if self.payment_rail != "jsapi" and SIMULATOR in levels:
+            missing += [name for name in XPAY_SETTINGS if not self._has(name)]
         if not missing:
             return self
         names = ", ".join(env_name(name) for name in missing)

@@ -10,6 +10,7 @@ from portraits.config import Settings
 from portraits.gateways.wechatpay import PaymentGateway
 from portraits.store.vault import SealedBlobs, Vault
 from portraits.gateways.wechat import WeChatGateway
+from portraits.gateways.xpay import XPayGateway
 
 TEMPLATES_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "templates"
 
@@ -22,6 +23,7 @@ class Services:
     blobs: object
     wechat: WeChatGateway
     payments: PaymentGateway
+    xpay: XPayGateway
     catalog: Catalog
     vault: Vault
     sealed: SealedBlobs
@@ -65,6 +67,8 @@ def build_services(settings: Settings, redis=None) -> Services:
         redis = redis_client.connect(settings.redis_url, settings.instance_dir, embedded=settings.embedded)
     blob_store = blobs.open_blob_store(settings.blob_store, settings.blob_root, database)
     vault = Vault(database, settings.master_key)
+    wechat = WeChatGateway(appid=settings.wechat_appid, secret=settings.wechat_secret,
+                           api_base_url=settings.wechat_api_base, redis=redis)
     return Services(
         settings=settings,
         db=database,
@@ -72,8 +76,10 @@ def build_services(settings: Settings, redis=None) -> Services:
         blobs=blob_store,
         vault=vault,
         sealed=SealedBlobs(blob_store, vault),
-        wechat=WeChatGateway(appid=settings.wechat_appid, secret=settings.wechat_secret,
-                             api_base_url=settings.wechat_api_base, redis=redis),
+        wechat=wechat,
+        xpay=XPayGateway(wechat=wechat, offer_id=settings.xpay_offer_id, app_key=settings.xpay_app_key,
+                         env=settings.xpay_env, api_base_url=settings.wechat_api_base,
+                         timeout=settings.wechatpay_timeout_s),
         payments=PaymentGateway(
             mchid=settings.wechatpay_mchid, appid=settings.wechat_appid,
             private_key_pem=settings.wechatpay_private_key_pem, cert_serial_no=settings.wechatpay_cert_serial_no,

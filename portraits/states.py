@@ -23,13 +23,15 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "created": {"paid", "closed"},
         # A payment can land after we closed the order (the user paid at the last second): it is taken, then refunded.
         "closed": {"paid"},
-        "paid": {"fulfilled", "refunding"},
+        # made_good: money we cannot refund (iOS virtual payment, a free redo) is made good with a free redo credit.
+        "paid": {"fulfilled", "refunding", "made_good"},
         "fulfilled": {"refunding"},
         # A partial refund that settles returns the order to where it was; a full one ends it `refunded`.
         "refunding": {"refunded", "refund_failed", "paid", "fulfilled"},
         # A refund read as refused can still turn out to have succeeded: partial, the order goes back where it was.
         "refund_failed": {"refunding", "refunded", "paid", "fulfilled"},
         "refunded": set(),
+        "made_good": set(),
     },
     "render": {
         "queued": {"rendering", "failed"},

@@ -14,6 +14,8 @@ from portraits import states
 from portraits.errors import Unauthenticated, Unavailable
 from portraits.gateways.wechat import WeChatLoginError, WeChatUnavailable
 
+SESSION_KEY_CONTEXT = "session_key"
+
 
 @functools.lru_cache(maxsize=8)
 def token_serializer(secret_key: str) -> URLSafeTimedSerializer:
@@ -49,11 +51,12 @@ def user_from_token(services, token: str) -> dict:
 def login(services, code: str) -> dict:
     """The user behind a wx.login code, created on first sight (with their own vault key)."""
     try:
-        openid = services.wechat.code_to_openid(code)
+        session = services.wechat.code_to_session(code)
     except WeChatLoginError:
         raise Unauthenticated("invalid_login_code", "The login code was refused by WeChat; call wx.login again.")
     except WeChatUnavailable:
         raise Unavailable("wechat_unavailable", "WeChat did not answer; try again in a moment.")
+    openid = session["openid"]
     at = states.now()
     user = services.db.users.find_one_and_update(
         {"openid": openid},
@@ -63,4 +66,18 @@ def login(services, code: str) -> dict:
         upsert=True, return_document=True,
     )
     services.vault.create_key(user["_id"])
+    if session.get("session_key"):
+        # Kept (sealed with the user's key) because virtual payment signs each order with it; each login brings a
+        # new one, which replaces the last.
+        sealed = services.vault.seal(user["_id"], session["session_key"].encode("utf-8"), SESSION_KEY_CONTEXT)
+        user = services.db.users.find_one_and_update({"_id": user["_id"]}, {"$set": {"session_key_sealed": sealed}},
+                                                     return_document=True)
     return user
+
+
+def session_key(services, user: dict) -> str | None:
+    """The session key of the user's latest login, or None (never logged in since keys were kept, or erased)."""
+    sealed = user.get("session_key_sealed")
+    if not sealed:
+        return None
+    return services.vault.open(user["_id"], bytes(sealed), SESSION_KEY_CONTEXT).decode("utf-8")

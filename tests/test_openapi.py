@@ -6,7 +6,8 @@ from openapi_spec_validator import validate
 
 from tests.contract_support import Published, spec_path
 
-PUBLIC = {"/api/v1/auth/login", "/api/v1/pay/notify", "/api/v1/pay/refund-notify", "/api/v1/openapi.json",
+PUBLIC = {"/api/v1/auth/login", "/api/v1/pay/notify", "/api/v1/pay/refund-notify", "/api/v1/wechat/push",
+          "/api/v1/openapi.json",
           "/api/v1/templates/{template_id}/preview"}
 
 

@@ -34,6 +34,31 @@ class SimulatorClient:
         """{out_trade_no, transaction_id, notification_id, status_code, error, delivered}."""
         return self._post("/sim/pay", {"out_trade_no": out_trade_no, "deliver": deliver})
 
+    def xpay_pay(self, openid: str, xpay_params: dict, platform: str = "android", deliver: bool = True) -> dict:
+        """The user completes wx.requestVirtualPayment with the order's xpay_params: {out_trade_no, wx_order_id,
+        notification_id, status_code, error, delivered, reply}. Raises for refused signatures (HTTP 400)."""
+        return self._post("/sim/xpay/pay", {"openid": openid, "sign_data": xpay_params["signData"],
+                                            "pay_sig": xpay_params["paySig"], "signature": xpay_params["signature"],
+                                            "mode": xpay_params.get("mode"), "platform": platform,
+                                            "deliver": deliver})
+
+    def xpay_pay_response(self, payload: dict):
+        """The raw answer to /sim/xpay/pay (for refusals)."""
+        return self._http.post(self.base_url + "/sim/xpay/pay", json=payload, timeout=self.timeout)
+
+    def set_push_url(self, url: str | None) -> dict:
+        return self._post("/sim/push-url", {"url": url})
+
+    def xpay_settle_refunds(self, refund_order_id: str | None = None) -> dict:
+        return self._post("/sim/xpay/refunds/settle", {"refund_order_id": refund_order_id})
+
+    def xpay_orders(self) -> list:
+        return self._get("/sim/xpay/orders")
+
+    def xpay_refunds(self) -> dict:
+        """{calls: refund_order calls received (refused ones too), refunds: [...]}."""
+        return self._get("/sim/xpay/refunds")
+
     def redeliver(self, notification_id: str, copies: int = 1, resign: bool = True) -> dict:
         """{notification_id, status_code (first delivery), deliveries:[{status_code, error, delivered}]}."""
         return self._post("/sim/redeliver", {"notification_id": notification_id, "copies": copies,
@@ -70,7 +95,8 @@ class SimulatorClient:
 
     def set_fault(self, path_prefix: str, mode: str, count: int = 1, delay_s: float | None = None) -> dict:
         """mode: "5xx" | "timeout" (sleeps delay_s, default 15 s, then answers) | "not_enough" (403 NOT_ENOUGH
-        from a WeChat Pay API, nothing done) | "refund_abnormal" | "refund_closed"."""
+        from a WeChat Pay API, nothing done) | "refund_abnormal" | "refund_closed" | "xpay_refund_failed" (the next
+        xpay refund settled fails; path_prefix "/xpay/refund_order")."""
         return self._post("/sim/faults", {"path_prefix": path_prefix, "mode": mode, "count": count,
                                           "delay_s": delay_s})
 

@@ -188,7 +188,8 @@ def sim_deliveries():
 def sim_notifications():
     state = current_simulator().state
     with state.lock:
-        return json_response([{key: value for key, value in record.items() if key != "headers"}
+        return json_response([{key: value for key, value in record.items()
+                               if key not in ("headers", "on_acknowledged")}
                               for record in state.notifications.values()])
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import pathlib
@@ -27,6 +29,28 @@ class SimCredentials:
     platform_public_key_pem: str
     platform_public_key_id: str
     apiv3_key: str
+    # Virtual payment (xpay) and message push. Derived from the app secret when a credentials file written before
+    # they existed is loaded, so every process of an instance agrees on them without rewriting the file.
+    xpay_offer_id: str = ""
+    xpay_app_key: str = ""  # the production AppKey (env 0)
+    xpay_sandbox_app_key: str = ""  # the sandbox AppKey (env 1)
+    push_token: str = ""  # the message-push Token configured in the mini-program's console
+    original_id: str = ""  # the mini-program's original id (gh_...), the ToUserName of every push
+
+    def __post_init__(self):
+        derived = {
+            "xpay_offer_id": str(1_450_000_000 + int(self._derive("offer_id")[:8], 16) % 99_999_999),
+            "xpay_app_key": self._derive("xpay_app_key")[:32],
+            "xpay_sandbox_app_key": self._derive("xpay_sandbox_app_key")[:32],
+            "push_token": self._derive("push_token")[:32],
+            "original_id": "gh_" + self._derive("original_id")[:12],
+        }
+        for name, value in derived.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
+
+    def _derive(self, purpose: str) -> str:
+        return hmac.new(self.app_secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
 def _rsa_key_pair_pem() -> tuple[str, str]:

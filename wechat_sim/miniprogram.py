@@ -38,7 +38,9 @@ def jscode2session():
             return mp_error(40029, "invalid code")
         entry["used"] = True
         openid = entry["openid"]
-    return json_response({"openid": openid, "session_key": base64.b64encode(secrets.token_bytes(16)).decode()})
+        session_key = base64.b64encode(secrets.token_bytes(16)).decode()
+        sim.state.session_keys[openid] = session_key
+    return json_response({"openid": openid, "session_key": session_key})
 
 
 @blueprint.get("/cgi-bin/token")

@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refund-settle-delay", type=float, default=None, metavar="SECONDS",
                         help="refunds settle by themselves this long after being requested, as WeChat Pay's do; "
                              "unset, they wait for POST /sim/refunds/settle")
+    parser.add_argument("--push-url", default=None,
+                        help="the mini-program's message-push URL (virtual-payment pushes go there); POST "
+                             "/sim/push-url changes it")
     args = parser.parse_args(argv)
     creds = load_or_create_credentials(args.dir)
     app = create_sim_app(creds, redelivery_scale=None if args.no_redelivery else args.redelivery_scale,
-                         refund_settle_delay_s=args.refund_settle_delay)
+                         refund_settle_delay_s=args.refund_settle_delay, push_url=args.push_url)
     print(f"WeChat simulator on http://{args.host}:{args.port} (appid {creds.appid}, mchid {creds.mchid}, "
           f"credentials in {args.dir})", flush=True)
     make_server(args.host, args.port, app, threaded=True, request_handler=_QuietRequestHandler).serve_forever()

@@ -1,7 +1,8 @@
 """A Flask app that plays WeChat's servers: mini-program login, access token, subscribe messages, mini-program
-codes, and WeChat Pay v3 (JSAPI prepay, query, close, refunds, signed and encrypted callbacks).
+codes, WeChat Pay v3 (JSAPI prepay, query, close, refunds, signed and encrypted callbacks) and virtual payment
+(xpay: requestVirtualPayment, query_order, refund_order, goods-deliver and refund pushes).
 
-Each API family is a blueprint (miniprogram, pay, control) working on one WeChatSimulator; this module puts them
+Each API family is a blueprint (miniprogram, pay, xpay, control) working on one WeChatSimulator; this module puts them
 together and adds what applies across families: armed faults, merchant authentication and signed /v3/ responses,
 for every path including ones no route matches. Control endpoints under /sim/ let tests and developers act as the
 user ("pay"), read what was sent and inject faults.
@@ -13,7 +14,7 @@ import time
 
 from flask import Flask, Response, request
 
-from wechat_sim import control, miniprogram, pay
+from wechat_sim import control, miniprogram, pay, xpay
 from wechat_sim.keys import SimCredentials
 from wechat_sim.redelivery import REDELIVERY_INTERVALS_S
 from wechat_sim.simulator import DEFAULT_REDELIVERY_SCALE, LOGIN_CODE_TTL_S, WeChatSimulator, current_simulator
@@ -26,7 +27,7 @@ _REQUEST_FAULT_MODES = ("5xx", "timeout", "not_enough")
 
 def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
                    callback_timeout_s: float = 5.0,
-                   redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE) -> Flask:
+                   redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE, push_url: str | None = None) -> Flask:
     """Refunds stay PROCESSING until POST /sim/refunds/settle, which keeps tests deterministic; with
     refund_settle_delay_s they also settle by themselves that long after being requested, as WeChat does.
 
@@ -34,11 +35,14 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
     again after WeChat Pay's intervals (REDELIVERY_INTERVALS_S, 15 s up to 6 h, about 24 h in all) times the
     scale (1.0: the real pace; tests compress it with e.g. 0.001), until a 2xx or the last retry. None, the
     default, is no automatic redelivery: every callback is delivered once, and again only when /sim/redeliver
-    asks. app.extensions["wechat_sim"].stop() ends the redelivery thread (RunningSimulator.stop does)."""
+    asks. app.extensions["wechat_sim"].stop() ends the redelivery thread (RunningSimulator.stop does).
+
+    push_url is the mini-program's message-push URL (virtual-payment pushes go there; POST /sim/push-url
+    changes it)."""
     # This module's LOGIN_CODE_TTL_S is read on every code exchange, so tests can shorten it on a running app.
     simulator = WeChatSimulator(creds, refund_settle_delay_s=refund_settle_delay_s,
                                 callback_timeout_s=callback_timeout_s, login_code_ttl_s=lambda: LOGIN_CODE_TTL_S,
-                                redelivery_scale=redelivery_scale)
+                                redelivery_scale=redelivery_scale, push_url=push_url)
     app = Flask("wechat_sim")
     app.extensions["wechat_sim"] = simulator
     app.extensions["wechat_sim_state"] = simulator.state
@@ -46,6 +50,7 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
     app.after_request(_sign_pay_responses)
     app.register_blueprint(miniprogram.blueprint)
     app.register_blueprint(pay.blueprint)
+    app.register_blueprint(xpay.blueprint)
     app.register_blueprint(control.blueprint)
     return app
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
+import secrets
 import threading
 import time
 import uuid
 from typing import Callable
+from urllib.parse import urlencode
 
 import requests
 from flask import current_app
@@ -22,7 +25,9 @@ LOGIN_CODE_TTL_S = 300
 # retry): a refused callback is then delivered exactly once, which tests that count deliveries or leave a callback
 # refused for a while rely on. The command-line simulator (runner.main) turns it on at the real pace.
 DEFAULT_REDELIVERY_SCALE: float | None = None
-FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed")
+FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed", "xpay_refund_failed")
+
+PUSH_KIND = "push"
 
 _TRADE_STATE_DESC = {"NOTPAY": "订单未支付", "SUCCESS": "支付成功", "CLOSED": "订单已关闭", "REFUND": "转入退款"}
 _REFUND_SUMMARY = {"SUCCESS": "退款成功", "ABNORMAL": "退款异常", "CLOSED": "退款关闭"}
@@ -44,6 +49,11 @@ class SimState:
         self.refunds: dict[str, dict] = {}
         self.notifications: dict[str, dict] = {}
         self.faults: list[dict] = []
+        # The session_key code2session last issued to each openid (what wx.requestVirtualPayment's signature uses).
+        self.session_keys: dict[str, str] = {}
+        self.xpay_orders: dict[str, dict] = {}
+        self.xpay_refunds: dict[str, dict] = {}
+        self.xpay_refund_calls = 0
         # Set once a refund's outcome is decided and its callback delivery attempt is over.
         self.refund_settled: dict[str, threading.Event] = {}
 
@@ -61,8 +71,10 @@ class WeChatSimulator:
     def __init__(self, creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
                  callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S,
                  redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE,
-                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S):
+                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S, push_url: str | None = None):
         self.creds = creds
+        # The message-push URL configured in the mini-program's console (one per mini-program); survives reset.
+        self.push_url = push_url
         self.state = SimState()
         self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
         self.signer = PlatformSigner.from_credentials(creds)
@@ -176,11 +188,16 @@ class WeChatSimulator:
         state = self.state
         with state.lock:
             record = state.notifications[notification_id]
-            body, url = record["body"], record["url"]
-            headers = record["headers"] if (record["headers"] and not resign) else self.signer.headers(body)
+            body, url, is_push = record["body"], record["url"], record["kind"] == PUSH_KIND
+            if is_push:
+                url = url and f"{url}?{urlencode(push_query(self.creds.push_token))}"
+                headers = {}
+            else:
+                headers = record["headers"] if (record["headers"] and not resign) else self.signer.headers(body)
             record["headers"] = headers
         outcome = {"notification_id": notification_id, "trigger": trigger, "retry": retry, "status_code": None,
                    "error": None, "at": time.time()}
+        response = None
         if not url:
             outcome["error"] = "no_notify_url"
         else:
@@ -193,14 +210,34 @@ class WeChatSimulator:
             except requests.RequestException as error:
                 outcome["error"] = f"connection_error: {type(error).__name__}"
         outcome["finished_at"] = time.time()
-        # WeChat Pay takes any 2xx as the merchant's acknowledgement (its docs answer 200 or 204).
-        outcome["delivered"] = outcome["status_code"] is not None and 200 <= outcome["status_code"] < 300
+        if is_push:
+            # A virtual-payment push counts as answered only by the JSON {"ErrCode": 0, ...}; anything else
+            # (another ErrCode, a non-JSON body, an HTTP error) is retried.
+            outcome["reply"] = push_reply(response)
+            outcome["delivered"] = outcome["reply"] is not None and outcome["reply"].get("ErrCode") == 0
+        else:
+            # WeChat Pay takes any 2xx as the merchant's acknowledgement (its docs answer 200 or 204).
+            outcome["delivered"] = outcome["status_code"] is not None and 200 <= outcome["status_code"] < 300
         with state.lock:
             record["deliveries"].append(outcome)
             if outcome["delivered"] and record["redelivery"]["status"] in ("not_scheduled", "pending"):
                 record["redelivery"].update(status="acknowledged", next_retry=None, next_attempt_at=None,
                                             acknowledged_at=outcome["finished_at"])
+                if is_push and record.get("on_acknowledged") is not None:
+                    record["on_acknowledged"]()
         return outcome
+
+    def new_push(self, message: dict, on_acknowledged: Callable[[], None] | None = None) -> dict:
+        """A message-push event (plaintext JSON mode) to the configured push URL; caller holds the lock.
+        on_acknowledged runs (under the lock) when the app first answers ErrCode 0."""
+        notification_id = str(uuid.uuid4())
+        record = {"id": notification_id, "kind": PUSH_KIND, "event_type": message["Event"], "url": self.push_url,
+                  "body": json.dumps(message, ensure_ascii=False), "resource": message, "created_at": time.time(),
+                  "headers": None, "deliveries": [], "on_acknowledged": on_acknowledged,
+                  "redelivery": {"status": "not_scheduled", "retries": 0, "next_retry": None,
+                                 "next_attempt_at": None, "acknowledged_at": None, "gave_up_at": None}}
+        self.state.notifications[notification_id] = record
+        return record
 
     def deliver_first(self, notification_id: str) -> dict:
         """The first delivery of a new notification; when it is not acknowledged, WeChat Pay's retries follow."""
@@ -285,6 +322,25 @@ class WeChatSimulator:
         timer = threading.Timer(self.refund_settle_delay_s, self.settle_refund, args=(out_refund_no,))
         timer.daemon = True
         timer.start()
+
+
+def push_query(token: str) -> dict:
+    """The query string WeChat signs every message push with (plaintext mode): signature = SHA-1 of the token,
+    timestamp and nonce sorted as strings and joined."""
+    timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**10))
+    signature = hashlib.sha1("".join(sorted([token, timestamp, nonce])).encode("utf-8")).hexdigest()
+    return {"signature": signature, "timestamp": timestamp, "nonce": nonce}
+
+
+def push_reply(response) -> dict | None:
+    """The JSON object a push was answered with, or None (no answer, an HTTP error, not a JSON object)."""
+    if response is None or response.status_code != 200:
+        return None
+    try:
+        reply = response.json()
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
 
 
 def current_simulator() -> WeChatSimulator:

@@ -29,7 +29,10 @@ def export():
                  "consent_records": {k: {**v, "given_at": _iso(v.get("given_at")),
                                          "withdrawn_at": _iso(v.get("withdrawn_at"))}
                                      for k, v in (user.get("consents") or {}).items()},
-                 "subscriptions": user.get("subscriptions", {})},
+                 "subscriptions": user.get("subscriptions", {}),
+                 "make_good_credits": [{"order_id": c["order_id"], "sku": c["sku"], "reason": c.get("reason"),
+                                        "granted_at": _iso(c.get("granted_at")), "used_by": c.get("used_by")}
+                                       for c in user.get("make_good_credits", [])]},
         "avatars": [avatar_json(a) for a in svc.db.avatars.find({"user_id": uid})],
         "orders": [order_json(o) for o in svc.db.orders.find({"user_id": uid})],
         "renders": [render_json(r) for r in svc.db.renders.find({"user_id": uid})],

@@ -70,7 +70,7 @@ def _wait(fetch, done, describe, timeout_s: float = 1800.0) -> dict:
     raise SystemExit("timed out waiting")
 
 
-def run(out: Path, photo_count: int, template_id: str | None) -> dict:
+def run(out: Path, photo_count: int, template_id: str | None, platform: str = "android") -> dict:
     if out.exists():
         shutil.rmtree(out)
     (out / "portraits").mkdir(parents=True)
@@ -107,12 +107,19 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                 print(f"  photo {index + 1:2d}: {mark}", flush=True)
             avatar = verdict["avatar"]
             print(f"  avatar {avatar['id']} is {avatar['state']} with {avatar['accepted_count']} photos", flush=True)
-        with timer.step("create an order (WeChat Pay JSAPI prepay)"):
-            order = _check(api.post(f"{base}/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}), 201)
-            print(f"  order {order['id']}: {order['amount']} fen, package={order['pay_params']['package']}")
-        with timer.step("pay in the app (simulator) and receive the signed, encrypted callback"):
-            paid = sim.pay(order["id"])
-            print(f"  callback {paid['notification_id']} answered {paid['status_code']}", flush=True)
+        with timer.step(f"create an order (rail: PAYMENT_RAIL={settings.payment_rail}, platform {platform})"):
+            order = _check(api.post(f"{base}/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack",
+                                                            "platform": platform}), 201)
+            how = (f"package={order['pay_params']['package']}" if order["rail"] == "jsapi"
+                   else f"signData={order['xpay_params']['signData']}")
+            print(f"  order {order['id']} on {order['rail']}: {order['amount']} fen, {how}")
+        with timer.step("pay in the app (simulator) and receive the signed callback or push"):
+            if order["rail"] == "jsapi":
+                paid = sim.pay(order["id"])
+            else:
+                paid = sim.xpay_pay(openid, order["xpay_params"], platform=platform)
+            print(f"  {order['rail']} notification {paid['notification_id']} answered {paid['status_code']}",
+                  flush=True)
             _wait(lambda: _check(api.get(f"{base}/orders/{order['id']}"), 200), lambda b: b["state"] == "paid",
                   lambda b: f"order {b['state']}")
         with timer.step("wait in the GPU queue while the LoRA trains"):
@@ -143,7 +150,9 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
             (out / "poster.png").write_bytes(_binary(poster))
         order = _check(api.get(f"{base}/orders/{order['id']}"), 200)
         summary = {
-            "order": {"id": order["id"], "state": order["state"], "amount_fen": order["amount"],
+            "order": {"id": order["id"], "rail": order["rail"], "platform": order["platform"],
+                      "ios_make_good": order.get("ios_make_good"), "state": order["state"],
+                      "amount_fen": order["amount"],
                       "render_credits_left": order["render_credits"], "refunds": order["refunds"]},
             "order_history": [h["to"] for h in database.orders.find_one({"_id": order["id"]})["history"]],
             "avatar": {"id": avatar["id"], "state": avatar["state"], "accepted_photos": avatar["accepted_count"],
@@ -176,8 +185,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--photos", type=int, default=21)
     parser.add_argument("--template", default=None)
+    parser.add_argument("--platform", default="android",
+                        help="the client platform the order names (with PAYMENT_RAIL=xpay or by_platform: ios "
+                             "orders are made good, not refunded)")
     args = parser.parse_args(argv)
-    summary = run(args.out.resolve(), args.photos, args.template)
+    summary = run(args.out.resolve(), args.photos, args.template, args.platform)
     print(json.dumps({k: summary[k] for k in ("order", "order_history", "timings_s")}, ensure_ascii=False, indent=2))
     print(f"portraits, poster and summary.json in {args.out}/")
     sys.exit(0 if summary["order"]["state"] == "fulfilled" else 1)

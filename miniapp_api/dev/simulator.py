@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from portraits.config import Settings
+from portraits.push_events import PUSH_PATH
 from wechat_sim.keys import load_or_create_credentials
 from wechat_sim.runner import start_simulator
 
@@ -12,7 +13,8 @@ def with_embedded_wechat(settings: Settings):
         return settings, None
     creds = load_or_create_credentials(settings.instance_dir / "wechat_sim")
     # Refunds settle a moment after they are asked for, as WeChat Pay's do.
-    simulator = start_simulator(creds, refund_settle_delay_s=2.0, redelivery_scale=1.0)
+    simulator = start_simulator(creds, refund_settle_delay_s=2.0, redelivery_scale=1.0,
+                                push_url=settings.public_base_url + PUSH_PATH)
     configured = pointed_at_simulator(settings, creds, simulator.base_url)
     if not configured.subscribe_templates:
         configured = configured.replace(subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES))
@@ -32,6 +34,9 @@ def pointed_at_simulator(settings: Settings, creds, base_url: str) -> Settings:
         wechatpay_public_key_pem=creds.platform_public_key_pem,
         wechatpay_public_key_id=creds.platform_public_key_id,
         wechatpay_api_base=base_url,
+        xpay_offer_id=creds.xpay_offer_id,
+        xpay_app_key=creds.xpay_app_key if settings.xpay_env == 0 else creds.xpay_sandbox_app_key,
+        wechat_push_token=creds.push_token,
     )
 
 

@@ -26,6 +26,7 @@ import requests
 from rq import Worker, cron_scheduler_registry
 
 from miniapp_api.dev.simulator import DEFAULT_SUBSCRIBE_TEMPLATES
+from portraits.push_events import PUSH_PATH
 from portraits.config import Settings
 from portraits.store import db_server, redis_client
 from wechat_sim.keys import load_or_create_credentials
@@ -143,7 +144,7 @@ class Topology:
         creds = load_or_create_credentials(sim_dir)  # the runner loads the same files
         port = free_port()
         self._spawn("wechat_sim", f"exec python -m wechat_sim.runner --dir {sim_dir} --port {port} "
-                                  "--redelivery-scale 1 --refund-settle-delay 2")
+                                  f"--redelivery-scale 1 --refund-settle-delay 2 --push-url {self.base_url}{PUSH_PATH}")
         self.simulator_url = f"http://127.0.0.1:{port}"
         self._wait(lambda: _answers(self.simulator_url + "/sim/stats"), "the WeChat simulator")
         private_key = sim_dir / "merchant_private_key.pem"
@@ -157,6 +158,9 @@ class Topology:
                 "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
                 "WECHATPAY_PUBLIC_KEY_PATH": str(public_key),
                 "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id,
+                "XPAY_OFFER_ID": creds.xpay_offer_id, "WECHAT_PUSH_TOKEN": creds.push_token,
+                "XPAY_APP_KEY": creds.xpay_sandbox_app_key if self._environ.get("XPAY_ENV") == "1"
+                else creds.xpay_app_key,
                 "SUBSCRIBE_TEMPLATES": self._environ.get("SUBSCRIBE_TEMPLATES")
                 or json.dumps(DEFAULT_SUBSCRIBE_TEMPLATES)}
 

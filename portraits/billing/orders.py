@@ -1,5 +1,7 @@
-"""Orders: created with a WeChat Pay prepay, expired (closed at WeChat Pay, then here) when left unpaid, fulfilled by
-the first finished render. A paid order is what `payments` makes of it; its refunds are `refunds`' business."""
+"""Orders: created on a payment rail (a WeChat Pay prepay, a virtual-payment order the client pays with the
+signed parameters we give it, or a free redo credit), expired (closed at the gateway, then here) when left unpaid,
+fulfilled by the first finished render. A paid order is what `payments` makes of it; its refunds are `refunds`'
+business (and, where money cannot be refunded, `makegood`'s)."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +11,8 @@ from datetime import timedelta
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from portraits import errors, states
-from portraits.billing import payments
+from portraits import errors, states, users
+from portraits.billing import makegood, payments, rails
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
 
@@ -21,7 +23,10 @@ def new_order_id() -> str:
     return "P" + states.now().strftime("%Y%m%d") + secrets.token_hex(6).upper()
 
 
-def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
+def create_order(services, user: dict, avatar: dict, sku: str, platform: str | None = None,
+                 use_credit: bool = False) -> dict:
+    """platform: the client's (wx.getDeviceInfo), which with PAYMENT_RAIL=by_platform picks the rail; use_credit:
+    pay with one of the user's free redo credits for this sku instead of money."""
     settings = services.settings
     product = settings.skus.get(sku)
     if product is None:
@@ -29,6 +34,12 @@ def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
     if avatar["state"] != "ready":
         raise errors.Conflict("avatar_not_ready", "This avatar cannot be paid for now.",
                               {"state": avatar["state"], "missing": avatar.get("missing", [])})
+    rail = rails.CREDIT if use_credit else rails.rail_for(settings, platform)
+    if use_credit and not makegood.has_credit(user, sku):
+        raise errors.PaymentRequired("no_make_good_credit", "You have no free redo credit for this product.",
+                                     {"sku": sku})
+    if rail == rails.XPAY and users.session_key(services, user) is None:
+        raise errors.Conflict("session_key_missing", "Log in again (wx.login) before paying.", {})
     _expire_stale_open_order(services, avatar["_id"], by=f"user:{user['_id']}")
     at = states.now()
     order = {
@@ -38,8 +49,10 @@ def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
         "avatar_id": avatar["_id"],
         "open_avatar_id": avatar["_id"],
         "sku": sku,
-        "amount": int(product["amount"]),
+        "amount": 0 if rail == rails.CREDIT else int(product["amount"]),
         "render_credits": int(product["render_sets"]),
+        "rail": rail,
+        "platform": (platform or "").lower() or None,
         "state": "created",
         "refunds": [],
         "created_at": at,
@@ -47,12 +60,18 @@ def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
         "expires_at": at + timedelta(seconds=settings.order_expire_s),
         "history": states.initial_history("created", f"user:{user['_id']}"),
     }
+    if rail == rails.XPAY:
+        order.update(xpay_product_id=product.get("xpay_product_id") or sku, xpay_env=settings.xpay_env)
     try:
         services.db.orders.insert_one(order)
     except DuplicateKeyError:
         existing = services.db.orders.find_one({"open_avatar_id": avatar["_id"]}, {"_id": 1})
         raise errors.Conflict("order_already_open", "There is already an unpaid order for this avatar.",
                               {"order_id": existing["_id"] if existing else None})
+    if rail == rails.CREDIT:
+        return _pay_with_credit(services, order)
+    if rail == rails.XPAY:
+        return order  # nothing to ask WeChat first: the client pays with the signed parameters of xpay_params
     try:
         prepay_id = services.payments.prepay(order["_id"], order["amount"], product["description"], user["openid"])
     except PaymentGatewayError as error:
@@ -69,6 +88,18 @@ def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
                                                   return_document=ReturnDocument.AFTER)
 
 
+def _pay_with_credit(services, order: dict) -> dict:
+    """Spend a free redo credit on the order just created, which pays it (a crash between the two steps is healed
+    by reconciliation: the credit rail answers SUCCESS once the credit names this order)."""
+    if not makegood.claim_credit(services, order["user_id"], order["sku"], order["_id"]):
+        states.transition(services.db, "order", order["_id"], "closed", expect={"created"}, by="credit",
+                          reason="no_make_good_credit", unset_fields=("open_avatar_id",))
+        raise errors.PaymentRequired("no_make_good_credit", "You have no free redo credit for this product.",
+                                     {"sku": order["sku"]})
+    payments.apply_payment(services, rails.credit_transaction(order), source=f"credit:{order['user_id']}")
+    return services.db.orders.find_one({"_id": order["_id"]})
+
+
 def _expire_stale_open_order(services, avatar_id: str, by: str) -> None:
     stale = services.db.orders.find_one({"open_avatar_id": avatar_id, "state": "created",
                                          "expires_at": {"$lte": states.now()}}, {"_id": 1})
@@ -77,12 +108,12 @@ def _expire_stale_open_order(services, avatar_id: str, by: str) -> None:
 
 
 def expire_order(services, order_id: str, by: str) -> str:
-    """Close an unpaid order at WeChat Pay, then here. Returns what happened (a stable word)."""
+    """Close an unpaid order at its gateway, then here. Returns what happened (a stable word)."""
     order = services.db.orders.find_one({"_id": order_id})
     if order is None or order["state"] != "created":
         return "not_open"
     try:
-        services.payments.close_order(order_id)
+        rails.gateway_for(services, order).close_order(order_id)
     except PaymentGatewayError as error:
         if error.code == "orderpaid":
             return payments.apply_queried_payment(services, order_id, source=by)
@@ -99,7 +130,7 @@ def expire_order(services, order_id: str, by: str) -> str:
 def close_at_gateway(services, order_id: str, by: str) -> str:
     """For orders closed here whose prepay failed: make sure WeChat Pay has them closed as well."""
     try:
-        services.payments.close_order(order_id)
+        rails.gateway_of(services, order_id).close_order(order_id)
     except PaymentGatewayError as error:
         if error.code == "orderpaid":
             return payments.apply_queried_payment(services, order_id, source=by)
@@ -110,9 +141,24 @@ def close_at_gateway(services, order_id: str, by: str) -> str:
 
 
 def pay_params(services, order: dict) -> dict | None:
-    if order["state"] != "created" or not order.get("prepay_id"):
+    """What wx.requestPayment needs, for a JSAPI order that can still be paid."""
+    if order["state"] != "created" or not order.get("prepay_id") or rails.rail_of(order) != rails.JSAPI:
         return None
     return services.payments.pay_params(order["prepay_id"])
+
+
+def xpay_params(services, order: dict, user: dict) -> dict | None:
+    """What wx.requestVirtualPayment needs, for a virtual-payment order that can still be paid, signed with the
+    user's current session key (None when there is none: the user logs in again)."""
+    if order["state"] != "created" or rails.rail_of(order) != rails.XPAY:
+        return None
+    key = users.session_key(services, user)
+    if key is None:
+        return None
+    return services.xpay.client_params(order_id=order["_id"], product_id=order["xpay_product_id"],
+                                       price_fen=order["amount"], quantity=1, attach=order["avatar_id"],
+                                       session_key=key)
+
 
 
 def fulfil(services, order_id: str) -> dict | None:

@@ -1,15 +1,16 @@
-"""Applying a payment to its order: from a verified callback, the reconciliation job, or an expiry that found the
-order paid. Only an exact match of what the order asked for is applied; a paid order starts its avatar's training."""
+"""Applying a payment to its order: from a verified callback or push, the reconciliation job, or an expiry that
+found the order paid (on any rail: portraits.billing.rails). Only an exact match of what the order asked for is applied; a paid order starts its avatar's training."""
 from __future__ import annotations
 
 from portraits import avatars, states
-from portraits.billing import alerts, refunds
+from portraits.billing import alerts, rails, refunds
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
 
 # Checked in this order; the first field that differs names the rejection.
-MISMATCH_CODES = (("appid", "appid_mismatch"), ("mchid", "mchid_mismatch"), ("amount", "amount_mismatch"),
-                  ("openid", "payer_mismatch"))
+MISMATCH_CODES = (("rail", "rail_mismatch"), ("appid", "appid_mismatch"), ("mchid", "mchid_mismatch"),
+                  ("env", "env_mismatch"), ("amount", "amount_mismatch"), ("openid", "payer_mismatch"),
+                  ("product_id", "product_mismatch"))
 
 
 class PaymentMismatch(ValueError):
@@ -27,20 +28,19 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
         return None
     with order_lock(services, order_id):
         order = services.db.orders.find_one({"_id": order_id})
-        expected = {
-            "appid": services.settings.wechat_appid,
-            "mchid": services.settings.wechatpay_mchid,
-            "amount": order["amount"],
-            "openid": order["openid"],
-        }
+        expected = expected_payment(services.settings, order, transaction)
         observed = {
+            "rail": transaction.get("rail", rails.JSAPI),
             "appid": transaction.get("appid"),
             "mchid": transaction.get("mchid"),
+            "env": transaction.get("env"),
             "amount": (transaction.get("amount") or {}).get("total"),
             "openid": (transaction.get("payer") or {}).get("openid"),
+            "product_id": transaction.get("product_id"),
         }
+        observed = {field: observed[field] for field in expected}
         if transaction.get("trade_state") == "SUCCESS" and observed != expected:
-            code = next(code for field, code in MISMATCH_CODES if observed[field] != expected[field])
+            code = next(code for field, code in MISMATCH_CODES if observed.get(field) != expected.get(field))
             details = {"expected": expected, "observed": observed}
             alerts.alert(services, order_id, code, key=source, source=source, details=details)
             raise PaymentMismatch(code, details)
@@ -66,11 +66,29 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
         return paid
 
 
+def expected_payment(settings, order: dict, transaction: dict) -> dict:
+    """What a transaction paying this order must say, by the order's rail. A virtual-payment query answer names
+    neither payer nor product (the push does): those are checked when the transaction carries them."""
+    rail = rails.rail_of(order)
+    if rail == rails.JSAPI:
+        return {"rail": rail, "appid": settings.wechat_appid, "mchid": settings.wechatpay_mchid,
+                "amount": order["amount"], "openid": order["openid"]}
+    if rail == rails.XPAY:
+        expected = {"rail": rail, "env": order.get("xpay_env"), "amount": order["amount"], "openid": order["openid"],
+                    "product_id": order.get("xpay_product_id")}
+        if "payer" not in transaction:
+            del expected["openid"]
+        if "product_id" not in transaction:
+            del expected["product_id"]
+        return expected
+    return {"rail": rail, "amount": order["amount"]}
+
+
 def apply_queried_payment(services, order_id: str, source: str) -> str:
     """WeChat Pay says the order is paid (closing it failed with `orderpaid`): apply the payment its record shows.
     Returns what happened (a stable word)."""
     try:
-        transaction = services.payments.query_order(order_id)
+        transaction = rails.gateway_of(services, order_id).query_order(order_id)
     except PaymentGatewayError:
         return "query_failed"
     if transaction is None:

@@ -1,4 +1,4 @@
-"""Reconciliation with WeChat Pay: what callbacks missed, found by asking, and applied through the very functions a
+"""Reconciliation with WeChat Pay and virtual payment (each order asks its own rail): what callbacks and pushes missed, found by asking, and applied through the very functions a
 callback uses (payments.apply_payment, refunds.apply_refund_result). Periodic; every step is idempotent.
 
 - Unpaid orders past their expiry are closed at WeChat Pay, then here (orders.expire_order).
@@ -7,6 +7,7 @@ callback uses (payments.apply_payment, refunds.apply_refund_result). Periodic; e
 - Refunds still `requested`/PROCESSING past the grace period are queried: a final status is applied; one WeChat Pay
   has never seen (its job lost, or out of retries) is submitted again under the same number.
 - Orders in `refunding`/`refund_failed` are settled against their refund entries (heals a crash between steps).
+- Orders made good whose free redo credit a crash kept back get it (makegood.heal_credits).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections import Counter
 from datetime import timedelta
 
 from portraits import states
-from portraits.billing import orders, payments, refunds
+from portraits.billing import makegood, orders, payments, rails, refunds
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
 
@@ -50,12 +51,15 @@ def reconcile_with_gateway(services, now=None) -> dict:
                 outcomes["refund:" + _reconcile_refund(services, order["_id"], refund["out_refund_no"])] += 1
     for order in collection.find({"state": {"$in": ["refunding", "refund_failed"]}}, {"_id": 1}).limit(BATCH):
         refunds.settle_refunds(services, order["_id"], SOURCE)
+    healed = makegood.heal_credits(services, BATCH)
+    if healed:
+        outcomes["make_good:credit_granted"] += healed
     return dict(outcomes)
 
 
 def _reconcile_payment(services, order: dict) -> str:
     try:
-        transaction = services.payments.query_order(order["_id"])
+        transaction = rails.gateway_for(services, order).query_order(order["_id"])
     except PaymentGatewayError as error:
         log.warning("query of %s failed, retried next run: %s", order["_id"], error)
         return "query_failed"
@@ -78,7 +82,7 @@ def _reconcile_payment(services, order: dict) -> str:
 
 def _reconcile_refund(services, order_id: str, out_refund_no: str) -> str:
     try:
-        result = services.payments.query_refund(out_refund_no)
+        result = rails.gateway_of(services, order_id).query_refund(out_refund_no)
     except PaymentGatewayError as error:
         if error.code != "resource_not_exists":
             return "query_failed"

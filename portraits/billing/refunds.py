@@ -13,7 +13,7 @@ import logging
 from rq import Retry
 
 from portraits import keys, metrics, notifications, photos, states, tasks
-from portraits.billing import alerts
+from portraits.billing import alerts, makegood, rails
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
 
@@ -27,7 +27,7 @@ REFUND_PENDING = (REFUND_REQUESTED, REFUND_PROCESSING)
 REFUND_FINAL_FAILURES = ("ABNORMAL", "CLOSED", REFUND_REJECTED)
 REFUND_STATUSES = (REFUND_PROCESSING, REFUND_SUCCESS, *REFUND_FINAL_FAILURES)
 # The order states in which money was taken (and so may be refunded).
-PAID_STATES = ("paid", "fulfilled", "refunding", "refund_failed", "refunded")
+PAID_STATES = ("paid", "fulfilled", "refunding", "refund_failed", "refunded", "made_good")
 
 
 class RefundRefused(ValueError):
@@ -61,7 +61,11 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
 
     Returns the order, moved to `refunding`, or None when nothing was started: the order is not in an expected
     state, nothing is left to refund, or a concurrent request won. Raises RefundRefused for an amount that is not
-    a positive integer or exceeds what is refundable. The refund job does the talking to WeChat Pay."""
+    a positive integer or exceeds what is refundable. The refund job does the talking to WeChat Pay.
+
+    An order whose money cannot be refunded (rails.refund_impossible: iOS virtual payment, a credit) is made good
+    instead while still `paid` (the order, moved to `made_good`, is returned); later, RefundRefused
+    `refund_impossible`."""
     if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
         raise RefundRefused("refund_amount_invalid", {"amount": amount})
     expect = set(expect)
@@ -69,6 +73,10 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
         order = services.db.orders.find_one({"_id": order_id})
         if order is None or order["state"] not in expect:
             return None
+        if rails.refund_impossible(order):
+            if order["state"] != "paid":
+                raise RefundRefused("refund_impossible", {"rail": rails.rail_of(order), "platform": order.get("platform")})
+            return makegood.make_good(services, order_id, reason, by)
         refundable = refundable_amount(order)
         if amount is not None and amount > refundable:
             raise RefundRefused("refund_exceeds_refundable", {"amount": amount, "refundable": refundable})
@@ -113,8 +121,9 @@ def submit(services, order_id: str, out_refund_no: str) -> str:
         return "gone"
     if refund["state"] not in REFUND_PENDING:
         return refund["state"]
+    gateway = rails.gateway_for(services, order)
     try:
-        result = services.payments.refund(order_id, out_refund_no, refund["amount"], order["amount"], refund["reason"])
+        result = gateway.refund(order_id, out_refund_no, refund["amount"], order["amount"], refund["reason"])
     except PaymentGatewayError as error:
         if error.retryable:
             services.db.orders.update_one({"_id": order_id, "refunds.out_refund_no": out_refund_no},
@@ -122,7 +131,7 @@ def submit(services, order_id: str, out_refund_no: str) -> str:
             raise
         # Refused outright, but an unreadable answer may hide an accepted refund: believe only WeChat Pay's record.
         try:
-            result = services.payments.query_refund(out_refund_no)
+            result = gateway.query_refund(out_refund_no)
         except PaymentGatewayError as query_error:
             if query_error.code != "resource_not_exists":
                 raise

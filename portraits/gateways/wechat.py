@@ -128,6 +128,10 @@ class WeChatGateway:
             raise WeChatUnavailable("timed out waiting for another process to refresh the access token") from error
 
     def code_to_openid(self, code: str) -> str:
+        return self.code_to_session(code)["openid"]
+
+    def code_to_session(self, code: str) -> dict:
+        """code2session: {"openid", "session_key"} (the session key signs wx.requestVirtualPayment)."""
         if not code or not isinstance(code, str):
             raise WeChatLoginError("a wx.login code is required")
         try:
@@ -140,7 +144,16 @@ class WeChatGateway:
         openid = result.get("openid") if isinstance(result, dict) else None
         if not openid:
             raise WeChatUnavailable("code2session answered without an openid")
-        return openid
+        return {"openid": openid, "session_key": result.get("session_key")}
+
+    def access_token(self) -> str:
+        """The shared access token, for the calls wechatpy has no method for (xpay)."""
+        return self._call(lambda: self._client.access_token)
+
+    def renew_access_token(self, rejected: str) -> str:
+        """WeChat refused `rejected`: a fresh token (or the one another process stored meanwhile)."""
+        self._call(self._client._refresh_unless_replaced, stale=rejected)
+        return self.access_token()
 
     def send_subscribe_message(self, openid: str, template_id: str, data: dict, page: str | None) -> None:
         # WeChat wants every field as {"value": "..."}; accept plain values too.
