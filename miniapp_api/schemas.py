@@ -153,6 +153,10 @@ class LoginRequest(Body):
     code: NonEmptyStr = Field(description="the code from wx.login")
 
 
+class PhoneRequest(Body):
+    code: NonEmptyStr = Field(description="the code of the getPhoneNumber button's bindgetphonenumber event")
+
+
 class ConsentRequest(Body):
     kind: Annotated[str, OneOf((FACE_PROCESSING,)),
                     Refused("unknown_consent_kind", "Only face_processing consent exists.", "outside_enum",
@@ -404,10 +408,33 @@ class ConsentRecord(Reply):
     ip: str | None
 
 
+class PhoneState(Reply):
+    masked: str = Field(description="the bound number with its middle digits hidden: 138****8000")
+    country_code: str
+    bound_at: str | None
+
+
+class Profile(Reply):
+    id: str
+    created_at: str
+    phone: PhoneState | None = Field(description="null until a phone is bound (POST /api/v1/me/phone)")
+    phone_required: bool = Field(description="face-processing consent and orders need a bound phone "
+                                             "(403 phone_required without one)")
+    consents: ConsentState
+
+
+class ExportedPhone(Reply):
+    phone_number: str = Field(description="as WeChat gives it, with the country code outside mainland China")
+    pure_phone_number: str
+    country_code: str
+    bound_at: str | None
+
+
 class ExportedUser(Reply):
     id: str
     openid: str
     created_at: str
+    phone: ExportedPhone | None
     consents: ConsentState
     consent_records: dict[str, ConsentRecord]
     subscriptions: dict[str, int]

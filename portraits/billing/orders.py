@@ -9,7 +9,7 @@ from datetime import timedelta
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from portraits import errors, states
+from portraits import errors, identity, states
 from portraits.billing import payments
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -26,6 +26,7 @@ def create_order(services, user: dict, avatar: dict, sku: str) -> dict:
     product = settings.skus.get(sku)
     if product is None:
         raise errors.Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
+    identity.require_phone(services, user)  # real identity before payment
     if avatar["state"] != "ready":
         raise errors.Conflict("avatar_not_ready", "This avatar cannot be paid for now.",
                               {"state": avatar["state"], "missing": avatar.get("missing", [])})
