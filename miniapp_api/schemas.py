@@ -463,6 +463,46 @@ class Export(Reply):
     label_log: list[LabelLogEntry]
 
 
+class DisclosedModel(Reply):
+    name: str
+    provider: str
+
+
+class VisibleLabel(Reply):
+    text: str = Field(description="drawn on every generated image")
+    position: Literal["bottom_right"]
+    text_height_ratio: float = Field(description="text height over the image's shorter side")
+    min_text_px: int
+
+
+class MetadataLabel(Reply):
+    key: str = Field(description="the metadata entry holding the label's JSON")
+    png: str
+    jpeg: str
+    fields: list[str] = Field(description="the GB 45438-2025 implicit-label fields written")
+
+
+class LabelPolicy(Reply):
+    standard: str
+    labelled: list[str] = Field(description="what carries both labels")
+    content_producer: str
+    visible: VisibleLabel
+    metadata: MetadataLabel
+    label_log: str = Field(description="what is logged per labelled image")
+
+
+class Disclosure(Reply):
+    """Shown on every AI page."""
+
+    algorithm_filing_number: str = Field(description="算法备案号")
+    genai_filing_number: str = Field(description="生成式人工智能服务备案号或登记编号")
+    model: DisclosedModel
+    service_provider: str
+    placeholder: bool = Field(description="true while any value is a development placeholder (EMBEDDED only)")
+    placeholders: list[str] = Field(description="the fields still holding the placeholder")
+    aigc_labels: LabelPolicy
+
+
 class Deleted(Reply):
     deleted: bool
 

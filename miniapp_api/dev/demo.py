@@ -23,6 +23,8 @@ from models.sample_photos import astronaut_photos
 from portraits.store import db as db_module
 from wechat_sim.client import SimulatorClient
 
+DEMO_PHONE = "13800138000"
+
 
 class Timer:
     def __init__(self):
@@ -93,6 +95,13 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
             for template in templates.values():
                 sim.grant_subscription(openid, template)
             _check(api.post(f"{base}/subscriptions", json={"grants": {t: "accept" for t in templates.values()}}), 200)
+        with timer.step("bind a phone number (getPhoneNumber) and read the filing disclosure"):
+            phone = _check(api.post(f"{base}/me/phone", json={"code": sim.phone_code("demo-user", DEMO_PHONE)}),
+                           200)
+            print(f"  phone {phone['masked']} bound", flush=True)
+            disclosure = _check(api.get(f"{base}/disclosure"), 200)
+            print(f"  algorithm filing {disclosure['algorithm_filing_number']}, model {disclosure['model']['name']}"
+                  f"{' (placeholders)' if disclosure['placeholder'] else ''}", flush=True)
         with timer.step("give face-processing consent"):
             consent = _check(api.get(f"{base}/consents"), 200)[0]
             _check(api.post(f"{base}/consents", json={"kind": "face_processing", "version": consent["version"],
@@ -153,6 +162,8 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                        "images": [{"file": f, "likeness": i["likeness"], "content_id": i["content_id"]}
                                   for f, i in zip(files, render["images"])]},
             "poster": str(out / "poster.png"),
+            "phone": phone["masked"],
+            "disclosure": disclosure,
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
             "base_model": settings.base_model_path or "tiny random-weight Stable Diffusion",
             "timings_s": {**timer.steps, "total": timer.total()},
