@@ -5,14 +5,14 @@ from flask import Flask
 
 from miniapp_api import bodies, console, headers, observability, throttle
 from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, disclosure, images, me, openapi,
-                             orders, pay_callbacks, renders, share, subscriptions)
+                             orders, pay_callbacks, renders, subscriptions)
 from miniapp_api.dev.simulator import with_embedded_wechat
 from miniapp_api.errors import register_error_handlers
 from portraits.config import Settings
 from portraits.services import build_services
 
 BLUEPRINTS = (auth, consents, avatars, orders, pay_callbacks, subscriptions, catalog_api, renders, images, me,
-              openapi, share, disclosure)
+              openapi, disclosure)
 
 
 def create_app(settings: Settings | None = None, services=None) -> Flask:

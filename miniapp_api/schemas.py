@@ -379,6 +379,14 @@ class Image(Reply):
     height: int | None
 
 
+class PosterPending(Reply):
+    """The poster cannot be made yet: WeChat has not drawn its mini-program code (it is retried)."""
+
+    state: Literal["pending"]
+    reason: Literal["wxacode_pending"]
+    retry_after_s: int = Field(description="ask again after this many seconds (also the Retry-After header)")
+
+
 class QueueSpot(Reply):
     position: int
     ahead: int

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
                                      "weights and images are AES-256-GCM encrypted at rest)",
                                 required_unless=EMBEDDED, embedded="generated into `INSTANCE_DIR/master_key`")
     public_base_url: str = setting("", "where WeChat Pay sends callbacks (`/api/v1/pay/notify`, "
-                                       "`/api/v1/pay/refund-notify`) and share links point",
+                                       "`/api/v1/pay/refund-notify`)",
                                    required_unless=EMBEDDED, embedded=f"`{DEFAULT_PUBLIC_BASE_URL}`")
 
     mongo_uri: str | None = setting(None, "MongoDB connection string", required_unless=EMBEDDED,
@@ -262,6 +262,11 @@ class Settings(BaseSettings):
                                             "(the count is the number of retries)")
     refund_closed_retries: int = setting(2, "how often a refund WeChat Pay closes (REFUND.CLOSED) is requested again "
                                             "under a new number before only an alert remains")
+    share_code_backoff_s: SecondsList = setting((10, 60, 300, 1800),
+                                                "seconds between retries of a share poster's mini-program code "
+                                                "(getwxacodeunlimit) WeChat could not make; meanwhile the poster "
+                                                "answers 202 `pending` (never a QR code); the sweep starts the "
+                                                "retries again once they are spent")
     undeliverable_failed_renders: int = setting(3, "a paid order never fulfilled whose renders failed (after "
                                                    "retries) this many times is refunded in full; 0 turns it off")
 

@@ -58,7 +58,9 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     avatars = list(services.db.avatars.find({"user_id": user_id}))
     renders = list(services.db.renders.find({"user_id": user_id}))
     # Jobs first, so that no worker takes one of them up after its avatar or render is gone.
-    jobs = tasks.delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
+    image_ids = set(services.db.images.distinct("_id", {"user_id": user_id}))  # share-code jobs name the image
+    jobs = tasks.delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders}
+                                | image_ids)
     for avatar in avatars:
         _delete_avatar(services, avatar)
     for render in renders:

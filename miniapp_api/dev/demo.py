@@ -57,7 +57,7 @@ def _check(response: requests.Response, *expected: int) -> dict:
         "application/json") else {}
 
 
-def _wait(fetch, done, describe, timeout_s: float = 1800.0) -> dict:
+def _wait(fetch, done, describe, timeout_s: float = 1800.0):
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -148,7 +148,10 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                 path = out / "portraits" / f"portrait-{index}.png"
                 path.write_bytes(_binary(data))
                 files.append(str(path))
-            poster = api.get(topology.base_url + render["images"][0]["poster_url"])
+            poster_url = topology.base_url + render["images"][0]["poster_url"]
+            # 202 while WeChat's mini-program code is owed (the poster is made once the retry gets it).
+            poster = _wait(lambda: api.get(poster_url), lambda r: r.status_code != 202,
+                           lambda r: f"poster {r.status_code}")
             (out / "poster.png").write_bytes(_binary(poster))
         order = _check(api.get(f"{base}/orders/{order['id']}"), 200)
         summary = {
