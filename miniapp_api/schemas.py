@@ -153,6 +153,10 @@ class LoginRequest(Body):
     code: NonEmptyStr = Field(description="the code from wx.login")
 
 
+class PhoneRequest(Body):
+    code: NonEmptyStr = Field(description="the code of the getPhoneNumber button's bindgetphonenumber event")
+
+
 class ConsentRequest(Body):
     kind: Annotated[str, OneOf((FACE_PROCESSING,)),
                     Refused("unknown_consent_kind", "Only face_processing consent exists.", "outside_enum",
@@ -474,6 +478,14 @@ class Image(Reply):
     height: int | None
 
 
+class PosterPending(Reply):
+    """The poster cannot be made yet: WeChat has not drawn its mini-program code (it is retried)."""
+
+    state: Literal["pending"]
+    reason: Literal["wxacode_pending"]
+    retry_after_s: int = Field(description="ask again after this many seconds (also the Retry-After header)")
+
+
 class QueueSpot(Reply):
     position: int
     ahead: int
@@ -516,10 +528,33 @@ class MakeGoodCredit(Reply):
     used_by: str | None = Field(description="the order it paid, once spent")
 
 
+class PhoneState(Reply):
+    masked: str = Field(description="the bound number with its middle digits hidden: 138****8000")
+    country_code: str
+    bound_at: str | None
+
+
+class Profile(Reply):
+    id: str
+    created_at: str
+    phone: PhoneState | None = Field(description="null until a phone is bound (POST /api/v1/me/phone)")
+    phone_required: bool = Field(description="face-processing consent and orders need a bound phone "
+                                             "(403 phone_required without one)")
+    consents: ConsentState
+
+
+class ExportedPhone(Reply):
+    phone_number: str = Field(description="as WeChat gives it, with the country code outside mainland China")
+    pure_phone_number: str
+    country_code: str
+    bound_at: str | None
+
+
 class ExportedUser(Reply):
     id: str
     openid: str
     created_at: str
+    phone: ExportedPhone | None
     consents: ConsentState
     consent_records: dict[str, ConsentRecord]
     subscriptions: dict[str, int]
@@ -547,6 +582,46 @@ class Export(Reply):
     renders: list[Render]
     images: list[ExportedImage]
     label_log: list[LabelLogEntry]
+
+
+class DisclosedModel(Reply):
+    name: str
+    provider: str
+
+
+class VisibleLabel(Reply):
+    text: str = Field(description="drawn on every generated image")
+    position: Literal["bottom_right"]
+    text_height_ratio: float = Field(description="text height over the image's shorter side")
+    min_text_px: int
+
+
+class MetadataLabel(Reply):
+    key: str = Field(description="the metadata entry holding the label's JSON")
+    png: str
+    jpeg: str
+    fields: list[str] = Field(description="the GB 45438-2025 implicit-label fields written")
+
+
+class LabelPolicy(Reply):
+    standard: str
+    labelled: list[str] = Field(description="what carries both labels")
+    content_producer: str
+    visible: VisibleLabel
+    metadata: MetadataLabel
+    label_log: str = Field(description="what is logged per labelled image")
+
+
+class Disclosure(Reply):
+    """Shown on every AI page."""
+
+    algorithm_filing_number: str = Field(description="算法备案号")
+    genai_filing_number: str = Field(description="生成式人工智能服务备案号或登记编号")
+    model: DisclosedModel
+    service_provider: str
+    placeholder: bool = Field(description="true while any value is a development placeholder (EMBEDDED only)")
+    placeholders: list[str] = Field(description="the fields still holding the placeholder")
+    aigc_labels: LabelPolicy
 
 
 class Deleted(Reply):

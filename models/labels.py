@@ -71,6 +71,17 @@ def label_metadata(*, content_id: str, provider: str) -> dict:
     }
 
 
+def label_policy() -> dict:
+    """How every generated image is labelled, as this module does it (published by the disclosure endpoint)."""
+    return {
+        "standard": "GB 45438-2025",
+        "visible": {"text": LABEL_TEXT, "position": "bottom_right", "text_height_ratio": TEXT_HEIGHT_RATIO,
+                    "min_text_px": MIN_TEXT_PX},
+        "metadata": {"key": METADATA_KEY, "png": "iTXt chunk", "jpeg": "EXIF ImageDescription and UserComment",
+                     "fields": list(label_metadata(content_id="", provider=""))},
+    }
+
+
 def label_image(
     image: Image.Image, *, content_id: str, provider: str, font_path: str | None = None, fmt: str = "PNG"
 ) -> bytes:

@@ -1,11 +1,13 @@
-"""Share posters: the labelled portrait, a caption and a code back into the mini-program."""
+"""Share posters: the labelled portrait, a caption and WeChat's mini-program code back into the app.
+
+Moments does not allow QR codes on shared images, so a poster is only ever made with the mini-program code WeChat
+drew (getwxacodeunlimit); there is no QR fallback (portraits.sharing owes the code while WeChat cannot make it)."""
 from __future__ import annotations
 
 import io
 import re
 from typing import Mapping
 
-import qrcode
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 POSTER_SIZE = (750, 1334)
@@ -29,12 +31,15 @@ _NO_LINE_START = set("，。、；：！？）》」』”’,.;:!?)…")
 _TOKEN = re.compile(r"[A-Za-z0-9'’\-]+|\s+|.", re.DOTALL)
 
 
+class UnreadableAppCode(ValueError):
+    """The bytes given as the mini-program code are not an image."""
+
+
 def make_poster(
     portrait: Image.Image,
     *,
     caption_zh: str,
-    app_code_png: bytes | None,
-    fallback_url: str,
+    app_code_png: bytes,
     font_path: str,
     label_text: str = "AI生成",
     portrait_labelled: bool = False,
@@ -42,8 +47,8 @@ def make_poster(
 ) -> bytes:
     """Render a 750x1334 PNG poster and return its bytes.
 
-    app_code_png is the mini-program code image from WeChat; when it is missing or not a
-    decodable image, a QR code of fallback_url is drawn instead. png_text, if given, is
+    app_code_png is the mini-program code image from WeChat (PNG or JPEG); anything that does
+    not decode raises UnreadableAppCode, never a poster without it. png_text, if given, is
     written as PNG text chunks (e.g. the AIGC metadata label). A blank label_text is refused:
     every generated image must carry a visible label. portrait_labelled says the portrait
     already carries its visible label (as every stored image does); the poster then adds no
@@ -65,7 +70,7 @@ def make_poster(
     for index, line in enumerate(lines):
         draw.text((CAPTION_BOX[0], CAPTION_BOX[1] + index * line_height), line, font=caption_font, fill=CAPTION_COLOUR)
 
-    code = _decode_app_code(app_code_png) or _qr_code(fallback_url, CODE_BOX[2] - CODE_BOX[0])
+    code = read_app_code(app_code_png)
     code_size = (CODE_BOX[2] - CODE_BOX[0], CODE_BOX[3] - CODE_BOX[1])
     if code.size != code_size:
         code = code.resize(code_size, Image.Resampling.LANCZOS)
@@ -166,31 +171,17 @@ def _draw_label(poster: Image.Image, rect: tuple[int, int, int, int], text: str,
     poster.paste(Image.alpha_composite(poster.convert("RGBA"), overlay).convert("RGB"))
 
 
-def _decode_app_code(data: bytes | None) -> Image.Image | None:
+def read_app_code(data: bytes) -> Image.Image:
+    """The mini-program code as an RGB image (transparency flattened on white); UnreadableAppCode otherwise."""
     if not data:
-        return None
+        raise UnreadableAppCode("no mini-program code")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return _flatten(image)
-    # PIL signals undecodable input through several exception types; any of them means "use the fallback".
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return None
-
-
-def _qr_code(url: str, size: int) -> Image.Image:
-    qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=4)
-    qr.add_data(url)
-    qr.make(fit=True)
-    modules = qr.modules_count + 2 * qr.border
-    # Whole pixels per module keep the code crisp; the rest of the square stays white.
-    qr.box_size = max(1, size // modules)
-    code = qr.make_image(fill_color="black", back_color="white").get_image().convert("RGB")
-    square = Image.new("RGB", (size, size), (255, 255, 255))
-    if code.width > size:
-        code = code.resize((size, size), Image.Resampling.NEAREST)
-    square.paste(code, ((size - code.width) // 2, (size - code.height) // 2))
-    return square
+    # PIL signals undecodable input through several exception types; any of them means "not an image".
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        raise UnreadableAppCode(f"the mini-program code does not decode: {type(error).__name__}") from error
 
 
 def _png_bytes(image: Image.Image, png_text: Mapping[str, str] | None) -> bytes:

@@ -31,6 +31,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 DEFAULT_SKUS = {"avatar_pack": {"amount": 990, "render_sets": 3, "description": "AI写真 数字分身套餐"}}
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
+# What EMBEDDED puts in the filing and model disclosure settings; the disclosure endpoint says it is a placeholder.
+DISCLOSURE_PLACEHOLDER = "PLACEHOLDER 未备案（开发环境）"
+DISCLOSURE_SETTINGS = ("algorithm_filing_number", "genai_filing_number", "model_name", "model_provider")
 
 # Requirement levels (a setting's `required_unless`): which mode may leave it unset.
 EMBEDDED = "embedded"  # unset only with EMBEDDED: the process plays it (database, Redis, secrets)
@@ -183,7 +186,7 @@ class Settings(BaseSettings):
                                      "weights and images are AES-256-GCM encrypted at rest)",
                                 required_unless=EMBEDDED, embedded="generated into `INSTANCE_DIR/master_key`")
     public_base_url: str = setting("", "where WeChat Pay sends callbacks (`/api/v1/pay/notify`, "
-                                       "`/api/v1/pay/refund-notify`) and share links point",
+                                       "`/api/v1/pay/refund-notify`)",
                                    required_unless=EMBEDDED, embedded=f"`{DEFAULT_PUBLIC_BASE_URL}`")
 
     mongo_uri: str | None = setting(None, "MongoDB connection string", required_unless=EMBEDDED,
@@ -234,6 +237,20 @@ class Settings(BaseSettings):
     token_ttl_s: int = setting(7 * 24 * 3600, "lifetime of an API token")
     consent_version: str = setting("2026-11-01", "version of the face-processing consent text users must accept")
     provider_name: str = setting("妙像AI写真", "provider name in the AIGC metadata label")
+    algorithm_filing_number: str = setting(
+        "", "the algorithm filing number (算法备案号, 网信算备…) shown on every AI page (`GET /api/v1/disclosure`)",
+        required_unless=EMBEDDED, embedded=f"`{DISCLOSURE_PLACEHOLDER}`, marked as a placeholder")
+    genai_filing_number: str = setting(
+        "", "the generative-AI service filing or registration number (生成式人工智能服务备案号/登记编号)",
+        required_unless=EMBEDDED, embedded=f"`{DISCLOSURE_PLACEHOLDER}`, marked as a placeholder")
+    model_name: str = setting("", "the name of the generative model as filed (disclosed with the filing numbers)",
+                              required_unless=EMBEDDED, embedded=f"`{DISCLOSURE_PLACEHOLDER}`, marked as a placeholder")
+    model_provider: str = setting("", "who provides that model (its developer, as filed)", required_unless=EMBEDDED,
+                                  embedded=f"`{DISCLOSURE_PLACEHOLDER}`, marked as a placeholder")
+    require_phone: Flag = setting(True, "a phone number bound through WeChat's getPhoneNumber (`POST "
+                                        "/api/v1/me/phone`) is needed before face-processing consent and before "
+                                        "an order (403 `phone_required`); `false` drops the requirement (real-"
+                                        "identity rules of deep synthesis then unmet)")
 
     min_photos: int = setting(8, "accepted photos needed per avatar")
     max_photos: int = setting(30, "accepted photos allowed per avatar")
@@ -285,6 +302,11 @@ class Settings(BaseSettings):
                                             "(the count is the number of retries)")
     refund_closed_retries: int = setting(2, "how often a refund WeChat Pay closes (REFUND.CLOSED) is requested again "
                                             "under a new number before only an alert remains")
+    share_code_backoff_s: SecondsList = setting((10, 60, 300, 1800),
+                                                "seconds between retries of a share poster's mini-program code "
+                                                "(getwxacodeunlimit) WeChat could not make; meanwhile the poster "
+                                                "answers 202 `pending` (never a QR code); the sweep starts the "
+                                                "retries again once they are spent")
     undeliverable_failed_renders: int = setting(3, "a paid order never fulfilled whose renders failed (after "
                                                    "retries) this many times is refunded in full; 0 turns it off")
 
@@ -430,6 +452,18 @@ class Settings(BaseSettings):
         if not value and info.data.get("embedded"):
             return DEFAULT_PUBLIC_BASE_URL
         return value.rstrip("/")
+
+    @field_validator(*DISCLOSURE_SETTINGS)
+    @classmethod
+    def _disclosure(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip() and info.data.get("embedded"):
+            return DISCLOSURE_PLACEHOLDER
+        return value.strip()
+
+    @property
+    def disclosure_placeholders(self) -> list[str]:
+        """The disclosure settings still holding EMBEDDED's placeholder."""
+        return [name for name in DISCLOSURE_SETTINGS if getattr(self, name) == DISCLOSURE_PLACEHOLDER]
 
     @field_validator(*FILE_CONTENTS)
     @classmethod

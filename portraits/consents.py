@@ -4,7 +4,7 @@ Withdrawal erases what the consent covered: see portraits.privacy.withdraw_face_
 """
 from __future__ import annotations
 
-from portraits import states
+from portraits import identity, states
 from portraits.errors import Conflict, Forbidden, Invalid
 
 FACE_PROCESSING = "face_processing"
@@ -45,6 +45,7 @@ def give_consent(services, user: dict, *, kind: str, version: str, age_14_or_ove
     settings = services.settings
     if kind != FACE_PROCESSING:
         raise Invalid("unknown_consent_kind", "Only face_processing consent exists.", {"kind": kind})
+    identity.require_phone(services, user)  # real identity before any face processing
     if version != settings.consent_version:
         raise Conflict("consent_version_outdated", "Show the current consent text and ask again.",
                        {"current_version": settings.consent_version})

@@ -34,6 +34,11 @@ def image(user_id: str, image_id: str) -> str:
     return f"users/{user_id}/images/{image_id}.png"
 
 
+def share_code(user_id: str, image_id: str) -> str:
+    """The mini-program code WeChat drew for an image's share poster (portraits.sharing)."""
+    return f"users/{user_id}/share_codes/{image_id}.png"
+
+
 def avatar_subject(avatar_id: str) -> str:
     """The queue tracker's name for an avatar waiting for or in training."""
     return f"avatar:{avatar_id}"
@@ -69,6 +74,10 @@ def message_id(kind: str, about: str) -> str:
 
 def message_job_id(message_id: str) -> str:
     return f"msg-{message_id}"
+
+
+def share_code_job_id(image_id: str) -> str:
+    return f"share-code-{image_id}"
 
 
 def order_lock(order_id: str) -> str:

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 from datetime import timedelta
 
-from portraits import keys, photos, states, tasks
+from portraits import identity, keys, photos, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -64,7 +64,9 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     avatars = list(services.db.avatars.find({"user_id": user_id}))
     renders = list(services.db.renders.find({"user_id": user_id}))
     # Jobs first, so that no worker takes one of them up after its avatar or render is gone.
-    jobs = tasks.delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders})
+    image_ids = set(services.db.images.distinct("_id", {"user_id": user_id}))  # share-code jobs name the image
+    jobs = tasks.delete_jobs_of(services, {user_id} | {a["_id"] for a in avatars} | {r["_id"] for r in renders}
+                                | image_ids)
     for avatar in avatars:
         _delete_avatar(services, avatar)
     for render in renders:
@@ -120,6 +122,7 @@ def withdraw_face_consent(services, user: dict) -> dict:
     if not (user.get("consents") or {}).get("face_processing"):
         # Never given: nothing was processed under it, so there is nothing to erase and no session to end.
         return {"avatars": 0, "renders": 0, "jobs": 0, "tokens_revoked": False}
+    phone = identity.phone_of(services, user)
     erased = erase_user_data(services, user, reason="consent_withdrawn")
     services.db.users.update_one(
         {"_id": user["_id"]},
@@ -127,4 +130,7 @@ def withdraw_face_consent(services, user: dict) -> dict:
          "$inc": {"token_generation": 1}},
     )
     services.vault.create_key(user["_id"])
+    if phone is not None:  # the identity is the account's, not the face data's: sealed again under the new key
+        identity.store_phone(services, user["_id"], {k: v for k, v in phone.items() if k != "bound_at"},
+                             phone["bound_at"])
     return {**erased, "tokens_revoked": True}

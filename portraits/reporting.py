@@ -16,7 +16,7 @@ FILTERED = "[Filtered]"
 # Keys whose values are dropped wherever they appear (request bodies, headers, extra, contexts), case-insensitive:
 # any key containing one of the parts, and the exact keys (`code` is the wx.login code of a login body).
 SENSITIVE_KEY_PARTS = ("openid", "unionid", "session_key", "user_id", "token", "authorization", "cookie", "secret",
-                       "password", "api_key", "apiv3", "private_key", "master_key")
+                       "password", "api_key", "apiv3", "private_key", "master_key", "phone")
 SENSITIVE_KEYS = {"uid", "owner", "code", "js_code"}
 # (pattern, replacement) applied to every string of the event.
 _ID_CHAR = "A-Za-z0-9_-"
@@ -26,6 +26,7 @@ SENSITIVE_PATTERNS = (
     (re.compile(rf"eyJ[{_ID_CHAR}]*\.[{_ID_CHAR}]+\.[{_ID_CHAR}]+"), FILTERED),  # itsdangerous tokens, JWTs
     (re.compile(rf"(?<![{_ID_CHAR}])o[{_ID_CHAR}]{{27}}(?![{_ID_CHAR}])"), FILTERED),  # WeChat openids (28 chars)
     (re.compile(r"(?<![A-Za-z0-9_])u_[0-9a-f]{20}(?![0-9a-f])"), FILTERED),  # our user ids (portraits.users)
+    (re.compile(r"(?<![0-9])1[3-9][0-9]{9}(?![0-9])"), FILTERED),  # mainland mobile numbers (portraits.identity)
 )
 
 

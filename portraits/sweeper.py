@@ -11,7 +11,8 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - a render credit or refinement claimed for a render that was never written owes its return (renders.CLAIMS), and
   an operator's retry that was never written frees the failed render for another retry;
 - a subscribe message owed whose job Redis lost, or one a state change owes that was never recorded
-  (portraits.notifications.heal).
+  (portraits.notifications.heal);
+- a share poster's mini-program code owed whose job ended without it or was lost (portraits.sharing.heal).
 The sweep finds each of these and does what is missing through the ordinary, idempotent domain functions, so it can
 run at any time, as often as wanted, from any process (the clock every SWEEP_INTERVAL_S, every worker at start).
 Queued work is re-enqueued in the order it was paid for, so positions rebuilt after a Redis loss keep the line.
@@ -22,7 +23,7 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from portraits import avatars, keys, notifications, photos, renders, states, tasks
+from portraits import avatars, keys, notifications, photos, renders, sharing, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -47,6 +48,7 @@ def sweep(services) -> dict[str, int]:
     _purge_photos(services, done)
     _settle_claims(services, done)
     done.update(notifications.heal(services, _grace_cutoff(services)))
+    done.update(sharing.heal(services, _grace_cutoff(services)))
     done = +done  # only what happened
     at = states.now()
     services.db.sweeps.update_one({"_id": "last"}, {"$set": {"at": at}}, upsert=True)

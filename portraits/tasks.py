@@ -29,7 +29,8 @@ TRAIN_AVATAR = "jobs.training.train_avatar"
 RENDER_PORTRAITS = "jobs.rendering.render_portraits"
 SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE)
+FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE)
 
 
 def queue(services, name: str) -> Queue:

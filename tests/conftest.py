@@ -8,6 +8,7 @@ tests that need a server (test_mongo_real.py, test_topology.py) start a Secantus
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -195,13 +196,29 @@ class Api:
                          data={"photo": (io.BytesIO(data), filename), "role": role})
 
 
+def phone_for(name: str) -> str:
+    """A mainland mobile number of the simulated user `name`, the same on every call."""
+    return "138" + str(int(hashlib.sha256(name.encode()).hexdigest(), 16))[:8]
+
+
+def bind_phone(api: Api, sim, name: str) -> dict:
+    """The user taps getPhoneNumber and allows it; the client hands the code to the API, as the mini-program does."""
+    bound = api.post("/api/v1/me/phone", json={"code": sim.phone_code(name, phone_for(name))})
+    assert bound.status_code == 200, bound.get_json()
+    return bound.get_json()
+
+
 @pytest.fixture
 def login(client, sim):
-    def _login(name: str = "alice", consent: bool = True) -> Api:
+    """Log in as `name`; by default also bind their phone (real identity) and give face-processing consent."""
+
+    def _login(name: str = "alice", consent: bool = True, phone: bool = True) -> Api:
         response = client.post("/api/v1/auth/login", json={"code": sim.login_code(name)})
         assert response.status_code == 200, response.get_json()
         body = response.get_json()
         api = Api(client, body["token"], body["user"]["id"])
+        if phone:
+            bind_phone(api, sim, name)
         if consent:
             version = api.get("/api/v1/consents").get_json()[0]["version"]
             given = api.post("/api/v1/consents", json={"kind": "face_processing", "version": version,

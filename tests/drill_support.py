@@ -479,13 +479,16 @@ def _setup_avatar(flow: Flow) -> None:
 
 
 def _login(flow: Flow) -> None:
-    from tests.conftest import Api
+    from tests.conftest import Api, phone_for
 
     response = flow.client.post("/api/v1/auth/login", json={"code": flow.sim.login_code(flow.name)})
     if response.status_code != 200:
         raise RuntimeError(f"login answered {response.status_code}")
     body = response.get_json()
     api = Api(flow.client, body["token"], body["user"]["id"])
+    bound = api.post("/api/v1/me/phone", json={"code": flow.sim.phone_code(flow.name, phone_for(flow.name))})
+    if bound.status_code != 200:
+        raise RuntimeError(f"phone binding answered {bound.status_code}")
     version = api.get("/api/v1/consents").get_json()[0]["version"]
     given = api.post("/api/v1/consents", json={"kind": "face_processing", "version": version,
                                                "age_14_or_over": True, "own_face": True})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 
-from portraits import states
+from portraits import identity, states
 from portraits.billing import orders
+from tests.conftest import phone_for
 from wechat_sim.signing import PlatformSigner, load_private_key
 
 
@@ -16,6 +17,12 @@ def add_user_and_avatar(services, sim, name: str = "alice", user: dict | None = 
         # The simulator only takes prepay for openids it has issued.
         user = {"_id": "u_" + secrets.token_hex(6), "openid": sim.openid_of(name), "created_at": at, "consents": {}}
         services.db.users.insert_one(user)
+        # Real identity, bound as POST /api/v1/me/phone would seal it (orders need it).
+        services.vault.create_key(user["_id"])
+        phone = phone_for(name)
+        identity.store_phone(services, user["_id"], {"phone_number": phone, "pure_phone_number": phone,
+                                                     "country_code": "86"}, at)
+        user = services.db.users.find_one({"_id": user["_id"]})
     avatar = {"_id": "av_" + secrets.token_hex(6), "user_id": user["_id"], "gender": "female", "state": "ready",
               "photos": [], "created_at": at, "updated_at": at, "history": states.initial_history("ready", "test")}
     services.db.avatars.insert_one(avatar)

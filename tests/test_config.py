@@ -19,7 +19,10 @@ TABLE = re.compile(r"<!-- settings table: python -m portraits\.config --markdown
                    re.S)
 REAL_DEPLOYMENT = ["MONGO_URI", "REDIS_URL", "SECRET_KEY", "MASTER_KEY", "PUBLIC_BASE_URL", "WECHAT_APPID",
                    "WECHAT_SECRET", "WECHATPAY_MCHID", "WECHATPAY_PRIVATE_KEY_PATH", "WECHATPAY_CERT_SERIAL_NO",
-                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID"]
+                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID",
+                   "ALGORITHM_FILING_NUMBER", "GENAI_FILING_NUMBER", "MODEL_NAME", "MODEL_PROVIDER"]
+FILED = {"ALGORITHM_FILING_NUMBER": "网信算备110108000000001240011号", "GENAI_FILING_NUMBER": "Beijing-MiaoXiang-20260101",
+         "MODEL_NAME": "妙像写真大模型 v1", "MODEL_PROVIDER": "妙像科技有限公司"}
 
 
 def test_the_readme_table_is_generated_from_the_declarations():
@@ -47,6 +50,9 @@ def test_defaults_are_the_embedded_ones(tmp_path):
     assert len(settings.master_key) == 32
     assert Settings.from_env({"INSTANCE_DIR": str(tmp_path), "EMBEDDED": "true"}).secret_key == settings.secret_key
     assert settings.replace(min_photos=3).min_photos == 3 and settings.min_photos == 8
+    assert settings.disclosure_placeholders == ["algorithm_filing_number", "genai_filing_number", "model_name",
+                                                "model_provider"]
+    assert settings.require_phone is True
 
 
 def test_without_embedded_every_missing_setting_is_named_and_nothing_is_generated(tmp_path):
@@ -70,8 +76,12 @@ def test_a_real_deployment_starts_from_the_environment(tmp_path):
            "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
            "WECHATPAY_PUBLIC_KEY_PATH": str(tmp_path / "platform.pem"),
            "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id, "REFUND_BACKOFF_S": "1, 2,3",
-           "CONSOLE_SECURE_COOKIES": "off", "BASE_MODEL_PATH": "/models/sd15", "INSTANCE_DIR": str(tmp_path)}
+           "CONSOLE_SECURE_COOKIES": "off", "BASE_MODEL_PATH": "/models/sd15", "INSTANCE_DIR": str(tmp_path),
+           **FILED}
     settings = Settings.from_env(env)
+    assert (settings.algorithm_filing_number, settings.model_provider) == (FILED["ALGORITHM_FILING_NUMBER"],
+                                                                            FILED["MODEL_PROVIDER"])
+    assert settings.disclosure_placeholders == []
     assert not settings.embedded and not settings.embedded_wechat and not settings.uses_tiny_model
     assert settings.master_key == b"A" * 32 and settings.public_base_url == "https://api.example.com"
     assert settings.wechatpay_private_key_pem == creds.merchant_private_key_pem

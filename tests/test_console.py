@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from portraits.billing import alerts
+from tests.conftest import phone_for
 from tests.console_support import (PASSWORD, client_login, csrf_from, insert_failed_render, insert_paid_order,
                                    launch_browser, make_operator, screenshot)
 
@@ -114,10 +115,12 @@ def test_support_finds_an_order_refunds_part_of_it_and_the_admin_sees_the_audit_
     page.goto(f"{base_url}/console/users/{api.user_id}")
     screenshot(page, "10-user")
 
+    phone = phone_for("alice")
+    assert f"{phone[:3]}****{phone[-4:]}" in page.locator(".facts").inner_text(), "the phone, masked"
     for path in (f"/console/orders/{order['id']}", f"/console/users/{api.user_id}"):
         page.goto(base_url + path)
         html = page.content()
-        leaked = [marker for marker in (*PHOTO_MARKERS, f"users/{api.user_id}/") if marker in html]
+        leaked = [marker for marker in (*PHOTO_MARKERS, f"users/{api.user_id}/", phone) if marker in html]
         assert not leaked, (path, leaked)
 
 

@@ -156,7 +156,7 @@ def test_private_answers_are_never_stored_and_nothing_is_sniffed(ready_avatar, c
     template = api.get("/api/v1/templates").get_json()[0]
     preview = client.get(template["preview_url"])
     assert "public" in preview.headers["Cache-Control"] and preview.headers["X-Content-Type-Options"] == "nosniff"
-    for path in ("/healthz", "/s/anything", "/console/login", "/nowhere"):
+    for path in ("/healthz", "/api/v1/disclosure", "/console/login", "/nowhere"):
         assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
 
 

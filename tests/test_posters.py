@@ -10,7 +10,6 @@ from models.posters import make_poster, wrap_text
 from tests.qr_support import decode_qr
 
 FONT_PATH = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"
-FALLBACK_URL = "https://portrait.example.com/mp/share?scene=img_3f9a2c"
 PORTRAIT_COLOUR = (40, 120, 90)
 
 pytestmark = pytest.mark.skipif(not Path(FONT_PATH).exists(), reason="needs fonts-wqy-microhei")
@@ -27,8 +26,7 @@ def _poster(**overrides) -> Image.Image:
 
 
 def _poster_bytes(**overrides) -> bytes:
-    arguments = dict(caption_zh="穿越千年，花间一梦", app_code_png=None, fallback_url=FALLBACK_URL,
-                     font_path=FONT_PATH)
+    arguments = dict(caption_zh="穿越千年，花间一梦", app_code_png=_app_code_png(), font_path=FONT_PATH)
     arguments.update(overrides)
     portrait = arguments.pop("portrait", _portrait())
     return make_poster(portrait, **arguments)
@@ -63,19 +61,20 @@ def test_poster_is_deterministic():
     assert _poster_bytes() == _poster_bytes()
 
 
-def test_qr_fallback_decodes_to_the_fallback_url():
-    poster = _poster(app_code_png=None)
-    assert decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
-    assert decode_qr(poster) == FALLBACK_URL
-
-
 @pytest.mark.parametrize(
     "broken",
     [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, _app_code_png()[:60]],
     ids=["empty", "text", "png_signature_only", "truncated_png"],
 )
-def test_undecodable_app_code_falls_back_to_the_qr_code(broken):
-    assert decode_qr(_poster(app_code_png=broken).crop(posters.CODE_BOX)) == FALLBACK_URL
+def test_no_poster_without_a_readable_mini_program_code(broken):
+    """Moments refuses QR codes: without WeChat's code there is no poster, and no QR code in its place."""
+    with pytest.raises(posters.UnreadableAppCode):
+        _poster_bytes(app_code_png=broken)
+
+
+def test_posters_draw_no_qr_code_of_their_own():
+    assert not hasattr(posters, "qrcode") and not hasattr(posters, "_qr_code")
+    assert decode_qr(_poster()) == ""
 
 
 def test_app_code_pixels_appear_bottom_right():
@@ -201,8 +200,8 @@ def test_an_already_labelled_portrait_gets_no_second_badge():
     x0 = left + ((right - left) - portrait_w) // 2
     label_area = _region(poster, (x0, bottom - 90, x0 + 160, bottom))
     assert (np.abs(label_area - np.array(PORTRAIT_COLOUR)).sum(axis=2) > 6).sum() == 0, "plain portrait corner"
-    # The poster is otherwise the same poster.
-    assert decode_qr(poster.crop(posters.CODE_BOX)) == FALLBACK_URL
+    # The poster is otherwise the same poster, its code in place.
+    assert poster.crop(posters.CODE_BOX).getpixel((10, 10)) == (255, 0, 255)
     with pytest.raises(ValueError):
         _poster_bytes(label_text=" ")
     _poster_bytes(label_text=" ", portrait_labelled=True)

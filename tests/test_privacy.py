@@ -16,14 +16,16 @@ from portraits import renders, states, tasks
 from portraits.privacy import user_ref
 from portraits.store.vault import KeyShredded
 from store_scan import Finding, StoreScanner, photo_samples, places
+from tests.conftest import phone_for
 from tests.test_queue import quick_paid_avatar
 
 
-def personal_needles(services, api, user_photos) -> dict:
-    """The user's id, openid, samples of every uploaded photo and of every stored crop (encoded and as pixels) and
+def personal_needles(services, api, user_photos, name: str = "alice") -> dict:
+    """The user's id, openid, phone number, samples of every uploaded photo and of every stored crop (encoded and as pixels) and
     the embeddings' bytes. Call while the crops still exist."""
     user = services.db.users.find_one({"_id": api.user_id})
-    needles = {"user_id": api.user_id, "openid": user["openid"]}
+    # The phone bound at login (tests.conftest) is sealed: any plain copy of it, anywhere, is a finding.
+    needles = {"user_id": api.user_id, "openid": user["openid"], "phone": phone_for(name)}
     for index, data in enumerate(user_photos[:4]):
         needles.update(photo_samples(data, f"photo{index}"))
     for avatar in services.db.avatars.find({"user_id": api.user_id}):
@@ -285,7 +287,7 @@ def test_a_render_running_at_delete_me_leaves_no_failed_job_and_no_trace_of_the_
     leftovers = [key for key in services.redis.scan_iter("*")
                  if api.user_id.encode() in key or any(api.user_id.encode() in v for v in _values(services, key))]
     assert leftovers == []
-    assert api.user_id not in caplog.text
+    assert api.user_id not in caplog.text and phone_for("nora") not in caplog.text
 
 
 def _values(services, key) -> list[bytes]:

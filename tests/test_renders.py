@@ -254,13 +254,13 @@ def test_id_photos_come_out_at_standard_sizes_on_their_plain_background_and_shar
     bottom_left = difference[-placed[1] // 8:, : placed[0] // 3]
     assert (bottom_left > 60).sum() < 20, "no second AI badge from the poster"
 
-    sim.set_fault("/wxa/getwxacodeunlimit", "5xx", count=5)
-    fallback = Image.open(io.BytesIO(api.get(first_image["poster_url"]).data))
-    assert decode_qr(fallback.crop(posters.CODE_BOX)) == f"{services.settings.public_base_url}/s/{first_image['id']}"
-    landing = client.get(f"/s/{first_image['id']}")
-    assert landing.status_code == 200 and services.settings.provider_name in landing.get_data(as_text=True)
-    assert first_image["id"] not in landing.get_data(as_text=True)
-    assert client.get("/s/img_never_existed").get_data() == landing.get_data(), "reveals nothing about which exist"
+    # The code is kept once made: WeChat failing now changes nothing for this poster (tests/test_sharing.py has
+    # the poster whose code WeChat could not make yet).
+    sim.set_fault("/wxa/getwxacodeunlimit", "5xx", count=1)
+    again = api.get(first_image["poster_url"])
+    assert again.status_code == 200
+    assert decode_qr(Image.open(io.BytesIO(again.data)).crop(posters.CODE_BOX)) == (
+        f"pages/index/index?scene=i={first_image['id']}")
 
     stranger = login("mallory")
     assert stranger.get(first_image["poster_url"]).status_code == 404

@@ -17,7 +17,8 @@ OPENID = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
 USER_ID = "u_" + "3f" * 10
 PHOTO_KEY = f"users/{USER_ID}/avatars/av_1/photos/p_1"
 TOKEN = "eyJ1aWQiOiJ1XzEyMyJ9.aQ3Lbg.Xk1c2Vy3Z-Wt0n8hZTzYf0m3v9Q"
-SECRETS = (OPENID, USER_ID, TOKEN)
+PHONE = "13800138000"
+SECRETS = (OPENID, USER_ID, TOKEN, PHONE)
 
 
 class MemoryTransport(Transport):
@@ -56,13 +57,14 @@ def test_nothing_is_reported_unless_a_dsn_is_set():
 
 def test_the_scrubber_masks_identities_wherever_they_stand():
     event = {
-        "message": f"login of {OPENID} as {USER_ID} failed reading {PHOTO_KEY}",
+        "message": f"login of {OPENID} as {USER_ID} (phone {PHONE}) failed reading {PHOTO_KEY}",
         "user": {"id": USER_ID},
         "request": {"headers": [["Authorization", f"Bearer {TOKEN}"], ["X-Request-ID", "r-1"]],
                     "data": {"code": "081xYz", "openid": OPENID, "nested": {"owner": USER_ID}},
                     "query_string": f"token={TOKEN}"},
         "extra": {"args": [USER_ID, "av_1"], "key": PHOTO_KEY},
         "contexts": {"response": {"status_code": 500}},
+        "breadcrumbs": {"values": [{"data": {"phone_info": {"purePhoneNumber": PHONE}, "at": 1764597600000}}]},
     }
     scrubbed = reporting.scrub_event(event)
     assert leaked([scrubbed]) == [] and "user" not in scrubbed
@@ -70,6 +72,7 @@ def test_the_scrubber_masks_identities_wherever_they_stand():
     assert scrubbed["request"]["data"]["code"] == "[Filtered]"
     assert scrubbed["extra"] == {"args": ["[Filtered]", "av_1"], "key": "users/[Filtered]/avatars/av_1/photos/p_1"}
     assert scrubbed["contexts"] == {"response": {"status_code": 500}}
+    assert scrubbed["breadcrumbs"]["values"][0]["data"] == {"phone_info": "[Filtered]", "at": 1764597600000}
 
 
 def test_an_error_in_a_request_is_reported_without_the_users_identity(app, client, reported):

@@ -19,7 +19,7 @@ from jobs.periodic import PERIODIC
 from models.sample_photos import astronaut_photos
 from miniapp_api.dev.supervisor import PROCESSES, Topology, read_procfile
 from portraits.store import db_server
-from tests.conftest import MONGO_URI
+from tests.conftest import MONGO_URI, phone_for
 from tests.waiting import wait_for
 from wechat_sim.client import SimulatorClient
 
@@ -57,6 +57,7 @@ class MiniProgram:
         self.photos = user_photos
         login = self.call("post", "/auth/login", json={"code": self.sim.login_code(name)})
         self.http.headers["Authorization"] = f"Bearer {login['token']}"
+        self.call("post", "/me/phone", json={"code": self.sim.phone_code(name, phone_for(name))})
 
     def call(self, method: str, path: str, expect=(200, 201), **kwargs) -> dict:
         response = getattr(self.http, method)(self.base + path, timeout=60, **kwargs)

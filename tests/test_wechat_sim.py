@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from PIL import Image
 
 from portraits.store.redis_client import start_embedded, stop_embedded
-from portraits.gateways.wechat import SubscribeRefused, WeChatGateway, WeChatLoginError, WeChatUnavailable
+from portraits.gateways.wechat import (PhoneCodeRefused, SubscribeRefused, WeChatGateway, WeChatLoginError,
+                                       WeChatUnavailable)
 import wechat_sim.server
+import wechat_sim.simulator
 from wechat_sim import signing
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials, load_or_create_credentials
@@ -224,6 +226,28 @@ def test_wxa_code_with_bad_token_answers_json_error(simulator):
     answer = requests.post(f"{simulator.base_url}/wxa/getwxacodeunlimit", params={"access_token": "bogus"},
                            data=json.dumps({"scene": "a=1"}), timeout=5)
     assert answer.headers["Content-Type"].startswith("application/json")
+    assert answer.json()["errcode"] == 40001
+
+
+def test_phone_number_comes_once_per_code_with_this_apps_watermark(sim, make_gateway, creds):
+    gateway = make_gateway()
+    code = sim.phone_code("alice", "13800138000")
+    assert gateway.user_phone_number(code) == {"phone_number": "13800138000", "pure_phone_number": "13800138000",
+                                               "country_code": "86"}
+    with pytest.raises(PhoneCodeRefused) as used:
+        gateway.user_phone_number(code)
+    assert used.value.errcode == 40029
+    abroad = gateway.user_phone_number(sim.phone_code("bob", "91234567", country_code="65"))
+    assert abroad == {"phone_number": "+65 91234567", "pure_phone_number": "91234567", "country_code": "65"}
+
+
+def test_expired_phone_code_and_bad_token_are_refused(sim, simulator, make_gateway, monkeypatch):
+    code = sim.phone_code("alice", "13800138000")
+    monkeypatch.setattr(wechat_sim.simulator, "PHONE_CODE_TTL_S", -1)
+    with pytest.raises(PhoneCodeRefused):
+        make_gateway().user_phone_number(code)
+    answer = requests.post(f"{simulator.base_url}/wxa/business/getuserphonenumber", params={"access_token": "bogus"},
+                           data=json.dumps({"code": code}), timeout=5)
     assert answer.json()["errcode"] == 40001
 
 

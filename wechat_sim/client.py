@@ -30,6 +30,11 @@ class SimulatorClient:
     def openid_of(self, user_name: str) -> str:
         return self.login(user_name)["openid"]
 
+    def phone_code(self, user_name: str, phone: str, country_code: str = "86", appid: str | None = None) -> str:
+        """The code of a getPhoneNumber button the user allowed, for this phone (single use, five minutes)."""
+        return self._post("/sim/phone_code", {"user": user_name, "phone": phone, "country_code": country_code,
+                                              "appid": appid})["code"]
+
     def pay(self, out_trade_no: str, deliver: bool = True) -> dict:
         """{out_trade_no, transaction_id, notification_id, status_code, error, delivered}."""
         return self._post("/sim/pay", {"out_trade_no": out_trade_no, "deliver": deliver})

@@ -31,6 +31,24 @@ def sim_login():
     return json_response({"code": code, "openid": openid})
 
 
+@blueprint.post("/sim/phone_code")
+def sim_phone_code():
+    """The user taps the getPhoneNumber button and allows it: a code for their phone (country_code "86" unless
+    given). `appid` mints the code for another app, whose watermark then names that app."""
+    sim = current_simulator()
+    payload = request_json() or {}
+    user, phone = payload.get("user"), payload.get("phone")
+    country_code = str(payload.get("country_code") or "86")
+    if not isinstance(user, str) or not user or not isinstance(phone, str) or not phone.isdigit():
+        return json_response({"error": "user_and_digits_phone_required"}, 400)
+    code = secrets.token_urlsafe(24)
+    with sim.state.lock:
+        sim.state.phone_codes[code] = {"user": user, "openid": sim.openid_for(user), "phone": phone,
+                                       "country_code": country_code, "issued_at": time.time(), "used": False,
+                                       "appid": payload.get("appid") or sim.creds.appid}
+    return json_response({"code": code})
+
+
 @blueprint.post("/sim/subscribe-grants")
 def sim_grant():
     state = current_simulator().state

@@ -1,4 +1,5 @@
-"""Mini-program server APIs: code2session login, the access token, subscribe messages and unlimited wxacodes."""
+"""Mini-program server APIs: code2session login, the access token, subscribe messages, unlimited wxacodes and the
+phone number behind a getPhoneNumber code."""
 from __future__ import annotations
 
 import base64
@@ -112,3 +113,25 @@ def wxa_code_unlimited():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return Response(buffer.getvalue(), content_type="image/png")
+
+
+@blueprint.post("/wxa/business/getuserphonenumber")
+def user_phone_number():
+    """A getPhoneNumber code (POST /sim/phone_code issues them) for the user's phone, once, within its lifetime."""
+    sim = current_simulator()
+    ok, errcode = sim.token_valid(request.args.get("access_token"))
+    if not ok:
+        return _invalid_token(errcode)
+    payload = request_json()
+    if payload is None or not isinstance(payload.get("code"), str) or not payload["code"]:
+        return mp_error(47001, "data format error")
+    with sim.state.lock:
+        entry = sim.state.phone_codes.get(payload["code"])
+        if not entry or entry["used"] or sim.phone_code_expired(entry["issued_at"]):
+            return mp_error(40029, "invalid code")
+        entry["used"] = True
+        phone, country_code, appid = entry["phone"], entry["country_code"], entry["appid"]
+    shown = phone if country_code == "86" else f"+{country_code} {phone}"
+    return json_response({"errcode": 0, "errmsg": "ok", "phone_info": {
+        "phoneNumber": shown, "purePhoneNumber": phone, "countryCode": country_code,
+        "watermark": {"timestamp": int(time.time()), "appid": appid}}})

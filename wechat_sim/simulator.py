@@ -21,6 +21,8 @@ from wechat_sim.redelivery import REDELIVERY_INTERVALS_S, RedeliveryScheduler
 from wechat_sim.signing import PlatformSigner, load_public_key, rfc3339_now
 
 LOGIN_CODE_TTL_S = 300
+# A getPhoneNumber code, like a wx.login code, is good for five minutes and one exchange.
+PHONE_CODE_TTL_S = 300
 # Automatic redelivery is off unless asked for (redelivery_scale=1.0 is WeChat Pay's real pace, 15 s to the first
 # retry): a refused callback is then delivered exactly once, which tests that count deliveries or leave a callback
 # refused for a while rely on. The command-line simulator (runner.main) turns it on at the real pace.
@@ -41,6 +43,7 @@ class SimState:
     def reset(self):
         self.openid_by_user: dict[str, str] = {}
         self.login_codes: dict[str, dict] = {}
+        self.phone_codes: dict[str, dict] = {}
         self.tokens: dict[str, float] = {}
         self.token_issued = 0
         self.grants: dict[tuple[str, str], int] = {}
@@ -111,6 +114,9 @@ class WeChatSimulator:
 
     def login_code_expired(self, issued_at: float) -> bool:
         return time.time() - issued_at > self._login_code_ttl_s()
+
+    def phone_code_expired(self, issued_at: float) -> bool:
+        return time.time() - issued_at > PHONE_CODE_TTL_S
 
     def token_valid(self, token: str | None) -> tuple[bool, int]:
         """(valid, errcode): 40001 for a token never issued or revoked, 42001 for an expired one."""

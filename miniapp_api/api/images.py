@@ -10,17 +10,13 @@ from PIL import Image
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
-from miniapp_api.schemas import PNG
+from miniapp_api.schemas import PNG, PosterPending
 from models.labels import METADATA_KEY, find_cjk_font, label_metadata
 from models.posters import make_poster
-from portraits import keys
-from portraits.gateways.wechat import WeChatUnavailable
+from portraits import keys, sharing
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 
-SHARE_PAGE = "pages/index/index"
-SCENE_MAX_CHARS = 32  # WeChat's limit for getwxacodeunlimit's scene
-APP_CODE_WIDTH = 280
 DEFAULT_CAPTION = "我的AI写真"
 
 
@@ -45,31 +41,22 @@ def get_image(image_id):
 
 @bp.get("/<image_id>/poster")
 @login_required
-@endpoint(ok={200: PNG}, errors=[404])
+@endpoint(ok={200: PNG, 202: PosterPending}, errors=[404])
 def get_poster(image_id):
-    """A 750x1334 share poster with a mini-program code back into the app."""
+    """A 750x1334 share poster carrying the mini-program code back into the app (never a QR code: Moments does not
+    allow them). 202 `pending` while WeChat cannot draw the code yet: it is retried; ask again after Retry-After."""
     svc = services()
     image = owned("images", image_id, "image")
+    code = sharing.share_code(svc, image)
+    if code is None:
+        wait = sharing.retry_after_s(svc.settings)
+        return {"state": "pending", "reason": "wxacode_pending", "retry_after_s": wait}, 202, {"Retry-After": str(wait)}
     render = svc.db.renders.find_one({"_id": image["render_id"]})
     template = svc.catalog.get(render["template_id"]) if render else None
     portrait = Image.open(io.BytesIO(svc.sealed.get(image["user_id"], keys.image(image["user_id"], image_id))))
     metadata = json.dumps(label_metadata(content_id=image["content_id"], provider=svc.settings.provider_name),
                           ensure_ascii=True)
     poster = make_poster(portrait, caption_zh=template.caption_zh if template else DEFAULT_CAPTION,
-                         app_code_png=_app_code(svc, image_id), fallback_url=share_url(svc, image_id),
-                         font_path=find_cjk_font(svc.settings.cjk_font_path),
+                         app_code_png=code, font_path=find_cjk_font(svc.settings.cjk_font_path),
                          portrait_labelled=True, png_text={METADATA_KEY: metadata})
     return Response(poster, mimetype="image/png", headers={"Cache-Control": "private, no-store"})
-
-
-def share_url(svc, image_id: str) -> str:
-    return f"{svc.settings.public_base_url}/s/{image_id}"
-
-
-def _app_code(svc, image_id: str) -> bytes | None:
-    """The mini-program code opening the app on this image's scene; None when WeChat cannot give one."""
-    scene = f"i={image_id}"[:SCENE_MAX_CHARS]
-    try:
-        return svc.wechat.unlimited_wxa_code(scene=scene, page=SHARE_PAGE, width=APP_CODE_WIDTH)
-    except WeChatUnavailable:
-        return None

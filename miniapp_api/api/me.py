@@ -9,10 +9,41 @@ from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.orders import order_json
 from miniapp_api.api.renders import render_json
 from miniapp_api.api.requests import services
-from miniapp_api.schemas import Deleted, Export
+from miniapp_api.schemas import Deleted, Export, PhoneRequest, PhoneState, Profile
+from portraits import identity
 from portraits.privacy import delete_user, user_ref
 
 bp = Blueprint("me", __name__, url_prefix="/api/v1/me")
+
+
+@bp.get("")
+@login_required
+@endpoint(ok={200: Profile})
+def profile():
+    """My account: the bound phone (masked) and my consents."""
+    svc = services()
+    user = g.user
+    return {"id": user["_id"], "created_at": _iso(user["created_at"]),
+            "phone": phone_json(identity.phone_of(svc, user)), "phone_required": svc.settings.require_phone,
+            "consents": consents_json(user)}
+
+
+@bp.post("/phone")
+@login_required
+@endpoint(ok={200: PhoneState}, errors=[400, 503])
+def bind_phone(json: PhoneRequest):
+    """Bind my phone number with the code of the getPhoneNumber button (400 invalid_phone_code when WeChat
+    refuses it: used, expired or not this app's)."""
+    svc = services()
+    user = identity.bind_phone(svc, g.user, json.code)
+    return phone_json(identity.phone_of(svc, user))
+
+
+def phone_json(phone: dict | None) -> dict | None:
+    if phone is None:
+        return None
+    return {"masked": identity.masked(phone), "country_code": phone["country_code"],
+            "bound_at": _iso(phone["bound_at"])}
 
 
 @bp.get("/export")
@@ -25,6 +56,7 @@ def export():
     uid = user["_id"]
     return {
         "user": {"id": uid, "openid": user["openid"], "created_at": user["created_at"].isoformat(),
+                 "phone": _exported_phone(identity.phone_of(svc, user)),
                  "consents": consents_json(user),
                  "consent_records": {k: {**v, "given_at": _iso(v.get("given_at")),
                                          "withdrawn_at": _iso(v.get("withdrawn_at"))}
@@ -52,6 +84,10 @@ def delete_me():
     """Delete me and everything mine (paid, undelivered orders are refunded)."""
     delete_user(services(), g.user)
     return {"deleted": True}, 202
+
+
+def _exported_phone(phone: dict | None) -> dict | None:
+    return None if phone is None else {**phone, "bound_at": _iso(phone["bound_at"])}
 
 
 def _iso(value):

@@ -30,7 +30,8 @@ MEANINGS = {
     401: "no valid identity: missing_token, invalid_token, token_expired; login: invalid_login_code; WeChat Pay "
          "callbacks: a signature, timestamp or body that cannot be trusted",
     402: "what was paid for is used up: no_render_credits",
-    403: "not allowed before the user does something: consent_required, guardian_consent_required",
+    403: "not allowed before the user does something: phone_required (bind a phone: POST /api/v1/me/phone), "
+         "consent_required, guardian_consent_required",
     404: "no such thing, or another user's (answered the same): <kind>_not_found; callbacks: unknown_order, "
          "unknown_refund",
     405: "this path does not take that method; the Allow header lists the ones it takes",

@@ -5,7 +5,7 @@ from flask import g, render_template, request
 
 from portraits.billing import refunds
 from miniapp_api.console import bp, metrics, present
-from portraits import audit
+from portraits import audit, identity
 from miniapp_api.console.security import ConsoleRefusal, record, role_required, services
 
 REFUNDABLE_STATES = ("paid", "fulfilled")
@@ -59,7 +59,7 @@ def user(user_id):
     orders_of_user = svc.db.orders.find({"user_id": user_id}).sort("created_at", -1).limit(100)
     avatars = svc.db.avatars.find({"user_id": user_id}).sort("created_at", -1).limit(50)
     renders = svc.db.renders.find({"user_id": user_id}).sort("created_at", -1).limit(100)
-    return render_template("console/user.html", user=present.user_view(doc),
+    return render_template("console/user.html", user=present.user_view(doc, identity.phone_of(svc, doc)),
                            orders=[present.order_view(o) for o in orders_of_user],
                            avatars=[present.avatar_view(svc, a) for a in avatars],
                            renders=[present.render_view(svc, r) for r in renders])

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from portraits import keys, tasks
+from portraits import identity, keys, tasks
 from portraits.queue.tracking import QueueTracker
 
 _BLOB_PATH = re.compile(r"users/\S+")
@@ -111,9 +111,11 @@ def render_view(services, render: dict) -> dict:
             "job": job_view(services, keys.render_subject(render["_id"]))}
 
 
-def user_view(user: dict) -> dict:
+def user_view(user: dict, phone: dict | None) -> dict:
+    """phone: the user's opened phone record (portraits.identity.phone_of), shown masked only."""
     face = (user.get("consents") or {}).get("face_processing") or {}
     return {"id": user["_id"], "openid": mask_openid(user.get("openid")), "created_at": user.get("created_at"),
+            "phone": identity.masked(phone) if phone else None, "phone_bound_at": phone["bound_at"] if phone else None,
             "deleted": bool(user.get("deleted_at")), "deleted_at": user.get("deleted_at"),
             "consent_version": face.get("version"), "consent_at": face.get("given_at"),
             "consent_withdrawn_at": face.get("withdrawn_at")}

@@ -23,6 +23,8 @@ from models.sample_photos import astronaut_photos
 from portraits.store import db as db_module
 from wechat_sim.client import SimulatorClient
 
+DEMO_PHONE = "13800138000"
+
 
 class Timer:
     def __init__(self):
@@ -55,7 +57,7 @@ def _check(response: requests.Response, *expected: int) -> dict:
         "application/json") else {}
 
 
-def _wait(fetch, done, describe, timeout_s: float = 1800.0) -> dict:
+def _wait(fetch, done, describe, timeout_s: float = 1800.0):
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -93,6 +95,13 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
             for template in templates.values():
                 sim.grant_subscription(openid, template)
             _check(api.post(f"{base}/subscriptions", json={"grants": {t: "accept" for t in templates.values()}}), 200)
+        with timer.step("bind a phone number (getPhoneNumber) and read the filing disclosure"):
+            phone = _check(api.post(f"{base}/me/phone", json={"code": sim.phone_code("demo-user", DEMO_PHONE)}),
+                           200)
+            print(f"  phone {phone['masked']} bound", flush=True)
+            disclosure = _check(api.get(f"{base}/disclosure"), 200)
+            print(f"  algorithm filing {disclosure['algorithm_filing_number']}, model {disclosure['model']['name']}"
+                  f"{' (placeholders)' if disclosure['placeholder'] else ''}", flush=True)
         with timer.step("give face-processing consent"):
             consent = _check(api.get(f"{base}/consents"), 200)[0]
             _check(api.post(f"{base}/consents", json={"kind": "face_processing", "version": consent["version"],
@@ -146,7 +155,10 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                 path = out / "portraits" / f"portrait-{index}.png"
                 path.write_bytes(_binary(data))
                 files.append(str(path))
-            poster = api.get(topology.base_url + render["images"][0]["poster_url"])
+            poster_url = topology.base_url + render["images"][0]["poster_url"]
+            # 202 while WeChat's mini-program code is owed (the poster is made once the retry gets it).
+            poster = _wait(lambda: api.get(poster_url), lambda r: r.status_code != 202,
+                           lambda r: f"poster {r.status_code}")
             (out / "poster.png").write_bytes(_binary(poster))
         order = _check(api.get(f"{base}/orders/{order['id']}"), 200)
         summary = {
@@ -162,6 +174,8 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                        "images": [{"file": f, "likeness": i["likeness"], "content_id": i["content_id"]}
                                   for f, i in zip(files, render["images"])]},
             "poster": str(out / "poster.png"),
+            "phone": phone["masked"],
+            "disclosure": disclosure,
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
             "base_model": settings.base_model_path or "tiny random-weight Stable Diffusion",
             "timings_s": {**timer.steps, "total": timer.total()},

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from portraits import errors, states, users
+from portraits import errors, identity, states, users
 from portraits.billing import makegood, payments, rails
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -31,6 +31,7 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     product = settings.skus.get(sku)
     if product is None:
         raise errors.Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
+    identity.require_phone(services, user)  # real identity before payment
     if avatar["state"] != "ready":
         raise errors.Conflict("avatar_not_ready", "This avatar cannot be paid for now.",
                               {"state": avatar["state"], "missing": avatar.get("missing", [])})

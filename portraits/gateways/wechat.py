@@ -19,6 +19,10 @@ DEFAULT_API_BASE_URL = "https://api.weixin.qq.com"
 TOKEN_EXPIRY_MARGIN_S = 300
 LOGIN_CODE_ERRORS = {40029, 40163, 40226}
 SUBSCRIBE_REFUSALS = {43101, 40003, 40037, 47003, 41030}
+# getuserphonenumber's errcodes that say the code itself is bad (invalid, used or expired); the others it
+# documents (-1 system busy, 45011 over the per-minute quota, 40013 invalid appid) are WeChat's side or ours.
+PHONE_CODE_ERRORS = {40029}
+PHONE_NUMBER_PATH = "wxa/business/getuserphonenumber"
 
 
 class WeChatLoginError(Exception):
@@ -36,6 +40,16 @@ class SubscribeRefused(Exception):
         super().__init__(f"{errcode}: {message}")
         self.errcode = errcode
         self.code = "subscribe_refused" if errcode == 43101 else "subscribe_rejected"
+
+
+class PhoneCodeRefused(Exception):
+    """The getPhoneNumber code is invalid, used or expired, or WeChat's answer was minted for another app."""
+
+    code = "invalid_phone_code"
+
+    def __init__(self, message: str, errcode: int | None = None):
+        super().__init__(message)
+        self.errcode = errcode
 
 
 class WeChatUnavailable(Exception):
@@ -177,3 +191,27 @@ class WeChatGateway:
         if not content or not content.startswith((b"\x89PNG", b"\xff\xd8")):
             raise WeChatUnavailable("getwxacodeunlimit answered without an image")
         return content
+
+    def user_phone_number(self, code: str) -> dict:
+        """The phone number behind a getPhoneNumber button's code: {phone_number, pure_phone_number,
+        country_code}. The answer's watermark must name this app. wechatpy 1.8 has no method for this API, so it
+        goes through its private `_post` (README, upgrade checklist)."""
+        if not code or not isinstance(code, str):
+            raise PhoneCodeRefused("a getPhoneNumber code is required")
+        try:
+            result = self._call(self._client.wxa._post, PHONE_NUMBER_PATH, data={"code": code})
+        except WeChatClientException as error:
+            if error.errcode in PHONE_CODE_ERRORS:
+                raise PhoneCodeRefused("the getPhoneNumber code is invalid, used or expired",
+                                       errcode=error.errcode) from error
+            raise WeChatUnavailable(f"getuserphonenumber failed: {error.errcode} {error.errmsg}",
+                                    errcode=error.errcode) from error
+        info = result.get("phone_info") if isinstance(result, dict) else None
+        if not isinstance(info, dict) or not info.get("purePhoneNumber"):
+            raise WeChatUnavailable("getuserphonenumber answered without a phone number")
+        watermark = info.get("watermark") if isinstance(info.get("watermark"), dict) else {}
+        if watermark.get("appid") != self._client.appid:
+            raise PhoneCodeRefused("the phone number's watermark names another app")
+        return {"phone_number": str(info.get("phoneNumber") or info["purePhoneNumber"]),
+                "pure_phone_number": str(info["purePhoneNumber"]),
+                "country_code": str(info.get("countryCode") or "")}
