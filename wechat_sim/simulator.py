@@ -14,6 +14,8 @@ import requests
 from flask import current_app
 
 from wechat_sim.keys import SimCredentials
+from wechat_sim.media_checks import MediaChecks
+from wechat_sim.push import PushConfig
 from wechat_sim.redelivery import REDELIVERY_INTERVALS_S, RedeliveryScheduler
 from wechat_sim.signing import PlatformSigner, load_public_key, rfc3339_now
 
@@ -61,7 +63,8 @@ class WeChatSimulator:
     def __init__(self, creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
                  callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S,
                  redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE,
-                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S):
+                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S, push_url: str | None = None,
+                 push_mode: str = "safe", push_format: str = "json"):
         self.creds = creds
         self.state = SimState()
         self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
@@ -71,9 +74,13 @@ class WeChatSimulator:
         self._login_code_ttl_s = login_code_ttl_s
         self.redelivery = (None if redelivery_scale is None
                            else RedeliveryScheduler(self, redelivery_scale, redelivery_intervals_s))
+        self.media_checks = MediaChecks(self, PushConfig(url=push_url, token=creds.push_token,
+                                                         aes_key=creds.push_aes_key, mode=push_mode,
+                                                         data_format=push_format))
 
     def reset(self) -> None:
-        """Forget everything, pending redeliveries included."""
+        """Forget everything, pending redeliveries and media checks included (not the push configuration)."""
+        self.media_checks.reset()
         with self.state.lock:
             self.state.reset()
             if self.redelivery is not None:
