@@ -107,7 +107,12 @@ GrantAnswer = Annotated[str, OneOf(GRANT_ANSWERS)]
 AvatarState = Literal[tuple(states.MACHINES["avatar"])]
 OrderState = Literal[tuple(states.MACHINES["order"])]
 RenderState = Literal[tuple(states.MACHINES["render"])]
+# A medium's content check as the client sees it: waiting for WeChat, or passed (by WeChat, or by the review or
+# timeout policy); refused ones say so in `reasons` (photos) or are not shown at all (portraits).
+ContentCheck = Literal["pending", "pass", "review", "timeout"]
 PNG = "image/png"  # a success answered with a PNG body instead of JSON
+TEXT = "text/plain"  # a success answered with a plain-text body (WeChat's message push reads `success`)
+MEDIA = "application/octet-stream"  # the checked medium itself, served to WeChat
 
 
 class Body(BaseModel):
@@ -230,6 +235,20 @@ class PayNotification(Body):
     summary: str
 
 
+class WeChatPush(Body):
+    """A message push (消息推送) from WeChat, JSON or XML: in plaintext mode the event itself (ToUserName,
+    FromUserName, CreateTime, MsgType, Event and the event's own fields), in safe mode ToUserName and Encrypt. Its
+    query string carries signature, timestamp, nonce (and in safe mode encrypt_type=aes, msg_signature); it is
+    verified before anything reads it, so this model documents the body rather than validating it."""
+
+    ToUserName: str | None = None
+    FromUserName: str | None = None
+    CreateTime: int | None = None
+    MsgType: str | None = None
+    Event: str | None = None
+    Encrypt: str | None = None
+
+
 # --------------------------------------------------------------------------------------------------- responses
 
 class FaceConsent(Reply):
@@ -277,6 +296,10 @@ class Photo(Reply):
     role: Role | None
     accepted: bool
     reasons: list[str]
+    content_check: ContentCheck | Literal["risky"] | None = Field(
+        description="WeChat's content check of an accepted photo: pending (the avatar waits for it), pass, review or "
+                    "timeout (passed by their policy), risky (refused: reasons content_risky); null for photos "
+                    "refused before it, or from before the checks")
 
 
 class Queue(Reply):
@@ -297,7 +320,8 @@ class Avatar(Reply):
     accepted_count: int
     min_photos: int
     max_photos: int
-    missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos")
+    missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos, "
+                                           "content_check_pending (photos waiting for WeChat's content check)")
     order_id: str | None
     photos_purged: bool
     failure: Literal["technical_failure"] | None
@@ -373,6 +397,8 @@ class Image(Reply):
     render_id: str
     width: int | None
     height: int | None
+    content_check: ContentCheck = Field(description="pending: waiting for WeChat's content check (url and poster_url "
+                                                    "answer 409 image_pending_check until it passes)")
 
 
 class QueueSpot(Reply):

@@ -66,6 +66,7 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     services.db.renders.delete_many({"user_id": user_id})
     services.db.images.delete_many({"user_id": user_id})
     services.db.messages.delete_many({"user_id": user_id})
+    services.db.content_checks.delete_many({"user_id": user_id})
     services.blobs.delete_prefix(keys.user_prefix(user_id))
     # Crypto-shredding: whatever copy of a sealed blob survives elsewhere (a backup, a replica) is unreadable now.
     services.vault.shred(user_id)

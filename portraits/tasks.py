@@ -29,7 +29,8 @@ TRAIN_AVATAR = "jobs.training.train_avatar"
 RENDER_PORTRAITS = "jobs.rendering.render_portraits"
 SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE)
+SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, SUBMIT_CONTENT_CHECK)
 
 
 def queue(services, name: str) -> Queue:

@@ -19,7 +19,8 @@ TABLE = re.compile(r"<!-- settings table: python -m portraits\.config --markdown
                    re.S)
 REAL_DEPLOYMENT = ["MONGO_URI", "REDIS_URL", "SECRET_KEY", "MASTER_KEY", "PUBLIC_BASE_URL", "WECHAT_APPID",
                    "WECHAT_SECRET", "WECHATPAY_MCHID", "WECHATPAY_PRIVATE_KEY_PATH", "WECHATPAY_CERT_SERIAL_NO",
-                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID"]
+                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID", "WECHAT_PUSH_TOKEN",
+                   "WECHAT_PUSH_AES_KEY"]
 
 
 def test_the_readme_table_is_generated_from_the_declarations():
@@ -70,12 +71,14 @@ def test_a_real_deployment_starts_from_the_environment(tmp_path):
            "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
            "WECHATPAY_PUBLIC_KEY_PATH": str(tmp_path / "platform.pem"),
            "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id, "REFUND_BACKOFF_S": "1, 2,3",
+           "WECHAT_PUSH_TOKEN": creds.push_token, "WECHAT_PUSH_AES_KEY": creds.push_aes_key,
            "CONSOLE_SECURE_COOKIES": "off", "BASE_MODEL_PATH": "/models/sd15", "INSTANCE_DIR": str(tmp_path)}
     settings = Settings.from_env(env)
     assert not settings.embedded and not settings.embedded_wechat and not settings.uses_tiny_model
     assert settings.master_key == b"A" * 32 and settings.public_base_url == "https://api.example.com"
     assert settings.wechatpay_private_key_pem == creds.merchant_private_key_pem
     assert settings.refund_backoff_s == (1, 2, 3) and settings.console_secure_cookies is False
+    assert settings.wechat_push_aes_key == creds.push_aes_key and settings.wechat_push_mode == "safe"
     assert (settings.train_steps, settings.train_resolution, settings.render_max_steps) == (None, 512, None)
     with pytest.raises(ConfigError) as error:
         settings.replace(mongo_uri=None)

@@ -24,13 +24,15 @@ from miniapp_api.schemas import ErrorEnvelope, OpenApiDocument
 bp = Blueprint("contract", __name__, url_prefix="/api/v1")  # spectree leaves out endpoints named "openapi*"
 
 MEANINGS = {
-    400: "refused input: malformed_json, json_too_deep (details.max_depth), json_object_required, field_too_long "
+    400: "refused input: push_malformed, push_undecryptable (WeChat's message push), malformed_json, json_too_deep (details.max_depth), json_object_required, field_too_long "
          "(details.fields: {name: problem}), invalid_fields (details.fields: {name: problem}), or a reason of this "
          "route",
     401: "no valid identity: missing_token, invalid_token, token_expired; login: invalid_login_code; WeChat Pay "
          "callbacks: a signature, timestamp or body that cannot be trusted",
     402: "what was paid for is used up: no_render_credits",
-    403: "not allowed before the user does something: consent_required, guardian_consent_required",
+    403: "not allowed before the user does something: consent_required, guardian_consent_required; WeChat's message "
+         "push: push_signature_invalid, push_expired, push_replayed, push_encryption_required, "
+         "push_msg_signature_invalid, push_appid_mismatch; media links: media_link_invalid, media_link_expired",
     404: "no such thing, or another user's (answered the same): <kind>_not_found; callbacks: unknown_order, "
          "unknown_refund",
     405: "this path does not take that method; the Allow header lists the ones it takes",

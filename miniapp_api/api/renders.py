@@ -47,5 +47,7 @@ def render_json(render: dict) -> dict:
             "template_id": render["template_id"], "parent_id": render.get("parent_id"),
             "likeness": render.get("likeness_best"), "parent_likeness": render.get("parent_likeness"),
             "refinements_left": renders.refinements_left(svc, render),
-            "images": [image_json(images[i]) for i in render.get("image_ids", []) if i in images],
+            # Portraits the content check refused are not delivered: not listed, not downloadable.
+            "images": [image_json(images[i]) for i in render.get("image_ids", [])
+                       if i in images and images[i].get("content_check") != "refused"],
             "queue": renders.queue_position(svc, render)}
