@@ -41,6 +41,7 @@ def _delete_avatar(services, avatar: dict) -> None:
     for key in photos.photo_blob_keys(avatar) + [keys.lora(avatar), keys.pivot(avatar)]:
         services.blobs.delete(key)
     QueueTracker(services.redis).forget_subject(keys.avatar_subject(avatar["_id"]))
+    services.db.content_checks.delete_many({"avatar_id": avatar["_id"]})  # nothing of it is left to check
     services.db.avatars.delete_one({"_id": avatar["_id"]})
 
 

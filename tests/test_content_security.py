@@ -14,6 +14,7 @@ from portraits import content_checks, keys, renders, sweeper
 from portraits.gateways.wechat import MediaCheckQuotaExhausted, WeChatUnavailable
 from tests.console_support import client_login, make_operator
 from tests.test_api import assert_error
+from wechat_sim.push import PushConfig, signed_push
 
 PUSH = "/api/v1/wechat/push"
 
@@ -79,6 +80,25 @@ def test_media_check_async_answers_with_wechats_errcodes(services, sim, login):
     sim.configure_media_checks(day_limit=10, delay_s=3600)
     assert services.wechat.media_check_async(url, openid, 1)  # a trace_id
     assert sim.media_checks()[0]["status"] == "scheduled"
+
+
+def test_a_safe_mode_push_needs_its_msg_signature_and_a_body_that_decrypts(client, services):
+    settings = services.settings
+    config = PushConfig(url=None, token=settings.wechat_push_token, aes_key=settings.wechat_push_aes_key)
+    event = {"Event": "wxa_media_check", "appid": settings.wechat_appid, "trace_id": "t-1",
+             "result": {"suggest": "risky", "label": 20002}, "errcode": 0}
+    params, body, content_type = signed_push(config, settings.wechat_appid, "gh_x", event)
+
+    def post(query, data=body):
+        return client.post(PUSH, query_string=query, data=data, content_type=content_type)
+
+    assert_error(post({**params, "msg_signature": "0" * 40}), 403, "push_msg_signature_invalid")
+    assert_error(post(params, data=b'{"ToUserName": "gh_x"}'), 400, "push_malformed")
+    assert_error(post(params, data=b"<xml><unclosed>"), 400, "push_malformed")
+    assert services.db.content_verdicts.count_documents({}) == 0
+    answered = post(params)  # the genuine one
+    assert answered.status_code == 200 and answered.get_data(as_text=True) == "success"
+    assert services.db.content_verdicts.find_one({"_id": "t-1"})["suggest"] == "risky"
 
 
 # --- photos -------------------------------------------------------------------------------------
