@@ -107,6 +107,11 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                 print(f"  photo {index + 1:2d}: {mark}", flush=True)
             avatar = verdict["avatar"]
             print(f"  avatar {avatar['id']} is {avatar['state']} with {avatar['accepted_count']} photos", flush=True)
+        with timer.step("WeChat's content check of each photo (mediaCheckAsync, verdicts pushed in safe mode)"):
+            avatar = _wait(lambda: _check(api.get(f"{base}/avatars/{avatar['id']}"), 200),
+                           lambda b: "content_check_pending" not in b["missing"],
+                           lambda b: f"{sum(p['content_check'] == 'pending' for p in b['photos'])} photos pending, "
+                                     f"avatar {b['state']}")
         with timer.step("create an order (WeChat Pay JSAPI prepay)"):
             order = _check(api.post(f"{base}/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"}), 201)
             print(f"  order {order['id']}: {order['amount']} fen, package={order['pay_params']['package']}")
@@ -132,6 +137,10 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                            lambda b: b["state"] in ("done", "failed"), lambda b: f"render {b['state']}")
             if render["state"] != "done":
                 raise SystemExit(f"render failed: {render}")
+        with timer.step("WeChat's content check of each portrait"):
+            render = _wait(lambda: _check(api.get(f"{base}/renders/{render['id']}"), 200),
+                           lambda b: all(i["content_check"] != "pending" for i in b["images"]),
+                           lambda b: f"{sum(i['content_check'] == 'pending' for i in b['images'])} portraits pending")
         with timer.step("download the labelled portraits and a share poster"):
             files = []
             for index, image in enumerate(render["images"], 1):
@@ -154,6 +163,11 @@ def run(out: Path, photo_count: int, template_id: str | None) -> dict:
                                   for f, i in zip(files, render["images"])]},
             "poster": str(out / "poster.png"),
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
+            "content_checks": {
+                "by_kind_and_state": {f"{row['_id']['kind']}:{row['_id']['state']}": row["count"] for row in
+                                      database.content_checks.aggregate([{"$group": {
+                                          "_id": {"kind": "$kind", "state": "$state"}, "count": {"$sum": 1}}}])},
+                "simulator": sim.media_check_stats()},
             "base_model": settings.base_model_path or "tiny random-weight Stable Diffusion",
             "timings_s": {**timer.steps, "total": timer.total()},
             "processes": {child.name: child.command for child in topology.children.values()},
@@ -178,7 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--template", default=None)
     args = parser.parse_args(argv)
     summary = run(args.out.resolve(), args.photos, args.template)
-    print(json.dumps({k: summary[k] for k in ("order", "order_history", "timings_s")}, ensure_ascii=False, indent=2))
+    print(json.dumps({k: summary[k] for k in ("order", "order_history", "content_checks", "timings_s")},
+                     ensure_ascii=False, indent=2))
     print(f"portraits, poster and summary.json in {args.out}/")
     sys.exit(0 if summary["order"]["state"] == "fulfilled" else 1)
 
