@@ -241,6 +241,8 @@ class WeChatPush(Body):
     query string carries signature, timestamp, nonce (and in safe mode encrypt_type=aes, msg_signature); it is
     verified before anything reads it, so this model documents the body rather than validating it."""
 
+    model_config = ConfigDict(strict=True, extra="allow")  # each event has fields of its own
+
     ToUserName: str | None = None
     FromUserName: str | None = None
     CreateTime: int | None = None

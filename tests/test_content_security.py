@@ -10,7 +10,7 @@ import itsdangerous
 import pytest
 
 from jobs.content import submit_content_check
-from portraits import content_checks, keys, renders, sweeper
+from portraits import content_checks, keys, push_events, renders, sweeper
 from portraits.gateways.wechat import MediaCheckQuotaExhausted, WeChatUnavailable
 from tests.console_support import client_login, make_operator
 from tests.test_api import assert_error
@@ -320,6 +320,25 @@ def test_a_check_wechat_never_answers_is_decided_by_the_timeout_policy(login, us
         assert timed_out["role"] == "front"  # the first one checked
         assert after["state"] == "collecting" and after["missing"] == ["front_photo", "more_photos"]
     assert sweeper.sweep(services).get("content_check_timeout") is None  # once
+
+
+def test_a_push_we_fail_to_handle_is_pushed_again_by_wechat(login, user_photos, services, sim, drain, monkeypatch):
+    sim.configure_media_checks(push_retries=2, push_retry_interval_s=0)
+    real, failures = push_events.HANDLERS["wxa_media_check"], []
+
+    def failing_once(svc, message):
+        if not failures:
+            failures.append(message["trace_id"])
+            raise RuntimeError("the database went away for a moment")
+        return real(svc, message)
+
+    monkeypatch.setitem(push_events.HANDLERS, "wxa_media_check", failing_once)
+    api = login("rob")
+    avatar = _avatar_with_photos(api, user_photos, count=1)
+    drain()
+    pushed = sim.media_checks()[0]
+    assert [d["status_code"] for d in pushed["deliveries"]] == [500, 200] and pushed["status"] == "delivered"
+    assert _avatar(api, avatar["id"])["photos"][0]["content_check"] == "pass"
 
 
 def test_a_verdict_wechat_could_not_reach_is_submitted_again(login, user_photos, services, sim, drain):

@@ -43,7 +43,8 @@ def verify_push_url():
 
 
 @bp.post("/push")
-@endpoint(ok={200: TEXT}, errors=[400, 403, 503], public=True, signed_body=WeChatPush)
+@endpoint(ok={200: TEXT}, errors=[400, 403, 503], public=True, signed_body=WeChatPush,
+          also_accepts={"text/xml": "the same push in WeChat's XML (<xml><ToUserName>…</ToUserName>…</xml>)"})
 def receive_push():
     """A message push (plaintext or safe mode, JSON or XML): `success` once handled; 4xx with the reason when it
     cannot be trusted (nothing changes); 5xx to be pushed again."""

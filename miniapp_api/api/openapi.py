@@ -117,14 +117,21 @@ contract = SpecTree(
 )
 
 
+# Request bodies a route also takes in another media type, by operation id: {media type: description}.
+OTHER_REQUEST_MEDIA: dict[str, dict[str, str]] = {}
+
+
 def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, signed_body=None,
-             error_model=ErrorEnvelope, rate_limit: str | None = None):
+             error_model=ErrorEnvelope, rate_limit: str | None = None, also_accepts: dict[str, str] | None = None):
     """Declare a route's contract. ok: {status: response model, schemas.PNG, or None for no body}; errors: the
     statuses of its own refusals; signed_body: a body verified by its signature before anything reads it, so it
-    is documented, not validated (WeChat Pay's callbacks); rate_limit: the setting holding the route's rate limits
-    (miniapp_api.throttle applies them; 429)."""
+    is documented, not validated (WeChat Pay's callbacks, WeChat's message push); also_accepts: other media types
+    of that body, {media type: description} (the message push's XML); rate_limit: the setting holding the route's
+    rate limits (miniapp_api.throttle applies them; 429)."""
 
     def decorate(func):
+        if also_accepts:
+            OTHER_REQUEST_MEDIA[func.__name__] = dict(also_accepts)
         hints = get_type_hints(func)
         inputs = {name: hints[name] for name in ("json", "form", "query") if name in hints}
         statuses = {405, 500, *errors}
@@ -184,6 +191,9 @@ def document() -> dict:
         spec.pop("tags", None)
         for operations in spec["paths"].values():
             for operation in operations.values():
+                for media, description in OTHER_REQUEST_MEDIA.get(operation.get("operationId"), {}).items():
+                    operation["requestBody"]["content"][media] = {"schema": {"type": "string",
+                                                                             "description": description}}
                 for key in ("tags", "description", "parameters"):
                     if key in operation and not operation[key]:  # spectree writes them empty
                         del operation[key]
