@@ -107,7 +107,12 @@ GrantAnswer = Annotated[str, OneOf(GRANT_ANSWERS)]
 AvatarState = Literal[tuple(states.MACHINES["avatar"])]
 OrderState = Literal[tuple(states.MACHINES["order"])]
 RenderState = Literal[tuple(states.MACHINES["render"])]
+# A medium's content check as the client sees it: waiting for WeChat, or passed (by WeChat, or by the review or
+# timeout policy); refused ones say so in `reasons` (photos) or are not shown at all (portraits).
+ContentCheck = Literal["pending", "pass", "review", "timeout"]
 PNG = "image/png"  # a success answered with a PNG body instead of JSON
+TEXT = "text/plain"  # a success answered with a plain-text body (WeChat's message push reads `success`)
+MEDIA = "application/octet-stream"  # the checked medium itself, served to WeChat
 
 
 class Body(BaseModel):
@@ -193,59 +198,6 @@ class ProductQuery(Body):
                                                              "with PAYMENT_RAIL=by_platform decides the rail")
 
 
-class PushQuery(Body):
-    """The query string WeChat signs every message push with (plaintext mode)."""
-
-    signature: str = Field(description="SHA-1 of the Token, timestamp and nonce, sorted and joined")
-    timestamp: str
-    nonce: str
-    echostr: str = Field(default=None, json_schema_extra=_no_default,
-                         description="the URL verification's challenge (GET), answered as it is")
-
-
-class XPayPayInfo(Body):
-    MchOrderNo: str
-    TransactionId: str
-    PaidTime: int
-
-
-class XPayGoodsInfo(Body):
-    ProductId: str
-    Quantity: int
-    OrigPrice: int = Field(description="fen")
-    ActualPrice: int = Field(description="fen, what the user paid")
-    Attach: str
-
-
-class PushEvent(Body):
-    """A message-push event in JSON mode (plaintext). Its signature is checked before anything reads it, so this
-    model documents the body rather than validating it. Which fields come depends on `Event`:
-    xpay_goods_deliver_notify (OpenId, OutTradeNo, Env, WeChatPayInfo, GoodsInfo) and xpay_refund_notify (OpenId,
-    MchRefundId, WxRefundId, MchOrderId, WxOrderId, RefundFee, RetCode, RetMsg, the timestamps, RetryTimes)."""
-
-    ToUserName: str
-    FromUserName: str
-    CreateTime: int
-    MsgType: str
-    Event: str
-    OpenId: str = omittable()
-    OutTradeNo: str = omittable()
-    Env: int = omittable()
-    WeChatPayInfo: XPayPayInfo = omittable()
-    GoodsInfo: XPayGoodsInfo = omittable()
-    MchRefundId: str = omittable()
-    WxRefundId: str = omittable()
-    MchOrderId: str = omittable()
-    WxOrderId: str = omittable()
-    RefundFee: int = omittable()
-    RetCode: int = omittable()
-    RetMsg: str = omittable()
-    RefundStartTimestamp: int = omittable()
-    RefundSuccTimestamp: int = omittable()
-    WxpayRefundTransactionId: str = omittable()
-    RetryTimes: int = omittable()
-
-
 def _grant_problems(grants) -> dict:
     return {"grants": {template: "must be accept, reject, ban or filter"
                        for template, answer in grants.items() if answer not in GRANT_ANSWERS}}
@@ -300,6 +252,25 @@ class PayNotification(Body):
     summary: str
 
 
+class WeChatPush(Body):
+    """A message push (消息推送) from WeChat, JSON or XML: in plaintext mode the event itself (ToUserName,
+    FromUserName, CreateTime, MsgType, Event and the event's own fields: wxa_media_check's trace_id, result,
+    detail...; xpay_goods_deliver_notify's OpenId, OutTradeNo, Env, WeChatPayInfo, GoodsInfo; xpay_refund_notify's
+    OpenId, MchRefundId, WxRefundId, MchOrderId, WxOrderId, RefundFee, RetCode, RetMsg...), in safe mode ToUserName
+    and Encrypt. Its
+    query string carries signature, timestamp, nonce (and in safe mode encrypt_type=aes, msg_signature); it is
+    verified before anything reads it, so this model documents the body rather than validating it."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # each event has fields of its own
+
+    ToUserName: str | None = None
+    FromUserName: str | None = None
+    CreateTime: int | None = None
+    MsgType: str | None = None
+    Event: str | None = None
+    Encrypt: str | None = None
+
+
 # --------------------------------------------------------------------------------------------------- responses
 
 class FaceConsent(Reply):
@@ -347,6 +318,10 @@ class Photo(Reply):
     role: Role | None
     accepted: bool
     reasons: list[str]
+    content_check: ContentCheck | Literal["risky"] | None = Field(
+        description="WeChat's content check of an accepted photo: pending (the avatar waits for it), pass, review or "
+                    "timeout (passed by their policy), risky (refused: reasons content_risky); null for photos "
+                    "refused before it, or from before the checks")
 
 
 class Queue(Reply):
@@ -367,7 +342,8 @@ class Avatar(Reply):
     accepted_count: int
     min_photos: int
     max_photos: int
-    missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos")
+    missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos, "
+                                           "content_check_pending (photos waiting for WeChat's content check)")
     order_id: str | None
     photos_purged: bool
     failure: Literal["technical_failure"] | None
@@ -476,6 +452,8 @@ class Image(Reply):
     render_id: str
     width: int | None
     height: int | None
+    content_check: ContentCheck = Field(description="pending: waiting for WeChat's content check (url and poster_url "
+                                                    "answer 409 image_pending_check until it passes)")
 
 
 class PosterPending(Reply):

@@ -16,7 +16,7 @@ from redis.exceptions import LockError
 
 from models.faces import identity_pivot, likeness_baseline
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
-from portraits import consents, keys, notifications, photos, states, tasks
+from portraits import consents, content_checks, keys, notifications, photos, states, tasks
 from portraits.billing import refunds
 from portraits.errors import Conflict, Invalid, TooLarge, Unavailable, UnsupportedMedia
 from portraits.queue.tracking import QueueTracker
@@ -187,13 +187,21 @@ def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str)
         # duplicate and identity checks would not hold). A refused verdict changes no limit and needs no guard.
         seen = [p["id"] for p in accepted_photos]
         guard["photos"] = {"$not": {"$elemMatch": {"accepted": True, "id": {"$nin": seen}}}}
+        # It counts only once WeChat's content check passes it (portraits.moderation applies the verdict).
+        photo["content_check"] = "pending"
+        check = content_checks.record_check(services, "photo", photo["id"], user=user, blob_key=crop_key,
+                                            avatar_id=avatar["_id"])
     updated = services.db.avatars.find_one_and_update(
         guard, {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
     if updated is None:
         for key in (photo.get("crop_key"), photo.get("embedding_key")):
             if key:
                 services.blobs.delete(key)
+        if photo["accepted"]:
+            content_checks.forget_check(services, "photo", photo["id"])
         return None  # the avatar left collecting, or took another accepted photo: the caller reads it again
+    if photo["accepted"]:
+        content_checks.enqueue_submit(services, check)
     for outlier in earlier_outliers:
         updated = refuse_as_different_person(services, avatar["_id"], outlier) or updated
     return photo, refresh_readiness(services, updated, user)
@@ -221,12 +229,19 @@ def identity_outliers(services, embeddings: list) -> list[int]:
 
 
 def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | None:
+    return refuse_photo(services, avatar_id, photo, "different_person")
+
+
+def refuse_photo(services, avatar_id: str, photo: dict, reason: str, fields: dict | None = None) -> dict | None:
+    """Refuse an accepted photo after the fact (another photo showed it is someone else, or WeChat's content check
+    refused it): its crop and embedding go; the avatar after it, or None when the photo was not accepted."""
     # update_one, then a read: the positional `$` in find_one_and_update is refused by SecantusDB ("The positional
     # operator did not find the match needed") and sets the wrong element in mongomock; update_one with the
     # same filter and `$` does what MongoDB does on all three (README, "SecantusDB and MongoDB").
     refused = services.db.avatars.update_one(
         {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
-        {"$set": {"photos.$.accepted": False, "photos.$.reasons": ["different_person"], "updated_at": states.now()},
+        {"$set": {"photos.$.accepted": False, "photos.$.reasons": [reason], "updated_at": states.now(),
+                  **{f"photos.$.{name}": value for name, value in (fields or {}).items()}},
          "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": "",
                     "photos.$.face_hash": "", "photos.$.face_tone": ""}})
     for key in (photo.get("crop_key"), photo.get("embedding_key")):
@@ -235,7 +250,19 @@ def refuse_as_different_person(services, avatar_id: str, photo: dict) -> dict | 
     return services.db.avatars.find_one({"_id": avatar_id}) if refused.matched_count else None
 
 
+def content_pending(photo: dict) -> bool:
+    """Accepted by the face judging, waiting for WeChat's content check (photos from before the checks have none)."""
+    return photo["accepted"] and photo.get("content_check") == "pending"
+
+
+def counted_photos(avatar: dict) -> list[dict]:
+    """The photos an avatar trains on: accepted, and passed by the content check."""
+    return [p for p in avatar["photos"] if p["accepted"] and not content_pending(p)]
+
+
 def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
+    """What training still needs. Photos waiting for their content check count toward front_photo and more_photos
+    (nothing more to upload for them) but the avatar waits for them: content_check_pending."""
     accepted = [p for p in avatar["photos"] if p["accepted"]]
     missing = []
     if not consents.has_face_consent(services.settings, user):
@@ -244,19 +271,42 @@ def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
         missing.append("front_photo")
     if len(accepted) < services.settings.min_photos:
         missing.append("more_photos")
+    if any(content_pending(p) for p in accepted):
+        missing.append("content_check_pending")
     return missing
 
 
-def refresh_readiness(services, avatar: dict, user: dict) -> dict:
+def refresh_readiness(services, avatar: dict, user: dict, by: str | None = None) -> dict:
     """Readiness depends on the user too (a consent withdrawn or outdated by a new text version)."""
     if avatar["state"] not in TAKES_PHOTOS:
         return avatar
     target = "ready" if not missing_for_training(services, avatar, user) else "collecting"
     if avatar["state"] != target:
         moved = states.transition(services.db, "avatar", avatar["_id"], target, expect=set(TAKES_PHOTOS),
-                                  by=f"user:{user['_id']}")
+                                  by=by or f"user:{user['_id']}")
         avatar = moved or services.db.avatars.find_one({"_id": avatar["_id"]})
     return avatar
+
+
+def apply_content_verdict(services, check: dict, counted: bool, reason: str | None) -> dict | None:
+    """WeChat's verdict on one photo (portraits.moderation): counted, or refused with `reason`; the avatar's
+    readiness follows. Idempotent: a photo no longer pending is left as it is. The avatar after it, if any."""
+    avatar_id, photo_id = check["avatar_id"], check["subject_id"]
+    pending = {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo_id, "accepted": True,
+                                                           "content_check": "pending"}}}
+    if counted:
+        services.db.avatars.update_one(pending, {"$set": {"photos.$.content_check": check["state"],
+                                                          "updated_at": states.now()}})
+    else:
+        avatar = services.db.avatars.find_one(pending, {"photos": 1})
+        photo = next((p for p in (avatar or {}).get("photos", []) if p["id"] == photo_id), None)
+        if photo is not None:
+            refuse_photo(services, avatar_id, photo, reason, {"content_check": check["state"]})
+    avatar = services.db.avatars.find_one({"_id": avatar_id})
+    user = services.db.users.find_one({"_id": check["user_id"]})
+    if avatar is None or user is None:
+        return avatar
+    return refresh_readiness(services, avatar, user, by=f"content-check:{check['_id']}")
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -297,7 +347,7 @@ def store_identity_pivot(services, avatar: dict) -> None:
     """The mean face embedding of the accepted photos: what renders are ranked against after the photos are gone;
     and how like the user their own photos are (``likeness_baseline``), what a render's likeness is read against."""
     embeddings = [np.frombuffer(services.sealed.get(avatar["user_id"], p["embedding_key"]), dtype=np.float64)
-                  for p in avatar["photos"] if p["accepted"]]
+                  for p in counted_photos(avatar)]
     pivot = np.asarray(identity_pivot(embeddings), dtype=np.float64)
     services.sealed.put(avatar["user_id"], keys.pivot(avatar), pivot.tobytes())
     services.db.avatars.update_one({"_id": avatar["_id"]},
@@ -306,7 +356,7 @@ def store_identity_pivot(services, avatar: dict) -> None:
 
 def training_images(services, avatar: dict) -> list[Image.Image]:
     return [Image.open(io.BytesIO(services.sealed.get(avatar["user_id"], photo["crop_key"]))).convert("RGB")
-            for photo in avatar["photos"] if photo["accepted"]]
+            for photo in counted_photos(avatar)]
 
 
 def training_seed(avatar: dict) -> int:

@@ -43,10 +43,10 @@ SIMULATOR = "simulator"  # unset only while the local WeChat simulator runs (EMB
 FILE_CONTENTS = {"wechatpay_private_key_pem": "wechatpay_private_key_path",
                  "wechatpay_public_key_pem": "wechatpay_public_key_path"}
 # Never echoed back in an error message.
-SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", "metrics_token", "sentry_dsn",
-                   "xpay_app_key", "wechat_push_token", *FILE_CONTENTS}
+SECRET_SETTINGS = {"secret_key", "master_key", "wechat_secret", "wechatpay_apiv3_key", "wechat_push_token",
+                   "wechat_push_aes_key", "metrics_token", "sentry_dsn", "xpay_app_key", *FILE_CONTENTS}
 # Needed once any order may pay through virtual payment (PAYMENT_RAIL other than jsapi), unless the simulator plays.
-XPAY_SETTINGS = ("xpay_offer_id", "xpay_app_key", "wechat_push_token")
+XPAY_SETTINGS = ("xpay_offer_id", "xpay_app_key")
 DEFAULT_IOS_MAKE_GOOD = ("iOS 上由苹果处理退款，我们无法直接退款：若因技术故障未能交付，我们会赠送一次同款套餐的免费重做，"
                          "自动发放到你的账户。")
 # Defaults that depend on whether the tiny random-weight model is used: (tiny, real).
@@ -186,7 +186,8 @@ class Settings(BaseSettings):
                                      "weights and images are AES-256-GCM encrypted at rest)",
                                 required_unless=EMBEDDED, embedded="generated into `INSTANCE_DIR/master_key`")
     public_base_url: str = setting("", "where WeChat Pay sends callbacks (`/api/v1/pay/notify`, "
-                                       "`/api/v1/pay/refund-notify`)",
+                                       "`/api/v1/pay/refund-notify`), WeChat fetches the media it checks "
+                                       "(`/api/v1/media/<token>`) and share links point",
                                    required_unless=EMBEDDED, embedded=f"`{DEFAULT_PUBLIC_BASE_URL}`")
 
     mongo_uri: str | None = setting(None, "MongoDB connection string", required_unless=EMBEDDED,
@@ -233,6 +234,34 @@ class Settings(BaseSettings):
     subscribe_templates: JsonDict = setting(
         description='JSON `{"training_started": id, "avatar_ready": id, "portraits_ready": id, "refund_made": id}`',
         default_factory=dict, embedded="the simulator's ids")
+
+    wechat_push_token: str = setting("", "the Token of the mini-program's message push (消息推送): signs every push "
+                                         "WeChat sends to `/api/v1/wechat/push` (media-check verdicts, virtual payment's "
+                                         "deliveries and refunds)", required_unless=SIMULATOR,
+                                     embedded="from the simulator")
+    wechat_push_aes_key: str = setting("", "its EncodingAESKey (43 characters): decrypts pushes in safe mode",
+                                       required_unless=SIMULATOR, embedded="from the simulator")
+    wechat_push_mode: Literal["plaintext", "safe"] = setting(
+        "safe", "the message push's encryption mode as configured at WeChat: `safe` (AES; a plaintext push is "
+                "refused) or `plaintext` (signature only). Pushes may be JSON or XML; the simulator sends JSON")
+    content_check_scene: int = setting(1, "`scene` of WeChat's mediaCheckAsync for photos and portraits (1 "
+                                          "profile, 2 comment, 3 forum, 4 social log)")
+    content_check_per_minute: int = setting(2000, "mediaCheckAsync calls allowed per minute (WeChat's quota); "
+                                                  "beyond it media wait, queued, for the next minute")
+    content_check_per_day: int = setting(200000, "mediaCheckAsync calls allowed per day (WeChat's quota)")
+    content_check_timeout_s: int = setting(3600, "a check with no verdict this long after it was submitted "
+                                                 "(WeChat promises one within 30 minutes) is decided by "
+                                                 "`CONTENT_CHECK_TIMEOUT_POLICY` at the next sweep")
+    content_check_timeout_policy: Literal["refuse", "accept"] = setting(
+        "refuse", "what a check that timed out means: `refuse` (the photo is refused as `content_timeout`, the "
+                  "portrait is not delivered) or `accept` (counted as passed)")
+    content_check_review_policy: Literal["refuse", "accept"] = setting(
+        "refuse", "what WeChat's `review` verdict (unsure) means: `refuse` (refused as `content_review`) or "
+                  "`accept` (counted as passed)")
+    content_check_attempts: int = setting(3, "submissions of one medium whose verdict came back with an error "
+                                             "(WeChat could not fetch it) before the timeout policy decides it")
+    media_link_ttl_s: int = setting(3600, "lifetime of the signed link WeChat fetches a checked medium from "
+                                          "(`/api/v1/media/<token>`)")
 
     token_ttl_s: int = setting(7 * 24 * 3600, "lifetime of an API token")
     consent_version: str = setting("2026-11-01", "version of the face-processing consent text users must accept")
@@ -289,10 +318,6 @@ class Settings(BaseSettings):
                                                              "product answers, `ios_make_good`): the developer "
                                                              "cannot refund iOS virtual payments, so a technical "
                                                              "failure is made good with a free redo credit")
-    wechat_push_token: str = setting("", "the message-push Token of the mini-program's console: "
-                                         "`/api/v1/wechat/push` refuses pushes whose signature it does not make "
-                                         "(required when `PAYMENT_RAIL` is not `jsapi`)",
-                                     embedded="from the simulator")
     order_expire_s: int = setting(1800, "unpaid orders expire after this")
     reconcile_grace_s: int = setting(300, "age after which reconciliation asks WeChat Pay about orders still unpaid, "
                                           "refunds still pending, and orders whose prepay failed (closing them "
@@ -444,6 +469,13 @@ class Settings(BaseSettings):
                 raise ValueError("must be 32 bytes, urlsafe base64") from error
         if isinstance(value, bytes) and len(value) != 32:
             raise ValueError("must be 32 bytes, urlsafe base64")
+        return value
+
+    @field_validator("wechat_push_aes_key")
+    @classmethod
+    def _encoding_aes_key(cls, value: str) -> str:
+        if value and (len(value) != 43 or len(base64.b64decode(value + "=", validate=False)) != 32):
+            raise ValueError("must be the 43-character EncodingAESKey")
         return value
 
     @field_validator("public_base_url")

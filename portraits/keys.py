@@ -91,3 +91,22 @@ def avatar_upload_lock(avatar_id: str) -> str:
 
 # Flask-Limiter's counters (miniapp_api.throttle) live under this prefix.
 RATE_LIMITS = "portraits:limits"
+
+
+def content_check_id(kind: str, subject_id: str) -> str:
+    """One content check per medium: a photo (`photo`) or a portrait (`image`), by its id."""
+    return f"cc-{kind}-{subject_id}"
+
+
+def content_check_job_id(check_id: str, attempt: int) -> str:
+    return f"content-{check_id}-{attempt}"
+
+
+def content_check_quota(window: str, period: int) -> str:
+    """mediaCheckAsync calls counted in one minute or one day (portraits.content_checks.take_quota)."""
+    return f"content-check-quota:{window}:{period}"
+
+
+def push_nonce(timestamp: str, nonce: str, signature: str) -> str:
+    """A message push already received (miniapp_api.api.message_push refuses it again as a replay)."""
+    return f"wechat-push:{timestamp}:{nonce}:{signature}"

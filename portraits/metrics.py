@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
+WECHAT_PUSHES = Counter(
+    "portraits_wechat_pushes_total",
+    "WeChat message pushes answered, by event (wxa_media_check, ..., other) and outcome: what the handler did "
+    "(pass, risky, review, recorded, ignored) or the refusal's code (push_signature_invalid, push_replayed, ...)",
+    ["event", "outcome"])
 PAYMENT_CALLBACKS = Counter(
     "portraits_payment_callbacks_total",
     "WeChat Pay callbacks answered, by kind (payment, refund) and outcome: applied, duplicate, ignored, or the "

@@ -120,6 +120,11 @@ def heal(services, older_than) -> dict[str, int]:
     return done
 
 
+# A finished render whose portraits are delivered: one passed the content check (renders from before the checks
+# delivered all theirs; portraits.renders.render_delivered says the same of one document).
+DELIVERED_RENDER = {"$or": [{"content_checked": {"$exists": False}}, {"delivered_image_ids.0": {"$exists": True}}]}
+
+
 def owe_missing(services) -> int:
     """Messages of the last MISSING_MESSAGE_WINDOW that their state change owes but nobody owed (the process died
     between the two writes)."""
@@ -127,7 +132,8 @@ def owe_missing(services) -> int:
     due = [(a["user_id"], "avatar_ready", a["_id"], {"avatar_id": a["_id"]})
            for a in services.db.avatars.find({"state": "trained", "trained_at": {"$gte": since}}, {"user_id": 1})]
     due += [(r["user_id"], "portraits_ready", r["_id"], {"render_id": r["_id"]})
-            for r in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}}, {"user_id": 1})]
+            for r in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}, **DELIVERED_RENDER},
+                                              {"user_id": 1})]
     for order in services.db.orders.find({"state": "refunded", "refunded_at": {"$gte": since},
                                           "user_erased": {"$ne": True}}, {"user_id": 1, "amount": 1, "refunds": 1}):
         due.append((order["user_id"], "refund_made", refund_message_about(order),

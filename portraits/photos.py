@@ -23,7 +23,9 @@ def purge_avatar_photos(services, avatar: dict) -> int:
     services.db.avatars.update_one(
         {"_id": avatar["_id"]},
         {"$set": {"photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"],
-                              "reasons": p.get("reasons", [])} for p in avatar.get("photos", [])],
+                              "reasons": p.get("reasons", []),
+                              **({"content_check": p["content_check"]} if p.get("content_check") else {})}
+                             for p in avatar.get("photos", [])],
                   "photos_purged_at": states.now()}},
     )
     return len(blob_keys)

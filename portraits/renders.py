@@ -16,7 +16,7 @@ from PIL import Image
 from models.faces import relative_likeness
 from models.labels import label_image
 from models.ranking import RankedCandidate
-from portraits import avatars, keys, notifications, privacy, states, tasks
+from portraits import avatars, content_checks, keys, notifications, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
 from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
@@ -172,7 +172,7 @@ def new_render_id() -> str:
 
 
 def insert_render(services, avatar, template_id, order_id, params, *, parent, charged: bool, by: str | None = None,
-                  render_id: str | None = None, retry_of: str | None = None) -> dict:
+                  render_id: str | None = None, retry_of: str | None = None, rerender_of: str | None = None) -> dict:
     """A new queued render set (a user's, a More Like Me child, or an operator's retry of a failed one)."""
     at = states.now()
     render = {"_id": render_id or new_render_id(), "user_id": avatar["user_id"], "avatar_id": avatar["_id"],
@@ -184,6 +184,8 @@ def insert_render(services, avatar, template_id, order_id, params, *, parent, ch
               "history": states.initial_history("queued", by or f"user:{avatar['user_id']}")}
     if retry_of:
         render["retry_of"] = retry_of
+    if rerender_of:
+        render["rerender_of"] = rerender_of
     services.db.renders.insert_one(render)
     enqueue_render(services, render)
     return render
@@ -290,7 +292,8 @@ def store_labelled(services, render: dict, image: Image.Image, score: float | No
     services.db.images.update_one(
         {"_id": image_id},
         {"$setOnInsert": {"user_id": render["user_id"], "render_id": render["_id"], "content_id": content_id,
-                          "likeness": score, "width": image.width, "height": image.height, "created_at": at}},
+                          "likeness": score, "width": image.width, "height": image.height, "created_at": at,
+                          "content_check": "pending"}},
         upsert=True)
     services.db.label_log.update_one(
         {"content_id": content_id},
@@ -314,23 +317,108 @@ def keep_candidates(services, render: dict, kept: list[RankedCandidate]) -> list
 
 
 def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], _seconds: float) -> str:
+    """The render set is drawn. Its new images are delivered once WeChat's content check passes them
+    (apply_image_verdict); images carried over from the parent were checked before."""
     image_ids = [image.image_id for image in kept]
     scores = [image.likeness for image in kept if image.likeness is not None]
     best = max(scores) if scores else None
     carried = [image.image_id for image in kept if image.carried]
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]}, {"likeness_baseline": 1}) or {}
+    delivered = [i["_id"] for i in services.db.images.find({"_id": {"$in": carried}})
+                 if image_delivered(i)]
     done = states.transition(services.db, "render", render["_id"], "done", expect={"rendering"}, by=f"job:{job_id}",
                              set_fields={"image_ids": image_ids, "likeness_best": best,
                                          "relative_likeness_best": relative_likeness(best,
                                                                                      avatar.get("likeness_baseline")),
-                                         "carried_image_ids": carried, "finished_at": states.now()})
+                                         "carried_image_ids": carried, "finished_at": states.now(),
+                                         "content_checked": True, "delivered_image_ids": delivered})
     if done is None:
         return "superseded"
     QueueTracker(services.redis).set_subject(keys.render_subject(render["_id"]), state="done")
+    user = services.db.users.find_one({"_id": render["user_id"]})
+    for image in kept:
+        if not image.carried and user is not None:
+            content_checks.request_check(services, "image", image.image_id, user=user,
+                                         blob_key=keys.image(render["user_id"], image.image_id),
+                                         render_id=render["_id"])
+    if delivered:
+        deliver(services, done)
+    return "done"
+
+
+def image_delivered(image: dict) -> bool:
+    """Passed by the content check (or by its policy); images from before the checks have no verdict."""
+    return image.get("content_check", "pass") not in ("pending", "refused")
+
+
+def render_delivered(render: dict) -> bool:
+    """A finished render has delivered portraits: one of its images passed (renders from before the checks
+    delivered all theirs)."""
+    return render["state"] == "done" and (not render.get("content_checked") or bool(render.get("delivered_image_ids")))
+
+
+def deliver(services, render: dict) -> None:
+    """Portraits of this render passed: the order is fulfilled and the user told, each once."""
     orders.fulfil(services, render["order_id"])
     notifications.notify(services, render["user_id"], "portraits_ready", render["_id"],
                          {"render_id": render["_id"]})
-    return "done"
+
+
+def apply_image_verdict(services, check: dict, counted: bool, reason: str | None) -> None:
+    """WeChat's verdict on one portrait (portraits.moderation): delivered, or withheld for good (its file goes).
+    Once the set has no image pending, a set that lost images is made good (make_good_lost_images). Idempotent."""
+    image_id, render_id = check["subject_id"], check["render_id"]
+    verdict = check["state"] if counted else "refused"
+    services.db.images.update_one({"_id": image_id, "content_check": "pending"},
+                                  {"$set": {"content_check": verdict, "content_reason": reason}})
+    image = services.db.images.find_one({"_id": image_id}) or {}
+    if image.get("content_check") == "refused":
+        services.blobs.delete(keys.image(check["user_id"], image_id))
+        services.db.renders.update_one({"_id": render_id}, {"$addToSet": {"refused_image_ids": image_id}})
+    elif image:
+        services.db.renders.update_one({"_id": render_id}, {"$addToSet": {"delivered_image_ids": image_id}})
+    render = services.db.renders.find_one({"_id": render_id})
+    if render is None:
+        return
+    if render.get("delivered_image_ids"):
+        deliver(services, render)
+    if render.get("refused_image_ids") and not services.db.images.count_documents(
+            {"_id": {"$in": render.get("image_ids", [])}, "content_check": "pending"}):
+        make_good_lost_images(services, render)
+
+
+def make_good_lost_images(services, render: dict) -> str:
+    """A render set that lost images to the content check is drawn again once, free; if the redraw loses images
+    too, the original's render credit goes back (if it took one). Each step is claimed on the render it makes good,
+    so running this again (the sweep, a second push) does nothing more."""
+    if not render.get("rerender_of"):
+        new_id = new_render_id()
+        claimed = services.db.renders.find_one_and_update(
+            {"_id": render["_id"], "content_rerender": {"$exists": False}},
+            {"$set": {"content_rerender": new_id, "updated_at": states.now()}})
+        if claimed is None:
+            return "already_made_good"
+        avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
+        if avatar is not None and avatar["state"] == "trained":
+            parent = services.db.renders.find_one({"_id": render["parent_id"]}) if render.get("parent_id") else None
+            insert_render(services, avatar, render["template_id"], render["order_id"], render["params"],
+                          parent=parent, charged=False, by=f"content-check:{render['_id']}", render_id=new_id,
+                          rerender_of=render["_id"])
+            return "rerendered"
+        render = {**render, "rerender_of": render["_id"]}  # nothing to redraw with: the credit goes back instead
+    original = services.db.renders.find_one({"_id": render["rerender_of"]}) or {}
+    if original.get("charged"):
+        return "credited" if credit_back(services, original) else "already_made_good"
+    return "nothing_owed"
+
+
+def credit_back(services, render: dict) -> bool:
+    """The render set a charged render took goes back to its order, once (keyed by the render in
+    `credited_renders`); True when this call gave it."""
+    credited = services.db.orders.update_one(
+        {"_id": render["order_id"], "credited_renders": {"$ne": render["_id"]}},
+        {"$inc": {"render_credits": 1}, "$push": {"credited_renders": render["_id"]}})
+    return credited.modified_count == 1
 
 
 def fail_render(services, render_id: str, reason: str) -> str:
@@ -349,8 +437,12 @@ def settle_failed_render(services, render: dict) -> None:
     """What a failed render is owed, each step keyed so that running it again (the sweeper after a crash here)
     does only what is missing: its credit back, once, and the order's refund if it can no longer be delivered."""
     if render.get("charged"):
-        services.db.orders.update_one({"_id": render["order_id"], "credited_renders": {"$ne": render["_id"]}},
-                                      {"$inc": {"render_credits": 1}, "$push": {"credited_renders": render["_id"]}})
+        credit_back(services, render)
+    elif render.get("rerender_of"):
+        # The free redraw of a set that lost images to the content check failed: the original's credit goes back.
+        original = services.db.renders.find_one({"_id": render["rerender_of"]}) or {}
+        if original.get("charged"):
+            credit_back(services, original)
     refunds.refund_if_undeliverable(services, render["order_id"], by=f"render:{render['_id']}")
     services.db.renders.update_one({"_id": render["_id"]}, {"$set": {"settled_at": states.now()}})
 

@@ -39,9 +39,22 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "done": set(),
         "failed": set(),
     },
+    # One medium (a photo's crop, a portrait) checked by WeChat's mediaCheckAsync (portraits.content_checks): queued
+    # until the quota allows a call, `submitting` while the call is made (back to queued when WeChat refuses it for
+    # quota or cannot be reached), `submitted` until the verdict is pushed (back to queued when the verdict is an
+    # error, e.g. WeChat could not fetch the medium), then decided; `timeout` when no verdict came in time.
+    "content_check": {
+        "queued": {"submitting", "timeout"},
+        "submitting": {"queued", "submitted"},
+        "submitted": {"pass", "risky", "review", "timeout", "queued"},
+        "pass": set(),
+        "risky": set(),
+        "review": set(),
+        "timeout": set(),
+    },
 }
 
-COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders"}
+COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks"}
 
 
 class IllegalTransition(ValueError):

@@ -6,13 +6,18 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - an avatar `training` or a render `rendering` whose job RQ no longer knows (Redis lost its data) owes a retry;
 - an avatar `failed` whose order is still `paid` owes a refund;
 - a render `failed` and not yet `settled_at` owes its credit back (charged ones) and, maybe, the order's refund;
-- a render `done` whose order is still `paid` owes the fulfilment, a paid order whose avatar cannot train a refund;
+- a render `done` with portraits delivered (passed by the content check) whose order is still `paid` owes the
+  fulfilment, a paid order whose avatar cannot train a refund;
 - an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded;
 - a render credit or refinement claimed for a render that was never written owes its return (renders.CLAIMS), and
   an operator's retry that was never written frees the failed render for another retry;
 - a subscribe message owed whose job Redis lost, or one a state change owes that was never recorded
   (portraits.notifications.heal);
-- a share poster's mini-program code owed whose job ended without it or was lost (portraits.sharing.heal).
+- a share poster's mini-program code owed whose job ended without it or was lost (portraits.sharing.heal);
+- a content check WeChat never answered within CONTENT_CHECK_TIMEOUT_S owes its timeout policy, a decided one not
+  yet applied to its photo or portrait owes that, an interrupted submission owes its place in the queue back, and
+  the queue (checks waiting for quota, or never enqueued) owes its submission as quota allows
+  (portraits.moderation.sweep).
 The sweep finds each of these and does what is missing through the ordinary, idempotent domain functions, so it can
 run at any time, as often as wanted, from any process (the clock every SWEEP_INTERVAL_S, every worker at start).
 Queued work is re-enqueued in the order it was paid for, so positions rebuilt after a Redis loss keep the line.
@@ -23,7 +28,7 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from portraits import avatars, keys, notifications, photos, renders, sharing, states, tasks
+from portraits import avatars, keys, moderation, notifications, photos, renders, sharing, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -47,6 +52,7 @@ def sweep(services) -> dict[str, int]:
     _settle_failed_renders(services, done)
     _purge_photos(services, done)
     _settle_claims(services, done)
+    done.update(moderation.sweep(services, _grace_cutoff(services)))
     done.update(notifications.heal(services, _grace_cutoff(services)))
     done.update(sharing.heal(services, _grace_cutoff(services)))
     done = +done  # only what happened
@@ -93,8 +99,9 @@ def _settle_paid_orders(services, done: Counter) -> None:
     paid = list(services.db.orders.find({"state": "paid"}, {"avatar_id": 1}))
     avatar_of = {a["_id"]: a for a in services.db.avatars.find({"_id": {"$in": [o["avatar_id"] for o in paid]}},
                                                                 {"state": 1, "order_id": 1})}
-    delivered = set(services.db.renders.distinct("order_id", {"order_id": {"$in": [o["_id"] for o in paid]},
-                                                               "state": "done"}))
+    delivered = {r["order_id"] for r in services.db.renders.find(
+        {"order_id": {"$in": [o["_id"] for o in paid]}, "state": "done"},
+        {"order_id": 1, "state": 1, "content_checked": 1, "delivered_image_ids": 1}) if renders.render_delivered(r)}
     for order in paid:
         avatar = avatar_of.get(order["avatar_id"])
         if avatar is None:

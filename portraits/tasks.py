@@ -30,7 +30,8 @@ RENDER_PORTRAITS = "jobs.rendering.render_portraits"
 SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
 FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE)
+SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK)
 
 
 def queue(services, name: str) -> Queue:

@@ -22,6 +22,7 @@ MONGO_URI = os.environ.get("MONGO_URI") or None
 from miniapp_api import create_app  # noqa: E402
 from portraits.config import Settings  # noqa: E402
 from miniapp_api.dev.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred, pointed_at_simulator  # noqa: E402
+from miniapp_api.dev.simulator import push_url  # noqa: E402
 from portraits.services import build_services  # noqa: E402
 
 
@@ -137,6 +138,8 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     redis_server.flushall()
     settings = make_settings(tmp_path / "instance", simulator, http_server,
                              mongo_db="t" + secrets.token_hex(4), **settings_overrides)
+    # The message push as configured in WeChat's console: content-check verdicts come to this test's app.
+    sim.configure_push(url=push_url(settings), mode=settings.wechat_push_mode, data_format="json")
     built = build_services(settings, redis=redis_server)
     built._pipeline = tiny_pipeline
     built._analyzer = face_analyzer
@@ -162,11 +165,29 @@ def client(app):
     return app.test_client()
 
 
+# Rounds of (run the queued jobs, let the simulator push the content-check verdicts they asked for) before drain
+# gives up: each push can queue more work (a redraw, a resubmission), which the next round runs.
+DRAIN_PUSH_ROUNDS = 20
+
+
 @pytest.fixture
-def drain(services):
+def drain(services, sim):
+    """Run every queued job in this thread, and let WeChat's content-check verdicts those jobs asked for arrive
+    (the simulator pushes them over real HTTP to the app's message-push endpoint), until nothing more is owed."""
     from jobs.worker import drain as drain_queues
 
-    return lambda: drain_queues(services)
+    def run() -> int:
+        rounds = 0
+        for _ in range(DRAIN_PUSH_ROUNDS):
+            ran = drain_queues(services)
+            rounds += ran
+            # A push the simulator sent by itself meanwhile may have queued work too: stop only when neither
+            # jobs nor pushes did anything.
+            if not sim.flush_media_checks()["delivered"] and not ran:
+                break
+        return rounds
+
+    return run
 
 
 class Api:
@@ -237,8 +258,9 @@ def user_photos():
 
 
 @pytest.fixture
-def ready_avatar(login, user_photos):
-    """A logged-in user with consent and an avatar that has enough accepted photos to be paid for."""
+def ready_avatar(login, user_photos, drain):
+    """A logged-in user with consent and an avatar that has enough accepted photos, passed by WeChat's content
+    check, to be paid for."""
 
     def _make(name: str = "alice", gender: str = "female", count: int = 4):
         api = login(name)
@@ -246,6 +268,7 @@ def ready_avatar(login, user_photos):
         for index, photo in enumerate(user_photos[:count]):
             verdict = api.upload(avatar["id"], photo, role="front" if index == 0 else "extra").get_json()
             assert verdict["accepted"], verdict
+        drain()  # the content checks: submitted by a job, their verdicts pushed by the simulator
         state = api.get(f"/api/v1/avatars/{avatar['id']}").get_json()
         assert state["state"] == "ready", state
         return api, state

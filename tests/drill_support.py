@@ -569,14 +569,17 @@ def user_acts(flow: Flow) -> bool:
 
 
 def wechat_acts(flow: Flow) -> bool:
-    """WeChat Pay's side: refunds are decided (and their callbacks sent); callbacks never acknowledged are sent
-    again (WeChat retries for a day)."""
+    """WeChat's side: content-check verdicts are pushed; refunds are decided (and their callbacks sent); callbacks
+    never acknowledged are sent again (WeChat retries for a day)."""
     acted = False
     sim = flow.sim
     for refund in sim.refunds():
         if refund["status"] == "PROCESSING":
             _guard(flow, "refund_settled", lambda: sim.settle_refunds(refund["out_refund_no"]))
             acted = True
+    # WeChat's content checks: verdicts not pushed yet are pushed now (to the message-push endpoint).
+    if not flow.recorder.dead and _guard(flow, "media_check_push", lambda: sim.flush_media_checks()["delivered"]):
+        acted = True
     for notification in sim.notifications():
         if flow.recorder.dead:
             break

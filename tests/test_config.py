@@ -19,8 +19,9 @@ TABLE = re.compile(r"<!-- settings table: python -m portraits\.config --markdown
                    re.S)
 REAL_DEPLOYMENT = ["MONGO_URI", "REDIS_URL", "SECRET_KEY", "MASTER_KEY", "PUBLIC_BASE_URL", "WECHAT_APPID",
                    "WECHAT_SECRET", "WECHATPAY_MCHID", "WECHATPAY_PRIVATE_KEY_PATH", "WECHATPAY_CERT_SERIAL_NO",
-                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID",
-                   "ALGORITHM_FILING_NUMBER", "GENAI_FILING_NUMBER", "MODEL_NAME", "MODEL_PROVIDER"]
+                   "WECHATPAY_APIV3_KEY", "WECHATPAY_PUBLIC_KEY_PATH", "WECHATPAY_PUBLIC_KEY_ID", "WECHAT_PUSH_TOKEN",
+                   "WECHAT_PUSH_AES_KEY", "ALGORITHM_FILING_NUMBER", "GENAI_FILING_NUMBER", "MODEL_NAME",
+                   "MODEL_PROVIDER"]
 FILED = {"ALGORITHM_FILING_NUMBER": "网信算备110108000000001240011号", "GENAI_FILING_NUMBER": "Beijing-MiaoXiang-20260101",
          "MODEL_NAME": "妙像写真大模型 v1", "MODEL_PROVIDER": "妙像科技有限公司"}
 
@@ -76,6 +77,7 @@ def test_a_real_deployment_starts_from_the_environment(tmp_path):
            "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
            "WECHATPAY_PUBLIC_KEY_PATH": str(tmp_path / "platform.pem"),
            "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id, "REFUND_BACKOFF_S": "1, 2,3",
+           "WECHAT_PUSH_TOKEN": creds.push_token, "WECHAT_PUSH_AES_KEY": creds.push_aes_key,
            "CONSOLE_SECURE_COOKIES": "off", "BASE_MODEL_PATH": "/models/sd15", "INSTANCE_DIR": str(tmp_path),
            **FILED}
     settings = Settings.from_env(env)
@@ -86,6 +88,7 @@ def test_a_real_deployment_starts_from_the_environment(tmp_path):
     assert settings.master_key == b"A" * 32 and settings.public_base_url == "https://api.example.com"
     assert settings.wechatpay_private_key_pem == creds.merchant_private_key_pem
     assert settings.refund_backoff_s == (1, 2, 3) and settings.console_secure_cookies is False
+    assert settings.wechat_push_aes_key == creds.push_aes_key and settings.wechat_push_mode == "safe"
     assert (settings.train_steps, settings.train_resolution, settings.render_max_steps) == (None, 512, None)
     with pytest.raises(ConfigError) as error:
         settings.replace(mongo_uri=None)

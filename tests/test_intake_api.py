@@ -75,7 +75,9 @@ def test_a_refused_photo_is_a_recorded_verdict_with_its_reason(login, services, 
     assert verdict["accepted"] is False
     assert verdict["reasons"] == [reason]
     listed = api.get(f"/api/v1/avatars/{avatar_id}").get_json()["photos"]
-    assert listed == [{"id": verdict["id"], "role": role, "accepted": False, "reasons": [reason]}]
+    # Refused before WeChat's content check: it is never checked.
+    assert listed == [{"id": verdict["id"], "role": role, "accepted": False, "reasons": [reason],
+                       "content_check": None}]
     assert avatar_blobs(services, api) == []
     assert_nothing_of(services, data)
 
@@ -140,7 +142,8 @@ def test_accepted_faces_are_stored_sealed_aligned_and_at_the_training_size(login
     assert len(face) == 1
 
 
-def test_the_avatar_is_ready_only_with_consent_a_frontal_front_photo_and_enough_photos(login, services, astronaut):
+def test_the_avatar_is_ready_only_with_consent_a_frontal_front_photo_and_enough_photos(login, services, astronaut,
+                                                                                        drain):
     api = login()
     avatar_id = new_avatar(api)
     path = f"/api/v1/avatars/{avatar_id}"
@@ -152,13 +155,16 @@ def test_the_avatar_is_ready_only_with_consent_a_frontal_front_photo_and_enough_
 
     for data in astronaut[1:5]:  # min_photos is 4 in tests: four extras, but no front photo yet
         assert api.upload(avatar_id, data).get_json()["accepted"]
+    drain()  # WeChat's content check passes them
     state = api.get(path).get_json()
     assert (state["state"], state["missing"], state["accepted_count"]) == ("collecting", ["front_photo"], 4)
 
     # The head-turned photo is fine as an extra; a frontal one is needed as the front photo.
     front = api.upload(avatar_id, astronaut[0], role="front").get_json()
     assert front["accepted"], front
-    assert front["avatar"]["state"] == "ready" and front["avatar"]["missing"] == []
+    assert front["avatar"]["state"] == "collecting" and front["avatar"]["missing"] == ["content_check_pending"]
+    drain()
+    assert (state := api.get(path).get_json())["state"] == "ready" and state["missing"] == []
 
     # A new consent text makes the old consent outdated: the avatar is not ready until the user consents again.
     services.settings = services.settings.replace(consent_version="2099-01-01")
@@ -172,10 +178,11 @@ def test_the_avatar_is_ready_only_with_consent_a_frontal_front_photo_and_enough_
     assert api.get(path).get_json()["state"] == "ready"
 
 
-def test_fewer_photos_than_the_minimum_say_how_many_are_missing(login, services, astronaut):
+def test_fewer_photos_than_the_minimum_say_how_many_are_missing(login, services, astronaut, drain):
     api = login()
     avatar_id = new_avatar(api)
     assert api.upload(avatar_id, astronaut[0], role="front").get_json()["accepted"]
+    drain()
     state = api.get(f"/api/v1/avatars/{avatar_id}").get_json()
     assert state["missing"] == ["more_photos"]
     assert (state["accepted_count"], state["min_photos"], state["max_photos"]) == (1, 4, 30)

@@ -116,6 +116,8 @@ def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain,
         ("mongo", "renders"), ("mongo", "images"),
         # The subscribe messages owed to the user (their jobs carry only the message's id).
         ("mongo", "messages"),
+        # WeChat's content checks of their photos and portraits (deleted with the user).
+        ("mongo", "content_checks"),
         # Sealed blobs are filed under the user's id: the LoRA, the identity pivot and the labelled images.
         ("blobs", "blobs/users/*/avatars/*/lora.safetensors"), ("blobs", "blobs/users/*/avatars/*/pivot.f64"),
         ("blobs", "blobs/users/*/images/*.png"),

@@ -139,13 +139,27 @@ def _render_on_trained_avatar(services, login, sim, drain, name: str) -> tuple[d
 
 def test_a_delivered_render_whose_order_was_never_fulfilled_is_fulfilled(services, login, sim, drain, monkeypatch):
     render, order_id = _render_on_trained_avatar(services, login, sim, drain, "frank")
-    crash_once(monkeypatch, orders_module, "fulfil")
+    # The portraits are delivered when WeChat's content-check verdicts land; the process crashes each time it is
+    # about to fulfil the order (and WeChat does not push the verdicts again).
+    sim.configure_media_checks(push_retries=0)
+    real_fulfil, crashing = orders_module.fulfil, [True]
+
+    def fulfil(*args):
+        if crashing[0]:
+            raise Crash("fulfil never happened")
+        return real_fulfil(*args)
+
+    monkeypatch.setattr(orders_module, "fulfil", fulfil)
     drain()
+    crashing[0] = False
     assert services.db.renders.find_one({"_id": render["_id"]})["state"] == "done"
     assert services.db.orders.find_one({"_id": order_id})["state"] == "paid"
-    # The crash came before the "portraits ready" message was owed, too: the sweep owes it.
-    assert sweeper.sweep(services) == {"order_fulfilled": 1, "message_owed": 1}
+    images = len(services.db.renders.find_one({"_id": render["_id"]})["image_ids"])
+    # The crash came before the verdicts were settled and the "portraits ready" message owed: the sweep does both.
+    assert sweeper.sweep(services) == {"order_fulfilled": 1, "content_check_settled": images}
     assert services.db.orders.find_one({"_id": order_id})["state"] == "fulfilled"
+    assert services.db.messages.count_documents({"_id": f"portraits_ready-{render['_id']}"}) == 1
+    assert sweeper.sweep(services) == {}
 
 
 @pytest.mark.parametrize("settings_overrides", [{"fault_render_failures": 99, "render_retries": 0}])

@@ -81,6 +81,7 @@ class MiniProgram:
                                 files={"photo": (f"p{index}.jpg", photo, "image/jpeg")},
                                 data={"role": "front" if index == 0 else "extra"})
             assert verdict["accepted"], verdict
+        self.wait_avatar(avatar["id"], {"ready"})  # WeChat's content check of the photos, pushed to `web`
         order = self.call("post", "/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"})
         assert self.sim.pay(order["id"])["delivered"]
         return avatar, order

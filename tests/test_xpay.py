@@ -4,7 +4,6 @@ goods-deliver and refund pushes over the real push endpoint, refund_order / quer
 refunds exactly once and the iOS make-good exactly once, forged pushes and signatures refused, reconciliation."""
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from datetime import timedelta
@@ -23,6 +22,7 @@ from tests.money_support import (add_user_and_avatar, history_targets, run_defau
                                  transaction_for)
 from wechat_sim.client import SimulatorClient
 from wechat_sim.keys import generate_credentials
+from wechat_sim.push import PushConfig, signed_push as wechat_signed_push
 from wechat_sim.runner import start_simulator
 from wechat_sim.simulator import push_query
 from wechat_sim.xpay import hmac_hex
@@ -69,9 +69,15 @@ def goods_push(openid: str, order_id: str) -> dict:
                           "Attach": ""}}
 
 
-def signed_push(client, token: str, message: dict, query: dict | None = None):
-    return client.post(PUSH_PATH, query_string=query or push_query(token), data=json.dumps(message),
-                       content_type="application/json")
+def signed_push(client, services, message: dict, *, token: str | None = None, **signing):
+    """A push as WeChat sends it in the configured mode (safe: encrypted), signed with `token` (ours unless given);
+    `signing` (timestamp, nonce) to sign an old one."""
+    settings = services.settings
+    config = PushConfig(url=None, token=token or settings.wechat_push_token, aes_key=settings.wechat_push_aes_key,
+                        mode=settings.wechat_push_mode)
+    params, body, content_type = wechat_signed_push(config, settings.wechat_appid, message["ToUserName"], message,
+                                                    **signing)
+    return client.post(PUSH_PATH, query_string=params, data=body, content_type=content_type)
 
 
 # --------------------------------------------------------------------------------------------- the happy path
@@ -195,21 +201,18 @@ def test_forged_pushes_and_signatures_are_refused_and_change_nothing(login, clie
     user = services.db.users.find_one({"_id": api.user_id})
     _, avatar = add_user_and_avatar(services, sim, user=user)
     order = buy(api, avatar["_id"], "android")
-    token = services.settings.wechat_push_token
     params = order["xpay_params"]
     genuine = goods_push(user["openid"], order["id"])
 
-    forged = signed_push(client, "not-our-token", genuine)
-    assert forged.status_code == 401 and forged.get_json()["error"]["code"] == "bad_signature"
+    forged = signed_push(client, services, genuine, token="not-our-token")
+    assert forged.status_code == 403 and forged.get_json()["error"]["code"] == "push_signature_invalid"
     unsigned = client.post(PUSH_PATH, data=json.dumps(genuine), content_type="application/json")
-    assert unsigned.status_code == 400
-    old = {"timestamp": "1000", "nonce": "7"}
-    old["signature"] = hashlib.sha1("".join(sorted([token, *old.values()])).encode()).hexdigest()
-    stale = signed_push(client, token, genuine, old)
-    assert stale.status_code == 401 and stale.get_json()["error"]["code"] == "stale_timestamp"
-    cheap = signed_push(client, token, {**genuine, "GoodsInfo": {**genuine["GoodsInfo"], "ActualPrice": 1}})
+    assert unsigned.status_code == 403 and unsigned.get_json()["error"]["code"] == "push_signature_invalid"
+    stale = signed_push(client, services, genuine, timestamp=1000, nonce="7")
+    assert stale.status_code == 403 and stale.get_json()["error"]["code"] == "push_expired"
+    cheap = signed_push(client, services, {**genuine, "GoodsInfo": {**genuine["GoodsInfo"], "ActualPrice": 1}})
     assert cheap.status_code == 200 and cheap.get_json() == {"ErrCode": 1, "ErrMsg": "amount_mismatch"}
-    other_env = signed_push(client, token, {**genuine, "Env": 1})
+    other_env = signed_push(client, services, {**genuine, "Env": 1})
     assert other_env.get_json() == {"ErrCode": 1, "ErrMsg": "env_mismatch"}
     assert services.db.orders.find_one({"_id": order["id"]})["state"] == "created"
     assert services.db.payment_alerts.count_documents({"order_id": order["id"]}) == 2
@@ -250,7 +253,7 @@ def test_the_push_url_verification_answers_echostr_only_to_our_signature(client,
     ours = client.get(PUSH_PATH, query_string={**push_query(token), "echostr": "challenge-42"})
     assert ours.status_code == 200 and ours.get_data(as_text=True) == "challenge-42"
     theirs = client.get(PUSH_PATH, query_string={**push_query("guess"), "echostr": "challenge-42"})
-    assert theirs.status_code == 401 and "challenge-42" not in theirs.get_data(as_text=True)
+    assert theirs.status_code == 403 and "challenge-42" not in theirs.get_data(as_text=True)
 
 
 def test_server_api_pay_sig_is_checked_by_the_simulator(services, sim, login):
@@ -355,7 +358,7 @@ def test_by_platform_picks_the_rail_from_the_client_platform(login, client, serv
     android = buy(api, android_avatar["_id"], "android")
     assert android["rail"] == "jsapi" and "pay_params" in android and "xpay_params" not in android
     # A virtual-payment push cannot pay a WeChat Pay order.
-    answer = signed_push(client, services.settings.wechat_push_token, goods_push(user["openid"], android["id"]))
+    answer = signed_push(client, services, goods_push(user["openid"], android["id"]))
     answer = answer.get_json()
     assert answer == {"ErrCode": 1, "ErrMsg": "rail_mismatch"}
     assert services.db.orders.find_one({"_id": android["id"]})["state"] == "created"
@@ -388,7 +391,7 @@ class PushReceiver:
 def test_the_simulator_pushes_goods_delivery_again_until_answered_errcode_0():
     receiver = PushReceiver(refuse=2)
     creds = generate_credentials()
-    running = start_simulator(creds, redelivery_scale=0.001, push_url=receiver.url)
+    running = start_simulator(creds, redelivery_scale=0.001, push_url=receiver.url, push_mode="plaintext")
     try:
         client = SimulatorClient(running.base_url)
         openid = client.openid_of("alice")

@@ -113,3 +113,38 @@ class SimulatorClient:
 
     def token_issued_count(self) -> int:
         return self._get("/sim/stats")["token_issued"]
+
+    # ------------------------------------------------------------------------------------ content security
+
+    def configure_push(self, url: str | None = None, mode: str | None = None, data_format: str | None = None) -> dict:
+        """The message push as set in WeChat's console: url, mode (plaintext | safe), data_format (json | xml)."""
+        return self._post("/sim/push-config", {"url": url, "mode": mode, "data_format": data_format})
+
+    def configure_media_checks(self, **settings) -> dict:
+        """Defaults of every check: suggest, label, delay_s, minute_limit, day_limit, push_retries,
+        push_retry_interval_s, fetch_timeout_s."""
+        return self._post("/sim/media-checks/config", settings)
+
+    def media_check_rule(self, suggest: str = "pass", *, openid: str | None = None, media_type: int | None = None,
+                         count: int | None = None, hold: bool = False, lose: bool = False,
+                         delay_s: float | None = None, errcode: int = 0) -> dict:
+        """How the next checks (count of them, or all) of this openid / media type are judged and pushed."""
+        return self._post("/sim/media-checks/rules", {"suggest": suggest, "openid": openid, "media_type": media_type,
+                                                       "count": count, "hold": hold, "lose": lose,
+                                                       "delay_s": delay_s, "errcode": errcode})
+
+    def flush_media_checks(self, trace_id: str | None = None, include_held: bool = False) -> dict:
+        """Push every scheduled verdict now (held ones too if asked) and wait until every push under way is over:
+        {delivered, deliveries}."""
+        return self._post("/sim/media-checks/flush", {"trace_id": trace_id, "include_held": include_held})
+
+    def forge_media_push(self, **fields) -> dict:
+        """Send a wxa_media_check push signed or encrypted with other keys (token, aes_key, appid, mode,
+        timestamp, nonce, trace_id, suggest): what the push URL answered."""
+        return self._post("/sim/media-checks/forge", fields)
+
+    def media_checks(self) -> list:
+        return self._get("/sim/media-checks")
+
+    def media_check_stats(self) -> dict:
+        return self._get("/sim/media-checks/stats")

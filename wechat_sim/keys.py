@@ -1,6 +1,8 @@
-"""Credentials the simulator plays with: an app, a merchant key pair and a WeChat Pay platform key pair."""
+"""Credentials the simulator plays with: an app (with its message-push Token and EncodingAESKey), a merchant key pair
+and a WeChat Pay platform key pair."""
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import hmac
@@ -29,12 +31,14 @@ class SimCredentials:
     platform_public_key_pem: str
     platform_public_key_id: str
     apiv3_key: str
-    # Virtual payment (xpay) and message push. Derived from the app secret when a credentials file written before
-    # they existed is loaded, so every process of an instance agrees on them without rewriting the file.
+    # Virtual payment (xpay) and the message push (消息推送) as the developer configures them in WeChat's console.
+    # Derived from the app secret when a credentials file written before they existed is loaded, so every process of
+    # an instance agrees on them without rewriting the file.
     xpay_offer_id: str = ""
     xpay_app_key: str = ""  # the production AppKey (env 0)
     xpay_sandbox_app_key: str = ""  # the sandbox AppKey (env 1)
-    push_token: str = ""  # the message-push Token configured in the mini-program's console
+    push_token: str = ""  # the message-push Token: 32 letters and digits
+    push_aes_key: str = ""  # its EncodingAESKey: the 43 characters of a base64 32-byte key without its padding
     original_id: str = ""  # the mini-program's original id (gh_...), the ToUserName of every push
 
     def __post_init__(self):
@@ -43,6 +47,7 @@ class SimCredentials:
             "xpay_app_key": self._derive("xpay_app_key")[:32],
             "xpay_sandbox_app_key": self._derive("xpay_sandbox_app_key")[:32],
             "push_token": self._derive("push_token")[:32],
+            "push_aes_key": base64.b64encode(bytes.fromhex(self._derive("push_aes_key"))).decode("ascii").rstrip("="),
             "original_id": "gh_" + self._derive("original_id")[:12],
         }
         for name, value in derived.items():
@@ -51,6 +56,10 @@ class SimCredentials:
 
     def _derive(self, purpose: str) -> str:
         return hmac.new(self.app_secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+def _read(path: pathlib.Path) -> SimCredentials:
+    return SimCredentials(**json.loads(path.read_text(encoding="utf-8")))
 
 
 def _rsa_key_pair_pem() -> tuple[str, str]:
@@ -87,7 +96,7 @@ def load_or_create_credentials(directory: pathlib.Path) -> SimCredentials:
     directory = pathlib.Path(directory)
     path = directory / CREDENTIALS_FILE
     if path.exists():
-        return SimCredentials(**json.loads(path.read_text(encoding="utf-8")))
+        return _read(path)
     directory.mkdir(parents=True, exist_ok=True)
     creds = generate_credentials()
     tmp_path = directory / f".{CREDENTIALS_FILE}.{os.getpid()}.tmp"
@@ -98,7 +107,7 @@ def load_or_create_credentials(directory: pathlib.Path) -> SimCredentials:
         # A concurrent starter may have won the race: keep whichever file landed first.
         os.link(tmp_path, path)
     except FileExistsError:
-        return SimCredentials(**json.loads(path.read_text(encoding="utf-8")))
+        return _read(path)
     finally:
         tmp_path.unlink(missing_ok=True)
     return creds

@@ -43,7 +43,8 @@ class RunningSimulator:
 def start_simulator(creds: SimCredentials, host: str = "127.0.0.1", port: int = 0,
                     **app_options) -> RunningSimulator:
     """app_options go to create_sim_app (refund_settle_delay_s, callback_timeout_s, redelivery_scale: the factor
-    on WeChat Pay's retry intervals, 1.0 for the real pace; None, the default, for no automatic redelivery)."""
+    on WeChat Pay's retry intervals, 1.0 for the real pace; None, the default, for no automatic redelivery;
+    push_url, push_mode, push_format: the message push)."""
     app = create_sim_app(creds, **app_options)
     server = make_server(host, port, app, threaded=True, request_handler=_QuietRequestHandler)
     thread = threading.Thread(target=server.serve_forever, name="wechat-sim", daemon=True)
@@ -67,12 +68,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="refunds settle by themselves this long after being requested, as WeChat Pay's do; "
                              "unset, they wait for POST /sim/refunds/settle")
     parser.add_argument("--push-url", default=None,
-                        help="the mini-program's message-push URL (virtual-payment pushes go there); POST "
-                             "/sim/push-url changes it")
+                        help="the mini-program's message-push URL (mediaCheckAsync verdicts and virtual-payment "
+                             "pushes go there); POST /sim/push-url changes it")
+    parser.add_argument("--push-mode", choices=("plaintext", "safe"), default="safe")
+    parser.add_argument("--push-format", choices=("json", "xml"), default="json")
     args = parser.parse_args(argv)
     creds = load_or_create_credentials(args.dir)
     app = create_sim_app(creds, redelivery_scale=None if args.no_redelivery else args.redelivery_scale,
-                         refund_settle_delay_s=args.refund_settle_delay, push_url=args.push_url)
+                         refund_settle_delay_s=args.refund_settle_delay, push_url=args.push_url,
+                         push_mode=args.push_mode, push_format=args.push_format)
     print(f"WeChat simulator on http://{args.host}:{args.port} (appid {creds.appid}, mchid {creds.mchid}, "
           f"credentials in {args.dir})", flush=True)
     make_server(args.host, args.port, app, threaded=True, request_handler=_QuietRequestHandler).serve_forever()

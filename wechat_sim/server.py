@@ -1,6 +1,7 @@
 """A Flask app that plays WeChat's servers: mini-program login, access token, subscribe messages, mini-program
-codes, WeChat Pay v3 (JSAPI prepay, query, close, refunds, signed and encrypted callbacks) and virtual payment
-(xpay: requestVirtualPayment, query_order, refund_order, goods-deliver and refund pushes).
+codes, content security (mediaCheckAsync and its message pushes), WeChat Pay v3 (JSAPI prepay, query, close, refunds,
+signed and encrypted callbacks) and virtual payment (xpay: requestVirtualPayment, query_order, refund_order,
+goods-deliver and refund pushes).
 
 Each API family is a blueprint (miniprogram, pay, xpay, control) working on one WeChatSimulator; this module puts them
 together and adds what applies across families: armed faults, merchant authentication and signed /v3/ responses,
@@ -14,7 +15,7 @@ import time
 
 from flask import Flask, Response, request
 
-from wechat_sim import control, miniprogram, pay, xpay
+from wechat_sim import control, miniprogram, pay, security, xpay
 from wechat_sim.keys import SimCredentials
 from wechat_sim.redelivery import REDELIVERY_INTERVALS_S
 from wechat_sim.simulator import DEFAULT_REDELIVERY_SCALE, LOGIN_CODE_TTL_S, WeChatSimulator, current_simulator
@@ -27,7 +28,8 @@ _REQUEST_FAULT_MODES = ("5xx", "timeout", "not_enough")
 
 def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
                    callback_timeout_s: float = 5.0,
-                   redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE, push_url: str | None = None) -> Flask:
+                   redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE, push_url: str | None = None,
+                   push_mode: str = "safe", push_format: str = "json") -> Flask:
     """Refunds stay PROCESSING until POST /sim/refunds/settle, which keeps tests deterministic; with
     refund_settle_delay_s they also settle by themselves that long after being requested, as WeChat does.
 
@@ -37,12 +39,14 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
     default, is no automatic redelivery: every callback is delivered once, and again only when /sim/redeliver
     asks. app.extensions["wechat_sim"].stop() ends the redelivery thread (RunningSimulator.stop does).
 
-    push_url is the mini-program's message-push URL (virtual-payment pushes go there; POST /sim/push-url
-    changes it)."""
+    push_url, push_mode (plaintext | safe) and push_format (json | xml) are the message push as configured in
+    WeChat's console: where the verdicts of security.mediaCheckAsync and virtual payment's pushes go, all signed
+    and encrypted alike (POST /sim/push-config changes them on a running simulator; POST /sim/push-url its URL)."""
     # This module's LOGIN_CODE_TTL_S is read on every code exchange, so tests can shorten it on a running app.
     simulator = WeChatSimulator(creds, refund_settle_delay_s=refund_settle_delay_s,
                                 callback_timeout_s=callback_timeout_s, login_code_ttl_s=lambda: LOGIN_CODE_TTL_S,
-                                redelivery_scale=redelivery_scale, push_url=push_url)
+                                redelivery_scale=redelivery_scale, push_url=push_url, push_mode=push_mode,
+                                push_format=push_format)
     app = Flask("wechat_sim")
     app.extensions["wechat_sim"] = simulator
     app.extensions["wechat_sim_state"] = simulator.state
@@ -51,6 +55,7 @@ def create_sim_app(creds: SimCredentials, *, refund_settle_delay_s: float | None
     app.register_blueprint(miniprogram.blueprint)
     app.register_blueprint(pay.blueprint)
     app.register_blueprint(xpay.blueprint)
+    app.register_blueprint(security.blueprint)
     app.register_blueprint(control.blueprint)
     return app
 

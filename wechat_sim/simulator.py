@@ -10,13 +10,15 @@ import secrets
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Callable
-from urllib.parse import urlencode
 
 import requests
 from flask import current_app
 
 from wechat_sim.keys import SimCredentials
+from wechat_sim.media_checks import MediaChecks
+from wechat_sim.push import PushConfig, sha1_signature, signed_push
 from wechat_sim.redelivery import REDELIVERY_INTERVALS_S, RedeliveryScheduler
 from wechat_sim.signing import PlatformSigner, load_public_key, rfc3339_now
 
@@ -30,6 +32,8 @@ DEFAULT_REDELIVERY_SCALE: float | None = None
 FAULT_MODES = ("5xx", "timeout", "not_enough", "refund_abnormal", "refund_closed", "xpay_refund_failed")
 
 PUSH_KIND = "push"
+# Virtual payment's pushes are answered {"ErrCode": 0, "ErrMsg": "success"}; every other push `success`.
+JSON_ANSWERED_EVENTS = ("xpay_goods_deliver_notify", "xpay_refund_notify")
 
 _TRADE_STATE_DESC = {"NOTPAY": "订单未支付", "SUCCESS": "支付成功", "CLOSED": "订单已关闭", "REFUND": "转入退款"}
 _REFUND_SUMMARY = {"SUCCESS": "退款成功", "ABNORMAL": "退款异常", "CLOSED": "退款关闭"}
@@ -74,10 +78,14 @@ class WeChatSimulator:
     def __init__(self, creds: SimCredentials, *, refund_settle_delay_s: float | None = None,
                  callback_timeout_s: float = 5.0, login_code_ttl_s: Callable[[], float] = lambda: LOGIN_CODE_TTL_S,
                  redelivery_scale: float | None = DEFAULT_REDELIVERY_SCALE,
-                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S, push_url: str | None = None):
+                 redelivery_intervals_s: tuple[float, ...] = REDELIVERY_INTERVALS_S, push_url: str | None = None,
+                 push_mode: str = "safe", push_format: str = "json"):
         self.creds = creds
-        # The message-push URL configured in the mini-program's console (one per mini-program); survives reset.
-        self.push_url = push_url
+        # The message push configured in the mini-program's console (one per mini-program: URL, Token,
+        # EncodingAESKey, mode, format): every push, media-check verdicts and virtual payment's alike, is signed and
+        # encrypted with it (push_http); it survives reset.
+        self.push = PushConfig(url=push_url, token=creds.push_token, aes_key=creds.push_aes_key, mode=push_mode,
+                               data_format=push_format)
         self.state = SimState()
         self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
         self.signer = PlatformSigner.from_credentials(creds)
@@ -86,9 +94,19 @@ class WeChatSimulator:
         self._login_code_ttl_s = login_code_ttl_s
         self.redelivery = (None if redelivery_scale is None
                            else RedeliveryScheduler(self, redelivery_scale, redelivery_intervals_s))
+        self.media_checks = MediaChecks(self)
+
+    @property
+    def push_url(self) -> str | None:
+        return self.push.url
+
+    @push_url.setter
+    def push_url(self, url: str | None) -> None:
+        self.push = replace(self.push, url=url)
 
     def reset(self) -> None:
-        """Forget everything, pending redeliveries included."""
+        """Forget everything, pending redeliveries and media checks included (not the push configuration)."""
+        self.media_checks.reset()
         with self.state.lock:
             self.state.reset()
             if self.redelivery is not None:
@@ -195,16 +213,15 @@ class WeChatSimulator:
         with state.lock:
             record = state.notifications[notification_id]
             body, url, is_push = record["body"], record["url"], record["kind"] == PUSH_KIND
-            if is_push:
-                url = url and f"{url}?{urlencode(push_query(self.creds.push_token))}"
-                headers = {}
-            else:
+            if not is_push:
                 headers = record["headers"] if (record["headers"] and not resign) else self.signer.headers(body)
-            record["headers"] = headers
+                record["headers"] = headers
         outcome = {"notification_id": notification_id, "trigger": trigger, "retry": retry, "status_code": None,
                    "error": None, "at": time.time()}
         response = None
-        if not url:
+        if is_push:
+            outcome.update(self.push_http(record["resource"]))
+        elif not url:
             outcome["error"] = "no_notify_url"
         else:
             try:
@@ -216,12 +233,7 @@ class WeChatSimulator:
             except requests.RequestException as error:
                 outcome["error"] = f"connection_error: {type(error).__name__}"
         outcome["finished_at"] = time.time()
-        if is_push:
-            # A virtual-payment push counts as answered only by the JSON {"ErrCode": 0, ...}; anything else
-            # (another ErrCode, a non-JSON body, an HTTP error) is retried.
-            outcome["reply"] = push_reply(response)
-            outcome["delivered"] = outcome["reply"] is not None and outcome["reply"].get("ErrCode") == 0
-        else:
+        if not is_push:
             # WeChat Pay takes any 2xx as the merchant's acknowledgement (its docs answer 200 or 204).
             outcome["delivered"] = outcome["status_code"] is not None and 200 <= outcome["status_code"] < 300
         with state.lock:
@@ -233,8 +245,37 @@ class WeChatSimulator:
                     record["on_acknowledged"]()
         return outcome
 
+    def push_http(self, message: dict, config: PushConfig | None = None, *, appid: str | None = None,
+                  **signing) -> dict:
+        """POST one message push to the configured URL, freshly signed (and in safe mode encrypted) as WeChat sends
+        every push and every retry of one; the outcome. `config`, `appid` (encrypted for) and `signing` (timestamp,
+        nonce) let the control API send pushes signed with other keys, to see them refused. A virtual-payment push
+        counts as answered only by the JSON {"ErrCode": 0, ...}, any other by `success` (or an empty body), with 200;
+        anything else (another ErrCode, an HTTP error, no answer) is pushed again."""
+        config = config or self.push
+        outcome = {"at": time.time(), "status_code": None, "body": None, "error": None, "delivered": False}
+        if not config.url:
+            outcome["error"] = "no_push_url"
+            return outcome
+        params, body, content_type = signed_push(config, appid or self.creds.appid, self.creds.original_id,
+                                                 message, **signing)
+        try:
+            response = requests.post(config.url, params=params, data=body, timeout=self.callback_timeout_s,
+                                     headers={"Content-Type": content_type, "User-Agent": "Mozilla/4.0"})
+        except requests.RequestException as error:
+            outcome["error"] = "timeout" if isinstance(error, requests.Timeout) else \
+                f"connection_error: {type(error).__name__}"
+            return outcome
+        outcome.update(status_code=response.status_code, body=response.text[:200])
+        if message.get("Event") in JSON_ANSWERED_EVENTS:
+            outcome["reply"] = push_reply(response)
+            outcome["delivered"] = outcome["reply"] is not None and outcome["reply"].get("ErrCode") == 0
+        else:
+            outcome["delivered"] = response.status_code == 200 and response.text.strip() in ("success", "")
+        return outcome
+
     def new_push(self, message: dict, on_acknowledged: Callable[[], None] | None = None) -> dict:
-        """A message-push event (plaintext JSON mode) to the configured push URL; caller holds the lock.
+        """A message-push event to the configured push URL, redelivered until answered; caller holds the lock.
         on_acknowledged runs (under the lock) when the app first answers ErrCode 0."""
         notification_id = str(uuid.uuid4())
         record = {"id": notification_id, "kind": PUSH_KIND, "event_type": message["Event"], "url": self.push_url,
@@ -248,7 +289,7 @@ class WeChatSimulator:
     def deliver_first(self, notification_id: str) -> dict:
         """The first delivery of a new notification; when it is not acknowledged, WeChat Pay's retries follow."""
         outcome = self.deliver(notification_id, trigger="initial")
-        if not outcome["delivered"] and outcome["error"] != "no_notify_url":
+        if not outcome["delivered"] and outcome["error"] not in ("no_notify_url", "no_push_url"):
             with self.state.lock:
                 record = self.state.notifications.get(notification_id)
                 if record is not None and record["redelivery"]["status"] == "not_scheduled":
@@ -334,8 +375,7 @@ def push_query(token: str) -> dict:
     """The query string WeChat signs every message push with (plaintext mode): signature = SHA-1 of the token,
     timestamp and nonce sorted as strings and joined."""
     timestamp, nonce = str(int(time.time())), str(secrets.randbelow(10**10))
-    signature = hashlib.sha1("".join(sorted([token, timestamp, nonce])).encode("utf-8")).hexdigest()
-    return {"signature": signature, "timestamp": timestamp, "nonce": nonce}
+    return {"signature": sha1_signature(token, timestamp, nonce), "timestamp": timestamp, "nonce": nonce}
 
 
 def push_reply(response) -> dict | None:

@@ -6,7 +6,8 @@
 - Server APIs (`POST /xpay/query_order`, `POST /xpay/refund_order`) take `access_token` and `pay_sig` = hex
   HMAC-SHA256(AppKey, uri + "&" + body) in the query string, where uri is the path alone (no query string) and
   body the exact bytes posted.
-- Pushes go to the mini-program's one message-push URL (plaintext JSON mode, signed in the query string):
+- Pushes go to the mini-program's one message-push URL, signed (and in safe mode encrypted) like every push
+  (WeChatSimulator.push_http):
   `xpay_goods_deliver_notify` once paid, `xpay_refund_notify` once a refund ends. Only the JSON answer
   {"ErrCode": 0, ...} acknowledges one; anything else is pushed again on the redelivery schedule.
 - Orders paid on iOS cannot be refunded by the developer (Apple decides): refund_order refuses them.

@@ -59,8 +59,8 @@ def avatar_json(avatar: dict) -> dict:
         "id": avatar["_id"],
         "state": avatar["state"],
         "gender": avatar["gender"],
-        "photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"], "reasons": p.get("reasons", [])}
-                   for p in avatar["photos"]],
+        "photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"], "reasons": p.get("reasons", []),
+                    "content_check": p.get("content_check")} for p in avatar["photos"]],
         "accepted_count": len(accepted),
         "min_photos": svc.settings.min_photos,
         "max_photos": svc.settings.max_photos,

@@ -14,6 +14,7 @@ from miniapp_api.schemas import PNG, PosterPending
 from models.labels import METADATA_KEY, find_cjk_font, label_metadata
 from models.posters import make_poster
 from portraits import keys, sharing
+from portraits.errors import Conflict, not_found
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 
@@ -24,15 +25,27 @@ def image_json(image: dict) -> dict:
     return {"id": image["_id"], "url": url_for("images.get_image", image_id=image["_id"]),
             "poster_url": url_for("images.get_poster", image_id=image["_id"]),
             "likeness": image.get("likeness"), "content_id": image["content_id"], "render_id": image["render_id"],
-            "width": image.get("width"), "height": image.get("height")}
+            "width": image.get("width"), "height": image.get("height"),
+            "content_check": image.get("content_check", "pass")}
+
+
+def delivered_image(image_id: str) -> dict:
+    """The user's image once WeChat's content check passed it: 409 image_pending_check while it waits, 404 (as for
+    any other id) when it was refused."""
+    image = owned("images", image_id, "image")
+    if image.get("content_check") == "refused":
+        raise not_found("image")
+    if image.get("content_check") == "pending":
+        raise Conflict("image_pending_check", "This portrait is still being checked; try again in a moment.")
+    return image
 
 
 @bp.get("/<image_id>")
 @login_required
-@endpoint(ok={200: PNG}, errors=[404])
+@endpoint(ok={200: PNG}, errors=[404, 409])
 def get_image(image_id):
-    """The image (owner only): a PNG with visible and metadata AI labels."""
-    image = owned("images", image_id, "image")
+    """The image (owner only): a PNG with visible and metadata AI labels, once WeChat's content check passed it."""
+    image = delivered_image(image_id)
     data = services().sealed.get(image["user_id"], keys.image(image["user_id"], image_id))
     services().db.images.update_one({"_id": image_id}, {"$inc": {"downloads": 1}})
     return Response(data, mimetype="image/png", headers={
@@ -41,12 +54,12 @@ def get_image(image_id):
 
 @bp.get("/<image_id>/poster")
 @login_required
-@endpoint(ok={200: PNG, 202: PosterPending}, errors=[404])
+@endpoint(ok={200: PNG, 202: PosterPending}, errors=[404, 409])
 def get_poster(image_id):
     """A 750x1334 share poster carrying the mini-program code back into the app (never a QR code: Moments does not
     allow them). 202 `pending` while WeChat cannot draw the code yet: it is retried; ask again after Retry-After."""
     svc = services()
-    image = owned("images", image_id, "image")
+    image = delivered_image(image_id)
     code = sharing.share_code(svc, image)
     if code is None:
         wait = sharing.retry_after_s(svc.settings)

@@ -1,88 +1,70 @@
-"""The mini-program's message-push endpoint (WeChat allows one push URL per mini-program).
+"""The mini-program's message push (消息推送): WeChat's GET check of the URL and its POSTed events, verified by
+portraits.gateways.wechat_push and dispatched by event name (portraits.push_events).
 
-MINIMAL (issue 14 part 5): plaintext JSON mode only, dispatching to portraits.push_events.HANDLERS, so virtual
-payment's pushes run end to end in tests. To be merged with part 1's fuller endpoint (AES safe mode, XML, media
-check verdicts), which keeps its own receiver and registers the xpay handlers.
-
-Every request carries signature = SHA-1 of (Token, timestamp, nonce) sorted and joined, in the query string; one
-that does not verify, or is older than CALLBACK_MAX_AGE_S, is refused 401 and changes nothing. A verified push is
-answered {"ErrCode": 0, "ErrMsg": "success"} once applied (or when it is an event we do not handle); a push we
-could not apply is answered with a non-zero ErrCode and its reason, and WeChat pushes it again later.
+WeChat reads `success` (HTTP 200) as delivered and pushes again, a few times, otherwise: a push we fail to handle
+answers 5xx; one we will never accept answers 4xx with its reason code and changes nothing. Virtual payment's pushes
+(xpay_goods_deliver_notify, xpay_refund_notify) are answered as it expects instead: {"ErrCode": 0, "ErrMsg":
+"success"} once applied, and a non-zero ErrCode with the reason when it should push again.
 """
 from __future__ import annotations
 
-import json
-import time
-
 from flask import Blueprint, Response, request
-from pydantic import ValidationError
-from wechatpy.exceptions import InvalidSignatureException
-from wechatpy.utils import check_signature
 
 from miniapp_api.api.openapi import endpoint
-from miniapp_api.api.requests import refusal, services
+from miniapp_api.api.requests import services
 from miniapp_api.errors import ApiError
-from miniapp_api.schemas import PushEvent, PushQuery, PushReply
-from portraits.billing import payments
-from portraits.billing.locks import OrderBusy
-from portraits.billing.xpay import PushNotApplied
-from portraits.push_events import HANDLERS, PUSH_PATH
+from miniapp_api.schemas import TEXT, PushReply, WeChatPush
+from portraits import metrics, push_events
+from portraits.gateways.wechat_push import PushRejected, PushVerifier, first_delivery
 
-bp = Blueprint("message_push", __name__, url_prefix=PUSH_PATH)
-NOT_APPLIED = 1
+bp = Blueprint("message_push", __name__, url_prefix=push_events.PUSH_PATH)
 
 
-def _verified_query() -> PushQuery:
-    """The signed query string (signature, timestamp, nonce[, echostr]), checked. Read here rather than declared
-    to the contract: spectree does not hand query models to routes whose body or answer it does not validate."""
-    try:
-        query = PushQuery.model_validate(request.args.to_dict())
-    except ValidationError as error:
-        raise refusal(error, PushQuery, request.args.to_dict())
+def verifier() -> PushVerifier:
     settings = services().settings
-    try:
-        check_signature(settings.wechat_push_token, query.signature, query.timestamp, query.nonce)
-    except InvalidSignatureException:
-        raise ApiError(401, "bad_signature", "The push signature does not verify with our Token.")
-    try:
-        age = abs(time.time() - int(query.timestamp))
-    except ValueError:
-        raise ApiError(401, "stale_timestamp", "The timestamp is not an integer.")
-    if age > settings.callback_max_age_s:
-        raise ApiError(401, "stale_timestamp", f"Signed {int(age)} s away from now.")
-    return query
+    return PushVerifier(token=settings.wechat_push_token, aes_key=settings.wechat_push_aes_key,
+                        appid=settings.wechat_appid, mode=settings.wechat_push_mode,
+                        max_age_s=settings.callback_max_age_s)
+
+
+def _refused(rejected: PushRejected, event: str = "unknown") -> ApiError:
+    metrics.WECHAT_PUSHES.labels(event=event, outcome=rejected.code).inc()
+    return ApiError(rejected.status, rejected.code, rejected.message)
 
 
 @bp.get("")
-@endpoint(ok={200: "text/plain"}, errors=[400, 401], public=True)
-def verify_url():
-    """WeChat's URL verification (query: signature, timestamp, nonce, echostr): echostr back when the signature
-    is ours."""
-    query = _verified_query()
-    return Response(query.echostr or "", content_type="text/plain")
+@endpoint(ok={200: TEXT}, errors=[403], public=True)
+def verify_push_url():
+    """WeChat's check of the message-push URL (signature, timestamp, nonce, echostr): echostr back when the
+    signature is made with our Token, else 403 push_signature_invalid or push_expired."""
+    try:
+        echostr = verifier().verify_url(request.args)
+    except PushRejected as rejected:
+        raise _refused(rejected) from None
+    return Response(echostr, mimetype=TEXT)
 
 
 @bp.post("")
-@endpoint(ok={200: PushReply}, errors=[400, 401], public=True, signed_body=PushEvent)
-def receive():
-    """A message push (plaintext JSON; query: signature, timestamp, nonce): ErrCode 0 once applied, non-zero to
-    be pushed again."""
-    _verified_query()
+@endpoint(ok={200: PushReply}, also_answers={200: TEXT}, errors=[400, 403, 503], public=True,
+          signed_body=WeChatPush,
+          also_accepts={"text/xml": "the same push in WeChat's XML (<xml><ToUserName>…</ToUserName>…</xml>)"})
+def receive_push():
+    """A message push (plaintext or safe mode, JSON or XML): `success` (text/plain) once handled; for virtual
+    payment's events the JSON {"ErrCode": 0, "ErrMsg": "success"} once applied, a non-zero ErrCode with the reason
+    to be pushed again; 4xx with the reason when it cannot be trusted (nothing changes); 5xx to be pushed again."""
+    svc = services()
     try:
-        event = json.loads(request.get_data(as_text=True))
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        raise ApiError(400, "push_not_json", "Only plaintext JSON pushes are taken here.")
-    handler = HANDLERS.get(event.get("Event"))
-    if handler is None:
+        message = verifier().parse(request.args, request.get_data())
+        event = str(message.get("Event") or "none")
+        with first_delivery(svc.redis, request.args, svc.settings.callback_max_age_s):
+            outcome = push_events.handle(svc, message)
+    except PushRejected as rejected:
+        raise _refused(rejected) from None
+    except push_events.PUSH_AGAIN as refused:
+        outcome = push_events.push_again_reason(refused)
+        metrics.WECHAT_PUSHES.labels(event=event, outcome=outcome).inc()
+        return {"ErrCode": push_events.NOT_APPLIED, "ErrMsg": outcome}
+    metrics.WECHAT_PUSHES.labels(event=event if event in push_events.HANDLERS else "other", outcome=outcome).inc()
+    if event in push_events.JSON_ANSWERED:
         return {"ErrCode": 0, "ErrMsg": "success"}
-    try:
-        handler(services(), event)
-    except PushNotApplied as refused:
-        return {"ErrCode": NOT_APPLIED, "ErrMsg": refused.code}
-    except payments.PaymentMismatch as mismatch:
-        return {"ErrCode": NOT_APPLIED, "ErrMsg": mismatch.code}
-    except OrderBusy:
-        return {"ErrCode": NOT_APPLIED, "ErrMsg": "order_busy"}
-    return {"ErrCode": 0, "ErrMsg": "success"}
+    return Response("success", mimetype=TEXT)

@@ -24,14 +24,16 @@ from miniapp_api.schemas import ErrorEnvelope, OpenApiDocument
 bp = Blueprint("contract", __name__, url_prefix="/api/v1")  # spectree leaves out endpoints named "openapi*"
 
 MEANINGS = {
-    400: "refused input: malformed_json, json_too_deep (details.max_depth), json_object_required, field_too_long "
+    400: "refused input: push_malformed, push_undecryptable (WeChat's message push), malformed_json, json_too_deep (details.max_depth), json_object_required, field_too_long "
          "(details.fields: {name: problem}), invalid_fields (details.fields: {name: problem}), or a reason of this "
          "route",
     401: "no valid identity: missing_token, invalid_token, token_expired; login: invalid_login_code; WeChat Pay "
          "callbacks: a signature, timestamp or body that cannot be trusted",
     402: "what was paid for is used up: no_render_credits",
     403: "not allowed before the user does something: phone_required (bind a phone: POST /api/v1/me/phone), "
-         "consent_required, guardian_consent_required",
+         "consent_required, guardian_consent_required; WeChat's message "
+         "push: push_signature_invalid, push_expired, push_replayed, push_encryption_required, "
+         "push_msg_signature_invalid, push_appid_mismatch; media links: media_link_invalid, media_link_expired",
     404: "no such thing, or another user's (answered the same): <kind>_not_found; callbacks: unknown_order, "
          "unknown_refund",
     405: "this path does not take that method; the Allow header lists the ones it takes",
@@ -55,8 +57,9 @@ class Answers(Response):
     """spectree's Response plus what it cannot say itself: PNG bodies, the Allow header of 405 and Retry-After of
     429. It lists only the statuses given (spectree would add its validation-error status to every route)."""
 
-    def __init__(self, ok: dict, errors: dict):
+    def __init__(self, ok: dict, errors: dict, also_answers: dict[int, str] | None = None):
         self.media = {status: kind for status, kind in ok.items() if isinstance(kind, str)}
+        self.other_media = dict(also_answers or {})
         models = {f"HTTP_{status}": None if isinstance(kind, str) else kind for status, kind in ok.items()}
         models |= {f"HTTP_{status}": (model, MEANINGS[status]) for status, model in sorted(errors.items())}
         super().__init__(**models)
@@ -69,6 +72,8 @@ class Answers(Response):
         spec = super().generate_spec(naming_strategy)
         for status, media in self.media.items():
             spec[str(status)]["content"] = {media: {}}
+        for status, media in self.other_media.items():
+            spec[str(status)].setdefault("content", {})[media] = {}
         if "405" in spec:
             spec["405"]["headers"] = {"Allow": ALLOW}
         if "429" in spec:
@@ -116,14 +121,23 @@ contract = SpecTree(
 )
 
 
+# Request bodies a route also takes in another media type, by operation id: {media type: description}.
+OTHER_REQUEST_MEDIA: dict[str, dict[str, str]] = {}
+
+
 def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, signed_body=None,
-             error_model=ErrorEnvelope, rate_limit: str | None = None):
+             error_model=ErrorEnvelope, rate_limit: str | None = None, also_accepts: dict[str, str] | None = None,
+             also_answers: dict[int, str] | None = None):
     """Declare a route's contract. ok: {status: response model, schemas.PNG, or None for no body}; errors: the
     statuses of its own refusals; signed_body: a body verified by its signature before anything reads it, so it
-    is documented, not validated (WeChat Pay's callbacks); rate_limit: the setting holding the route's rate limits
-    (miniapp_api.throttle applies them; 429)."""
+    is documented, not validated (WeChat Pay's callbacks, WeChat's message push); also_accepts: other media types
+    of that body, {media type: description} (the message push's XML); also_answers: {status: another media type
+    its success may be answered in} (the message push's `success` beside virtual payment's JSON); rate_limit: the setting holding the route's
+    rate limits (miniapp_api.throttle applies them; 429)."""
 
     def decorate(func):
+        if also_accepts:
+            OTHER_REQUEST_MEDIA[func.__name__] = dict(also_accepts)
         hints = get_type_hints(func)
         inputs = {name: hints[name] for name in ("json", "form", "query") if name in hints}
         statuses = {405, 500, *errors}
@@ -139,7 +153,7 @@ def endpoint(*, ok: dict, errors: Iterable[int] = (), public: bool = False, sign
             statuses.add(429)  # rate_limited
         binary = any(isinstance(kind, str) for kind in ok.values())
         validated = contract.validate(
-            json=signed_body, resp=Answers(ok, dict.fromkeys(statuses, error_model)),
+            json=signed_body, resp=Answers(ok, dict.fromkeys(statuses, error_model), also_answers),
             security={} if public else None, before=_refuse_invalid(inputs), operation_id=func.__name__,
             skip_validation=signed_body is not None or binary)(func)
         validated.body_kind = (bodies.UPLOAD if "form" in inputs else bodies.JSON_BODY if "json" in inputs
@@ -183,6 +197,9 @@ def document() -> dict:
         spec.pop("tags", None)
         for operations in spec["paths"].values():
             for operation in operations.values():
+                for media, description in OTHER_REQUEST_MEDIA.get(operation.get("operationId"), {}).items():
+                    operation["requestBody"]["content"][media] = {"schema": {"type": "string",
+                                                                             "description": description}}
                 for key in ("tags", "description", "parameters"):
                     if key in operation and not operation[key]:  # spectree writes them empty
                         del operation[key]

@@ -48,5 +48,7 @@ def render_json(render: dict) -> dict:
             "likeness": render.get("likeness_best"), "parent_likeness": render.get("parent_likeness"),
             "relative_likeness": render.get("relative_likeness_best"),
             "refinements_left": renders.refinements_left(svc, render),
-            "images": [image_json(images[i]) for i in render.get("image_ids", []) if i in images],
+            # Portraits the content check refused are not delivered: not listed, not downloadable.
+            "images": [image_json(images[i]) for i in render.get("image_ids", [])
+                       if i in images and images[i].get("content_check") != "refused"],
             "queue": renders.queue_position(svc, render)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from portraits import sweeper, tasks
+from portraits import content_checks, sweeper, tasks
 from portraits.queue.tracking import QueueTracker, estimate
 from portraits import states
 from portraits.billing.refunds import REFUND_FINAL_FAILURES
@@ -92,4 +92,13 @@ def dashboard(services) -> dict:
         "today": today,
         "sweep": {"last_at": sweeper.last_sweep_at(services), "healed": sweeper.healed_since(services, day_ago),
                   "needs_people": sweeper.needs_people(services)},
+        "content_checks": content_check_numbers(services),
     }
+
+
+def content_check_numbers(services) -> dict:
+    """WeChat's content checks waiting (queued ones wait for quota or for WeChat; submitted ones for the verdict),
+    the quota used this minute and today, and its limits."""
+    settings = services.settings
+    return {**content_checks.waiting_counts(services), "used": content_checks.quota_used(services),
+            "per_minute": settings.content_check_per_minute, "per_day": settings.content_check_per_day}

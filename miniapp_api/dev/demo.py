@@ -116,6 +116,11 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                 print(f"  photo {index + 1:2d}: {mark}", flush=True)
             avatar = verdict["avatar"]
             print(f"  avatar {avatar['id']} is {avatar['state']} with {avatar['accepted_count']} photos", flush=True)
+        with timer.step("WeChat's content check of each photo (mediaCheckAsync, verdicts pushed in safe mode)"):
+            avatar = _wait(lambda: _check(api.get(f"{base}/avatars/{avatar['id']}"), 200),
+                           lambda b: "content_check_pending" not in b["missing"],
+                           lambda b: f"{sum(p['content_check'] == 'pending' for p in b['photos'])} photos pending, "
+                                     f"avatar {b['state']}")
         with timer.step(f"create an order (rail: PAYMENT_RAIL={settings.payment_rail}, platform {platform})"):
             order = _check(api.post(f"{base}/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack",
                                                             "platform": platform}), 201)
@@ -148,6 +153,10 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                            lambda b: b["state"] in ("done", "failed"), lambda b: f"render {b['state']}")
             if render["state"] != "done":
                 raise SystemExit(f"render failed: {render}")
+        with timer.step("WeChat's content check of each portrait"):
+            render = _wait(lambda: _check(api.get(f"{base}/renders/{render['id']}"), 200),
+                           lambda b: all(i["content_check"] != "pending" for i in b["images"]),
+                           lambda b: f"{sum(i['content_check'] == 'pending' for i in b['images'])} portraits pending")
         with timer.step("download the labelled portraits and a share poster"):
             files = []
             for index, image in enumerate(render["images"], 1):
@@ -177,6 +186,11 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
             "phone": phone["masked"],
             "disclosure": disclosure,
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
+            "content_checks": {
+                "by_kind_and_state": {f"{row['_id']['kind']}:{row['_id']['state']}": row["count"] for row in
+                                      database.content_checks.aggregate([{"$group": {
+                                          "_id": {"kind": "$kind", "state": "$state"}, "count": {"$sum": 1}}}])},
+                "simulator": sim.media_check_stats()},
             "base_model": settings.base_model_path or "tiny random-weight Stable Diffusion",
             "timings_s": {**timer.steps, "total": timer.total()},
             "processes": {child.name: child.command for child in topology.children.values()},
@@ -204,7 +218,8 @@ def main(argv=None) -> None:
                              "orders are made good, not refunded)")
     args = parser.parse_args(argv)
     summary = run(args.out.resolve(), args.photos, args.template, args.platform)
-    print(json.dumps({k: summary[k] for k in ("order", "order_history", "timings_s")}, ensure_ascii=False, indent=2))
+    print(json.dumps({k: summary[k] for k in ("order", "order_history", "content_checks", "timings_s")},
+                     ensure_ascii=False, indent=2))
     print(f"portraits, poster and summary.json in {args.out}/")
     sys.exit(0 if summary["order"]["state"] == "fulfilled" else 1)
 

@@ -12,13 +12,19 @@ def with_embedded_wechat(settings: Settings):
     if not settings.embedded_wechat:
         return settings, None
     creds = load_or_create_credentials(settings.instance_dir / "wechat_sim")
-    # Refunds settle a moment after they are asked for, as WeChat Pay's do.
+    # Refunds settle a moment after they are asked for, as WeChat Pay's do; message pushes (content-check verdicts,
+    # virtual payment's deliveries and refunds) go to this process's message-push endpoint, in the mode it expects.
     simulator = start_simulator(creds, refund_settle_delay_s=2.0, redelivery_scale=1.0,
-                                push_url=settings.public_base_url + PUSH_PATH)
+                                push_url=push_url(settings), push_mode=settings.wechat_push_mode)
     configured = pointed_at_simulator(settings, creds, simulator.base_url)
     if not configured.subscribe_templates:
         configured = configured.replace(subscribe_templates=dict(DEFAULT_SUBSCRIBE_TEMPLATES))
     return configured, simulator
+
+
+def push_url(settings: Settings) -> str:
+    """Where WeChat sends the mini-program's message pushes (miniapp_api.api.message_push)."""
+    return settings.public_base_url + PUSH_PATH
 
 
 def pointed_at_simulator(settings: Settings, creds, base_url: str) -> Settings:
@@ -37,6 +43,7 @@ def pointed_at_simulator(settings: Settings, creds, base_url: str) -> Settings:
         xpay_offer_id=creds.xpay_offer_id,
         xpay_app_key=creds.xpay_app_key if settings.xpay_env == 0 else creds.xpay_sandbox_app_key,
         wechat_push_token=creds.push_token,
+        wechat_push_aes_key=creds.push_aes_key,
     )
 
 

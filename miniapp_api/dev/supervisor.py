@@ -143,8 +143,10 @@ class Topology:
         sim_dir = self.instance_dir / "wechat_sim"
         creds = load_or_create_credentials(sim_dir)  # the runner loads the same files
         port = free_port()
+        push_mode = self._environ.get("WECHAT_PUSH_MODE") or "safe"
         self._spawn("wechat_sim", f"exec python -m wechat_sim.runner --dir {sim_dir} --port {port} "
-                                  f"--redelivery-scale 1 --refund-settle-delay 2 --push-url {self.base_url}{PUSH_PATH}")
+                                  "--redelivery-scale 1 --refund-settle-delay 2 "
+                                  f"--push-url {self.base_url}{PUSH_PATH} --push-mode {push_mode}")
         self.simulator_url = f"http://127.0.0.1:{port}"
         self._wait(lambda: _answers(self.simulator_url + "/sim/stats"), "the WeChat simulator")
         private_key = sim_dir / "merchant_private_key.pem"
@@ -158,9 +160,11 @@ class Topology:
                 "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
                 "WECHATPAY_PUBLIC_KEY_PATH": str(public_key),
                 "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id,
-                "XPAY_OFFER_ID": creds.xpay_offer_id, "WECHAT_PUSH_TOKEN": creds.push_token,
+                "XPAY_OFFER_ID": creds.xpay_offer_id,
                 "XPAY_APP_KEY": creds.xpay_sandbox_app_key if self._environ.get("XPAY_ENV") == "1"
                 else creds.xpay_app_key,
+                "WECHAT_PUSH_TOKEN": creds.push_token, "WECHAT_PUSH_AES_KEY": creds.push_aes_key,
+                "WECHAT_PUSH_MODE": push_mode,
                 "SUBSCRIBE_TEMPLATES": self._environ.get("SUBSCRIBE_TEMPLATES")
                 or json.dumps(DEFAULT_SUBSCRIBE_TEMPLATES)}
 

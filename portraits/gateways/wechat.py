@@ -18,6 +18,8 @@ DEFAULT_API_BASE_URL = "https://api.weixin.qq.com"
 # Give up on the cached token this long before WeChat does, so a call never goes out with a token about to die.
 TOKEN_EXPIRY_MARGIN_S = 300
 LOGIN_CODE_ERRORS = {40029, 40163, 40226}
+MEDIA_CHECK_QUOTA_ERRORS = {45009, 45011}
+MEDIA_TYPE_IMAGE = 2
 SUBSCRIBE_REFUSALS = {43101, 40003, 40037, 47003, 41030}
 # getuserphonenumber's errcodes that say the code itself is bad (invalid, used or expired); the others it
 # documents (-1 system busy, 45011 over the per-minute quota, 40013 invalid appid) are WeChat's side or ours.
@@ -59,6 +61,15 @@ class WeChatUnavailable(Exception):
         super().__init__(message)
         self.errcode = errcode
         self.code = "wechat_unavailable"
+
+
+class MediaCheckQuotaExhausted(Exception):
+    """WeChat refused a mediaCheckAsync call for its quota: 45011 (this minute's) or 45009 (today's)."""
+
+    def __init__(self, errcode: int):
+        super().__init__(f"mediaCheckAsync quota exhausted ({errcode})")
+        self.errcode = errcode
+        self.code = "content_check_quota"
 
 
 class _TimeoutSession(requests.Session):
@@ -215,3 +226,22 @@ class WeChatGateway:
         return {"phone_number": str(info.get("phoneNumber") or info["purePhoneNumber"]),
                 "pure_phone_number": str(info["purePhoneNumber"]),
                 "country_code": str(info.get("countryCode") or "")}
+
+    def media_check_async(self, media_url: str, openid: str, scene: int) -> str:
+        """Ask WeChat to check an image at media_url (security.mediaCheckAsync, version 2); its trace_id. The
+        verdict arrives later as a `wxa_media_check` message push. wechatpy's check_media_async speaks version 1
+        (no openid, no scene), so the call is made through the client's public post()."""
+        data = {"media_url": media_url, "media_type": MEDIA_TYPE_IMAGE, "version": 2, "openid": openid,
+                "scene": scene}
+        try:
+            result = self._call(self._client.post, "wxa/media_check_async", data=data,
+                                api_base_url=self._client.wxa.API_BASE_URL)
+        except WeChatClientException as error:
+            if error.errcode in MEDIA_CHECK_QUOTA_ERRORS:
+                raise MediaCheckQuotaExhausted(error.errcode) from error
+            raise WeChatUnavailable(f"mediaCheckAsync failed: {error.errcode} {error.errmsg}",
+                                    errcode=error.errcode) from error
+        trace_id = result.get("trace_id") if isinstance(result, dict) else None
+        if not trace_id:
+            raise WeChatUnavailable("mediaCheckAsync answered without a trace_id")
+        return trace_id

@@ -57,6 +57,8 @@ def _serialise_mongomock_writes() -> None:
 # WeChat Pay redelivers a notification for about 24 hours; its record is kept well past that, then expires.
 PAY_NOTIFICATION_TTL_S = 30 * 24 * 3600
 MESSAGE_TTL_S = 30 * 24 * 3600
+# Pushed verdicts are matched to their check within minutes; a week covers any late or replayed push.
+CONTENT_VERDICT_TTL_S = 7 * 24 * 3600
 SWEEP_HISTORY_S = 7 * 24 * 3600  # what each sweep did, for the console
 
 
@@ -85,6 +87,10 @@ def ensure_indexes(db) -> None:
     db.renders.create_index("retried_at", sparse=True)
     db.label_log.create_index("content_id", unique=True)
     db.label_log.create_index("created_at")
+    db.content_checks.create_index("trace_id", sparse=True)
+    db.content_checks.create_index([("state", ASCENDING), ("created_at", ASCENDING)])
+    db.content_checks.create_index("user_id")
+    _ensure_ttl_index(db.content_verdicts, "received_at", CONTENT_VERDICT_TTL_S)
 
 
 def _ensure_ttl_index(collection, field: str, seconds: int) -> None:
