@@ -124,7 +124,9 @@ def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain,
         # Queue subjects name their owner; no job does.
         ("redis", "portraits:subject:avatar:*"), ("redis", "portraits:subject:render:*"),
     }, findings
-    assert places(findings, "openid") == {("mongo", "users"), ("mongo", "orders")}
+    # The openid is in the user, their orders and their content checks (mediaCheckAsync names the user; deleted with
+    # them).
+    assert places(findings, "openid") == {("mongo", "users"), ("mongo", "orders"), ("mongo", "content_checks")}
     # Every blob is sealed (the pivot and the images too), none is a plain file.
     for key in services.blobs.keys():
         assert services.blobs.get(key).startswith(b"PV1"), key

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from models import posters
-from portraits import keys, renders, states, sweeper, tasks
+from portraits import content_checks, keys, renders, states, sweeper, tasks
 from store_scan import StoreScanner
 from tests.qr_support import decode_qr
 
@@ -22,10 +22,15 @@ def settings_overrides():
     return {"share_code_backoff_s": (0,)}  # one immediate retry per round: a drain runs it, no waiting
 
 
-def _image(services, api) -> dict:
-    """A labelled portrait stored for the user as a render stores it."""
+def _image(services, api, drain) -> dict:
+    """A labelled portrait stored for the user as a render stores it, and passed by WeChat's content check as a
+    finished render's are (only then is it shared)."""
     render = {"_id": "rd_" + "5a" * 10, "attempts": 1, "user_id": api.user_id}
     image_id = renders.store_labelled(services, render, Image.new("RGB", (256, 320), (90, 60, 120)), 0.9, 0)
+    content_checks.request_check(services, "image", image_id, user=services.db.users.find_one({"_id": api.user_id}),
+                                 blob_key=keys.image(api.user_id, image_id), render_id=render["_id"])
+    drain()
+    assert services.db.images.find_one({"_id": image_id})["content_check"] == "pass"
     return {"id": image_id, "poster_url": f"/api/v1/images/{image_id}/poster"}
 
 
@@ -35,7 +40,7 @@ def _mini_program_code(response) -> str:
 
 def test_a_poster_waits_for_the_mini_program_code_and_is_made_once_wechat_recovers(login, services, sim, drain):
     api = login()
-    image = _image(services, api)
+    image = _image(services, api, drain)
     sim.set_fault(CODE_API, "5xx", count=3)  # the poster's own try, then the job and its one retry
 
     pending = api.get(image["poster_url"])
@@ -67,9 +72,9 @@ def test_a_poster_waits_for_the_mini_program_code_and_is_made_once_wechat_recove
     assert sweeper.sweep(services).get("share_code_requeued") is None
 
 
-def test_a_poster_made_at_once_asks_wechat_once(login, services, sim):
+def test_a_poster_made_at_once_asks_wechat_once(login, services, sim, drain):
     api = login()
-    image = _image(services, api)
+    image = _image(services, api, drain)
     first = api.get(image["poster_url"])
     assert first.status_code == 200 and _mini_program_code(first) == f"pages/index/index?scene=i={image['id']}"
     sim.set_fault(CODE_API, "5xx", count=1)
@@ -78,7 +83,7 @@ def test_a_poster_made_at_once_asks_wechat_once(login, services, sim):
 
 def test_an_owed_code_goes_with_its_user(login, services, sim, drain):
     api = login()
-    image = _image(services, api)
+    image = _image(services, api, drain)
     sim.set_fault(CODE_API, "5xx", count=1)
     assert api.get(image["poster_url"]).status_code == 202
     assert api.delete("/api/v1/me").status_code == 202
