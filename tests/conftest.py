@@ -126,6 +126,12 @@ def read_own_writes(monkeypatch):
     monkeypatch.setattr(local_view, "FENCE_READS", True)
 
 
+def point_pushes_at(sim, settings) -> None:
+    """The message push as configured in WeChat's console: content-check verdicts and virtual payment's pushes come
+    to this test's app, in its mode."""
+    sim.configure_push(url=push_url(settings), mode=settings.wechat_push_mode, data_format="json")
+
+
 @pytest.fixture
 def settings_overrides():
     """Override in a test module (or with pytest.mark.parametrize indirect) to change settings."""
@@ -138,8 +144,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     redis_server.flushall()
     settings = make_settings(tmp_path / "instance", simulator, http_server,
                              mongo_db="t" + secrets.token_hex(4), **settings_overrides)
-    # The message push as configured in WeChat's console: content-check verdicts come to this test's app.
-    sim.configure_push(url=push_url(settings), mode=settings.wechat_push_mode, data_format="json")
+    point_pushes_at(sim, settings)
     built = build_services(settings, redis=redis_server)
     built._pipeline = tiny_pipeline
     built._analyzer = face_analyzer

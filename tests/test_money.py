@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from conftest import make_settings
+from conftest import make_settings, point_pushes_at
 from jobs import context
 from portraits import notifications, states
 from portraits.billing import orders, payments, refunds
@@ -35,6 +35,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, settings_overr
     overrides = {"refund_backoff_s": (0, 0, 0), **settings_overrides}
     settings = make_settings(tmp_path / "instance", simulator, http_server, mongo_db="m" + secrets.token_hex(4),
                              **overrides)
+    point_pushes_at(sim, settings)
     built = build_services(settings, redis=redis_server)
     context.install(built)
     return built
