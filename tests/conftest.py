@@ -137,7 +137,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     sim.reset()
     redis_server.flushall()
     # Each test starts with a fresh in-memory queue view of the session's Redis client (portraits.queue.local_view):
-    # one left by an earlier test, after the drills' fault injection, was seen trusting a dead tracking connection.
+    # in full runs a view left by an earlier test was seen trusting a dead tracking connection (cause not pinned down).
     LocalView.forget(redis_server)
     settings = make_settings(tmp_path / "instance", simulator, http_server,
                              mongo_db="t" + secrets.token_hex(4), **settings_overrides)
