@@ -34,13 +34,14 @@ DEFAULTS = {"suggest": "pass", "label": 100, "delay_s": 0.0, "minute_limit": 200
 class MediaChecks:
     def __init__(self, sim: WeChatSimulator, push: PushConfig):
         self.sim = sim
-        self.push = push
+        self.started_with = push
         self.lock = threading.RLock()
         self.reset()
 
     def reset(self) -> None:
-        """Forget checks, rules and counters (the push configuration, set in WeChat's console, stays)."""
+        """Forget checks, rules and counters, and go back to the push configuration the simulator started with."""
         with self.lock:
+            self.push = self.started_with
             self.checks: dict[str, dict] = {}
             self.rules: list[dict] = []
             self.config = dict(DEFAULTS)
@@ -169,7 +170,7 @@ class MediaChecks:
         """POST one push to the configured URL; the outcome. `config`, `appid` (encrypted for) and `signing`
         (timestamp, nonce) let the control API send pushes signed with other keys, to see them refused."""
         config = config or self.push
-        outcome = {"at": time.time(), "status_code": None, "body": None, "error": None}
+        outcome = {"at": time.time(), "status_code": None, "body": None, "error": None, "delivered": False}
         if not config.url:
             outcome["error"] = "no_push_url"
             return outcome

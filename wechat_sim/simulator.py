@@ -79,7 +79,8 @@ class WeChatSimulator:
                                                          data_format=push_format))
 
     def reset(self) -> None:
-        """Forget everything, pending redeliveries and media checks included (not the push configuration)."""
+        """Forget everything, pending redeliveries and media checks included; the message push is configured as it
+        was at start."""
         self.media_checks.reset()
         with self.state.lock:
             self.state.reset()
