@@ -28,11 +28,13 @@ from portraits.services import build_services  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def simulator(tmp_path_factory):
+def simulator(tmp_path_factory, http_server):
     from wechat_sim.keys import load_or_create_credentials
     from wechat_sim.runner import start_simulator
 
-    running = start_simulator(load_or_create_credentials(tmp_path_factory.mktemp("wechat_sim")))
+    # Content-check verdicts are pushed to the app's message-push endpoint on the session's HTTP server.
+    running = start_simulator(load_or_create_credentials(tmp_path_factory.mktemp("wechat_sim")),
+                              push_url=f"http://127.0.0.1:{http_server.server_port}/api/v1/wechat/push")
     yield running
     running.stop()
 

@@ -45,7 +45,8 @@ def services(tmp_path, simulator, sim, http_server, redis_server, settings_overr
 def notified(monkeypatch):
     """Every user notification asked for, in order."""
     calls = []
-    monkeypatch.setattr(notifications, "notify", lambda services, user_id, kind, about, data: calls.append((kind, data)))
+    monkeypatch.setattr(notifications, "notify",
+                        lambda services, user_id, kind, about, data: calls.append((kind, data)))
     return calls
 
 

@@ -86,6 +86,7 @@ class WeChatSimulator:
         # encrypted with it (push_http); it survives reset.
         self.push = PushConfig(url=push_url, token=creds.push_token, aes_key=creds.push_aes_key, mode=push_mode,
                                data_format=push_format)
+        self.started_push = self.push
         self.state = SimState()
         self.merchant_public_key = load_public_key(creds.merchant_public_key_pem)
         self.signer = PlatformSigner.from_credentials(creds)
@@ -105,7 +106,9 @@ class WeChatSimulator:
         self.push = replace(self.push, url=url)
 
     def reset(self) -> None:
-        """Forget everything, pending redeliveries and media checks included (not the push configuration)."""
+        """Forget everything, pending redeliveries and media checks included; the message push is configured as it
+        was at start."""
+        self.push = self.started_push
         self.media_checks.reset()
         with self.state.lock:
             self.state.reset()
