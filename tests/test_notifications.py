@@ -125,7 +125,11 @@ def test_a_message_is_owed_once_and_sent_once_however_often_it_is_replayed(servi
 def later(services, monkeypatch):
     """The domain's clock moved past the sweep's grace for work in a live process's hands."""
     real = states.now
-    monkeypatch.setattr(states, "now", lambda: real() + timedelta(seconds=services.settings.worker_dead_after_s * 3))
+    monkeypatch.setattr(states, "now", lambda: real() + past_the_grace(services))
+
+
+def past_the_grace(services) -> timedelta:
+    return timedelta(seconds=services.settings.worker_dead_after_s * 3)
 
 
 def test_the_sweep_queues_again_a_message_redis_lost(services, login, sim, drain, monkeypatch):
@@ -160,7 +164,7 @@ def test_the_sweep_owes_a_message_a_crash_never_recorded_and_never_resends_an_in
     assert message["data"]["character_string2"]["value"] == avatar["_id"]
     # A sender that died between taking the grant and recording WeChat's answer: maybe sent; never sent again.
     interrupted = owe(services, api.user_id, "training_started", "av_3")
-    long_ago = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 3)
+    long_ago = states.now() - past_the_grace(services)
     services.db.messages.update_one({"_id": interrupted}, {"$set": {"state": "sending", "sending_at": long_ago}})
     assert sweeper.sweep(services)["message_interrupted"] == 1
     drain()

@@ -15,6 +15,7 @@ from portraits import avatars as avatars_module
 from portraits.billing import orders as orders_module
 from portraits.billing import refunds as refunds_module
 from portraits.queue.tracking import QueueTracker
+from tests.test_notifications import later
 from tests.test_queue import quick_paid_avatar
 
 
@@ -177,10 +178,6 @@ def test_a_failed_render_whose_credit_never_came_back_gets_it_once(services, log
     assert services.db.orders.find_one({"_id": order_id})["render_credits"] == credits + 1
 
 
-def _later(services) -> timedelta:
-    return timedelta(seconds=services.settings.worker_dead_after_s * 3)
-
-
 def test_a_render_credit_claimed_for_a_render_never_written_comes_back_once(services, login, sim, drain,
                                                                             monkeypatch):
     avatar, order = quick_paid_avatar(services, login("hugo"), sim)
@@ -196,8 +193,7 @@ def test_a_render_credit_claimed_for_a_render_never_written_comes_back_once(serv
     stored = services.db.orders.find_one({"_id": order["id"]})
     assert stored["render_credits"] == credits - 1 and len(stored["render_claims"]) == 1
     assert "claim_given_back" not in sweeper.sweep(services)  # a live request could still be between the writes
-    real = states.now
-    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    later(services, monkeypatch)
     assert sweeper.sweep(services).get("claim_given_back") == 1
     assert sweeper.sweep(services).get("claim_given_back") is None
     stored = services.db.orders.find_one({"_id": order["id"]})
@@ -213,8 +209,7 @@ def test_a_claim_whose_render_was_written_is_dropped_and_costs_the_credit(servic
     with pytest.raises(Crash):
         renders.create_render(services, services.db.users.find_one({"_id": avatar["user_id"]}),
                               services.db.avatars.find_one({"_id": avatar["_id"]}), template.id)
-    real = states.now
-    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    later(services, monkeypatch)
     assert sweeper.sweep(services).get("claim_dropped") == 1
     stored = services.db.orders.find_one({"_id": order["id"]})
     assert stored["render_credits"] == credits - 1 and stored["render_claims"] == []
@@ -232,8 +227,7 @@ def test_more_like_me_claimed_but_never_written_gives_the_refinement_back(servic
         renders.more_like_me(services, parent, services.db.avatars.find_one({"_id": parent["avatar_id"]}))
     monkeypatch.undo()
     assert services.db.renders.find_one({"_id": parent["_id"]})["refinements_used"] == 1
-    real = states.now
-    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    later(services, monkeypatch)
     assert sweeper.sweep(services).get("claim_given_back") == 1
     root = services.db.renders.find_one({"_id": parent["_id"]})
     assert root["refinements_used"] == 0 and root["refinement_claims"] == []
@@ -250,8 +244,7 @@ def test_an_operator_retry_never_written_frees_the_failed_render(services, login
     with pytest.raises(Crash):
         renders.retry_failed_render(services, failed, by="operator:ada")
     monkeypatch.undo()
-    real = states.now
-    monkeypatch.setattr(states, "now", lambda: real() + _later(services))
+    later(services, monkeypatch)
     done = sweeper.sweep(services)
     assert done.get("retry_released") == 1 and done.get("claim_given_back") == 1
     retried = renders.retry_failed_render(services, services.db.renders.find_one({"_id": render["_id"]}),
