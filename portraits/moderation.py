@@ -5,7 +5,8 @@ portrait is delivered only once it passes (portraits.content_checks keeps the ch
   trace_id was written;
 - `receive_media_check` (the `wxa_media_check` message push, portraits.push_events) records the verdict and
   applies it;
-- `sweep` (portraits.sweeper) times out checks WeChat never answered, applies the timeout policy, settles what a
+- `sweep` (portraits.sweeper) records the checks of a finished render that a crash kept from being recorded, times
+  out checks WeChat never answered, applies the timeout policy, settles what a
   crash left unapplied, returns interrupted submissions to the queue and drains the queue as quota allows.
 Applying a verdict is idempotent (a photo or image no longer pending is left as it is), so a second push, the
 sweep and the submitter may all try.
@@ -51,6 +52,9 @@ def settle(services, check: dict | None) -> None:
 
 def sweep(services, grace_cutoff) -> Counter:
     done = Counter()
+    for render in renders.renders_owing_image_checks(services, grace_cutoff):
+        renders.request_image_checks(services, render)
+        done["content_check_recorded"] += 1
     for check in content_checks.expire_overdue(services, content_checks.timeout_cutoff(services)):
         settle(services, check)
         done["content_check_timeout"] += 1

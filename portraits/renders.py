@@ -331,19 +331,34 @@ def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], 
                                          "relative_likeness_best": relative_likeness(best,
                                                                                      avatar.get("likeness_baseline")),
                                          "carried_image_ids": carried, "finished_at": states.now(),
-                                         "content_checked": True, "delivered_image_ids": delivered})
+                                         "content_checked": True, "delivered_image_ids": delivered,
+                                         "image_checks_owed": True})
     if done is None:
         return "superseded"
     QueueTracker(services.redis).set_subject(keys.render_subject(render["_id"]), state="done")
-    user = services.db.users.find_one({"_id": render["user_id"]})
-    for image in kept:
-        if not image.carried and user is not None:
-            content_checks.request_check(services, "image", image.image_id, user=user,
-                                         blob_key=keys.image(render["user_id"], image.image_id),
-                                         render_id=render["_id"])
+    request_image_checks(services, done)
     if delivered:
         deliver(services, done)
     return "done"
+
+
+def request_image_checks(services, render: dict) -> None:
+    """The content checks of a finished render's new images, each recorded once; `image_checks_owed` (set with
+    `done`) goes once they all are, so a process dying in between leaves the sweep something to find."""
+    user = services.db.users.find_one({"_id": render["user_id"]})
+    carried = set(render.get("carried_image_ids") or [])
+    if user is not None:
+        for image_id in render.get("image_ids", []):
+            if image_id not in carried:
+                content_checks.request_check(services, "image", image_id, user=user,
+                                             blob_key=keys.image(render["user_id"], image_id),
+                                             render_id=render["_id"])
+    services.db.renders.update_one({"_id": render["_id"]}, {"$unset": {"image_checks_owed": ""}})
+
+
+def renders_owing_image_checks(services, older_than) -> list[dict]:
+    return list(services.db.renders.find({"image_checks_owed": True, "state": "done",
+                                          "finished_at": {"$lt": older_than}}))
 
 
 def image_delivered(image: dict) -> bool:

@@ -14,7 +14,8 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - a subscribe message owed whose job Redis lost, or one a state change owes that was never recorded
   (portraits.notifications.heal);
 - a share poster's mini-program code owed whose job ended without it or was lost (portraits.sharing.heal);
-- a content check WeChat never answered within CONTENT_CHECK_TIMEOUT_S owes its timeout policy, a decided one not
+- a finished render still owing its images' content checks (`image_checks_owed`) owes their recording, a content
+  check WeChat never answered within CONTENT_CHECK_TIMEOUT_S owes its timeout policy, a decided one not
   yet applied to its photo or portrait owes that, an interrupted submission owes its place in the queue back, and
   the queue (checks waiting for quota, or never enqueued) owes its submission as quota allows
   (portraits.moderation.sweep).

@@ -380,6 +380,10 @@ def build_flow(env: Env, scenario: str, plan=None) -> Flow:
     from tests.conftest import make_settings
 
     env.sim.reset()
+    # Every content-check verdict waits until the drill's WeChat pushes it (wechat_acts), so that the write points
+    # come in the same order in every run, not when a timer thread happens to fire.
+    env.sim.media_check_rule("pass", hold=True)
+    env.sim.configure_media_checks(push_retry_interval_s=0)
     env.redis.flushall()
     instance = env.tmp / secrets.token_hex(4)
     # Always mongomock, even under MONGO_URI: the Recorder taps mongomock's Collection (the real-process versions
@@ -578,7 +582,8 @@ def wechat_acts(flow: Flow) -> bool:
             _guard(flow, "refund_settled", lambda: sim.settle_refunds(refund["out_refund_no"]))
             acted = True
     # WeChat's content checks: verdicts not pushed yet are pushed now (to the message-push endpoint).
-    if not flow.recorder.dead and _guard(flow, "media_check_push", lambda: sim.flush_media_checks()["delivered"]):
+    if not flow.recorder.dead and _guard(flow, "media_check_push",
+                                         lambda: sim.flush_media_checks(include_held=True)["delivered"]):
         acted = True
     for notification in sim.notifications():
         if flow.recorder.dead:
@@ -699,6 +704,7 @@ def judge(flow: Flow) -> Verdict:
     `refunded` with exactly one successful refund of the whole amount at WeChat Pay (never both, never two);
     photos purged once the avatar is trained, or failed and refunded; render credits neither lost nor doubled."""
     from portraits import keys
+    from portraits.renders import render_delivered
 
     services, db = flow.services, flow.services.db
     verdict = Verdict()
@@ -720,10 +726,13 @@ def judge(flow: Flow) -> Verdict:
                 verdict.doubled.append(f"{order['_id']}: {len(succeeded)} refunds, {refunded_fen} fen")
             renders = list(db.renders.find({"order_id": order["_id"]}))
             if order["state"] == "fulfilled":
-                done = [r for r in renders if r["state"] == "done" and r.get("image_ids")]
-                stored = done and all(
+                # What the user was given: the images WeChat's content check passed (a refused one is deleted and
+                # its set drawn again or credited, portraits.renders.make_good_lost_images).
+                delivered = [i for r in renders if render_delivered(r)
+                             for i in (r.get("delivered_image_ids") if r.get("content_checked") else r["image_ids"])]
+                stored = delivered and all(
                     db.images.find_one({"_id": i}) and services.blobs.exists(keys.image(order["user_id"], i))
-                    for r in done for i in r["image_ids"])
+                    for i in delivered)
                 if succeeded:
                     verdict.doubled.append(f"{order['_id']}: fulfilled and refunded {refunded_fen} fen")
                 elif not stored:

@@ -251,3 +251,22 @@ def test_an_operator_retry_never_written_frees_the_failed_render(services, login
                                           by="operator:ada")
     assert retried["state"] == "queued" and retried["retry_of"] == render["_id"]
     assert services.db.orders.find_one({"_id": render["order_id"]})["render_claims"] == []
+
+
+def test_a_finished_render_whose_content_checks_were_never_recorded_gets_them_from_the_sweep(
+        services, login, sim, drain, monkeypatch):
+    render, order_id = _render_on_trained_avatar(services, login, sim, drain, "jade")
+    crash_once(monkeypatch, renders, "request_image_checks")  # dies right after the render is written done
+    drain()
+    stored = services.db.renders.find_one({"_id": render["_id"]})
+    assert stored["state"] == "done" and stored["image_checks_owed"] is True
+    assert services.db.content_checks.count_documents({"render_id": render["_id"]}) == 0
+    assert "content_check_recorded" not in sweeper.sweep(services)  # a live worker could still be between the writes
+    later(services, monkeypatch)
+    healed = sweeper.sweep(services)
+    images = len(stored["image_ids"])
+    assert healed["content_check_recorded"] == 1 and healed["content_check_submitted"] == images
+    assert "image_checks_owed" not in services.db.renders.find_one({"_id": render["_id"]})
+    sim.flush_media_checks()
+    assert services.db.orders.find_one({"_id": order_id})["state"] == "fulfilled"
+    assert "content_check_recorded" not in sweeper.sweep(services)

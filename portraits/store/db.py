@@ -85,6 +85,7 @@ def ensure_indexes(db) -> None:
     db.orders.create_index("render_claims.at", sparse=True)
     db.renders.create_index("refinement_claims.at", sparse=True)
     db.renders.create_index("retried_at", sparse=True)
+    db.renders.create_index("image_checks_owed", sparse=True)
     db.label_log.create_index("content_id", unique=True)
     db.label_log.create_index("created_at")
     db.content_checks.create_index("trace_id", sparse=True)
