@@ -12,6 +12,7 @@ from portraits import states, sweeper, tasks
 from portraits.billing import promises, refunds
 from portraits.queue.lanes import EXPRESS, STANDARD, ExpressSlots, LanePolicy
 from portraits.queue.tracking import QueueTracker, estimate
+from tests.console_support import client_login, make_operator
 from tests.test_queue import quick_paid_avatar, record
 from tests.test_xpay import XPAY_RAIL, pay, pushes  # noqa: F401  (pushes: a fixture the iOS test uses)
 
@@ -252,3 +253,17 @@ def test_the_openapi_document_describes_lanes_and_promises(client):
     assert "promise" in by_name["Order"]["properties"]
     assert {"lane", "promised_wait_s"} <= set(by_name["Product"]["properties"])
     assert "compensation" in by_name["ExpressPromise"]["properties"]
+
+
+def test_the_console_shows_the_lane_and_the_promise(services, client, login, sim, monkeypatch):
+    make_operator(services, "vic", "viewer")
+    client_login(client, "vic")
+    _, order = quick_paid_avatar(services, login("jon"), sim, sku=EXPRESS_SKU)
+    page = client.get(f"/console/orders/{order['id']}").get_data(as_text=True)
+    assert "加急 express" in page and "open" in page
+    _past_the_breach(services, order["id"], monkeypatch)
+    sweeper.sweep(services)
+    page = client.get(f"/console/orders/{order['id']}").get_data(as_text=True)
+    assert "compensated" in page and "补偿 refund ¥10.00" in page
+    dashboard = client.get("/console/").get_data(as_text=True)
+    assert 'data-queue="train_express"' in dashboard and 'id="eta-new-express"' in dashboard

@@ -303,6 +303,14 @@ class QueueTracker:
         counts.setdefault(queue, LineCounts(0, self._duration(queue, numbers[1]), running_count))
         return fields, self._estimate(queue, rank, workers, running, progress, counts)
 
+    def new_job_estimate(self, queue: str) -> dict:
+        """What a job enqueued now on `queue` would be told (the console's "ETA for a new job")."""
+        counts = {name: LineCounts(self.waiting_count(name), self.average_duration(name), self.running_count(name))
+                  for name in LANE_ORDER}
+        counts.setdefault(queue, LineCounts(self.waiting_count(queue), self.average_duration(queue),
+                                            self.running_count(queue)))
+        return self._estimate(queue, counts[queue].waiting, self.live_workers(queue), False, 0.0, counts)
+
     def _estimate(self, queue: str, rank: int, live: int, running: bool, progress: float,
                   counts: dict[str, "LineCounts"]) -> dict:
         return lane_estimate(self.policy, queue, rank, live, running, progress, counts)
@@ -353,11 +361,11 @@ def lane_demand(counts: dict[str, LineCounts], lane: str) -> int:
 
 def lane_estimate(policy: LanePolicy, queue: str, rank: int, live: int, running: bool, progress: float,
                   counts: dict[str, LineCounts]) -> dict:
-    """estimate() for a job of one lane: its lane's share of the live workers (portraits.queue.lanes) and the work
-    of its own lane served first; the other lane's jobs never count as ahead of it."""
+    """estimate() for a job of one lane: its position counts only its own lane's jobs (and its lane's renders,
+    served first), on its lane's share of the live workers now (LanePolicy.lane_workers: express has its slots
+    while standard work waits, standard every worker the express work there now leaves it)."""
     lane = QUEUE_LANE.get(queue, STANDARD)
     workers = policy.lane_workers(lane, live, lane_demand(counts, EXPRESS), lane_demand(counts, STANDARD))
     earlier = [(counts[name].waiting, counts[name].average) for name in SERVED_BEFORE.get(queue, ())]
     own = counts[queue]
-    where = estimate(rank, own.average, workers, own.running, running, progress, earlier)
-    return {**where, "lane": lane}
+    return {**estimate(rank, own.average, workers, own.running, running, progress, earlier), "lane": lane}
