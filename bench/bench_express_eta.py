@@ -18,6 +18,17 @@ one pooled average. Actual: payment to the end of its training.
 
 Prints, per lane: avatars, median and p90 of |ETA - actual| (ours and naive, and ours / naive), median and p90 of
 the wait (payment to training start), and how many express promises (PROMISED_WAIT_S + margin) were broken.
+
+Measured (defaults: 481 avatars, 4 workers, about 88% of the GPUs' day busy, seed 7):
+
+    lane          n  |err| p50      p90  naive p50      p90  ours/naive p50    p90  wait p50      p90  broken
+    express      56       203s     639s      1300s   15386s            0.16   0.04       77s    1216s       2
+    standard    425       528s    4090s      1034s    5266s            0.51   0.78     8206s   19454s       -
+
+With 8 workers and 900 a day: express 134 s / 386 s (0.03 of naive), standard 443 s / 2418 s (0.46 / 0.59 of naive).
+On one GPU (`--workers 1 --per-day 110 --express 0.1`) the standard lane's ETA is worse than the naive one (1.39 /
+1.68): it counts half a worker while express work is present, but over a wait of hours express takes far less of
+the one GPU than half. Both ETAs leave out the renders and the express work that arrive after the ETA is given.
 """
 from __future__ import annotations
 
