@@ -18,10 +18,11 @@ from rq import get_current_job
 
 from jobs import context
 from portraits import metrics, tasks
+from portraits.queue.lanes import QUEUE_KIND
 from portraits.queue.tracking import QueueTracker
 
 log = logging.getLogger(__name__)
-DURATIONS = {tasks.TRAIN: metrics.TRAINING_SECONDS, tasks.RENDER: metrics.RENDER_SECONDS}
+DURATIONS = {"train": metrics.TRAINING_SECONDS, "render": metrics.RENDER_SECONDS}
 
 stopping = threading.Event()
 stop_grace_s = [20.0]
@@ -46,7 +47,7 @@ def check_hand_back(fraction: float, elapsed_s: float) -> None:
 
 @dataclass(frozen=True)
 class GpuJobKind:
-    queue: str
+    queue: str  # the standard lane's queue; a job runs on (and is measured for) the queue it came from
     collection: str  # where the claimed document lives: one erased meanwhile (DELETE /me) ends the job quietly
     claim: Callable  # (services, doc_id, job_id) -> doc | None
     work: Callable  # (services, doc, job) -> result; raises on a technical failure
@@ -59,17 +60,19 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
     tracker = QueueTracker(services.redis)
     job = get_current_job()
     job_id = job.id if job else f"inline-{doc_id}"
+    queue = job.origin if job is not None and job.origin in tasks.GPU_QUEUES else kind.queue
+    duration = DURATIONS[QUEUE_KIND[queue]]
     doc = kind.claim(services, doc_id, job_id)
     if doc is None:
-        tracker.finished(kind.queue, job_id, measure=False)
+        tracker.finished(queue, job_id, measure=False)
         return "skipped"
-    tracker.started(kind.queue, job_id)
+    tracker.started(queue, job_id)
     started = time.monotonic()
     try:
         result = kind.work(services, doc, job)
     except Exception as error:
-        DURATIONS[kind.queue].labels(outcome="failed").observe(time.monotonic() - started)
-        tracker.finished(kind.queue, job_id, measure=False)
+        duration.labels(outcome="failed").observe(time.monotonic() - started)
+        tracker.finished(queue, job_id, measure=False)
         if services.db[kind.collection].count_documents({"_id": doc_id}, limit=1) == 0:
             # Its user was erased while it ran (their key shredded, their blobs gone). A failed job would keep the
             # error, which names the user's blob keys, in Redis for the failure TTL and in the log: end it instead.
@@ -78,6 +81,6 @@ def run(kind: GpuJobKind, doc_id: str) -> str:
         kind.fail(services, doc_id, f"{type(error).__name__}: {error}")
         raise
     seconds = time.monotonic() - started
-    DURATIONS[kind.queue].labels(outcome="done").observe(seconds)
-    tracker.finished(kind.queue, job_id, measure=True)
+    duration.labels(outcome="done").observe(seconds)
+    tracker.finished(queue, job_id, measure=True)
     return kind.complete(services, doc, job_id, result, seconds)

@@ -1,6 +1,7 @@
 """Worker processes.
 
-    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings
+    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings, and
+                                    express or standard first by the lane rule (portraits.queue.lanes)
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
     python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
 
@@ -29,6 +30,7 @@ from rq.timeouts import TimerDeathPenalty
 from jobs import context, gpu_job, observability, recovery
 from portraits import health, sweeper, tasks
 from portraits.config import ConfigError, Settings
+from portraits.queue.lanes import EXPRESS, LANE_QUEUES, QUEUE_LANE, STANDARD, ExpressSlots, LanePolicy
 from portraits.queue.tracking import QueueTracker
 from portraits.services import build_services
 
@@ -39,12 +41,15 @@ class DefaultWorker(observability.JobLogContext, SimpleWorker):
 
 class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
     def __init__(self, *args, heartbeat_s: int = 10, dead_after_s: int = 45, stop_grace_s: float = 20.0,
-                 worker_ttl: int = 60, **kwargs):
+                 worker_ttl: int = 60, lanes: LanePolicy | None = None, **kwargs):
         if dead_after_s <= heartbeat_s:
             raise ValueError("dead_after_s must be longer than heartbeat_s")
         kwargs.setdefault("job_monitoring_interval", heartbeat_s)
         super().__init__(*args, worker_ttl=worker_ttl, **kwargs)
         self.dead_after_s = dead_after_s
+        self.lane_policy = lanes or LanePolicy()
+        self._express_slots = ExpressSlots(self.connection)
+        self._lane = None
         gpu_job.stop_grace_s[0] = stop_grace_s
         self._handed_back = None
         self.push_exc_handler(self._note_hand_back)
@@ -74,6 +79,29 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
             return False  # not an error worth logging as one
         return True
 
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """Listen express first or standard first, as the lane rule says for this worker now."""
+        self._order_lanes()
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        lane = QUEUE_LANE.get(result[1].name) if result is not None else None
+        if lane is None:
+            self._express_slots.release(self.name)
+        else:
+            self._express_slots.hold(self.name, self.dead_after_s, lane)
+        self._lane = lane
+        return result
+
+    def _order_lanes(self) -> None:
+        names = [q.name for q in self.queues]
+        if not any(name in QUEUE_LANE for name in names):
+            return
+        live = QueueTracker(self.connection).live_workers(tasks.RENDER)
+        standard = [q.key for q in self.queues if QUEUE_LANE.get(q.name) == STANDARD]
+        taken = self._express_slots.take(self.lane_policy, self.name, live, self.dead_after_s, standard)
+        first = EXPRESS if taken else STANDARD
+        rank = [*LANE_QUEUES[first], *LANE_QUEUES[EXPRESS if first == STANDARD else STANDARD]]
+        self._ordered_queues = sorted(self.queues, key=lambda q: rank.index(q.name) if q.name in rank else len(rank))
+
     def execute_job(self, job, queue):
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_while_running, args=(job, stop), daemon=True,
@@ -84,6 +112,8 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
         finally:
             stop.set()
             beat.join()
+            self._express_slots.release(self.name)
+            self._lane = None
         if self._handed_back is not None:
             handed, self._handed_back = self._handed_back, None
             outcome = recovery.hand_back(context.services(), handed, self.name)
@@ -96,6 +126,8 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
                 continue
             try:
                 self.maintain_heartbeats(job, execution)
+                if self._lane == EXPRESS:
+                    self._express_slots.hold(self.name, self.dead_after_s, EXPRESS)
             except Exception:  # a missed beat is retried on the next tick; never kill the job for it
                 self.log.exception("heartbeat failed")
 
@@ -111,11 +143,11 @@ class EmbeddedWorker(ResidentModelWorker):
 
 
 def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
-    """A GPU worker on the render and train queues, renders first."""
+    """A GPU worker on both lanes' render and train queues, renders first within a lane."""
     options = {}
     if settings is not None:
         options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
-                       stop_grace_s=settings.worker_stop_grace_s)
+                       stop_grace_s=settings.worker_stop_grace_s, lanes=LanePolicy.of(settings))
     options.update(overrides)
     gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
                   for name in tasks.GPU_QUEUES]
@@ -125,7 +157,8 @@ def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWor
 def drain(services, max_rounds: int = 100) -> int:
     """Run every queued job (and the retries they enqueue) in this thread; returns how many rounds ran."""
     context.install(services)
-    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES], connection=services.redis)
+    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES], connection=services.redis,
+                            lanes=LanePolicy.of(services.settings))
     rounds = 0
     while rounds < max_rounds and worker.work(burst=True, with_scheduler=True, logging_level="WARNING"):
         rounds += 1

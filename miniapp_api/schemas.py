@@ -324,8 +324,14 @@ class Photo(Reply):
                     "refused before it, or from before the checks")
 
 
+Lane = Literal["standard", "express"]
+LANE_DESCRIPTION = ("the GPU lane the work waits in: express (an express sku's) is served by its own share of the GPU "
+                    "workers; position and ETA count only the jobs of the same lane")
+
+
 class Queue(Reply):
     state: str
+    lane: Lane = Field(description=LANE_DESCRIPTION)
     position: int
     ahead: int
     eta_seconds: int
@@ -369,6 +375,24 @@ class PayParams(Reply):
     paySign: str
 
 
+class ExpressPromise(Reply):
+    """An express order's promised wait: its training starts within wait_s of payment. Broken by more than
+    margin_s, the price difference to the standard pack is refunded once (on iOS, where we cannot refund, a free
+    standard pack is credited instead)."""
+
+    state: Literal["open", "kept", "broken", "compensated"] | None = Field(
+        description="null until paid; open while the training waits; kept or broken once it started (or the "
+                    "deadline plus the margin passed); compensated once the difference is refunded or made good")
+    wait_s: int
+    margin_s: int
+    difference_fen: int = Field(description="what a broken promise gives back, in fen")
+    deadline: str | None = Field(description="payment time + wait_s; null until paid")
+    waited_s: float | None = Field(description="payment to the training's start (or to when it was found broken)")
+    compensation: Literal["refund", "make_good_credit", "covered"] | None = Field(
+        description="refund: the difference refunded; make_good_credit: a free standard pack (iOS); covered: the "
+                    "order was refunded in full anyway")
+
+
 class Refund(Reply):
     out_refund_no: str
     amount: int
@@ -386,9 +410,11 @@ class OrderRecord(Reply):
     platform: str | None
     state: OrderState
     render_credits: int
+    lane: Lane = Field(description="express for an express sku: its training and renders wait in the express lane")
     created_at: str | None
     paid_at: str | None
     refunds: list[Refund]
+    promise: ExpressPromise = omittable()
 
 
 class XPayParams(Reply):
@@ -417,6 +443,10 @@ class Product(Reply):
                                            "cannot refund iOS virtual payments, so a technical failure is made good "
                                            "with a free redo credit")
     credits: int = Field(description="the user's unused free redo credits for it (pay with use_credit)")
+    lane: Lane = Field(description="express: trainings and renders wait in the express lane, with a promised wait")
+    promised_wait_s: int = Field(default=None, json_schema_extra=_no_default,
+                                 description="express only: the training starts within this many seconds of "
+                                             "payment, or the difference is given back")
 
 
 class PushReply(Reply):
@@ -465,6 +495,7 @@ class PosterPending(Reply):
 
 
 class QueueSpot(Reply):
+    lane: Lane = Field(description=LANE_DESCRIPTION)
     position: int
     ahead: int
     eta_seconds: int

@@ -17,8 +17,9 @@ from redis.exceptions import LockError
 from models.faces import identity_pivot, likeness_baseline
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
 from portraits import consents, content_checks, keys, notifications, photos, states, tasks
-from portraits.billing import refunds
+from portraits.billing import promises, refunds
 from portraits.errors import Conflict, Invalid, TooLarge, Unavailable, UnsupportedMedia
+from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 from portraits.retries import retry_or_fail
 
@@ -317,7 +318,8 @@ def start_training(services, order: dict) -> bool:
     the avatar cannot train for this order (it left `ready` since the order was made, or another order took it):
     the payment is then refunded by the caller."""
     avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
-                               by=f"order:{order['_id']}", set_fields={"order_id": order["_id"]})
+                               by=f"order:{order['_id']}",
+                               set_fields={"order_id": order["_id"], "lane": lanes.lane_of(order)})
     if avatar is not None:
         enqueue_training(services, avatar)
         return True
@@ -329,7 +331,8 @@ def enqueue_training(services, avatar: dict) -> None:
     job_id = keys.train_job_id(avatar["_id"], avatar.get("train_attempts", 0) + 1)
     subject = keys.avatar_subject(avatar["_id"])
     tasks.track_for_owner(services, subject, avatar["user_id"])
-    tasks.enqueue(services, tasks.TRAIN, tasks.TRAIN_AVATAR, avatar["_id"], job_id=job_id, subject=subject)
+    tasks.enqueue(services, tasks.gpu_queue_name("train", avatar), tasks.TRAIN_AVATAR, avatar["_id"], job_id=job_id,
+                  subject=subject)
 
 
 def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
@@ -339,6 +342,8 @@ def begin_training(services, avatar_id: str, job_id: str) -> dict | None:
     if avatar is None:
         return None
     QueueTracker(services.redis).set_subject(keys.avatar_subject(avatar_id), state="training", progress=0)
+    # The wait an express order was promised ends here (its promise is settled by the first start only).
+    promises.training_started(services, avatar.get("order_id"), avatar["training_started_at"], by=f"job:{job_id}")
     notifications.notify(services, avatar["user_id"], "training_started", avatar_id, {"avatar_id": avatar_id})
     return avatar
 

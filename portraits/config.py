@@ -29,7 +29,13 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, Va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-DEFAULT_SKUS = {"avatar_pack": {"amount": 990, "render_sets": 3, "description": "AI写真 数字分身套餐"}}
+DEFAULT_SKUS = {
+    "avatar_pack": {"amount": 990, "render_sets": 3, "description": "AI写真 数字分身套餐"},
+    # The express tier (issue 17): its trainings and renders wait in the express lane (portraits.queue.lanes).
+    "express_pack": {"amount": 1990, "render_sets": 3, "description": "AI写真 数字分身套餐（加急）", "lane": "express",
+                     "promised_wait_s": 1800, "standard_sku": "avatar_pack"},
+}
+SKU_LANES = ("standard", "express")
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 # What EMBEDDED puts in the filing and model disclosure settings; the disclosure endpoint says it is a placeholder.
 DISCLOSURE_PLACEHOLDER = "PLACEHOLDER 未备案（开发环境）"
@@ -297,8 +303,14 @@ class Settings(BaseSettings):
     collecting_ttl_s: int = setting(7 * 24 * 3600, "unpaid avatars and their photos are deleted after this")
 
     skus: JsonDict = setting(description="products, prices in fen: `{sku: {amount, render_sets, description, "
-                                         "xpay_product_id}}`; `xpay_product_id` is the item's id in the "
-                                         "virtual-payment console (default: the sku), whose price must be `amount`",
+                                         "xpay_product_id, lane, promised_wait_s, standard_sku}}`; "
+                                         "`xpay_product_id` is the item's id in the "
+                                         "virtual-payment console (default: the sku), whose price must be `amount`; "
+                                         "`lane` `standard` (default) or `express`: an express sku's trainings and "
+                                         "renders wait in the express lane, its training is promised to start within "
+                                         "`promised_wait_s` of payment, and a promise broken by more than "
+                                         "`EXPRESS_PROMISE_MARGIN_S` refunds the difference to `standard_sku`'s "
+                                         "price, once",
                              default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
     payment_rail: Literal["jsapi", "xpay", "by_platform"] = setting(
         "jsapi", "how orders are paid: `jsapi` WeChat Pay JSAPI (wx.requestPayment); `xpay` WeChat's virtual payment "
@@ -352,6 +364,17 @@ class Settings(BaseSettings):
                                            "(every 30 s) retries it, or fails it and refunds")
     worker_stop_grace_s: float = setting(20.0, "on SIGTERM a training expected to end within this finishes; a longer "
                                                "one goes back to the front of the queue without spending an attempt")
+    express_gpu_share: float = setting(0.25, "share of the live GPU workers that take express work first "
+                                             "(`ceil(share × workers)`, at least one): express users wait only "
+                                             "behind express users", gt=0, le=1)
+    express_gpu_cap: float = setting(0.5, "most of the GPU workers that may take express work first while "
+                                          "standard work waits (`floor(cap × workers)`), so standard users are "
+                                          "never starved; below one whole worker (one GPU) the lanes take turns",
+                                     gt=0, le=1)
+    express_promise_margin_s: int = setting(300, "an express order's promise (its training starts within the "
+                                                 "sku's `promised_wait_s` of payment) counts as broken only when "
+                                                 "missed by more than this; then the price difference is refunded "
+                                                 "(made good with a free standard pack on iOS), once", ge=0)
     cjk_font_path: str | None = setting(None, 'font for the visible "AI生成" label and posters',
                                         shown="WenQuanYi Micro Hei")
 
@@ -496,6 +519,25 @@ class Settings(BaseSettings):
     def disclosure_placeholders(self) -> list[str]:
         """The disclosure settings still holding EMBEDDED's placeholder."""
         return [name for name in DISCLOSURE_SETTINGS if getattr(self, name) == DISCLOSURE_PLACEHOLDER]
+
+    @field_validator("skus")
+    @classmethod
+    def _sku_lanes(cls, skus: dict) -> dict:
+        for name, product in skus.items():
+            lane = product.get("lane", "standard")
+            if lane not in SKU_LANES:
+                raise ValueError(f"{name}: lane must be one of {', '.join(SKU_LANES)}")
+            if lane != "express":
+                continue
+            standard = skus.get(product.get("standard_sku"))
+            if standard is None or standard.get("lane", "standard") != "standard":
+                raise ValueError(f"{name}: an express sku names the standard sku its price difference is against "
+                                 "(standard_sku)")
+            if int(standard["amount"]) > int(product["amount"]):
+                raise ValueError(f"{name}: costs less than its standard sku {product['standard_sku']}")
+            if not isinstance(product.get("promised_wait_s"), int) or product["promised_wait_s"] <= 0:
+                raise ValueError(f"{name}: an express sku promises a wait (promised_wait_s, whole seconds)")
+        return skus
 
     @field_validator(*FILE_CONTENTS)
     @classmethod

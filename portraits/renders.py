@@ -20,6 +20,7 @@ from portraits import avatars, content_checks, keys, notifications, privacy, sta
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
 from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
+from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 from portraits.retries import retry_or_fail
 
@@ -160,7 +161,7 @@ def refinements_left(services, render: dict) -> int:
 def queue_position(services, render: dict) -> dict | None:
     if render["state"] not in ("queued", "rendering"):
         return None
-    tracker = QueueTracker(services.redis)
+    tracker = tasks.queue_tracker(services)
     tracked = tracker.subject(keys.render_subject(render["_id"]))
     if not tracked.get("job_id"):
         return None
@@ -180,7 +181,7 @@ def insert_render(services, avatar, template_id, order_id, params, *, parent, ch
               "root_id": (parent.get("root_id") or parent["_id"]) if parent else None,
               "parent_likeness": parent.get("likeness_best") if parent else None,
               "params": params, "seed": secrets.randbelow(2**31), "charged": charged, "state": "queued",
-              "attempts": 0, "image_ids": [], "created_at": at, "updated_at": at,
+              "attempts": 0, "image_ids": [], "created_at": at, "updated_at": at, "lane": lanes.lane_of(avatar),
               "history": states.initial_history("queued", by or f"user:{avatar['user_id']}")}
     if retry_of:
         render["retry_of"] = retry_of
@@ -194,7 +195,7 @@ def insert_render(services, avatar, template_id, order_id, params, *, parent, ch
 def enqueue_render(services, render: dict) -> None:
     subject = keys.render_subject(render["_id"])
     tasks.track_for_owner(services, subject, render["user_id"])
-    tasks.enqueue(services, tasks.RENDER, tasks.RENDER_PORTRAITS, render["_id"],
+    tasks.enqueue(services, tasks.gpu_queue_name("render", render), tasks.RENDER_PORTRAITS, render["_id"],
                   job_id=keys.render_job_id(render["_id"], render.get("attempts", 0) + 1), subject=subject)
 
 

@@ -52,9 +52,21 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "review": set(),
         "timeout": set(),
     },
+    # An express order's promised wait (portraits.billing.promises), the order's `promise` field: open from payment
+    # until its training starts; kept when it started by the deadline plus the margin, broken when it started later
+    # or is still waiting past that; a broken promise is compensated once (the price difference refunded, or made
+    # good where money cannot be refunded).
+    "express_promise": {
+        "open": {"kept", "broken"},
+        "broken": {"compensated"},
+        "kept": set(),
+        "compensated": set(),
+    },
 }
 
 COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks"}
+# Machines whose state lives in a field of another entity's document: machine -> (collection, field).
+PARTS = {"express_promise": ("orders", "promise")}
 
 
 class IllegalTransition(ValueError):
@@ -96,6 +108,22 @@ def transition(db, entity: str, doc_id: str, target: str, *, expect: set[str] | 
     if unset_fields:
         update["$unset"] = {name: "" for name in unset_fields}
     return db[COLLECTIONS[entity]].find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+
+
+def transition_part(db, machine: str, doc_id: str, target: str, *, by: str = "system", reason: str | None = None,
+                    set_fields: dict | None = None):
+    """transition() for a machine kept in a field of a document (PARTS): the compare-and-set is on `field.state`,
+    the history is the field's own. Returns the whole document, or None when the field is not in an allowed state."""
+    allowed = sources(machine, target)
+    collection, field = PARTS[machine]
+    at = now()
+    update = {
+        "$set": {f"{field}.state": target, f"{field}.updated_at": at,
+                 **{f"{field}.{name}": value for name, value in (set_fields or {}).items()}},
+        "$push": {f"{field}.history": {"to": target, "at": at, "by": by, "reason": reason}},
+    }
+    return db[collection].find_one_and_update({"_id": doc_id, f"{field}.state": {"$in": sorted(allowed)}}, update,
+                                              return_document=ReturnDocument.AFTER)
 
 
 def initial_history(state: str, by: str) -> list[dict]:

@@ -30,7 +30,7 @@ from collections import Counter
 from datetime import timedelta
 
 from portraits import avatars, keys, moderation, notifications, photos, renders, sharing, states, tasks
-from portraits.billing import orders, refunds
+from portraits.billing import orders, promises, refunds
 from portraits.queue.tracking import QueueTracker
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ def sweep(services) -> dict[str, int]:
     _settle_failed_renders(services, done)
     _purge_photos(services, done)
     _settle_claims(services, done)
+    done.update(promises.sweep(services))
     done.update(moderation.sweep(services, _grace_cutoff(services)))
     done.update(notifications.heal(services, _grace_cutoff(services)))
     done.update(sharing.heal(services, _grace_cutoff(services)))
@@ -163,7 +164,7 @@ def _not_lost_in_a_worker(services, owed: list[tuple[dict, str, str]], alive: li
         _, job_id, subject = owed[i]
         if status != "queued":
             continue
-        q = tasks.queue(services, tasks.TRAIN if subject.startswith("avatar:") else tasks.RENDER)
+        q = tasks.queue(services, tasks.gpu_queue_name("train" if subject.startswith("avatar:") else "render", owed[i][0]))
         if q.name not in waiting:
             listed = services.redis.lrange(q.key, 0, -1) + services.redis.lrange(q.intermediate_queue_key, 0, -1)
             waiting[q.name] = {raw.decode() for raw in listed}

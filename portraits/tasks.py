@@ -2,7 +2,8 @@
 
 The domain says what is owed (`enqueue(services, TRAIN, TRAIN_AVATAR, avatar_id, ...)`); the task functions live in
 `jobs/` and are named here as strings, the way microblog's `launch_task` does, so `portraits` never imports `jobs`.
-Renders are served ahead of training: GPU workers listen to `render` first.
+Renders are served ahead of training within a lane; the express lane has queues of its own, served by a share of
+the GPU workers (portraits.queue.lanes).
 """
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from portraits import keys, logs
+from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 
-RENDER = "render"
-TRAIN = "train"
+RENDER, TRAIN = lanes.LANE_QUEUES[lanes.STANDARD]
+RENDER_EXPRESS, TRAIN_EXPRESS = lanes.LANE_QUEUES[lanes.EXPRESS]
 DEFAULT = "default"
-GPU_QUEUES = (RENDER, TRAIN)
-ALL_QUEUES = (RENDER, TRAIN, DEFAULT)
+# Express first, the order a worker listens in when it takes express work first (portraits.queue.lanes).
+GPU_QUEUES = (RENDER_EXPRESS, TRAIN_EXPRESS, RENDER, TRAIN)
+ALL_QUEUES = (*GPU_QUEUES, DEFAULT)
 
 # Generous ceilings: a real SD1.5 avatar trains in 5-20 minutes on an A10.
-TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, DEFAULT: 5 * 60}
+TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, RENDER_EXPRESS: 15 * 60, TRAIN_EXPRESS: 60 * 60, DEFAULT: 5 * 60}
 RESULT_TTL_S = 24 * 3600
 FAILURE_TTL_S = 7 * 24 * 3600
 
@@ -32,6 +35,16 @@ SEND_MESSAGE = "jobs.notifications.send_message"
 FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
 SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
 TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK)
+
+
+def gpu_queue_name(kind: str, doc: dict | None) -> str:
+    """The queue a render or training (`kind`) of this order's, avatar's or render's lane waits in."""
+    return lanes.queue_for(kind, lanes.lane_of(doc))
+
+
+def queue_tracker(services) -> QueueTracker:
+    """The queue tracker whose ETAs follow this deployment's lane rule (EXPRESS_GPU_SHARE, EXPRESS_GPU_CAP)."""
+    return QueueTracker(services.redis, lanes.LanePolicy.of(services.settings))
 
 
 def queue(services, name: str) -> Queue:

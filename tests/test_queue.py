@@ -20,7 +20,7 @@ def record(tag: str) -> str:
     return tag
 
 
-def quick_paid_avatar(services, api, sim, photos: int = 3) -> tuple[dict, dict]:
+def quick_paid_avatar(services, api, sim, photos: int = 3, sku: str = "avatar_pack") -> tuple[dict, dict]:
     """A ready avatar written straight to the stores (skipping photo intake), bought and paid through the
     simulator: the avatar is queued for training afterwards."""
     from portraits import states
@@ -40,7 +40,7 @@ def quick_paid_avatar(services, api, sim, photos: int = 3) -> tuple[dict, dict]:
     services.db.avatars.insert_one({"_id": avatar_id, "user_id": api.user_id, "gender": "female", "state": "ready",
                                     "photos": stored, "train_attempts": 0, "created_at": at, "updated_at": at,
                                     "history": states.initial_history("ready", "test")})
-    order = api.post("/api/v1/orders", json={"avatar_id": avatar_id, "sku": "avatar_pack"}).get_json()
+    order = api.post("/api/v1/orders", json={"avatar_id": avatar_id, "sku": sku}).get_json()
     assert sim.pay(order["id"])["delivered"]
     avatar = services.db.avatars.find_one({"_id": avatar_id})
     assert avatar["state"] == "queued"
@@ -100,7 +100,7 @@ def test_eta_from_measured_durations_live_workers_and_progress(services):
 
     where = tracker.position(tasks.TRAIN, "train-e5-1")
     assert where == {"position": 5, "ahead": 5, "eta_seconds": int(np.ceil(average * (5 // 2 + 1))),
-                     "running": False}
+                     "running": False, "lane": "standard"}
     # Renders are served first by the same workers: waiting renders push a training's ETA back.
     _enqueue(services, tasks.RENDER, "r0", subject="render:r0")
     later = tracker.position(tasks.TRAIN, "train-e5-1")["eta_seconds"]
@@ -110,7 +110,8 @@ def test_eta_from_measured_durations_live_workers_and_progress(services):
     tracker.started(tasks.TRAIN, "train-e0-1")
     tracker.set_subject("avatar:e0", state="training", progress=0.75)
     tracked, running = tracker.poll("avatar:e0")
-    assert running == {"position": 0, "ahead": 0, "eta_seconds": int(np.ceil(average * 0.25)), "running": True}
+    assert running == {"position": 0, "ahead": 0, "eta_seconds": int(np.ceil(average * 0.25)), "running": True,
+                       "lane": "standard"}
     assert estimate(-1, 100.0, 1, 1, False, 0.0)["eta_seconds"] == 0
 
 

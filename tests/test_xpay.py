@@ -344,8 +344,11 @@ def test_an_unpaid_xpay_order_expires_here_and_one_paid_meanwhile_is_applied(log
 def test_products_say_the_rail_and_the_ios_make_good_rule(login, services):
     api = login("alice")
     listed = api.get("/api/v1/products?platform=ios").get_json()
-    assert [(p["sku"], p["amount"], p["rail"], p["credits"]) for p in listed] == [("avatar_pack", 990, "xpay", 0)]
-    assert listed[0]["ios_make_good"] == services.settings.xpay_ios_make_good
+    by_sku = {p["sku"]: p for p in listed}
+    assert set(by_sku) == set(services.settings.skus)
+    assert [(p["amount"], p["rail"], p["credits"]) for p in [by_sku["avatar_pack"]]] == [(990, "xpay", 0)]
+    assert {p["rail"] for p in listed} == {"xpay"}
+    assert by_sku["avatar_pack"]["ios_make_good"] == services.settings.xpay_ios_make_good
 
 
 @pytest.mark.parametrize("settings_overrides", [{"payment_rail": "by_platform", "xpay_platforms": ("ios",)}])

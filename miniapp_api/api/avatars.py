@@ -8,8 +8,7 @@ from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import Avatar, AvatarRequest, PhotoUpload, PhotoVerdict, Queue
-from portraits import avatars, consents, keys
-from portraits.queue.tracking import QueueTracker
+from portraits import avatars, consents, keys, tasks
 
 bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
 
@@ -72,6 +71,6 @@ def avatar_json(avatar: dict) -> dict:
         "queue": None,
     }
     if avatar["state"] in ("queued", "training"):
-        tracker = QueueTracker(svc.redis)
+        tracker = tasks.queue_tracker(svc)
         body["queue"] = queue_poll.queue_json(tracker, tracker.subject(keys.avatar_subject(avatar["_id"])))
     return body

@@ -10,6 +10,7 @@ from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import Order, OrderRequest
 from portraits import consents
 from portraits.billing import orders, rails
+from portraits.queue import lanes
 
 bp = Blueprint("orders", __name__, url_prefix="/api/v1/orders")
 
@@ -60,6 +61,7 @@ def order_json(order: dict, params: dict | None = None) -> dict:
         "platform": order.get("platform"),
         "state": order["state"],
         "render_credits": order.get("render_credits", 0),
+        "lane": lanes.lane_of(order),
         "created_at": _iso(order.get("created_at")),
         "paid_at": _iso(order.get("paid_at")),
         "refunds": [
@@ -70,7 +72,19 @@ def order_json(order: dict, params: dict | None = None) -> dict:
     }
     if params is not None:
         body["pay_params"] = params
+    promise = order.get("promise") or order.get("promise_terms")
+    if promise:
+        body["promise"] = promise_json(promise)
     return body
+
+
+def promise_json(promise: dict) -> dict:
+    """An express order's promised wait: its terms from the order's creation, its clock from payment."""
+    compensation = promise.get("compensation")
+    return {"state": promise.get("state"), "wait_s": promise["wait_s"], "margin_s": promise["margin_s"],
+            "difference_fen": promise["difference_fen"], "deadline": _iso(promise.get("deadline")),
+            "waited_s": promise.get("waited_s"),
+            "compensation": compensation.get("kind") if compensation else None}
 
 
 def _iso(value):

@@ -8,6 +8,7 @@ from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import services
 from miniapp_api.schemas import Product, ProductQuery
 from portraits.billing import makegood, rails
+from portraits.queue import lanes
 
 bp = Blueprint("products", __name__, url_prefix="/api/v1/products")
 
@@ -23,5 +24,6 @@ def list_products(query: ProductQuery):
     return [{"sku": sku, "amount": int(product["amount"]), "render_sets": int(product["render_sets"]),
              "description": product["description"], "rail": rails.rail_for(settings, query.platform),
              "ios_make_good": settings.xpay_ios_make_good,
-             "credits": sum(1 for credit in credits if credit["sku"] == sku)}
+             "credits": sum(1 for credit in credits if credit["sku"] == sku), "lane": lanes.lane_of(product),
+             **({"promised_wait_s": int(product["promised_wait_s"])} if "promised_wait_s" in product else {})}
             for sku, product in sorted(settings.skus.items())]

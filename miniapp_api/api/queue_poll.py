@@ -9,7 +9,8 @@ so a paying user is never told their avatar does not exist.
 from __future__ import annotations
 
 from miniapp_api.api.auth import bearer_token
-from portraits import keys, sweeper, users
+from portraits import keys, sweeper, tasks, users
+from portraits.queue import lanes
 from portraits.errors import not_found
 from portraits.queue.tracking import QueueTracker
 
@@ -17,7 +18,7 @@ from portraits.queue.tracking import QueueTracker
 def answer(services, authorization: str, avatar_id: str) -> dict:
     token = bearer_token(authorization)
     claims = users.token_claims(services.settings, token)
-    tracker = QueueTracker(services.redis)
+    tracker = tasks.queue_tracker(services)
     tracked, where = tracker.poll(keys.avatar_subject(avatar_id))
     if not tracked:
         tracked, where = _from_database(services, token, avatar_id, tracker)
@@ -38,7 +39,7 @@ def _from_database(services, token: str, avatar_id: str, tracker: QueueTracker) 
         if tracked:
             return tracked, where
     return {"owner": user["_id"], "owner_gen": str(user.get("token_generation", 0)), "state": avatar["state"],
-            "progress": 1 if avatar["state"] == "trained" else 0}, None
+            "progress": 1 if avatar["state"] == "trained" else 0, "lane": lanes.lane_of(avatar)}, None
 
 
 def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) -> dict:
@@ -48,7 +49,8 @@ def queue_json(tracker: QueueTracker, tracked: dict, where: dict | None = None) 
         where = {"position": 0, "ahead": 0, "eta_seconds": 0}
     elif where is None:
         where = tracker.position(tracked["queue"], tracked["job_id"], progress)
-    body = {"state": state, "position": where["position"], "ahead": where["ahead"],
+    lane = lanes.QUEUE_LANE.get(tracked.get("queue"), tracked.get("lane") or lanes.STANDARD)
+    body = {"state": state, "lane": lane, "position": where["position"], "ahead": where["ahead"],
             "eta_seconds": where["eta_seconds"], "progress": progress}
     if tracked.get("total"):
         body.update(step=int(tracked.get("step") or 0), total=int(tracked["total"]))

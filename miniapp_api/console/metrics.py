@@ -5,22 +5,25 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from portraits import content_checks, sweeper, tasks
-from portraits.queue.tracking import QueueTracker, estimate
+from portraits.queue import lanes
+from portraits.queue.tracking import QueueTracker
 from portraits import states
 from portraits.billing.refunds import REFUND_FINAL_FAILURES
 
-QUEUE_LABELS = {tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.DEFAULT: "后台 default"}
+QUEUE_LABELS = {tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.RENDER_EXPRESS: "加急出图 express render",
+                tasks.TRAIN_EXPRESS: "加急训练 express train", tasks.DEFAULT: "后台 default"}
 
 
 def queue_rows(services) -> list[dict]:
-    tracker = QueueTracker(services.redis)
+    tracker = tasks.queue_tracker(services)
     rows = []
     for name in tasks.ALL_QUEUES:
         if name in tasks.GPU_QUEUES:
             waiting, running = tracker.waiting_count(name), tracker.running_count(name)
         else:
             waiting, running = tasks.default_queue_counts(services, name)
-        row = {"name": name, "label": QUEUE_LABELS[name], "waiting": waiting, "running": running,
+        row = {"name": name, "label": QUEUE_LABELS[name], "lane": lanes.QUEUE_LANE.get(name), "waiting": waiting,
+               "running": running,
                "workers": tracker.live_workers(name), "eta_new_s": None}
         if name in tasks.GPU_QUEUES:
             row["eta_new_s"] = eta_for_new_job(tracker, name)
@@ -30,10 +33,8 @@ def queue_rows(services) -> list[dict]:
 
 
 def eta_for_new_job(tracker: QueueTracker, queue: str) -> int:
-    """What a job enqueued now would be told: the queue's own estimate at rank = jobs waiting now."""
-    return estimate(rank=tracker.waiting_count(queue), average=tracker.average_duration(queue),
-                    workers=tracker.live_workers(queue), running_count=tracker.running_count(queue), running=False,
-                    progress=0.0)["eta_seconds"]
+    """What a job enqueued now would be told: its lane's estimate at rank = jobs waiting now."""
+    return tracker.new_job_estimate(queue)["eta_seconds"]
 
 
 def workers(services) -> list[dict]:

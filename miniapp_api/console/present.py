@@ -7,6 +7,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from portraits import identity, keys, tasks
+from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 
 _BLOB_PATH = re.compile(r"users/\S+")
@@ -63,6 +64,7 @@ def order_view(order: dict) -> dict:
     return {
         "id": order["_id"], "user_id": order["user_id"], "openid": mask_openid(order.get("openid")),
         "avatar_id": order.get("avatar_id"), "sku": order.get("sku"), "amount": order.get("amount", 0),
+        "lane": lanes.lane_of(order), "promise": promise_view(order),
         "state": order["state"], "render_credits": order.get("render_credits", 0),
         "transaction_id": order.get("transaction_id"), "prepay_id": order.get("prepay_id"),
         "created_at": order.get("created_at"), "paid_at": order.get("paid_at"),
@@ -74,6 +76,17 @@ def order_view(order: dict) -> dict:
                      "refund_id": r.get("refund_id")}
                     for r in order.get("refunds", [])],
     }
+
+
+def promise_view(order: dict) -> dict | None:
+    """An express order's promised wait and what became of it."""
+    promise = order.get("promise") or order.get("promise_terms")
+    if not promise:
+        return None
+    return {"state": promise.get("state") or "unpaid", "wait_s": promise["wait_s"], "margin_s": promise["margin_s"],
+            "difference": promise["difference_fen"], "deadline": promise.get("deadline"),
+            "waited_s": promise.get("waited_s"), "compensation": (promise.get("compensation") or {}).get("kind"),
+            "history": history(promise.get("history"))}
 
 
 def job_view(services, subject: str) -> dict | None:

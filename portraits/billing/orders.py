@@ -12,9 +12,10 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from portraits import errors, identity, states, users
-from portraits.billing import makegood, payments, rails
+from portraits.billing import makegood, payments, promises, rails
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
+from portraits.queue import lanes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
         "expires_at": at + timedelta(seconds=settings.order_expire_s),
         "history": states.initial_history("created", f"user:{user['_id']}"),
     }
+    promise_terms = promises.terms(settings, product)
+    if promise_terms is not None:
+        order.update(lane=lanes.EXPRESS, promise_terms=promise_terms)
     if rail == rails.XPAY:
         order.update(xpay_product_id=product.get("xpay_product_id") or sku, xpay_env=settings.xpay_env)
     try:

@@ -3,7 +3,7 @@ found the order paid (on any rail: portraits.billing.rails). Only an exact match
 from __future__ import annotations
 
 from portraits import avatars, states
-from portraits.billing import alerts, rails, refunds
+from portraits.billing import alerts, promises, rails, refunds
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
 
@@ -48,9 +48,11 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
             return order
         # Only an unpaid order becomes paid: `refunding -> paid` exists for settled partial refunds, and a late copy
         # of the payment must never take an order back there.
+        paid_at = states.now()
         paid = states.transition(
             services.db, "order", order_id, "paid", expect={"created", "closed"}, by=source,
-            set_fields={"transaction_id": transaction.get("transaction_id"), "paid_at": states.now()},
+            set_fields={"transaction_id": transaction.get("transaction_id"), "paid_at": paid_at,
+                        **promises.opened_at_payment(order, paid_at)},
             unset_fields=("open_avatar_id",),
         )
         if paid is None:

@@ -42,6 +42,11 @@ def refund_number(order_id: str, sequence: int = 1) -> str:
     return f"R{order_id}-{sequence}"
 
 
+def promise_refund_number(order_id: str) -> str:
+    """The one refund of an express order's broken promise (portraits.billing.promises): never two."""
+    return f"R{order_id}-express"
+
+
 def committed_refunds(order: dict) -> int:
     """Refunded or on its way: everything but refunds that ended in failure."""
     return sum(r["amount"] for r in order.get("refunds", []) if r["state"] not in REFUND_FINAL_FAILURES)
@@ -56,7 +61,7 @@ def refundable_amount(order: dict) -> int:
 
 
 def request_refund(services, order_id: str, reason: str, by: str = "system", expect=("paid",),
-                   amount: int | None = None) -> dict | None:
+                   amount: int | None = None, out_refund_no: str | None = None) -> dict | None:
     """Refund `amount` fen of an order (None: all that is still refundable), at most once per call site.
 
     Returns the order, moved to `refunding`, or None when nothing was started: the order is not in an expected
@@ -65,7 +70,10 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
 
     An order whose money cannot be refunded (rails.refund_impossible: iOS virtual payment, a credit) is made good
     instead while still `paid` (the order, moved to `made_good`, is returned); later, RefundRefused
-    `refund_impossible`."""
+    `refund_impossible`.
+
+    out_refund_no: a number derived from what the refund is for (`promise_refund_number`), so that refund exists
+    at most once on the order however often it is asked for (None when it already does)."""
     if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
         raise RefundRefused("refund_amount_invalid", {"amount": amount})
     expect = set(expect)
@@ -83,10 +91,12 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
         to_refund = refundable if amount is None else amount
         if to_refund <= 0:
             return None
+        if out_refund_no is not None and any(r["out_refund_no"] == out_refund_no for r in order.get("refunds", [])):
+            return None
         sequence = len(order.get("refunds", [])) + 1
         at = states.now()
         refund = {
-            "out_refund_no": refund_number(order_id, sequence),
+            "out_refund_no": out_refund_no or refund_number(order_id, sequence),
             "amount": to_refund,
             "reason": reason,
             "state": REFUND_REQUESTED,

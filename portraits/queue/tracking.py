@@ -25,12 +25,15 @@ import time
 from redis.exceptions import RedisError
 
 from portraits.queue.local_view import LocalView, as_hash, as_text
+from portraits.queue.lanes import EXPRESS, LANE_QUEUES, QUEUE_KIND, QUEUE_LANE, STANDARD, LanePolicy
 
 PREFIX = "portraits"
 DEFAULT_DURATION_S = {"train": 600.0, "render": 60.0}
 EWMA_WEIGHT = 0.2
-# GPU workers take renders before trainings, so renders waiting delay a training too.
-SERVED_BEFORE = {"train": ("render",)}
+# Within a lane GPU workers take renders before trainings, so renders waiting delay a training of that lane too.
+SERVED_BEFORE = {train: (render,) for render, train in LANE_QUEUES.values()}
+# Every GPU queue: the poll reads each one's waiting and running counts, since the lanes share the workers.
+LANE_ORDER = tuple(name for lane in (EXPRESS, STANDARD) for name in LANE_QUEUES[lane])
 
 # KEYS[1..4] of both scripts: waiting set, line hash, holes, fronts. leave() keeps lo/holes/fronts in step.
 _LEAVE_FUNCTION = """
@@ -93,6 +96,7 @@ local numbers = {rank or -1, redis.call('GET', prefix .. ':duration:' .. queue) 
 for i = 6, #ARGV do
   numbers[#numbers + 1] = redis.call('ZCARD', prefix .. ':waiting:' .. ARGV[i])
   numbers[#numbers + 1] = redis.call('GET', prefix .. ':duration:' .. ARGV[i]) or ''
+  numbers[#numbers + 1] = redis.call('HLEN', prefix .. ':running:' .. ARGV[i])
 end
 return {fields, numbers}
 """
@@ -124,8 +128,9 @@ def subject_key(subject: str) -> str:
 
 
 class QueueTracker:
-    def __init__(self, redis):
+    def __init__(self, redis, policy: LanePolicy | None = None):
         self.redis = redis
+        self.policy = policy or LanePolicy()
 
     # Registered on first use: the queue route builds a tracker per request and, answering from memory, runs none.
     @functools.cached_property
@@ -190,7 +195,7 @@ class QueueTracker:
 
     @staticmethod
     def _duration(queue: str, raw) -> float:
-        return float(raw) if raw not in (None, b"", "") else DEFAULT_DURATION_S.get(queue, 60.0)
+        return float(raw) if raw not in (None, b"", "") else DEFAULT_DURATION_S.get(QUEUE_KIND.get(queue, queue), 60.0)
 
     def worker_alive(self, queues, worker_name: str, ttl_s: float, pipeline=None) -> None:
         connection = pipeline or self.redis.pipeline()
@@ -262,19 +267,20 @@ class QueueTracker:
             return fields, None
         if not ticket:
             return self._run_poll(subject, "", "", None)
-        before = SERVED_BEFORE.get(queue, ())
         _, line, holes, fronts = line_keys(queue)
-        line, holes, fronts, average, workers, running, *earlier = view.read([
-            ("hash", line), ("scores", holes), ("scores", fronts), ("text", duration_key(queue)),
-            ("scores", workers_key(queue)), ("hash", running_key(queue)),
-            *[spec for name in before for spec in (("count", waiting_key(name)), ("text", duration_key(name)))]])
+        line, holes, fronts, workers, *lines = view.read([
+            ("hash", line), ("scores", holes), ("scores", fronts), ("scores", workers_key(queue)),
+            *[spec for name in LANE_ORDER for spec in (("count", waiting_key(name)), ("text", duration_key(name)),
+                                                       ("hash", running_key(name)))]])
         rank = line_rank(int(ticket), line, holes, fronts)
+        running = lines[3 * LANE_ORDER.index(queue) + 2] if queue in LANE_ORDER else {}
         if rank < 0 and job_id not in running and fields.get("state") == "queued":
             return self._run_poll(subject, "", "", None)  # between two steps of a hand-back: ask the sorted set
         live = len(workers) - bisect.bisect_left(workers, time.time())
-        earlier = [(earlier[2 * i], self._duration(name, earlier[2 * i + 1])) for i, name in enumerate(before)]
-        return fields, estimate(rank, self._duration(queue, average), live, len(running), job_id in running,
-                                float(fields.get("progress") or 0), earlier)
+        counts = {name: LineCounts(lines[3 * i], self._duration(name, lines[3 * i + 1]), len(lines[3 * i + 2]))
+                  for i, name in enumerate(LANE_ORDER)}
+        return fields, self._estimate(queue, rank, live, job_id in running, float(fields.get("progress") or 0),
+                                      counts)
 
     def position(self, queue: str, job_id: str, progress: float = 0.0) -> dict:
         """position 0 = next or running; ETA from the measured average and the workers serving the queue."""
@@ -282,9 +288,8 @@ class QueueTracker:
         return where
 
     def _run_poll(self, subject: str, queue: str, job_id: str, progress: float | None):
-        # The queues served first are named up front; a subject's queue is only known inside the script.
-        before = SERVED_BEFORE.get(queue, ()) if queue else SERVED_BEFORE["train"]
-        reply = self._poll(args=[PREFIX, time.time(), subject, queue, job_id, *before])
+        # Every GPU queue's counts come back, so the script needs no knowledge of which lane the subject is in.
+        reply = self._poll(args=[PREFIX, time.time(), subject, queue, job_id, *LANE_ORDER])
         fields = as_hash(reply[0])
         if len(reply) < 2:
             return fields, None
@@ -292,13 +297,23 @@ class QueueTracker:
         if progress is None:
             progress = float(fields.get("progress") or 0)
         numbers = reply[1]
-        rank, average, workers, running_count, running = (int(numbers[0]), self._duration(queue, numbers[1]),
-                                                          int(numbers[2]), int(numbers[3]), bool(int(numbers[4])))
-        earlier = []
-        if queue in SERVED_BEFORE:
-            earlier = [(int(numbers[5 + 2 * i]), self._duration(name, numbers[6 + 2 * i]))
-                       for i, name in enumerate(before)]
-        return fields, estimate(rank, average, workers, running_count, running, progress, earlier)
+        rank, workers, running_count, running = int(numbers[0]), int(numbers[2]), int(numbers[3]), bool(int(numbers[4]))
+        counts = {name: LineCounts(int(numbers[5 + 3 * i]), self._duration(name, numbers[6 + 3 * i]),
+                                   int(numbers[7 + 3 * i])) for i, name in enumerate(LANE_ORDER)}
+        counts.setdefault(queue, LineCounts(0, self._duration(queue, numbers[1]), running_count))
+        return fields, self._estimate(queue, rank, workers, running, progress, counts)
+
+    def new_job_estimate(self, queue: str) -> dict:
+        """What a job enqueued now on `queue` would be told (the console's "ETA for a new job")."""
+        counts = {name: LineCounts(self.waiting_count(name), self.average_duration(name), self.running_count(name))
+                  for name in LANE_ORDER}
+        counts.setdefault(queue, LineCounts(self.waiting_count(queue), self.average_duration(queue),
+                                            self.running_count(queue)))
+        return self._estimate(queue, counts[queue].waiting, self.live_workers(queue), False, 0.0, counts)
+
+    def _estimate(self, queue: str, rank: int, live: int, running: bool, progress: float,
+                  counts: dict[str, "LineCounts"]) -> dict:
+        return lane_estimate(self.policy, queue, rank, live, running, progress, counts)
 
 
 def line_rank(ticket: int, line: dict, holes: list[float], fronts: list[float]) -> int:
@@ -319,10 +334,38 @@ def estimate(rank: int, average: float, workers: int, running_count: int, runnin
     if rank < 0:
         remaining = average * (1.0 - min(max(progress, 0.0), 1.0)) if running else 0.0
         return {"position": 0, "ahead": 0, "eta_seconds": int(math.ceil(remaining)), "running": running}
-    workers = max(workers, 1)
+    workers = workers if workers > 0 else 1
     # Jobs ahead are served `workers` at a time; the ones running now are on average half done; work of queues
-    # served first (renders ahead of trainings) is spread over the same workers.
+    # served first (renders ahead of trainings) is spread over the same workers. A lane may have half a worker
+    # (lanes taking turns on one GPU, portraits.queue.lanes): then it is served every other job.
     busy = min(running_count, workers)
-    eta = average * (rank // workers + 1) + (average / 2 if busy >= workers else 0.0)
+    eta = average * (math.floor(rank / workers) + 1) + (average / 2 if busy >= workers else 0.0)
     eta += sum(count * seconds for count, seconds in earlier) / workers
     return {"position": rank, "ahead": rank, "eta_seconds": int(math.ceil(eta)), "running": False}
+
+
+class LineCounts(tuple):
+    """One GPU queue's jobs waiting, measured average duration and jobs running."""
+
+    def __new__(cls, waiting: int, average: float, running: int):
+        return super().__new__(cls, (waiting, average, running))
+
+    waiting = property(lambda self: self[0])
+    average = property(lambda self: self[1])
+    running = property(lambda self: self[2])
+
+
+def lane_demand(counts: dict[str, LineCounts], lane: str) -> int:
+    return sum(counts[name].waiting + counts[name].running for name in LANE_QUEUES[lane] if name in counts)
+
+
+def lane_estimate(policy: LanePolicy, queue: str, rank: int, live: int, running: bool, progress: float,
+                  counts: dict[str, LineCounts]) -> dict:
+    """estimate() for a job of one lane: its position counts only its own lane's jobs (and its lane's renders,
+    served first), on its lane's share of the live workers now (LanePolicy.lane_workers: express has its slots
+    while standard work waits, standard every worker the express work there now leaves it)."""
+    lane = QUEUE_LANE.get(queue, STANDARD)
+    workers = policy.lane_workers(lane, live, lane_demand(counts, EXPRESS), lane_demand(counts, STANDARD))
+    earlier = [(counts[name].waiting, counts[name].average) for name in SERVED_BEFORE.get(queue, ())]
+    own = counts[queue]
+    return {**estimate(rank, own.average, workers, own.running, running, progress, earlier), "lane": lane}

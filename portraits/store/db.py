@@ -83,6 +83,8 @@ def ensure_indexes(db) -> None:
     _ensure_ttl_index(db.messages, "created_at", MESSAGE_TTL_S)
     _ensure_ttl_index(db.sweeps, "at", SWEEP_HISTORY_S)
     db.orders.create_index("render_claims.at", sparse=True)
+    # The sweep's express promises still open past their breach, or broken and owed (portraits.billing.promises).
+    db.orders.create_index([("promise.state", ASCENDING), ("promise.breach_at", ASCENDING)], sparse=True)
     db.renders.create_index("refinement_claims.at", sparse=True)
     db.renders.create_index("retried_at", sparse=True)
     db.renders.create_index("image_checks_owed", sparse=True)
