@@ -55,9 +55,14 @@ def refundable_amount(order: dict) -> int:
     return max(order["amount"] - committed_refunds(order), 0)
 
 
+def has_refund(order: dict, key: str) -> bool:
+    return any(r.get("key") == key for r in order.get("refunds", []))
+
+
 def request_refund(services, order_id: str, reason: str, by: str = "system", expect=("paid",),
-                   amount: int | None = None) -> dict | None:
-    """Refund `amount` fen of an order (None: all that is still refundable), at most once per call site.
+                   amount: int | None = None, key: str | None = None) -> dict | None:
+    """Refund `amount` fen of an order (None: all that is still refundable), at most once per call site; with
+    `key`, at most once per key whatever the call site (a pack's batch: portraits.renders.settle_batch).
 
     Returns the order, moved to `refunding`, or None when nothing was started: the order is not in an expected
     state, nothing is left to refund, or a concurrent request won. Raises RefundRefused for an amount that is not
@@ -71,7 +76,7 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
     expect = set(expect)
     with order_lock(services, order_id):
         order = services.db.orders.find_one({"_id": order_id})
-        if order is None or order["state"] not in expect:
+        if order is None or order["state"] not in expect or (key is not None and has_refund(order, key)):
             return None
         if rails.refund_impossible(order):
             if order["state"] != "paid":
@@ -94,6 +99,8 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
             "requested_at": at,
             "history": [{"to": REFUND_REQUESTED, "at": at, "by": by, "reason": reason}],
         }
+        if key is not None:
+            refund["key"] = key
         before = order.get("state_before_refund") if order["state"] == "refund_failed" else order["state"]
         # The $size condition makes the amount check and the append one atomic step even without the lock.
         moved = states.transition(services.db, "order", order_id, "refunding", expect=expect, by=by, reason=reason,
