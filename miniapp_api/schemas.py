@@ -190,7 +190,9 @@ class PhotoUpload(Body):
 
 class OrderRequest(Body):
     avatar_id: NonEmptyStr
-    sku: NonEmptyStr
+    sku: NonEmptyStr = Field(description="the product (GET /api/v1/products); the avatar is judged against its photo "
+                                         "minimum: 409 avatar_not_ready with missing and min_photos when it falls "
+                                         "short, otherwise the avatar collects for this product from now on")
     platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
                                   description="the client's platform (wx.getDeviceInfo: android, "
                                                              "ios, devtools, windows, mac...); with PAYMENT_RAIL="

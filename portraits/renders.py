@@ -612,7 +612,7 @@ def settle_batch(services, render: dict) -> str:
         outcome = _redraw_batch(services, render, lost)
     if lost and outcome != "redrawn":
         outcome = _refund_slots(services, render, lost)
-        fields = {"pack_refunded_slots": lost}
+        fields = {"pack_refunded_slots": lost} if outcome == "refunded" else {}
     if outcome == "refund_owed":
         return outcome
     services.db.renders.update_one({"_id": render["_id"], "settled_at": {"$exists": False}},
