@@ -250,7 +250,7 @@ class RenderPlan:
 
 def plan_render(services, render: dict) -> RenderPlan:
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
-    return _plan(services, render, avatar, _lora(services, avatar), _pivot(services, avatar),
+    return _plan(services, avatar, _lora(services, avatar), _pivot(services, avatar),
                  services.catalog.get(render["template_id"]), render["params"], retry_seed(render))
 
 
@@ -258,7 +258,7 @@ def plan_batch(services, render: dict) -> list[RenderPlan]:
     """One plan per image a pack's batch owes: its slot's template, a few candidates, the best one kept."""
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
     lora, pivot, seed = _lora(services, avatar), _pivot(services, avatar), retry_seed(render)
-    return [_plan(services, render, avatar, lora, pivot, template,
+    return [_plan(services, avatar, lora, pivot, template,
                   template_params(template, candidates=services.settings.pack_candidates_per_image, keep=1),
                   (seed + slot) % 2**31)
             for slot, template in zip(render["pack_slots"],
@@ -280,7 +280,7 @@ def _pivot(services, avatar: dict) -> np.ndarray | None:
     return np.frombuffer(services.sealed.get(avatar["user_id"], avatar["pivot_key"]), dtype=np.float64)
 
 
-def _plan(services, render: dict, avatar: dict, lora: bytes, pivot, template, params: dict, seed: int) -> RenderPlan:
+def _plan(services, avatar: dict, lora: bytes, pivot, template, params: dict, seed: int) -> RenderPlan:
     settings = services.settings
     steps = template.steps if settings.render_max_steps is None else min(template.steps, settings.render_max_steps)
     count = params["candidates"]
