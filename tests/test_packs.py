@@ -174,6 +174,15 @@ def test_the_real_plan_writes_ten_batches_once(login, user_photos, drain, servic
     assert renders.start_pack(services, order["id"]) == 0  # the same ids: nothing written twice
     assert services.db.renders.count_documents({"order_id": order["id"]}) == 10
     assert _pack(api, order["id"])["batches_pending"] == 10
+    # MongoDB records the batches owed: Redis losing every job, the sweep queues them again.
+    services.redis.flushall()
+    assert sweeper.sweep(services).get("render_requeued") == 10
+    assert len(tasks.queue(services, tasks.RENDER).get_job_ids()) == 10
+    # A process that died between training the avatar and writing its batches: the sweep writes them.
+    services.db.renders.delete_many({"order_id": order["id"]})
+    services.db.orders.update_one({"_id": order["id"]}, {"$unset": {"pack_started_at": ""}})
+    assert sweeper.sweep(services).get("pack_started") == 1
+    assert services.db.renders.count_documents({"order_id": order["id"], "state": "queued"}) == 10
 
 
 # -------------------------------------------------------------------------------------------- failures
