@@ -5,6 +5,8 @@ module runs the renderer and the ranking.
 """
 from __future__ import annotations
 
+import time
+
 from jobs import gpu_job
 from models.ranking import merge_with_parent, rank_candidates
 from portraits import renders, tasks
@@ -22,10 +24,7 @@ def render_portraits(render_id: str) -> str:
     return gpu_job.run(RENDERING, render_id)
 
 
-def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
-    if render["attempts"] <= services.settings.fault_render_failures:
-        raise InjectedFault(f"injected render failure {render['attempts']}")
-    plan = renders.plan_render(services, render)
+def _draw(services, plan: renders.RenderPlan) -> list:
     candidates = services.renderer().render(
         lora=plan.lora, adapter_name=plan.adapter_name, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
         num_images=plan.count, steps=plan.steps, guidance=plan.guidance, width=plan.width, height=plan.height,
@@ -33,12 +32,36 @@ def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
         style_scale=plan.style_strength, init_image=plan.init_image, mask_image=plan.mask_image,
     )
     candidates = renders.fit_to_template(plan, candidates)
-    kept = rank_candidates(candidates, plan.pivot, services.face_analyzer(), plan.keep,
+    return rank_candidates(candidates, plan.pivot, services.face_analyzer(), plan.keep,
                            require_face=plan.require_face)
+
+
+def _draw_batch(services, render: dict) -> list[renders.KeptImage]:
+    """A pack's batch: each slot drawn with its own template, its likeliest candidate kept; a slot without a usable
+    one stays owed (renders.settle_batch redraws it), a batch without any is a technical failure."""
+    plans = renders.plan_batch(services, render)
+    started = time.monotonic()
+    best = []
+    for done, plan in enumerate(plans):
+        gpu_job.check_hand_back(done / len(plans), time.monotonic() - started)
+        kept = _draw(services, plan)
+        best.append(kept[0] if kept else None)
+    if not any(best):
+        raise NoUsableCandidates(f"none of the {len(plans)} slots drew a candidate with exactly one usable face")
+    return renders.keep_batch(services, render, best)
+
+
+def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
+    if render["attempts"] <= services.settings.fault_render_failures:
+        raise InjectedFault(f"injected render failure {render['attempts']}")
+    if render.get("pack_slots"):
+        return _draw_batch(services, render)
+    plan = renders.plan_render(services, render)
+    kept = _draw(services, plan)
     if render.get("parent_id"):
         kept = merge_with_parent(kept, renders.parent_images(services, render), plan.keep)
     if not kept:
-        raise NoUsableCandidates(f"none of {len(candidates)} candidates shows exactly one usable face")
+        raise NoUsableCandidates(f"none of {plan.count} candidates shows exactly one usable face")
     return renders.keep_candidates(services, render, kept)
 
 

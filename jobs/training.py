@@ -9,7 +9,7 @@ import time
 
 from jobs import gpu_job
 from models.train import TrainConfig, train_lora
-from portraits import avatars, keys, tasks
+from portraits import avatars, keys, renders, tasks
 from portraits.queue.tracking import QueueTracker
 
 
@@ -48,5 +48,14 @@ def _config(settings, avatar: dict) -> TrainConfig:
                        seed=avatars.training_seed(avatar))
 
 
+def _complete(services, avatar: dict, job_id: str, result, seconds: float) -> str:
+    """The avatar is trained; an order with a render plan starts its batches (renders.start_pack; the sweep does it
+    if this process dies first)."""
+    outcome = avatars.complete_training(services, avatar, job_id, result, seconds)
+    if outcome == "trained":
+        renders.start_pack(services, avatar["order_id"])
+    return outcome
+
+
 TRAINING = gpu_job.GpuJobKind(queue=tasks.TRAIN, collection="avatars", claim=avatars.begin_training, work=_train,
-                              complete=avatars.complete_training, fail=avatars.fail_training)
+                              complete=_complete, fail=avatars.fail_training)

@@ -113,6 +113,7 @@ ContentCheck = Literal["pending", "pass", "review", "timeout"]
 PNG = "image/png"  # a success answered with a PNG body instead of JSON
 TEXT = "text/plain"  # a success answered with a plain-text body (WeChat's message push reads `success`)
 MEDIA = "application/octet-stream"  # the checked medium itself, served to WeChat
+ZIP = "application/zip"  # a pack's archive of delivered portraits
 
 
 class Body(BaseModel):
@@ -173,6 +174,13 @@ class ConsentRequest(Body):
 
 class AvatarRequest(Body):
     gender: Gender
+    sku: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
+                             description="the product the user means to buy (GET /api/v1/products): the avatar's "
+                                         "min_photos and missing count toward its photo minimum (without it: "
+                                         "MIN_PHOTOS). An order for another product re-judges the avatar against "
+                                         "that product's minimum (409 avatar_not_ready with missing and min_photos "
+                                         "if it falls short) and from then on the avatar collects for it. 400 "
+                                         "unknown_sku for a product not on sale")
 
 
 class PhotoUpload(Body):
@@ -182,7 +190,9 @@ class PhotoUpload(Body):
 
 class OrderRequest(Body):
     avatar_id: NonEmptyStr
-    sku: NonEmptyStr
+    sku: NonEmptyStr = Field(description="the product (GET /api/v1/products); the avatar is judged against its photo "
+                                         "minimum: 409 avatar_not_ready with missing and min_photos when it falls "
+                                         "short, otherwise the avatar collects for this product from now on")
     platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
                                   description="the client's platform (wx.getDeviceInfo: android, "
                                                              "ios, devtools, windows, mac...); with PAYMENT_RAIL="
@@ -346,7 +356,9 @@ class Avatar(Reply):
     gender: Gender
     photos: list[Photo]
     accepted_count: int
-    min_photos: int
+    sku: str | None = Field(description="the product the avatar collects photos for (declared at creation, then "
+                                        "the sku of its latest order); null: none declared, MIN_PHOTOS applies")
+    min_photos: int = Field(description="accepted photos its product needs")
     max_photos: int
     missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos, "
                                            "content_check_pending (photos waiting for WeChat's content check)")
@@ -432,10 +444,20 @@ class Order(OrderRecord):
     ios_make_good: str = omittable()
 
 
+class RenderPlan(Reply):
+    images: int = Field(description="images rendered after training, spread over the templates of the avatar's "
+                                    "gender")
+    batch: int = Field(description="images per batch; batches are delivered as they finish (GET "
+                                   "/api/v1/packs/{order_id})")
+
+
 class Product(Reply):
     sku: str
     amount: int = Field(description="fen")
     render_sets: int
+    min_photos: int = Field(description="accepted photos an avatar needs for this product")
+    render_plan: RenderPlan | None = Field(description="what the product renders by itself after training; null: "
+                                                       "the user picks render_sets templates")
     description: str
     rail: str = Field(description="how this client pays for it: jsapi (wx.requestPayment) or xpay "
                                   "(wx.requestVirtualPayment)")
@@ -516,6 +538,36 @@ class Render(Reply):
     refinements_left: int
     images: list[Image]
     queue: QueueSpot | None
+
+
+class PackBatch(Reply):
+    id: str = Field(description="the batch's render id")
+    index: int = Field(description="its place in the plan (a redraw has the index of the batch it makes good)")
+    state: RenderState
+    redraw_of: str | None = Field(description="the batch whose undelivered images this one draws again, free")
+    images_owed: int
+    images_delivered: int
+    images_pending_check: int
+    images_refunded: int = Field(description="images it could not deliver whose share of the price was refunded")
+    settled: bool = Field(description="nothing more will happen to it")
+
+
+class Pack(Reply):
+    order_id: str
+    sku: str
+    phase: Literal[tuple(states.PACK_PHASES)] = Field(
+        description="training: the avatar is not trained yet; rendering: batches are being drawn or checked; done: "
+                    "every batch delivered, redrawn or refunded; refunded: the order was refunded before any batch")
+    images_planned: int
+    images_delivered: int = Field(description="passed WeChat's content check: downloadable, and in the archive")
+    images_pending_check: int
+    images_refunded: int = Field(description="images that could not be delivered even after a free redraw; their "
+                                             "share of the price is refunded (the order's refunds list them)")
+    batches_done: int = Field(description="batches settled")
+    batches_pending: int
+    batches: list[PackBatch]
+    images: list[Image] = Field(description="the portraits so far, delivered and pending, in plan order")
+    archive_url: str | None = Field(description="a zip of the delivered portraits; null while none is")
 
 
 class ConsentRecord(Reply):

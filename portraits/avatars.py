@@ -16,7 +16,7 @@ from redis.exceptions import LockError
 
 from models.faces import identity_pivot, likeness_baseline
 from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
-from portraits import consents, content_checks, keys, notifications, photos, states, tasks
+from portraits import consents, content_checks, keys, notifications, photos, products, states, tasks
 from portraits.billing import promises, refunds
 from portraits.errors import Conflict, Invalid, TooLarge, Unavailable, UnsupportedMedia
 from portraits.queue import lanes
@@ -52,17 +52,54 @@ def subject_words(gender: str) -> str:
 # ------------------------------------------------------------------------------------------------- intake
 
 
-def create_avatar(services, user: dict, gender: str) -> dict:
+def create_avatar(services, user: dict, gender: str, sku: str | None = None) -> dict:
+    """sku: the product the user means to buy (its photo minimum is what `missing` counts toward); an order for
+    another product later sets the avatar to that one (for_product)."""
     if gender not in GENDERS:
         raise Invalid("invalid_fields", "gender must be female or male.", {"fields": {"gender": "female|male"}})
+    check_sku(services.settings, sku)
     consents.require_face_consent(services.settings, user)
     check_open_avatars(services, user)
     at = states.now()
-    avatar = {"_id": "av_" + secrets.token_hex(10), "user_id": user["_id"], "gender": gender,
+    avatar = {"_id": "av_" + secrets.token_hex(10), "user_id": user["_id"], "gender": gender, "sku": sku,
               "state": "collecting", "photos": [], "train_attempts": 0, "created_at": at, "updated_at": at,
               "history": states.initial_history("collecting", f"user:{user['_id']}")}
     services.db.avatars.insert_one(avatar)
     return avatar
+
+
+def check_sku(settings, sku: str | None) -> None:
+    if sku is not None and sku not in settings.skus:
+        raise Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
+
+
+def photo_minimum(settings, avatar: dict) -> int:
+    """Accepted photos this avatar needs: its product's minimum (MIN_PHOTOS for an avatar without one)."""
+    return products.min_photos(settings, avatar.get("sku"))
+
+
+def for_product(services, user: dict, avatar: dict, sku: str) -> dict:
+    """An order for `sku` is about to be made: the avatar must have what that product needs (409 avatar_not_ready
+    with `missing` and `min_photos` otherwise, nothing changed), and from now on collects for it (its readiness
+    follows that product's minimum). The avatar after it; unchanged when the minimum is the one it collects for."""
+    if avatar["state"] not in TAKES_PHOTOS or products.min_photos(services.settings, sku) == photo_minimum(
+            services.settings, avatar):
+        return avatar
+    if missing_for_training(services, {**avatar, "sku": sku}, user):
+        raise not_ready(services, {**avatar, "sku": sku}, user)
+    services.db.avatars.update_one({"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)}},
+                                   {"$set": {"sku": sku, "updated_at": states.now()}})
+    current = services.db.avatars.find_one({"_id": avatar["_id"]})
+    return refresh_readiness(services, current, user) if current is not None else avatar
+
+
+def not_ready(services, avatar: dict, user: dict) -> Conflict:
+    """The refusal of an order for an avatar that cannot be paid for: its state, what it misses, its minimum."""
+    return Conflict("avatar_not_ready", "This avatar cannot be paid for now.",
+                    {"state": avatar["state"],
+                     "missing": missing_for_training(services, avatar, user) if avatar["state"] in TAKES_PHOTOS
+                     else [],
+                     "min_photos": photo_minimum(services.settings, avatar)})
 
 
 def check_open_avatars(services, user: dict) -> None:
@@ -270,7 +307,7 @@ def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
         missing.append("face_consent")
     if not any(p["role"] == "front" for p in accepted):
         missing.append("front_photo")
-    if len(accepted) < services.settings.min_photos:
+    if len(accepted) < photo_minimum(services.settings, avatar):
         missing.append("more_photos")
     if any(content_pending(p) for p in accepted):
         missing.append("content_check_pending")
@@ -319,7 +356,7 @@ def start_training(services, order: dict) -> bool:
     the payment is then refunded by the caller."""
     avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
                                by=f"order:{order['_id']}",
-                               set_fields={"order_id": order["_id"], "lane": lanes.lane_of(order)})
+                               set_fields={"order_id": order["_id"], "lane": lanes.lane_of(order), "sku": order["sku"]})
     if avatar is not None:
         enqueue_training(services, avatar)
         return True

@@ -29,13 +29,17 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, Va
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from portraits import products
+
 DEFAULT_SKUS = {
     "avatar_pack": {"amount": 990, "render_sets": 3, "description": "AI写真 数字分身套餐"},
     # The express tier (issue 17): its trainings and renders wait in the express lane (portraits.queue.lanes).
     "express_pack": {"amount": 1990, "render_sets": 3, "description": "AI写真 数字分身套餐（加急）", "lane": "express",
                      "promised_wait_s": 1800, "standard_sku": "avatar_pack"},
+    # Meitu Xiuxiu's product: three photos, 100 avatars spread over the templates, rendered ten at a time.
+    "pack_100": {"amount": 990, "render_sets": 0, "description": "百变AI头像 100张", "min_photos": 3,
+                 "render_plan": {"images": 100, "batch": 10}},
 }
-SKU_LANES = ("standard", "express")
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 # What EMBEDDED puts in the filing and model disclosure settings; the disclosure endpoint says it is a placeholder.
 DISCLOSURE_PLACEHOLDER = "PLACEHOLDER 未备案（开发环境）"
@@ -303,14 +307,17 @@ class Settings(BaseSettings):
     collecting_ttl_s: int = setting(7 * 24 * 3600, "unpaid avatars and their photos are deleted after this")
 
     skus: JsonDict = setting(description="products, prices in fen: `{sku: {amount, render_sets, description, "
-                                         "xpay_product_id, lane, promised_wait_s, standard_sku}}`; "
-                                         "`xpay_product_id` is the item's id in the "
+                                         "xpay_product_id, lane, promised_wait_s, standard_sku, min_photos, "
+                                         "render_plan}}`; `xpay_product_id` is the item's id in the "
                                          "virtual-payment console (default: the sku), whose price must be `amount`; "
                                          "`lane` `standard` (default) or `express`: an express sku's trainings and "
                                          "renders wait in the express lane, its training is promised to start within "
                                          "`promised_wait_s` of payment, and a promise broken by more than "
                                          "`EXPRESS_PROMISE_MARGIN_S` refunds the difference to `standard_sku`'s "
-                                         "price, once",
+                                         "price, once; `min_photos` the accepted photos its avatar needs "
+                                         "(default: `MIN_PHOTOS`); `render_plan` `{images, batch}`: after training, "
+                                         "that many images spread over the templates of the avatar's gender, "
+                                         "rendered `batch` at a time (default: none, the user picks `render_sets`)",
                              default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
     payment_rail: Literal["jsapi", "xpay", "by_platform"] = setting(
         "jsapi", "how orders are paid: `jsapi` WeChat Pay JSAPI (wx.requestPayment); `xpay` WeChat's virtual payment "
@@ -355,6 +362,9 @@ class Settings(BaseSettings):
     render_max_steps: int | None = setting(None, "cap on sampling steps", shown="tiny: `4`; real: the template's")
     render_max_candidates: int | None = setting(None, "cap on candidates drawn per render set (cost control); images "
                                                       "kept = min(template's keep, cap)")
+    pack_candidates_per_image: int = setting(2, "candidates drawn for each image of a pack's render plan (sku "
+                                                "`render_plan`); the likeliest is kept (capped by "
+                                                "`RENDER_MAX_CANDIDATES`)")
     train_retries: int = setting(2, "retries of a training after a technical failure (then refund)")
     render_retries: int = setting(1, "retries of a render after a technical failure (then credit back)")
     fault_train_failures: int = setting(0, "drill: the first N training attempts fail on purpose")
@@ -464,6 +474,14 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.resolve() if value is not None else None
 
+    @field_validator("skus")
+    @classmethod
+    def _skus(cls, value: dict) -> dict:
+        found = products.problems(value)
+        if found:
+            raise ValueError("; ".join(found))
+        return value
+
     @field_validator("prometheus_multiproc_dir")
     @classmethod
     def _existing_directory(cls, value: Path | None) -> Path | None:
@@ -519,25 +537,6 @@ class Settings(BaseSettings):
     def disclosure_placeholders(self) -> list[str]:
         """The disclosure settings still holding EMBEDDED's placeholder."""
         return [name for name in DISCLOSURE_SETTINGS if getattr(self, name) == DISCLOSURE_PLACEHOLDER]
-
-    @field_validator("skus")
-    @classmethod
-    def _sku_lanes(cls, skus: dict) -> dict:
-        for name, product in skus.items():
-            lane = product.get("lane", "standard")
-            if lane not in SKU_LANES:
-                raise ValueError(f"{name}: lane must be one of {', '.join(SKU_LANES)}")
-            if lane != "express":
-                continue
-            standard = skus.get(product.get("standard_sku"))
-            if standard is None or standard.get("lane", "standard") != "standard":
-                raise ValueError(f"{name}: an express sku names the standard sku its price difference is against "
-                                 "(standard_sku)")
-            if int(standard["amount"]) > int(product["amount"]):
-                raise ValueError(f"{name}: costs less than its standard sku {product['standard_sku']}")
-            if not isinstance(product.get("promised_wait_s"), int) or product["promised_wait_s"] <= 0:
-                raise ValueError(f"{name}: an express sku promises a wait (promised_wait_s, whole seconds)")
-        return skus
 
     @field_validator(*FILE_CONTENTS)
     @classmethod

@@ -6,23 +6,27 @@ for a technical reason after its retries, gives it back exactly once. More Like 
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from pymongo.errors import DuplicateKeyError
 
 from models.faces import relative_likeness
 from models.labels import label_image
 from models.ranking import RankedCandidate
-from portraits import avatars, content_checks, keys, notifications, privacy, states, tasks
+from portraits import avatars, content_checks, keys, notifications, packs, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
 from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
 from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 from portraits.retries import retry_or_fail
+
+log = logging.getLogger(__name__)
 
 # More Like Me is free but limited: this many refinements per paid render set (its whole tree of children).
 MAX_REFINEMENTS = 3
@@ -103,11 +107,15 @@ def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
     order = claim_render_credit(services.db, avatar["order_id"], user["_id"], render_id)
     if order is None:
         raise PaymentRequired("no_render_credits", "All render sets of this order are used.")
-    params = {"identity_strength": template.identity_strength, "style_strength": template.style_strength,
-              "candidates": template.candidates, "images_to_keep": template.images_to_keep}
+    params = template_params(template)
     return _insert_claimed(services, "orders", order["_id"], render_id,
                            lambda: insert_render(services, avatar, template.id, order["_id"], params, parent=None,
                                                  charged=True, render_id=render_id))
+
+
+def template_params(template, candidates: int | None = None, keep: int | None = None) -> dict:
+    return {"identity_strength": template.identity_strength, "style_strength": template.style_strength,
+            "candidates": candidates or template.candidates, "images_to_keep": keep or template.images_to_keep}
 
 
 def _insert_claimed(services, collection: str, holder_id: str, render_id: str, insert) -> dict:
@@ -126,6 +134,8 @@ def _insert_claimed(services, collection: str, holder_id: str, render_id: str, i
 
 
 def more_like_me(services, parent: dict, avatar: dict) -> dict:
+    if parent.get("pack_slots"):
+        raise Conflict("render_not_refinable", "A batch of a pack is not refined; its portraits are what it owes.")
     if parent["state"] != "done":
         raise Conflict("render_not_done", "Wait for this render to finish first.", {"state": parent["state"]})
     if avatar["state"] != "trained":
@@ -173,8 +183,10 @@ def new_render_id() -> str:
 
 
 def insert_render(services, avatar, template_id, order_id, params, *, parent, charged: bool, by: str | None = None,
-                  render_id: str | None = None, retry_of: str | None = None, rerender_of: str | None = None) -> dict:
-    """A new queued render set (a user's, a More Like Me child, or an operator's retry of a failed one)."""
+                  render_id: str | None = None, retry_of: str | None = None, rerender_of: str | None = None,
+                  pack: dict | None = None) -> dict:
+    """A new queued render set (a user's, a More Like Me child, or an operator's retry of a failed one), or a pack's
+    batch (`pack`: packs.batch_fields; its id is derived, so a second insert raises DuplicateKeyError)."""
     at = states.now()
     render = {"_id": render_id or new_render_id(), "user_id": avatar["user_id"], "avatar_id": avatar["_id"],
               "order_id": order_id, "template_id": template_id, "parent_id": parent["_id"] if parent else None,
@@ -187,6 +199,7 @@ def insert_render(services, avatar, template_id, order_id, params, *, parent, ch
         render["retry_of"] = retry_of
     if rerender_of:
         render["rerender_of"] = rerender_of
+    render.update(pack or {})
     services.db.renders.insert_one(render)
     enqueue_render(services, render)
     return render
@@ -237,10 +250,39 @@ class RenderPlan:
 
 
 def plan_render(services, render: dict) -> RenderPlan:
-    settings = services.settings
-    template = services.catalog.get(render["template_id"])
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
-    params = render["params"]
+    return _plan(services, avatar, _lora(services, avatar), _pivot(services, avatar),
+                 services.catalog.get(render["template_id"]), render["params"], retry_seed(render))
+
+
+def plan_batch(services, render: dict) -> list[RenderPlan]:
+    """One plan per image a pack's batch owes: its slot's template, a few candidates, the best one kept."""
+    avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
+    lora, pivot, seed = _lora(services, avatar), _pivot(services, avatar), retry_seed(render)
+    return [_plan(services, avatar, lora, pivot, template,
+                  template_params(template, candidates=services.settings.pack_candidates_per_image, keep=1),
+                  (seed + slot) % 2**31)
+            for slot, template in zip(render["pack_slots"],
+                                      (services.catalog.get(t) for t in render["pack_templates"]))]
+
+
+def retry_seed(render: dict) -> int:
+    """A retry draws different candidates: the same seed would only reproduce a set without usable faces."""
+    return (render["seed"] + RETRY_SEED_STRIDE * (render.get("attempts", 1) - 1)) % 2**31
+
+
+def _lora(services, avatar: dict) -> bytes:
+    return services.sealed.get(avatar["user_id"], avatar["lora_key"])
+
+
+def _pivot(services, avatar: dict) -> np.ndarray | None:
+    if not avatar.get("pivot_key"):
+        return None
+    return np.frombuffer(services.sealed.get(avatar["user_id"], avatar["pivot_key"]), dtype=np.float64)
+
+
+def _plan(services, avatar: dict, lora: bytes, pivot, template, params: dict, seed: int) -> RenderPlan:
+    settings = services.settings
     steps = template.steps if settings.render_max_steps is None else min(template.steps, settings.render_max_steps)
     count = params["candidates"]
     if settings.render_max_candidates is not None:
@@ -249,13 +291,8 @@ def plan_render(services, render: dict) -> RenderPlan:
     if template.init_image:
         init_image = Image.open(services.catalog.asset_path(template.init_image)).convert("RGB")
         mask = Image.open(services.catalog.asset_path(template.mask)).convert("L")
-    # A retry draws different candidates: the same seed would only reproduce a set without usable faces.
-    seed = (render["seed"] + RETRY_SEED_STRIDE * (render.get("attempts", 1) - 1)) % 2**31
-    pivot = None
-    if avatar.get("pivot_key"):
-        pivot = np.frombuffer(services.sealed.get(avatar["user_id"], avatar["pivot_key"]), dtype=np.float64)
     return RenderPlan(
-        lora=services.sealed.get(avatar["user_id"], avatar["lora_key"]), adapter_name=f"user_{avatar['_id']}",
+        lora=lora, adapter_name=f"user_{avatar['_id']}",
         prompt=template.prompt_for(avatars.subject_words(avatar["gender"])), negative_prompt=template.negative_prompt,
         count=count, keep=min(params["images_to_keep"], count), steps=steps, guidance=template.guidance,
         width=template.width, height=template.height, seed=seed, identity_strength=params["identity_strength"],
@@ -281,7 +318,8 @@ def parent_images(services, render: dict) -> list[dict]:
     return list(services.db.images.find({"_id": {"$in": parent.get("image_ids", [])}}))
 
 
-def store_labelled(services, render: dict, image: Image.Image, score: float | None, index: int) -> str:
+def store_labelled(services, render: dict, image: Image.Image, score: float | None, index: int,
+                   extra: dict | None = None) -> str:
     """Label one portrait (visible mark + metadata), seal it under the user's key and log the label. The ids are
     derived from (render, attempt, index), so a step replayed after a crash writes the same image and the same
     label-log row again instead of a second one."""
@@ -294,7 +332,7 @@ def store_labelled(services, render: dict, image: Image.Image, score: float | No
         {"_id": image_id},
         {"$setOnInsert": {"user_id": render["user_id"], "render_id": render["_id"], "content_id": content_id,
                           "likeness": score, "width": image.width, "height": image.height, "created_at": at,
-                          "content_check": "pending"}},
+                          "content_check": "pending", **(extra or {})}},
         upsert=True)
     services.db.label_log.update_one(
         {"content_id": content_id},
@@ -315,6 +353,17 @@ def keep_candidates(services, render: dict, kept: list[RankedCandidate]) -> list
                                                                     candidate.likeness, index),
                       likeness=candidate.likeness, carried=candidate.image_id is not None)
             for index, candidate in enumerate(kept)]
+
+
+def keep_batch(services, render: dict, best: list[RankedCandidate | None]) -> list[KeptImage]:
+    """A batch's images, one per slot it owes (None: no usable candidate for that slot, which stays owed and is
+    made good by settle_batch), labelled and stored with their slot and template."""
+    return [KeptImage(image_id=store_labelled(services, render, candidate.image, candidate.likeness, index,
+                                              {"pack_slot": slot, "template_id": template_id}),
+                      likeness=candidate.likeness, carried=False)
+            for index, (candidate, slot, template_id) in enumerate(zip(best, render["pack_slots"],
+                                                                       render["pack_templates"]))
+            if candidate is not None]
 
 
 def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], _seconds: float) -> str:
@@ -398,9 +447,17 @@ def apply_image_verdict(services, check: dict, counted: bool, reason: str | None
         return
     if render.get("delivered_image_ids"):
         deliver(services, render)
-    if render.get("refused_image_ids") and not services.db.images.count_documents(
-            {"_id": {"$in": render.get("image_ids", [])}, "content_check": "pending"}):
+    decided = not images_pending(services, render)
+    if render.get("pack_slots"):
+        if decided:
+            settle_batch(services, render)
+    elif render.get("refused_image_ids") and decided:
         make_good_lost_images(services, render)
+
+
+def images_pending(services, render: dict) -> int:
+    return services.db.images.count_documents({"_id": {"$in": render.get("image_ids", [])},
+                                               "content_check": "pending"})
 
 
 def make_good_lost_images(services, render: dict) -> str:
@@ -451,7 +508,11 @@ def fail_render(services, render_id: str, reason: str) -> str:
 
 def settle_failed_render(services, render: dict) -> None:
     """What a failed render is owed, each step keyed so that running it again (the sweeper after a crash here)
-    does only what is missing: its credit back, once, and the order's refund if it can no longer be delivered."""
+    does only what is missing: its credit back, once, and the order's refund if it can no longer be delivered. A
+    pack's batch is made good by settle_batch instead (a redraw, then its share of the price)."""
+    if render.get("pack_slots"):
+        settle_batch(services, render)
+        return
     if render.get("charged"):
         credit_back(services, render)
     elif render.get("rerender_of"):
@@ -468,7 +529,8 @@ def retry_failed_render(services, render: dict, by: str) -> dict:
     new_id = new_render_id()
     # Claim the failed render first: two operators clicking at once make one new render, not two.
     claimed = services.db.renders.find_one_and_update(
-        {"_id": render["_id"], "state": "failed", "retried_by": {"$exists": False}},
+        # A pack's batch is made good by itself (settle_batch): an operator does not redraw it by hand.
+        {"_id": render["_id"], "state": "failed", "retried_by": {"$exists": False}, "pack_slots": {"$exists": False}},
         {"$set": {"retried_by": new_id, "retried_at": states.now()}})
     if claimed is None:
         raise Conflict("render_not_retryable", "Only a failed render can be retried, once.")
@@ -509,3 +571,103 @@ def release_stale_retries(services, older_than) -> int:
     for render in stale:
         release_retry(services.db, render["_id"], render["retried_by"])
     return len(stale)
+
+
+# ---------------------------------------------------------------------------------------------------- packs
+
+
+def start_pack(services, order_id: str) -> int:
+    """An order with a render plan whose avatar is trained owes its batches (portraits.packs): each written once
+    (its id is derived from the order) and queued; the order then records that its pack started. Safe to run
+    again at any time (the job that trained the avatar, the sweep); returns how many batches this call wrote."""
+    order = services.db.orders.find_one({"_id": order_id})
+    if (order is None or not order.get("render_plan") or order.get("pack_started_at")
+            or order["state"] not in ("paid", "fulfilled")):
+        return 0
+    avatar = services.db.avatars.find_one({"_id": order["avatar_id"]})
+    if avatar is None or avatar["state"] != "trained" or avatar.get("order_id") != order_id:
+        return 0
+    plan = order["render_plan"]
+    # The spread is fixed once, on the order: a run after a crash (and a catalog change) writes the same batches.
+    services.db.orders.update_one({"_id": order_id, "pack_templates": {"$exists": False}},
+                                  {"$set": {"pack_templates": packs.spread(services.catalog, avatar["gender"],
+                                                                           plan["images"])}})
+    templates = services.db.orders.find_one({"_id": order_id}, {"pack_templates": 1})["pack_templates"]
+    written = 0
+    for index, slots in enumerate(packs.batches(plan)):
+        if _insert_batch(services, avatar, order_id, packs.batch_id(order_id, index), by=f"order:{order_id}",
+                         pack=packs.batch_fields(index, slots, [templates[slot] for slot in slots])):
+            written += 1
+    services.db.orders.update_one({"_id": order_id, "pack_started_at": {"$exists": False}},
+                                  {"$set": {"pack_started_at": states.now()}})
+    return written
+
+
+def _insert_batch(services, avatar: dict, order_id: str, render_id: str, by: str, pack: dict) -> bool:
+    """False when the batch was written before (a `queued` one whose job was lost is queued again by the sweep)."""
+    try:
+        insert_render(services, avatar, pack["pack_templates"][0], order_id, None, parent=None, charged=False,
+                      by=by, render_id=render_id, pack=pack)
+    except DuplicateKeyError:
+        return False
+    return True
+
+
+def settle_batch(services, render: dict) -> str:
+    """A batch that failed, or whose images are all decided: the slots it did not deliver are drawn again once,
+    free (a redraw batch of just those slots); what a redraw cannot deliver is refunded, its share of the price,
+    once. The batch is marked settled when that is done; a refund that has to wait (the order is busy with another
+    refund) leaves it unsettled for the sweep. Returns what happened (a stable word)."""
+    if render.get("settled_at"):
+        return "already_settled"
+    delivered = {i["pack_slot"] for i in services.db.images.find(
+        {"_id": {"$in": render.get("delivered_image_ids", [])}}, {"pack_slot": 1})}
+    lost = [slot for slot in render["pack_slots"] if slot not in delivered]
+    outcome, fields = "delivered", {}
+    if lost and not render.get("pack_redraw_of"):
+        outcome = _redraw_batch(services, render, lost)
+    if lost and outcome != "redrawn":
+        outcome = _refund_slots(services, render, lost)
+        fields = {"pack_refunded_slots": lost} if outcome == "refunded" else {}
+    if outcome == "refund_owed":
+        return outcome
+    services.db.renders.update_one({"_id": render["_id"], "settled_at": {"$exists": False}},
+                                   {"$set": {"settled_at": states.now(), "pack_lost_slots": lost, **fields}})
+    return outcome
+
+
+def _redraw_batch(services, render: dict, lost: list[int]) -> str:
+    avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
+    if avatar is None or avatar["state"] != "trained":
+        return "cannot_redraw"
+    template_of = dict(zip(render["pack_slots"], render["pack_templates"]))
+    _insert_batch(services, avatar, render["order_id"], packs.redraw_id(render["_id"]), by=f"pack:{render['_id']}",
+                  pack=packs.batch_fields(render["pack_index"], lost, [template_of[slot] for slot in lost],
+                                          redraw_of=render["_id"]))
+    return "redrawn"
+
+
+def _refund_slots(services, render: dict, lost: list[int]) -> str:
+    """The share of the price of the slots this batch cannot deliver goes back, once (the refund is keyed by the
+    batch): 'refunded', 'nothing_left' (already refunded otherwise), 'refund_refused' (this rail cannot refund:
+    left to people), or 'refund_owed' (the order is busy with another refund: the sweep asks again)."""
+    order = services.db.orders.find_one({"_id": render["order_id"]})
+    if order is None:
+        return "nothing_left"
+    number = refunds.batch_refund_number(order["_id"], render["_id"])
+    if refunds.has_refund(order, number):
+        return "refunded"
+    amount = min(packs.slots_amount(order["amount"], order["render_plan"]["images"], lost),
+                 refunds.refundable_amount(order))
+    if amount <= 0:
+        return "nothing_left"
+    try:
+        moved = refunds.request_refund(services, order["_id"], reason="pack_undeliverable",
+                                       by=f"render:{render['_id']}", expect=("paid", "fulfilled"), amount=amount,
+                                       out_refund_no=number)
+    except refunds.RefundRefused as refused:
+        log.warning("batch %s: its undeliverable share cannot be refunded: %s", render["_id"], refused.code)
+        return "refund_refused"
+    if moved is None and not refunds.has_refund(services.db.orders.find_one({"_id": order["_id"]}) or {}, number):
+        return "refund_owed"
+    return "refunded"

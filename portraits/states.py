@@ -64,6 +64,11 @@ MACHINES: dict[str, dict[str, set[str]]] = {
     },
 }
 
+# A pack's progress (portraits.packs.progress), read from its order and its batches (renders), never stored: training
+# (its avatar is not trained yet, so no batch exists), rendering (some batch is not settled), done (every batch
+# delivered, redrawn or refunded), refunded (the order was refunded before any batch was written).
+PACK_PHASES = ("training", "rendering", "done", "refunded")
+
 COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks"}
 # Machines whose state lives in a field of another entity's document: machine -> (collection, field).
 PARTS = {"express_promise": ("orders", "promise")}

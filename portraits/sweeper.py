@@ -6,6 +6,9 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - an avatar `training` or a render `rendering` whose job RQ no longer knows (Redis lost its data) owes a retry;
 - an avatar `failed` whose order is still `paid` owes a refund;
 - a render `failed` and not yet `settled_at` owes its credit back (charged ones) and, maybe, the order's refund;
+- a paid order with a render plan whose avatar is trained owes its batches (portraits.packs), and a batch `done`
+  with every image decided but not yet `settled_at` owes its redraw or its share of the price back (a refund that
+  had to wait for another one to settle, or a verdict applied by a process that died before settling);
 - a render `done` with portraits delivered (passed by the content check) whose order is still `paid` owes the
   fulfilment, a paid order whose avatar cannot train a refund;
 - an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded;
@@ -51,6 +54,7 @@ def sweep(services) -> dict[str, int]:
     _recover_running(services, done)
     _settle_failed_avatars(services, done)
     _settle_failed_renders(services, done)
+    _settle_packs(services, done)
     _purge_photos(services, done)
     _settle_claims(services, done)
     done.update(promises.sweep(services))
@@ -222,6 +226,17 @@ def _settle_failed_renders(services, done: Counter) -> None:
     for render in services.db.renders.find({"state": "failed", "settled_at": {"$exists": False}}):
         renders.settle_failed_render(services, render)
         done["render_settled"] += 1
+
+
+def _settle_packs(services, done: Counter) -> None:
+    for order in services.db.orders.find({"state": {"$in": ["paid", "fulfilled"]}, "render_plan": {"$ne": None},
+                                          "pack_started_at": {"$exists": False}}, {"_id": 1}):
+        if renders.start_pack(services, order["_id"]):
+            done["pack_started"] += 1
+    for batch in services.db.renders.find({"state": "done", "pack_slots": {"$exists": True},
+                                           "settled_at": {"$exists": False}, "updated_at": {"$lt": _grace_cutoff(services)}}):
+        if not renders.images_pending(services, batch):
+            done[f"pack_batch_{renders.settle_batch(services, batch)}"] += 1
 
 
 def _purge_photos(services, done: Counter) -> None:

@@ -3,6 +3,7 @@ starts on in-process stand-ins."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from portraits import products
 from portraits.config import ConfigError, Settings, markdown_table
 from wechat_sim.keys import generate_credentials
 
@@ -109,6 +111,26 @@ def test_bad_values_stop_start_up_with_the_variable_named(tmp_path, env):
     with pytest.raises(ConfigError) as error:
         Settings.from_env({"INSTANCE_DIR": str(tmp_path), "EMBEDDED": "1", **env})
     assert next(iter(env)) in str(error.value)
+
+
+@pytest.mark.parametrize("product, problem", [
+    ({"min_photos": 0}, "pack.min_photos"), ({"min_photos": "3"}, "pack.min_photos"),
+    ({"render_plan": {"images": 100}}, "pack.render_plan"), ({"render_plan": {"images": 10, "batch": 0}},
+                                                             "pack.render_plan")])
+def test_a_product_s_photo_minimum_and_render_plan_are_checked_at_start_up(tmp_path, product, problem):
+    skus = {"pack": {"amount": 990, "render_sets": 0, "description": "pack", **product}}
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({"INSTANCE_DIR": str(tmp_path), "EMBEDDED": "1", "SKUS": json.dumps(skus)})
+    assert "SKUS" in str(error.value) and problem in str(error.value)
+
+
+def test_the_default_products_keep_the_portrait_pack_s_minimum_and_add_the_100_avatar_pack(tmp_path):
+    settings = Settings.from_env({"INSTANCE_DIR": str(tmp_path), "EMBEDDED": "1"})
+    assert products.min_photos(settings, "avatar_pack") == settings.min_photos == 8
+    assert products.render_plan(settings, "avatar_pack") is None
+    assert settings.skus["pack_100"]["amount"] == 990
+    assert products.min_photos(settings, "pack_100") == 3
+    assert products.render_plan(settings, "pack_100") == {"images": 100, "batch": 10}
 
 
 def _create_app(tmp_path, **env):

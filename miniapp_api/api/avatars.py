@@ -17,8 +17,8 @@ bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
 @login_required
 @endpoint(ok={201: Avatar}, errors=[403, 409], rate_limit="rate_limit_avatars")
 def create_avatar(json: AvatarRequest):
-    """Start an avatar."""
-    return avatar_json(avatars.create_avatar(services(), g.user, json.gender)), 201
+    """Start an avatar, optionally for the product the user means to buy (its photo minimum applies)."""
+    return avatar_json(avatars.create_avatar(services(), g.user, json.gender, json.sku)), 201
 
 
 @bp.get("/<avatar_id>")
@@ -61,7 +61,8 @@ def avatar_json(avatar: dict) -> dict:
         "photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"], "reasons": p.get("reasons", []),
                     "content_check": p.get("content_check")} for p in avatar["photos"]],
         "accepted_count": len(accepted),
-        "min_photos": svc.settings.min_photos,
+        "sku": avatar.get("sku"),
+        "min_photos": avatars.photo_minimum(svc.settings, avatar),
         "max_photos": svc.settings.max_photos,
         "missing": (avatars.missing_for_training(svc, avatar, g.user)
                     if avatar["state"] in avatars.TAKES_PHOTOS else []),

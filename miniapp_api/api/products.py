@@ -7,6 +7,7 @@ from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import services
 from miniapp_api.schemas import Product, ProductQuery
+from portraits import products
 from portraits.billing import makegood, rails
 from portraits.queue import lanes
 
@@ -22,6 +23,7 @@ def list_products(query: ProductQuery):
     settings = services().settings
     credits = makegood.unused_credits(g.user)
     return [{"sku": sku, "amount": int(product["amount"]), "render_sets": int(product["render_sets"]),
+             "min_photos": products.min_photos(settings, sku), "render_plan": products.render_plan(settings, sku),
              "description": product["description"], "rail": rails.rail_for(settings, query.platform),
              "ios_make_good": settings.xpay_ios_make_good,
              "credits": sum(1 for credit in credits if credit["sku"] == sku), "lane": lanes.lane_of(product),

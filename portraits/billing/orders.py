@@ -11,7 +11,7 @@ from datetime import timedelta
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from portraits import errors, identity, states, users
+from portraits import avatars, errors, identity, products, states, users
 from portraits.billing import makegood, payments, promises, rails
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -33,9 +33,9 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     if product is None:
         raise errors.Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
     identity.require_phone(services, user)  # real identity before payment
+    avatar = avatars.for_product(services, user, avatar, sku)
     if avatar["state"] != "ready":
-        raise errors.Conflict("avatar_not_ready", "This avatar cannot be paid for now.",
-                              {"state": avatar["state"], "missing": avatar.get("missing", [])})
+        raise avatars.not_ready(services, avatar, user)
     rail = rails.CREDIT if use_credit else rails.rail_for(settings, platform)
     if use_credit and not makegood.has_credit(user, sku):
         raise errors.PaymentRequired("no_make_good_credit", "You have no free redo credit for this product.",
@@ -53,6 +53,8 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
         "sku": sku,
         "amount": 0 if rail == rails.CREDIT else int(product["amount"]),
         "render_credits": int(product["render_sets"]),
+        # What the order owes after training, fixed when it is bought (portraits.packs renders it).
+        "render_plan": products.render_plan(settings, sku),
         "rail": rail,
         "platform": (platform or "").lower() or None,
         "state": "created",

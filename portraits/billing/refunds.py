@@ -47,6 +47,11 @@ def promise_refund_number(order_id: str) -> str:
     return f"R{order_id}-express"
 
 
+def batch_refund_number(order_id: str, batch_id: str) -> str:
+    """The one refund of what a pack's batch could not deliver (portraits.renders, packs): never two."""
+    return f"R{order_id}-{batch_id}"
+
+
 def committed_refunds(order: dict) -> int:
     """Refunded or on its way: everything but refunds that ended in failure."""
     return sum(r["amount"] for r in order.get("refunds", []) if r["state"] not in REFUND_FINAL_FAILURES)
@@ -58,6 +63,10 @@ def refundable_amount(order: dict) -> int:
     if order.get("state") not in PAID_STATES:
         return 0
     return max(order["amount"] - committed_refunds(order), 0)
+
+
+def has_refund(order: dict, out_refund_no: str) -> bool:
+    return any(r["out_refund_no"] == out_refund_no for r in order.get("refunds", []))
 
 
 def request_refund(services, order_id: str, reason: str, by: str = "system", expect=("paid",),
@@ -72,8 +81,9 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
     instead while still `paid` (the order, moved to `made_good`, is returned); later, RefundRefused
     `refund_impossible`.
 
-    out_refund_no: a number derived from what the refund is for (`promise_refund_number`), so that refund exists
-    at most once on the order however often it is asked for (None when it already does)."""
+    out_refund_no: a number derived from what the refund is for (`promise_refund_number`, `batch_refund_number`),
+    so that refund exists at most once on the order, and at WeChat Pay, however often and from wherever it is asked
+    for (None when it already does)."""
     if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
         raise RefundRefused("refund_amount_invalid", {"amount": amount})
     expect = set(expect)
@@ -91,7 +101,7 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
         to_refund = refundable if amount is None else amount
         if to_refund <= 0:
             return None
-        if out_refund_no is not None and any(r["out_refund_no"] == out_refund_no for r in order.get("refunds", [])):
+        if out_refund_no is not None and has_refund(order, out_refund_no):
             return None
         sequence = len(order.get("refunds", [])) + 1
         at = states.now()
