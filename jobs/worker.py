@@ -3,10 +3,13 @@
     python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings, and
                                     express or standard first by the lane rule (portraits.queue.lanes)
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
+    python -m jobs.worker intake    face judging of uploaded photos (CPU); as many as the uploads need
     python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
 
 The GPU worker never forks: a forked work horse deadlocks when the parent has used multi-threaded torch, and
-forking would also throw away the resident base pipeline. One job at a time per process. A heartbeat thread keeps
+forking would also throw away the resident base pipeline. One job at a time per process. The intake worker does not
+fork either: its dlib models are loaded once per process, before the first job, and used by that process alone (they
+are not thread-safe; scale with processes, each with its own models, ~100 MB and ~1 s of loading each). A heartbeat thread keeps
 the worker and its job alive while the main thread is busy in a long training; the job's execution expires from
 RQ's StartedJobRegistry WORKER_DEAD_AFTER_S after the last beat, which is how the reaper (jobs.recovery) finds the
 jobs of a worker that was SIGKILLed.
@@ -154,10 +157,11 @@ def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWor
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
-def drain(services, max_rounds: int = 100) -> int:
-    """Run every queued job (and the retries they enqueue) in this thread; returns how many rounds ran."""
+def drain(services, max_rounds: int = 100, queues: tuple[str, ...] = tasks.ALL_QUEUES) -> int:
+    """Run every queued job of ``queues`` (and the retries they enqueue) in this thread; returns how many rounds
+    ran."""
     context.install(services)
-    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES], connection=services.redis,
+    worker = EmbeddedWorker([tasks.queue(services, name) for name in queues], connection=services.redis,
                             lanes=LanePolicy.of(services.settings))
     rounds = 0
     while rounds < max_rounds and worker.work(burst=True, with_scheduler=True, logging_level="WARNING"):
@@ -167,7 +171,7 @@ def drain(services, max_rounds: int = 100) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["gpu", "default"])
+    parser.add_argument("kind", choices=["gpu", "default", "intake"])
     parser.add_argument("--check", action="store_true", help="readiness probe: exit 0 when ready, print the checks")
     args = parser.parse_args(argv)
     try:
@@ -191,6 +195,10 @@ def main(argv=None) -> None:
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again
         build_gpu_worker(services.redis, settings).work()
+    elif args.kind == "intake":
+        services.face_analyzer()  # this process's own dlib models, loaded before the first photo
+        sweeper.sweep(services)
+        DefaultWorker([tasks.queue(services, tasks.INTAKE)], connection=services.redis).work(with_scheduler=True)
     else:
         sweeper.sweep(services)
         DefaultWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)

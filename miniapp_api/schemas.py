@@ -323,10 +323,15 @@ class Withdrawal(Reply):
     deleted: Erased
 
 
+PhotoState = Literal[tuple(states.MACHINES["photo"])]
+
+
 class Photo(Reply):
     id: str
     role: Role | None
-    accepted: bool
+    state: PhotoState = Field(description="judging (the upload is stored, its face is being judged: poll the avatar), "
+                                          "accepted or refused (with reasons)")
+    accepted: bool = Field(description="true once judged acceptable (false while judging)")
     reasons: list[str]
     content_check: ContentCheck | Literal["risky"] | None = Field(
         description="WeChat's content check of an accepted photo: pending (the avatar waits for it), pass, review or "
@@ -361,7 +366,8 @@ class Avatar(Reply):
     min_photos: int = Field(description="accepted photos its product needs")
     max_photos: int
     missing: list[str] = Field(description="what training still needs: face_consent, front_photo, more_photos, "
-                                           "content_check_pending (photos waiting for WeChat's content check)")
+                                           "content_check_pending (photos waiting for WeChat's content check), "
+                                           "photos_judging (uploads whose face judging has not ended)")
     order_id: str | None
     photos_purged: bool
     failure: Literal["technical_failure"] | None
@@ -369,7 +375,11 @@ class Avatar(Reply):
 
 
 class PhotoVerdict(Reply):
+    """An upload taken: stored and queued for judging (state judging). Its verdict lands in the avatar's photo list;
+    the client polls GET /avatars/{id}."""
+
     id: str
+    state: PhotoState
     accepted: bool
     reasons: list[str]
     role: Role

@@ -219,6 +219,16 @@ def _open(data: bytes, limits: IntakeLimits) -> Image.Image | PhotoVerdict:
     return image
 
 
+def header_refusal(data: bytes, limits: IntakeLimits) -> str | None:
+    """What the header alone refuses (not an image, a format we do not take, over the byte or pixel limits, too
+    small), without decoding a pixel: cheap enough for the request that receives the upload. None: judge it."""
+    opened = _open(data, limits)
+    if isinstance(opened, PhotoVerdict):
+        return opened.reasons[0]
+    opened.close()
+    return None
+
+
 def _decode(image: Image.Image) -> np.ndarray:
     if image.format == "JPEG":
         width, height = image.size

@@ -15,12 +15,14 @@ from PIL import Image
 from redis.exceptions import LockError
 
 from models.faces import identity_pivot, likeness_baseline
-from models.intake import AcceptedFace, IntakeLimits, drop_outliers, judge_photo
+from models.intake import AcceptedFace, IntakeLimits, drop_outliers, header_refusal, judge_photo
 from portraits import consents, content_checks, keys, notifications, photos, products, states, tasks
 from portraits.billing import promises, refunds
 from portraits.errors import Conflict, Invalid, TooLarge, Unavailable, UnsupportedMedia
 from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
+from portraits.store.blobs import BlobNotFound
+from portraits.store.vault import KeyShredded
 from portraits.retries import retry_or_fail
 
 log = logging.getLogger(__name__)
@@ -124,48 +126,83 @@ def check_upload(services, user: dict, avatar: dict, role: str) -> None:
         raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.", {"state": avatar["state"]})
 
 
-def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict]:
-    """Judge one upload and record its verdict; returns (the photo's record, the avatar after it).
+def photo_state(photo: dict) -> str:
+    """judging, accepted or refused (states.MACHINES["photo"]); photos recorded before judging left the request
+    have no state of their own, and their `accepted` says it."""
+    return photo.get("state") or ("accepted" if photo["accepted"] else "refused")
 
-    Uploads to one avatar are judged one at a time: read the avatar, judge against its accepted photos, record.
-    Two guards keep MAX_PHOTOS and the duplicate and identity checks true when uploads arrive together (the app
-    sends several at once; gunicorn threads and the dev server run them concurrently):
-    - the database: an accepted photo is recorded only if no accepted photo appeared since the avatar was read
-      (a compare-and-set on the photo list), otherwise the upload is judged again against the new photos;
-    - a per-avatar Redis lock around read-judge-record, so concurrent uploads queue instead of being judged in
-      vain; one that cannot have it within UPLOAD_LOCK_WAIT_S is refused with `avatar_busy` (503, retry later).
-    """
+
+def judging(photo: dict) -> bool:
+    return photo_state(photo) == "judging"
+
+
+def add_photo(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict]:
+    """Take one upload: refuse what its header alone refuses, store it sealed, record it `judging` and queue its
+    judging on the intake queue (judge_upload, on the intake worker); returns (the photo's record, the avatar after
+    it). The request never decodes the photo nor runs a face model.
+
+    MAX_PHOTOS counts the photos accepted and those still judging (judging never adds to that number, so the count
+    read holds against verdicts landing meanwhile). Uploads to one avatar are recorded one at a time, under a short
+    per-avatar Redis lock; should it be lost, a compare-and-set on the photo list still refuses to record an upload
+    next to a photo that appeared since the avatar was read (that upload is counted again)."""
     settings = services.settings
     check_upload(services, user, avatar, role)
     check_photo_count(settings, avatar)
     if len(data) > settings.max_upload_bytes:
         raise TooLarge("file_too_large", "The photo is over the size limit.", {"max_bytes": settings.max_upload_bytes})
-    with upload_lock(services, avatar["_id"]):
-        for _ in range(UPLOAD_ATTEMPTS):
-            current = services.db.avatars.find_one({"_id": avatar["_id"]})
-            if current is None:
-                raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.")
-            check_upload(services, user, current, role)
-            check_photo_count(settings, current)
-            recorded = judge_and_record(services, user, current, data, role)
-            if recorded is not None:
-                return recorded
-    raise Unavailable("avatar_busy", "Other photos of this avatar are being added; try again in a moment.")
+    refusal = header_refusal(data, intake_limits(settings))
+    if refusal in NOT_A_PHOTO:
+        kind, message = NOT_A_PHOTO[refusal]
+        raise kind(refusal, message)
+    photo_id = "ph_" + secrets.token_hex(8)
+    upload_key = keys.photo_upload(avatar["user_id"], avatar["_id"], photo_id)
+    services.sealed.put(avatar["user_id"], upload_key, data)
+    photo = {"id": photo_id, "role": role, "state": "judging", "accepted": False, "reasons": [],
+             "upload_key": upload_key, "uploaded_at": states.now()}
+    try:
+        with upload_lock(services, avatar["_id"]):
+            for _ in range(UPLOAD_ATTEMPTS):
+                current = services.db.avatars.find_one({"_id": avatar["_id"]})
+                if current is None:
+                    raise Conflict("avatar_not_collecting", "This avatar no longer takes photos.")
+                check_upload(services, user, current, role)
+                check_photo_count(settings, current)
+                seen = [p["id"] for p in current["photos"]]
+                updated = services.db.avatars.find_one_and_update(
+                    {"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)},
+                     "photos": {"$not": {"$elemMatch": {"id": {"$nin": seen}, "state": {"$ne": "refused"}}}}},
+                    {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
+                if updated is not None:
+                    break
+            else:
+                raise Unavailable("avatar_busy", "Other photos of this avatar are being added; try again in a moment.")
+    except Exception:
+        services.blobs.delete(upload_key)
+        raise
+    enqueue_judging(services, avatar["_id"], photo_id)
+    return photo, refresh_readiness(services, updated, user)
 
 
-# The lock lives at most this long if its holder dies (judging one photo takes well under a second); should one
-# outlive it, the database guard in judge_and_record still holds.
+def enqueue_judging(services, avatar_id: str, photo_id: str) -> None:
+    tasks.enqueue_judging(services, avatar_id, photo_id, JUDGING_BACKOFF_S)
+
+
+# The lock lives at most this long if its holder dies (recording an upload takes milliseconds, judging one photo
+# well under a second); should one outlive it, the database guards in add_photo and record_verdict still hold.
 UPLOAD_LOCK_TIMEOUT_S = 60
-# How long an upload waits for the uploads queued before it on the same avatar.
+# How long an upload waits for the uploads queued before it on the same avatar (each holds the lock for a few
+# database calls), and a judging for the judging before it.
 UPLOAD_LOCK_WAIT_S = 20
-# Judgings an upload gets when other accepted photos keep arriving in between (only if the lock was lost).
+# Tries an upload or a judging gets when other photos keep arriving in between (only if the lock was lost).
 UPLOAD_ATTEMPTS = 3
+# A judging job that failed (the avatar busy, the database away) is tried again after these; the sweep queues the
+# judging again should every try fail or Redis lose the job.
+JUDGING_BACKOFF_S = [5, 30, 120]
 
 
 @contextmanager
-def upload_lock(services, avatar_id: str):
-    lock = services.redis.lock(keys.avatar_upload_lock(avatar_id), timeout=UPLOAD_LOCK_TIMEOUT_S,
-                               blocking_timeout=UPLOAD_LOCK_WAIT_S)
+def avatar_lock(services, name: str):
+    lock = services.redis.lock(name, timeout=UPLOAD_LOCK_TIMEOUT_S, blocking_timeout=UPLOAD_LOCK_WAIT_S)
     if not lock.acquire():
         raise Unavailable("avatar_busy", "Other photos of this avatar are being added; try again in a moment.",
                           {"retry_after_s": 5})
@@ -175,42 +212,76 @@ def upload_lock(services, avatar_id: str):
         try:
             lock.release()
         except LockError:  # expired meanwhile; the compare-and-set on the photo list still kept the limits
-            log.warning("upload lock for %s expired before release", avatar_id)
+            log.warning("lock %s expired before release", name)
+
+
+def upload_lock(services, avatar_id: str):
+    return avatar_lock(services, keys.avatar_upload_lock(avatar_id))
+
+
+def judging_lock(services, avatar_id: str):
+    """One judging per avatar at a time: each verdict is reached against the verdicts recorded before it, so the
+    duplicate, identity and count rules hold whatever order the intake workers take the jobs in."""
+    return avatar_lock(services, keys.avatar_judging_lock(avatar_id))
 
 
 def check_photo_count(settings, avatar: dict) -> None:
-    """Accepted photos stop at MAX_PHOTOS; refused ones at MAX_REFUSED_PHOTOS, since judging each costs about a
-    second of CPU. Uploads to one avatar are judged one at a time (upload_lock), so the count read holds."""
-    if sum(1 for p in avatar["photos"] if p["accepted"]) >= settings.max_photos:
+    """Accepted (and judging) photos stop at MAX_PHOTOS; refused ones at MAX_REFUSED_PHOTOS, since judging each
+    costs CPU. Uploads to one avatar are recorded one at a time (upload_lock), so the count read holds."""
+    if sum(1 for p in avatar["photos"] if photo_state(p) != "refused") >= settings.max_photos:
         raise Conflict("too_many_photos", "This avatar has enough photos.", {"max_photos": settings.max_photos})
-    if sum(1 for p in avatar["photos"] if not p["accepted"]) >= settings.max_refused_photos:
+    if too_many_refused(settings, avatar):
         raise Conflict("too_many_refused_photos", "Too many photos of this avatar were refused; start a new "
                                                   "avatar with clearer photos.",
                        {"max_refused_photos": settings.max_refused_photos})
 
 
-def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str) -> tuple[dict, dict] | None:
-    """Judge the upload against ``avatar`` as read, and record the verdict; None when an accepted photo was added
+def too_many_refused(settings, avatar: dict) -> bool:
+    return sum(1 for p in avatar["photos"] if photo_state(p) == "refused") >= settings.max_refused_photos
+
+
+def judge_upload(services, avatar_id: str, photo_id: str) -> str:
+    """The intake job: judge one photo recorded `judging` against the avatar's photos accepted so far, record the
+    verdict, and let the avatar's readiness follow. Idempotent: a photo no longer judging (judged already, or gone
+    with its avatar or user) is left as it is. Returns what happened."""
+    with judging_lock(services, avatar_id):
+        for _ in range(UPLOAD_ATTEMPTS):
+            avatar = services.db.avatars.find_one({"_id": avatar_id})
+            photo = next((p for p in (avatar or {}).get("photos", []) if p["id"] == photo_id), None)
+            if photo is None or not judging(photo):
+                return "not_judging"
+            outcome = judge_and_record(services, avatar, photo)
+            if outcome is not None:
+                return outcome
+    raise Unavailable("avatar_busy", "Other photos of this avatar kept arriving while this one was judged.")
+
+
+def judge_and_record(services, avatar: dict, photo: dict) -> str | None:
+    """Judge ``photo`` against ``avatar`` as read, and record the verdict; None when an accepted photo was recorded
     since ``avatar`` was read (the verdict may no longer hold: judge again)."""
     settings = services.settings
+    user = services.db.users.find_one({"_id": avatar["user_id"]})
+    data = sealed_upload(services, avatar, photo) if user is not None else None
+    if data is None or avatar["state"] not in TAKES_PHOTOS:
+        # The user was erased (their key with them), or the avatar left collecting: nothing will train on it.
+        return record_verdict(services, avatar, photo, {"accepted": False, "reasons": ["avatar_not_collecting"]})
+    if too_many_refused(settings, avatar):
+        return record_verdict(services, avatar, photo, {"accepted": False, "reasons": ["too_many_refused_photos"]})
     accepted_photos = [p for p in avatar["photos"] if p["accepted"]]
+    if len(accepted_photos) >= settings.max_photos:
+        return record_verdict(services, avatar, photo, {"accepted": False, "reasons": ["too_many_photos"]})
     accepted_faces = load_accepted_faces(services, avatar, accepted_photos)
-    verdict = judge_photo(data, role=role, accepted=accepted_faces, limits=intake_limits(settings),
+    verdict = judge_photo(data, role=photo["role"], accepted=accepted_faces, limits=intake_limits(settings),
                           analyzer=services.face_analyzer(), training_size=settings.train_resolution)
-    refusal = next((reason for reason in verdict.reasons if reason in NOT_A_PHOTO), None)
-    if refusal:
-        kind, message = NOT_A_PHOTO[refusal]
-        raise kind(refusal, message)
-    photo = {"id": "ph_" + secrets.token_hex(8), "role": role, "accepted": verdict.accepted,
-             "reasons": list(verdict.reasons), "uploaded_at": states.now()}
+    fields = {"accepted": verdict.accepted, "reasons": list(verdict.reasons)}
     earlier_outliers = []
     if verdict.accepted:
         outliers = identity_outliers(services, [face.embedding for face in accepted_faces] + [verdict.embedding])
         if len(accepted_faces) in outliers:
-            photo.update(accepted=False, reasons=["different_person"])
+            fields.update(accepted=False, reasons=["different_person"])
         earlier_outliers = [accepted_photos[i] for i in outliers if i < len(accepted_faces)]
-    guard = {"_id": avatar["_id"], "state": {"$in": list(TAKES_PHOTOS)}}
-    if photo["accepted"]:
+    check = None
+    if fields["accepted"]:
         # Only the aligned crop and its embedding are kept (sealed with the user's key); the upload itself is not.
         crop_key = keys.photo_crop(avatar["user_id"], avatar["_id"], photo["id"])
         embedding_key = keys.photo_embedding(avatar["user_id"], avatar["_id"], photo["id"])
@@ -219,30 +290,62 @@ def judge_and_record(services, user: dict, avatar: dict, data: bytes, role: str)
         services.sealed.put(avatar["user_id"], crop_key, crop.getvalue())
         services.sealed.put(avatar["user_id"], embedding_key,
                             np.asarray(verdict.embedding, dtype=np.float64).tobytes())
-        photo.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash),
-                     face_hash=str(verdict.face_hash), face_tone=list(verdict.tone))
-        # Judged against exactly the accepted photos read: none may have been added since (the count and the
-        # duplicate and identity checks would not hold). A refused verdict changes no limit and needs no guard.
-        seen = [p["id"] for p in accepted_photos]
-        guard["photos"] = {"$not": {"$elemMatch": {"accepted": True, "id": {"$nin": seen}}}}
-        # It counts only once WeChat's content check passes it (portraits.moderation applies the verdict).
-        photo["content_check"] = "pending"
+        # It counts only once WeChat's content check passes it (portraits.moderation applies the verdict). The check
+        # is asked for after judging, so no quota is spent on photos the judging refuses.
+        fields.update(crop_key=crop_key, embedding_key=embedding_key, phash=str(verdict.phash),
+                      face_hash=str(verdict.face_hash), face_tone=list(verdict.tone), content_check="pending")
         check = content_checks.record_check(services, "photo", photo["id"], user=user, blob_key=crop_key,
                                             avatar_id=avatar["_id"])
-    updated = services.db.avatars.find_one_and_update(
-        guard, {"$push": {"photos": photo}, "$set": {"updated_at": states.now()}}, return_document=True)
-    if updated is None:
-        for key in (photo.get("crop_key"), photo.get("embedding_key")):
+    outcome = record_verdict(services, avatar, photo, fields)
+    if outcome is None:
+        for key in (fields.get("crop_key"), fields.get("embedding_key")):
             if key:
                 services.blobs.delete(key)
-        if photo["accepted"]:
+        if check is not None:
             content_checks.forget_check(services, "photo", photo["id"])
-        return None  # the avatar left collecting, or took another accepted photo: the caller reads it again
-    if photo["accepted"]:
+        return None
+    if check is not None:
         content_checks.enqueue_submit(services, check)
+    updated = services.db.avatars.find_one({"_id": avatar["_id"]})
     for outlier in earlier_outliers:
         updated = refuse_as_different_person(services, avatar["_id"], outlier) or updated
-    return photo, refresh_readiness(services, updated, user)
+    refresh_readiness(services, updated, user, by=f"intake:{photo['id']}")
+    return outcome
+
+
+def sealed_upload(services, avatar: dict, photo: dict) -> bytes | None:
+    """The upload waiting to be judged; None once its user's key is shredded or the blob is gone with them."""
+    try:
+        return services.sealed.get(avatar["user_id"], photo["upload_key"])
+    except (KeyShredded, BlobNotFound):
+        return None
+
+
+def record_verdict(services, avatar: dict, photo: dict, fields: dict) -> str | None:
+    """Write one judging photo's verdict (and drop its upload): "accepted" or "refused", "not_judging" when another
+    run recorded it first, None when an accepted verdict no longer holds (an accepted photo was recorded since
+    ``avatar`` was read: judged with the lock lost)."""
+    target = "accepted" if fields["accepted"] else "refused"
+    if target not in states.MACHINES["photo"]["judging"]:
+        raise states.IllegalTransition(f"photo cannot reach {target!r} from 'judging'")
+    query = {"_id": avatar["_id"], "photos": {"$elemMatch": {"id": photo["id"], "state": "judging"}}}
+    update = {"$set": {"photos.$.state": target, "updated_at": states.now(), "photos.$.judged_at": states.now(),
+                       **{f"photos.$.{name}": value for name, value in fields.items()}},
+              "$unset": {"photos.$.upload_key": ""}}
+    if target == "accepted":
+        # Accepted verdicts are counted on the avatar: one reached against an older count no longer holds.
+        seen = avatar.get("accepted_seq")
+        query["accepted_seq"] = seen if seen is not None else {"$exists": False}
+        update["$inc"] = {"accepted_seq": 1}
+    written = services.db.avatars.update_one(query, update).matched_count
+    if not written:
+        current = services.db.avatars.find_one({"_id": avatar["_id"]}, {"photos": 1})
+        still = next((p for p in (current or {}).get("photos", []) if p["id"] == photo["id"]), None)
+        if still is not None and judging(still):
+            return None
+        return "not_judging"
+    services.blobs.delete(photo["upload_key"])
+    return target
 
 
 def load_accepted_faces(services, avatar: dict, accepted_photos: list[dict]) -> list[AcceptedFace]:
@@ -278,7 +381,8 @@ def refuse_photo(services, avatar_id: str, photo: dict, reason: str, fields: dic
     # same filter and `$` does what MongoDB does on all three (README, "SecantusDB and MongoDB").
     refused = services.db.avatars.update_one(
         {"_id": avatar_id, "photos": {"$elemMatch": {"id": photo["id"], "accepted": True}}},
-        {"$set": {"photos.$.accepted": False, "photos.$.reasons": [reason], "updated_at": states.now(),
+        {"$set": {"photos.$.accepted": False, "photos.$.state": "refused", "photos.$.reasons": [reason],
+                  "updated_at": states.now(),
                   **{f"photos.$.{name}": value for name, value in (fields or {}).items()}},
          "$unset": {"photos.$.crop_key": "", "photos.$.embedding_key": "", "photos.$.phash": "",
                     "photos.$.face_hash": "", "photos.$.face_tone": ""}})
@@ -300,7 +404,8 @@ def counted_photos(avatar: dict) -> list[dict]:
 
 def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
     """What training still needs. Photos waiting for their content check count toward front_photo and more_photos
-    (nothing more to upload for them) but the avatar waits for them: content_check_pending."""
+    (nothing more to upload for them) but the avatar waits for them: content_check_pending. Photos still being
+    judged count toward nothing yet (they may be refused), and training waits for their verdicts: photos_judging."""
     accepted = [p for p in avatar["photos"] if p["accepted"]]
     missing = []
     if not consents.has_face_consent(services.settings, user):
@@ -311,6 +416,8 @@ def missing_for_training(services, avatar: dict, user: dict) -> list[str]:
         missing.append("more_photos")
     if any(content_pending(p) for p in accepted):
         missing.append("content_check_pending")
+    if any(judging(p) for p in avatar["photos"]):
+        missing.append("photos_judging")
     return missing
 
 

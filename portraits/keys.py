@@ -18,6 +18,11 @@ def photo_crop(user_id: str, avatar_id: str, photo_id: str) -> str:
     return photo_base(user_id, avatar_id, photo_id) + ".png"
 
 
+def photo_upload(user_id: str, avatar_id: str, photo_id: str) -> str:
+    """The upload as received, sealed, while it waits to be judged (deleted once its verdict is recorded)."""
+    return photo_base(user_id, avatar_id, photo_id) + ".upload"
+
+
 def photo_embedding(user_id: str, avatar_id: str, photo_id: str) -> str:
     return photo_base(user_id, avatar_id, photo_id) + ".emb"
 
@@ -85,8 +90,17 @@ def order_lock(order_id: str) -> str:
 
 
 def avatar_upload_lock(avatar_id: str) -> str:
-    """Held while one upload to the avatar is judged and recorded (portraits.avatars.add_photo)."""
+    """Held while one upload to the avatar is counted and recorded (portraits.avatars.add_photo)."""
     return f"avatar-upload-lock:{avatar_id}"
+
+
+def avatar_judging_lock(avatar_id: str) -> str:
+    """Held while one photo of the avatar is judged and its verdict recorded (portraits.avatars.judge_upload)."""
+    return f"avatar-judging-lock:{avatar_id}"
+
+
+def judge_job_id(photo_id: str) -> str:
+    return f"judge-{photo_id}"
 
 
 # Flask-Limiter's counters (miniapp_api.throttle) live under this prefix.

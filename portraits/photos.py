@@ -11,7 +11,7 @@ from portraits import keys, states
 def photo_blob_keys(avatar: dict) -> list[str]:
     found = []
     for photo in avatar.get("photos", []):
-        found += [photo[k] for k in ("crop_key", "embedding_key") if photo.get(k)]
+        found += [photo[k] for k in ("crop_key", "embedding_key", "upload_key") if photo.get(k)]
     return found
 
 
@@ -23,7 +23,7 @@ def purge_avatar_photos(services, avatar: dict) -> int:
     services.db.avatars.update_one(
         {"_id": avatar["_id"]},
         {"$set": {"photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"],
-                              "reasons": p.get("reasons", []),
+                              "reasons": p.get("reasons", []), **({"state": p["state"]} if p.get("state") else {}),
                               **({"content_check": p["content_check"]} if p.get("content_check") else {})}
                              for p in avatar.get("photos", [])],
                   "photos_purged_at": states.now()}},

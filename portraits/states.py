@@ -39,6 +39,15 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "done": set(),
         "failed": set(),
     },
+    # One photo of an avatar (an element of the avatar's `photos`, moved by portraits.avatars, not by transition()):
+    # `judging` from the upload until the intake worker's verdict; an accepted photo can still be refused later
+    # (another photo shows it is someone else, WeChat's content check refuses it). Photos recorded before judging
+    # left the request have no `state`: their `accepted` says which of the two they are (avatars.photo_state).
+    "photo": {
+        "judging": {"accepted", "refused"},
+        "accepted": {"refused"},
+        "refused": set(),
+    },
     # One medium (a photo's crop, a portrait) checked by WeChat's mediaCheckAsync (portraits.content_checks): queued
     # until the quota allows a call, `submitting` while the call is made (back to queued when WeChat refuses it for
     # quota or cannot be reached), `submitted` until the verdict is pushed (back to queued when the verdict is an

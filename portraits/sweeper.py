@@ -2,6 +2,7 @@
 
 Every state that owes work is a state in MongoDB, written by the same update that created the debt:
 - an order `paid` whose avatar is still `ready` owes a training start (the process died between the two writes);
+- a photo `judging` owes its judging job (`judge-<photo>`, on the intake queue) until its verdict is recorded;
 - an avatar `queued` owes an RQ job (`train-<avatar>-<attempt>`), a render `queued` owes one too;
 - an avatar `training` or a render `rendering` whose job RQ no longer knows (Redis lost its data) owes a retry;
 - an avatar `failed` whose order is still `paid` owes a refund;
@@ -51,6 +52,7 @@ def sweep(services) -> dict[str, int]:
     done = Counter()
     _settle_paid_orders(services, done)
     _requeue(services, done)
+    _requeue_judging(services, done)
     _recover_running(services, done)
     _settle_failed_avatars(services, done)
     _settle_failed_renders(services, done)
@@ -148,6 +150,27 @@ def _requeue(services, done: Counter) -> None:
         else:
             renders.enqueue_render(services, doc)
             done["render_requeued"] += 1
+
+
+def _requeue_judging(services, done: Counter) -> None:
+    """Photos still `judging` past the grace whose job RQ no longer has waiting or running (Redis lost it, or every
+    try failed) are queued for judging again; judging is idempotent, so a late duplicate changes nothing."""
+    cutoff = _grace_cutoff(services)
+    owed = [(avatar["_id"], photo["id"])
+            for avatar in services.db.avatars.find({"photos.state": "judging"}, {"photos": 1})
+            for photo in avatar["photos"]
+            if avatars.judging(photo) and photo.get("uploaded_at") is not None and photo["uploaded_at"] < cutoff]
+    if not owed:
+        return
+    statuses = tasks.job_statuses(services, [keys.judge_job_id(photo_id) for _, photo_id in owed])
+    for (avatar_id, photo_id), status in zip(owed, statuses):
+        if status in LIVE:
+            continue
+        stale = tasks.queue(services, tasks.INTAKE).fetch_job(keys.judge_job_id(photo_id))
+        if stale is not None:  # finished or failed without a verdict: replaced by a new one
+            stale.delete()
+        avatars.enqueue_judging(services, avatar_id, photo_id)
+        done["judging_requeued"] += 1
 
 
 def _not_lost_in_a_worker(services, owed: list[tuple[dict, str, str]], alive: list[bool]) -> list[bool]:

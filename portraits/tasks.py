@@ -20,10 +20,13 @@ RENDER_EXPRESS, TRAIN_EXPRESS = lanes.LANE_QUEUES[lanes.EXPRESS]
 DEFAULT = "default"
 # Express first, the order a worker listens in when it takes express work first (portraits.queue.lanes).
 GPU_QUEUES = (RENDER_EXPRESS, TRAIN_EXPRESS, RENDER, TRAIN)
-ALL_QUEUES = (*GPU_QUEUES, DEFAULT)
+# Face judging of uploaded photos (CPU, dlib), served by `python -m jobs.worker intake` so no web process judges.
+INTAKE = "intake"
+ALL_QUEUES = (*GPU_QUEUES, INTAKE, DEFAULT)
 
-# Generous ceilings: a real SD1.5 avatar trains in 5-20 minutes on an A10.
-TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, RENDER_EXPRESS: 15 * 60, TRAIN_EXPRESS: 60 * 60, DEFAULT: 5 * 60}
+# Generous ceilings: a real SD1.5 avatar trains in 5-20 minutes on an A10; one photo is judged in well under a second.
+TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, RENDER_EXPRESS: 15 * 60, TRAIN_EXPRESS: 60 * 60, INTAKE: 2 * 60,
+            DEFAULT: 5 * 60}
 RESULT_TTL_S = 24 * 3600
 FAILURE_TTL_S = 7 * 24 * 3600
 
@@ -34,7 +37,9 @@ SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
 FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
 SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK)
+JUDGE_PHOTO = "jobs.intake.judge_photo"
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK,
+              JUDGE_PHOTO)
 
 
 def gpu_queue_name(kind: str, doc: dict | None) -> str:
@@ -150,6 +155,12 @@ def delete_jobs_of(services, needles: set[str]) -> int:
 def enqueue_message(services, message_id: str, backoff_s: list[int]):
     """A subscribe message, sent by a job of its own so a GPU job never waits on (or fails with) WeChat."""
     return enqueue(services, DEFAULT, SEND_MESSAGE, message_id, job_id=keys.message_job_id(message_id),
+                   retry=Retry(max=len(backoff_s), interval=backoff_s))
+
+
+def enqueue_judging(services, avatar_id: str, photo_id: str, backoff_s: list[int]):
+    """One uploaded photo's face judging, on the intake queue (portraits.avatars.judge_upload)."""
+    return enqueue(services, INTAKE, JUDGE_PHOTO, avatar_id, photo_id, job_id=keys.judge_job_id(photo_id),
                    retry=Retry(max=len(backoff_s), interval=backoff_s))
 
 

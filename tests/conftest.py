@@ -201,6 +201,34 @@ def drain(services, sim):
     return run
 
 
+@pytest.fixture
+def judge(services):
+    """Run the intake queue alone in this thread (the face judging of uploads), as the intake worker would; the
+    content checks the verdicts ask for stay queued."""
+    from jobs.worker import drain as drain_queues
+    from portraits import tasks
+
+    return lambda: drain_queues(services, queues=(tasks.INTAKE,))
+
+
+@pytest.fixture
+def upload_judged(judge):
+    """Upload one photo, let the intake worker judge it, and answer its verdict as the photo list shows it (with the
+    avatar after it): what the client sees once it polls the avatar after an upload."""
+
+    def _upload(api, avatar_id: str, data: bytes, role: str = "extra") -> dict:
+        response = api.upload(avatar_id, data, role=role)
+        assert response.status_code == 201, response.get_json()
+        taken = response.get_json()
+        assert taken["state"] == "judging" and taken["accepted"] is False, taken
+        judge()
+        avatar = api.get(f"/api/v1/avatars/{avatar_id}").get_json()
+        photo = next(p for p in avatar["photos"] if p["id"] == taken["id"])
+        return {**photo, "avatar": avatar}
+
+    return _upload
+
+
 class Api:
     """A logged-in mini-program client: the token on every call."""
 
@@ -269,7 +297,7 @@ def user_photos():
 
 
 @pytest.fixture
-def ready_avatar(login, user_photos, drain):
+def ready_avatar(login, user_photos, upload_judged, drain):
     """A logged-in user with consent and an avatar that has enough accepted photos, passed by WeChat's content
     check, to be paid for."""
 
@@ -277,7 +305,7 @@ def ready_avatar(login, user_photos, drain):
         api = login(name)
         avatar = api.post("/api/v1/avatars", json={"gender": gender}).get_json()
         for index, photo in enumerate(user_photos[:count]):
-            verdict = api.upload(avatar["id"], photo, role="front" if index == 0 else "extra").get_json()
+            verdict = upload_judged(api, avatar["id"], photo, role="front" if index == 0 else "extra")
             assert verdict["accepted"], verdict
         drain()  # the content checks: submitted by a job, their verdicts pushed by the simulator
         state = api.get(f"/api/v1/avatars/{avatar['id']}").get_json()

@@ -9,8 +9,10 @@ import time
 import itsdangerous
 import pytest
 
+from jobs import context
 from jobs.content import submit_content_check
-from portraits import content_checks, keys, push_events, renders, sweeper
+from jobs.worker import drain as drain_queues
+from portraits import content_checks, keys, push_events, renders, sweeper, tasks
 from portraits.gateways.wechat import MediaCheckQuotaExhausted, WeChatUnavailable
 from tests.console_support import client_login, make_operator
 from tests.test_api import assert_error
@@ -30,11 +32,14 @@ def _sign(token: str, *parts: str) -> str:
 
 
 def _avatar_with_photos(api, user_photos, count: int = 4) -> dict:
+    """Photos uploaded and judged acceptable (the intake queue run alone); WeChat's checks not yet run."""
     avatar = api.post("/api/v1/avatars", json={"gender": "female"}).get_json()
     for index, photo in enumerate(user_photos[:count]):
-        verdict = api.upload(avatar["id"], photo, role="front" if index == 0 else "extra").get_json()
-        assert verdict["accepted"], verdict
-        assert verdict["avatar"]["photos"][-1]["content_check"] == "pending"
+        taken = api.upload(avatar["id"], photo, role="front" if index == 0 else "extra").get_json()
+        assert taken["state"] == "judging" and taken["avatar"]["photos"][-1]["content_check"] is None, taken
+    drain_queues(context.services(), queues=(tasks.INTAKE,))  # the test's services, as the jobs see them
+    listed = _avatar(api, avatar["id"])["photos"]
+    assert [(p["accepted"], p["content_check"]) for p in listed] == [(True, "pending")] * count, listed
     return avatar
 
 

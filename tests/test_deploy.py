@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ("web", "gpu", "worker", "clock")
+ROLES = ("web", "gpu", "worker", "intake", "clock")
 APP_ENVIRONMENT_REQUIRED = {"MONGO_URI", "REDIS_URL", "BLOB_STORE", "PROMETHEUS_MULTIPROC_DIR"}
 
 
@@ -67,6 +67,6 @@ def test_mongodb_is_a_replica_set_initiated_once_and_the_app_connects_to_it(comp
 def test_the_probes_are_the_ones_the_processes_offer(compose):
     services = compose["services"]
     assert "/readyz" in " ".join(services["web"]["healthcheck"]["test"])
-    for role, kind in (("gpu", "gpu"), ("worker", "default")):
+    for role, kind in (("gpu", "gpu"), ("worker", "default"), ("intake", "intake")):
         assert services[role]["healthcheck"]["test"] == ["CMD", "python", "-m", "jobs.worker", kind, "--check"]
     assert services["gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

@@ -215,7 +215,7 @@ def test_a_token_revoked_by_withdrawal_cannot_poll_the_queue_of_a_later_avatar(s
 
 
 @pytest.mark.parametrize("settings_overrides", [{"collecting_ttl_s": 3600}])
-def test_avatars_left_collecting_are_purged_by_the_periodic_job(login, services, user_photos):
+def test_avatars_left_collecting_are_purged_by_the_periodic_job(login, services, user_photos, upload_judged):
     from jobs.maintenance import purge_stale_avatars
     from jobs.periodic import PERIODIC
 
@@ -223,8 +223,8 @@ def test_avatars_left_collecting_are_purged_by_the_periodic_job(login, services,
     api = login()
     stale = api.post("/api/v1/avatars", json={"gender": "female"}).get_json()["id"]
     fresh = api.post("/api/v1/avatars", json={"gender": "female"}).get_json()["id"]
-    assert api.upload(stale, user_photos[0], role="front").get_json()["accepted"]
-    assert api.upload(fresh, user_photos[1], role="front").get_json()["accepted"]
+    assert upload_judged(api, stale, user_photos[0], role="front")["accepted"]
+    assert upload_judged(api, fresh, user_photos[1], role="front")["accepted"]
     services.db.avatars.update_one({"_id": stale}, {"$set": {"updated_at": states.now() - timedelta(seconds=3601)}})
 
     assert purge_stale_avatars() == 1

@@ -48,8 +48,8 @@ def test_avatar_creation_is_limited_per_user_not_per_address(login):
 def test_uploads_are_limited_whether_accepted_or_refused(login, user_photos):
     api = login("cleo")
     avatar = api.post("/api/v1/avatars", json={"gender": "female"}).get_json()
-    assert api.upload(avatar["id"], user_photos[0], role="front").get_json()["accepted"]
-    assert api.upload(avatar["id"], sample_photos.non_face_photos()["coffee"]).status_code == 201  # refused verdict
+    assert api.upload(avatar["id"], user_photos[0], role="front").get_json()["state"] == "judging"
+    assert api.upload(avatar["id"], sample_photos.non_face_photos()["coffee"]).status_code == 201  # judged later
     assert_error(api.upload(avatar["id"], sample_photos.not_an_image_bytes()), 400, "not_an_image")
     assert_rate_limited(api.upload(avatar["id"], user_photos[1]))
 
@@ -80,13 +80,13 @@ def test_the_default_login_limit_stops_a_flood_from_one_address(client):
 
 
 @pytest.mark.parametrize("settings_overrides", [{"max_refused_photos": 2}])
-def test_refused_photos_per_avatar_are_capped(login, user_photos):
+def test_refused_photos_per_avatar_are_capped(login, user_photos, upload_judged):
     api = login("eve")
     avatar = api.post("/api/v1/avatars", json={"gender": "female"}).get_json()
     no_face = sample_photos.non_face_photos()
     for name in ("coffee", "chelsea_cat"):
-        verdict = api.upload(avatar["id"], no_face[name])
-        assert verdict.status_code == 201 and not verdict.get_json()["accepted"], verdict.get_json()
+        verdict = upload_judged(api, avatar["id"], no_face[name])
+        assert (verdict["state"], verdict["reasons"]) == ("refused", ["no_face"]), verdict
     assert_error(api.upload(avatar["id"], no_face["coffee"]), 409, "too_many_refused_photos")
     assert_error(api.upload(avatar["id"], user_photos[0], role="front"), 409, "too_many_refused_photos")
     refused = [p for p in api.get(f"/api/v1/avatars/{avatar['id']}").get_json()["photos"] if not p["accepted"]]

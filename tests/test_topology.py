@@ -80,8 +80,9 @@ class MiniProgram:
             verdict = self.call("post", f"/avatars/{avatar['id']}/photos",
                                 files={"photo": (f"p{index}.jpg", photo, "image/jpeg")},
                                 data={"role": "front" if index == 0 else "extra"})
-            assert verdict["accepted"], verdict
-        self.wait_avatar(avatar["id"], {"ready"})  # WeChat's content check of the photos, pushed to `web`
+            assert verdict["state"] == "judging", verdict
+        # The intake worker judges the photos, then WeChat's content check of each is pushed to `web`.
+        self.wait_avatar(avatar["id"], {"ready"})
         order = self.call("post", "/orders", json={"avatar_id": avatar["id"], "sku": "avatar_pack"})
         assert self.sim.pay(order["id"])["delivered"]
         return avatar, order

@@ -1,4 +1,5 @@
-"""Avatars: start one, upload photos that are judged on arrival, follow the queue (rules: portraits.avatars)."""
+"""Avatars: start one, upload photos (stored at once, judged by the intake worker), follow the queue (rules:
+portraits.avatars)."""
 from __future__ import annotations
 
 from flask import Blueprint, g, request
@@ -41,14 +42,16 @@ def avatar_queue(avatar_id):
 @login_required
 @endpoint(ok={201: PhotoVerdict}, errors=[403, 404, 409, 503], rate_limit="rate_limit_uploads")
 def upload_photo(avatar_id, form: PhotoUpload):
-    """Upload one photo; it is judged on arrival."""
+    """Upload one photo: stored sealed and answered at once as `judging`; its verdict lands in the avatar's photo
+    list (poll GET /avatars/{id}). What its header alone refuses (not an image, a format or size not taken) is an
+    error, and nothing is stored."""
     svc = services()
     avatar = owned("avatars", avatar_id, "avatar")
     consents.require_face_consent(svc.settings, g.user)
     data = form.photo.read(svc.settings.max_upload_bytes + 1)
     photo, updated = avatars.add_photo(svc, g.user, avatar, data, form.role)
-    return {"id": photo["id"], "accepted": photo["accepted"], "reasons": photo["reasons"], "role": form.role,
-            "avatar": avatar_json(updated)}, 201
+    return {"id": photo["id"], "state": photo["state"], "accepted": photo["accepted"], "reasons": photo["reasons"],
+            "role": form.role, "avatar": avatar_json(updated)}, 201
 
 
 def avatar_json(avatar: dict) -> dict:
@@ -58,8 +61,9 @@ def avatar_json(avatar: dict) -> dict:
         "id": avatar["_id"],
         "state": avatar["state"],
         "gender": avatar["gender"],
-        "photos": [{"id": p["id"], "role": p.get("role"), "accepted": p["accepted"], "reasons": p.get("reasons", []),
-                    "content_check": p.get("content_check")} for p in avatar["photos"]],
+        "photos": [{"id": p["id"], "role": p.get("role"), "state": avatars.photo_state(p), "accepted": p["accepted"],
+                    "reasons": p.get("reasons", []), "content_check": p.get("content_check")}
+                   for p in avatar["photos"]],
         "accepted_count": len(accepted),
         "sku": avatar.get("sku"),
         "min_photos": avatars.photo_minimum(svc.settings, avatar),

@@ -112,9 +112,14 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                 verdict = _check(api.post(f"{base}/avatars/{avatar['id']}/photos",
                                           files={"photo": (f"photo{index}.jpg", photo, "image/jpeg")},
                                           data={"role": "front" if index == 0 else "extra"}), 201)
-                mark = "accepted" if verdict["accepted"] else "refused: " + ", ".join(verdict["reasons"])
+                print(f"  photo {index + 1:2d}: {verdict['state']}", flush=True)
+        with timer.step("the intake worker judges the faces (verdicts land in the photo list)"):
+            avatar = _wait(lambda: _check(api.get(f"{base}/avatars/{avatar['id']}"), 200),
+                           lambda b: "photos_judging" not in b["missing"],
+                           lambda b: f"{sum(p['state'] == 'judging' for p in b['photos'])} photos judging")
+            for index, photo in enumerate(avatar["photos"]):
+                mark = "accepted" if photo["accepted"] else "refused: " + ", ".join(photo["reasons"])
                 print(f"  photo {index + 1:2d}: {mark}", flush=True)
-            avatar = verdict["avatar"]
             print(f"  avatar {avatar['id']} is {avatar['state']} with {avatar['accepted_count']} photos", flush=True)
         with timer.step("WeChat's content check of each photo (mediaCheckAsync, verdicts pushed in safe mode)"):
             avatar = _wait(lambda: _check(api.get(f"{base}/avatars/{avatar['id']}"), 200),

@@ -1,6 +1,6 @@
 """The Procfile's processes on this machine, as in production: `make serve`, `make demo` and the topology tests.
 
-Every Procfile line (`web`: gunicorn, `gpu` and `worker`: RQ workers, `clock`: the cron scheduler) runs as its own
+Every Procfile line (`web`: gunicorn, `gpu`, `worker` and `intake`: RQ workers, `clock`: the cron scheduler) runs as its own
 process, plus the WeChat simulator (`python -m wechat_sim.runner`). They share what production processes share,
 handed to them as production's settings are: the embedded Redis over TCP (REDIS_URL), the instance's SecantusDB
 server (MONGO_URI), the blob directory on this disk (BLOB_DIR) and the simulator's WeChat settings. This process
@@ -33,7 +33,7 @@ from wechat_sim.keys import load_or_create_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCFILE = ROOT / "Procfile"
-PROCESSES = ("web", "gpu", "worker", "clock")
+PROCESSES = ("web", "gpu", "worker", "intake", "clock")
 START_TIMEOUT_S = 180.0
 # Past the GPU worker's stop grace (a training finishing or handed back) before a child is SIGKILLed.
 STOP_TIMEOUT_S = 60.0
@@ -212,7 +212,7 @@ class Topology:
             raise RuntimeError(f"{name} exited with {child.process.returncode}:\n{self.log_tail(name)}")
         if name == "web":
             return _answers(self.base_url + "/healthz")
-        if name in ("gpu", "worker"):
+        if name in ("gpu", "worker", "intake"):
             return any(worker.pid == child.pid for worker in Worker.all(connection=self.shared_redis()))
         if name == "clock":
             return bool(cron_scheduler_registry.get_keys(self.shared_redis()))
