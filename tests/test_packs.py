@@ -279,7 +279,7 @@ def test_a_pack_that_cannot_be_delivered_is_refunded_batch_by_batch_in_full(logi
     final = _order(services, order["id"])
     assert final["state"] == "refunded"
     assert sorted(r["amount"] for r in final["refunds"]) == [495, 495]
-    assert len({r["key"] for r in final["refunds"]}) == 2
+    assert len({r["out_refund_no"] for r in final["refunds"]}) == 2
     shown = _pack(api, order["id"])
     assert (shown["phase"], shown["images_delivered"], shown["images_refunded"]) == ("done", 0, 6)
     sweeper.sweep(services)
