@@ -15,7 +15,12 @@ from prometheus_client import multiprocess
 from portraits.config import Settings
 from portraits.metrics import multiprocess_dir
 
-_level = Settings.from_env().log_level  # also refuses to start the master on a bad or missing setting
+_settings = Settings.from_env()  # also refuses to start the master on a bad or missing setting
+_level = _settings.log_level
+
+# Threads, so that a queue poll is not stuck behind an upload in its worker (bench/bench_upload_storm.py).
+worker_class = "gthread"
+threads = _settings.web_threads
 
 logconfig_dict = {
     "version": 1,

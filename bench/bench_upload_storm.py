@@ -1,8 +1,8 @@
 """The cheap queue poll while users upload photos: its p99 quiet, and during an upload storm, through the real app.
 
-    python bench/bench_upload_storm.py [--seconds 15] [--uploaders 4] [--rate 4] [--web-workers 2] [--threads 0]
+    python bench/bench_upload_storm.py [--seconds 15] [--uploaders 4] [--rate 4] [--web-workers 2] [--threads 4]
 
-Starts the Procfile's `web` (gunicorn, `--web-workers` sync workers) and `intake` (`python -m jobs.worker intake`)
+Starts the Procfile's `web` (gunicorn, `--web-workers` workers) and `intake` (`python -m jobs.worker intake`)
 as separate processes on the embedded Redis and database server (miniapp_api.dev.supervisor, as `make serve` does),
 with the local WeChat simulator. Logs in users over HTTP like the mini-program (phone, consent, avatars), seeds one
 avatar waiting in the training line (a real token, the line in Redis), then:
@@ -10,8 +10,8 @@ avatar waiting in the training line (a real token, the line in Redis), then:
 - storm: the same poll while `--uploaders` clients POST 12 MP phone photos (4000x3000 JPEGs, ~0.8 MB, each a
   different face crop so none is a duplicate) to their avatars, `--rate` uploads per second in all (0: back to back,
   as fast as the web answers); the intake worker judges them meanwhile.
-`--threads N` runs gunicorn's gthread workers with N threads each (GUNICORN_CMD_ARGS) instead of sync workers: safe
-now that no request runs a face model.
+`--threads N` runs gunicorn's gthread workers with N threads each (the Procfile's: WEB_THREADS, default 4, safe now
+that no request runs a face model); `--threads 0` sync workers, one request at a time per worker.
 Prints both p99s and their ratio (target: within 2x), the uploads answered per second and how many verdicts the
 intake worker landed during the storm. The quiet run is the baseline, measured in the same run on the same processes.
 """
@@ -121,14 +121,14 @@ def main(argv=None) -> None:
     parser.add_argument("--uploaders", type=int, default=4)
     parser.add_argument("--rate", type=float, default=4.0, help="uploads per second in all; 0: back to back")
     parser.add_argument("--web-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="gthread workers with this many threads; 0: sync")
+    parser.add_argument("--threads", type=int, default=4, help="gthread workers with this many threads; 0: sync")
     args = parser.parse_args(argv)
     print("preparing 30 photos of 4000x3000 ...", flush=True)
     photos = phone_photos(PHOTOS_PER_AVATAR)
     limits = {"RATE_LIMIT_UPLOADS": "100000/minute", "RATE_LIMIT_AVATARS": "100000/minute",
               "RATE_LIMIT_LOGIN": "100000/minute", "MAX_OPEN_AVATARS": "1000", "LOG_LEVEL": "WARNING"}
-    if args.threads:
-        limits["GUNICORN_CMD_ARGS"] = f"--worker-class gthread --threads {args.threads}"
+    limits["GUNICORN_CMD_ARGS"] = (f"--worker-class gthread --threads {args.threads}" if args.threads
+                                   else "--worker-class sync")
     topology = Topology(Path(tempfile.mkdtemp(prefix="bench-storm-")) / "instance", processes=("web", "intake"),
                         web_workers=args.web_workers, environ={**os.environ, **limits})
     started = time.monotonic()

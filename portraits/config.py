@@ -413,6 +413,9 @@ class Settings(BaseSettings):
     console_timezone: str = setting("Asia/Shanghai", 'the console\'s day boundary for "revenue today" and how it '
                                                      "shows times")
 
+    web_threads: int = setting(4, "threads per `web` worker (gunicorn's gthread workers, gunicorn.conf.py): a cheap "
+                                  "queue poll is not stuck behind an upload in the same worker; safe since no request "
+                                  "runs dlib (photos are judged by the `intake` worker)")
     log_level: LogLevel = setting(
         "INFO", "least severe level written by `web` (gunicorn.conf.py), the workers and the clock; their logs are "
                 "JSON lines on stderr")
