@@ -33,9 +33,12 @@ def _pack_avatar(login, user_photos, drain, name: str, count: int = 3, sku: str 
     avatar = api.post("/api/v1/avatars", json={"gender": "female", **({"sku": sku} if sku else {})})
     assert avatar.status_code == 201, avatar.get_json()
     for index, photo in enumerate(user_photos[:count]):
-        assert api.upload(avatar.get_json()["id"], photo, role="front" if index == 0 else "extra").get_json()["accepted"]
-    drain()  # the photos' content checks
-    return api, api.get(f"/api/v1/avatars/{avatar.get_json()['id']}").get_json()
+        taken = api.upload(avatar.get_json()["id"], photo, role="front" if index == 0 else "extra")
+        assert taken.get_json()["state"] == "judging", taken.get_json()
+    drain()  # the photos' judging, then their content checks
+    shown = api.get(f"/api/v1/avatars/{avatar.get_json()['id']}").get_json()
+    assert [p["accepted"] for p in shown["photos"]] == [True] * count, shown["photos"]
+    return api, shown
 
 
 def _buy_pack(api, sim, avatar_id: str) -> dict:
