@@ -41,7 +41,7 @@ test: install chromium
 # The DB-touching test files against a SecantusDB server of their own, started before them and stopped after
 # (MONGO_URI names it to them; README: "Which tests run against what"). CI runs it after `make test`.
 SECANTUS_TESTS := tests/test_mongo_real.py tests/test_flow.py tests/test_money.py tests/test_payments.py \
-	tests/test_renders.py tests/test_privacy.py tests/test_sweeper.py tests/test_intake_api.py
+	tests/test_renders.py tests/test_privacy.py tests/test_sweeper.py tests/test_intake_api.py tests/test_xpay.py
 
 test-secantus: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.dev.with_database -- \
