@@ -8,7 +8,7 @@ CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 # Debian's Chromium for the console's browser tests (Playwright drives it; `playwright install` is never run)
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install demo serve test bench font chromium clean
+.PHONY: install demo serve test test-secantus bench font chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ serve: install
 test: install chromium
 	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+
+# The DB-touching test files against a SecantusDB server of their own, started before them and stopped after
+# (MONGO_URI names it to them; README: "Which tests run against what"). CI runs it after `make test`.
+SECANTUS_TESTS := tests/test_mongo_real.py tests/test_flow.py tests/test_money.py tests/test_payments.py \
+	tests/test_renders.py tests/test_privacy.py tests/test_sweeper.py tests/test_intake_api.py tests/test_xpay.py
+
+test-secantus: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m miniapp_api.dev.with_database -- \
+		$(BIN)/python -m pytest -q --durations=10 $(SECANTUS_TESTS)
 
 bench: install
 	@for script in bench/*.py; do echo "== $$script"; HF_HUB_OFFLINE=1 $(BIN)/python $$script || exit 1; done

@@ -13,6 +13,7 @@ emptied by the process manager): it is never emptied here, since RQ workers of t
 from prometheus_client import multiprocess
 
 from portraits.config import Settings
+from portraits.logs import DOCUMENT_QUOTING_LOGGERS
 from portraits.metrics import multiprocess_dir
 
 _settings = Settings.from_env()  # also refuses to start the master on a bad or missing setting
@@ -31,6 +32,7 @@ logconfig_dict = {
     "loggers": {
         "gunicorn.error": {"level": _level, "handlers": [], "propagate": True},
         "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+        **{name: {"level": held_at} for name, held_at in DOCUMENT_QUOTING_LOGGERS.items()},
     },
 }
 

@@ -86,9 +86,10 @@ def worker_readiness(db, redis, catalog, kind: str, hostname: str | None = None)
 
 
 def check_worker(settings, kind: str) -> dict[str, str]:
-    """The probe's own connections: no indexes built, no sweep, nothing loaded but the catalog."""
-    db = db_module.connect(settings.mongo_uri, settings.mongo_db)
-    redis = redis_client.connect(settings.redis_url, settings.instance_dir)
+    """The probe's own connections: no indexes built, no sweep, nothing loaded but the catalog. Redis is given the
+    probe's timeout, so an unreachable host fails the check instead of outlasting the prober."""
+    db = db_module.connect(settings)
+    redis = redis_client.connect(settings.redis_url, settings.instance_dir, timeout_s=health.PING_TIMEOUT_S)
     loaded = []
     catalog_outcome = health.outcome_of(lambda: loaded.append(load_catalog(TEMPLATES_DIR)))
     checks = worker_readiness(db, redis, loaded[0] if loaded else None, kind)

@@ -182,9 +182,16 @@ def main(argv=None) -> None:
         parser.error("separate workers need a database other processes share (MONGO_URI, or EMBEDDED's database "
                      "server) and the WeChat settings, not a simulator of their own; `make serve` sets them")
     if args.check:
-        checks = observability.check_worker(settings, args.kind)
+        try:
+            checks = observability.check_worker(settings, args.kind)
+        except ConfigError as error:
+            parser.error(str(error))
         print(json.dumps(checks))
-        sys.exit(0 if health.is_ready(checks) else 1)
+        if not health.is_ready(checks):
+            failing = "; ".join(f"{name}: {state}" for name, state in checks.items() if state != health.OK)
+            print(f"{args.kind} worker not ready: {failing}", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(0)
     observability.start(settings)
     services = build_services(settings)
     context.install(services)

@@ -68,6 +68,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+# Libraries whose DEBUG lines quote our documents whole (pymongo's command log: user ids, openids, phone numbers in
+# every filter and reply): held at these levels whatever LOG_LEVEL says (here and in gunicorn.conf.py).
+DOCUMENT_QUOTING_LOGGERS = {"pymongo": "INFO"}
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON lines on stderr for every logger of the process (RQ's and gunicorn's propagate to the root)."""
     handler = logging.StreamHandler()
@@ -75,3 +80,5 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name, held_at in DOCUMENT_QUOTING_LOGGERS.items():
+        logging.getLogger(name).setLevel(held_at)

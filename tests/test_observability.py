@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -14,10 +18,12 @@ from rq.job import Job
 
 from jobs import observability as job_observability
 from jobs.worker import build_gpu_worker
+from miniapp_api.dev.supervisor import free_port, simulator_environ
 from portraits import logs, tasks
 from portraits.billing import alerts, refunds
 from portraits.queue.local_view import LocalView
 from portraits.queue.tracking import QueueTracker
+from portraits.store.redis_client import socket_path
 from tests.money_support import paid_order, place_order, signed_notification, transaction_for
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -162,6 +168,68 @@ def test_a_worker_is_ready_only_while_a_worker_of_its_kind_is_registered_from_th
     finally:
         worker.register_death()
     assert "no gpu worker" in check("gpu")["worker"]
+
+
+# `python -m jobs.worker <kind> --check` as compose's healthcheck runs it: its own process, production's settings.
+ROOT = Path(__file__).resolve().parent.parent
+PROBE_TIMEOUT_S = 120
+
+
+@pytest.fixture
+def probe(tmp_path, simulator, redis_server, database_server):
+    """Run the probe in a process of its own on the session's Redis, database server and WeChat (the simulator)."""
+    environ = {**os.environ, "EMBEDDED": "1", "INSTANCE_DIR": str(tmp_path / "instance"), "HF_HUB_OFFLINE": "1",
+               "MONGO_URI": database_server, "REDIS_URL": f"unix://{socket_path(redis_server)}",
+               **simulator_environ(simulator.creds, simulator.base_url, tmp_path, {})}
+
+    def run(kind: str, code_dir: Path = ROOT, **changes) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "jobs.worker", kind, "--check"], cwd=code_dir,
+                              env={**environ, "PYTHONPATH": str(code_dir), **changes},
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+
+    return run
+
+
+def test_the_worker_probe_process_exits_0_while_its_worker_is_registered_and_1_without(services, probe):
+    worker = build_gpu_worker(services.redis, services.settings)
+    worker.register_birth()
+    try:
+        ready = probe("gpu")
+    finally:
+        worker.register_death()
+    assert ready.returncode == 0, ready.stderr
+    assert json.loads(ready.stdout) == {"mongodb": "ok", "redis": "ok", "catalog": "ok", "worker": "ok"}
+    unregistered = probe("default")
+    assert unregistered.returncode == 1
+    assert "default worker not ready: worker: LookupError: no default worker" in unregistered.stderr
+
+
+def test_the_worker_probe_process_fails_naming_redis_when_redis_is_unreachable(services, probe):
+    away = probe("gpu", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    assert away.returncode == 1
+    checks = json.loads(away.stdout)
+    assert checks["mongodb"] == "ok" and checks["catalog"] == "ok"
+    assert checks["redis"].startswith("ConnectionError") and "Connection refused" in checks["redis"]
+    assert "gpu worker not ready: redis: ConnectionError" in away.stderr
+    assert "Traceback" not in away.stderr
+
+
+def test_the_worker_probe_process_fails_naming_the_catalog_when_the_templates_are_missing(services, probe, tmp_path):
+    image = tmp_path / "image"  # the code as an image built without templates/ would hold it
+    for package in ("jobs", "portraits", "models"):
+        shutil.copytree(ROOT / package, image / package, ignore=shutil.ignore_patterns("__pycache__"))
+    missing = probe("default", code_dir=image)
+    assert missing.returncode == 1, missing.stderr
+    checks = json.loads(missing.stdout)
+    assert checks["mongodb"] == "ok" and checks["redis"] == "ok"
+    assert checks["catalog"] == f"CatalogError: {image / 'templates'}: catalog directory does not exist"
+    assert "default worker not ready: catalog: CatalogError" in missing.stderr
+
+
+def test_the_worker_probe_process_refuses_an_unset_redis_url_with_a_message(services, probe):
+    unset = probe("gpu", REDIS_URL="")
+    assert unset.returncode == 2
+    assert "REDIS_URL is unset" in unset.stderr and "Traceback" not in unset.stderr
 
 
 # ------------------------------------------------------------------------------------------------ /metrics

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import jobs.training
-from portraits import renders, states, tasks
+from portraits import logs, renders, states, tasks
 from portraits.privacy import user_ref
 from portraits.store.vault import KeyShredded
 from store_scan import Finding, StoreScanner, photo_samples, places
@@ -288,6 +288,9 @@ def test_a_render_running_at_delete_me_leaves_no_failed_job_and_no_trace_of_the_
 
     monkeypatch.setattr(renders, "keep_candidates", user_deletes_the_account_mid_render)
     caplog.set_level("DEBUG")
+    # as our processes configure them: pymongo's DEBUG command log quotes documents (seen once MONGO_URI is a server)
+    for name, held_at in logs.DOCUMENT_QUOTING_LOGGERS.items():
+        caplog.set_level(held_at, logger=name)
     drain()
     assert erased == [202]
     assert tasks.queue(services, tasks.RENDER).failed_job_registry.count == 0

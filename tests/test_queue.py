@@ -130,19 +130,23 @@ def test_queue_route_is_served_from_redis_alone(services, client, login):
         __getitem__ = __getattr__
 
     database, services.db = services.db, NoMongo()
-    poll = alice.get("/api/v1/avatars/mine/queue")
-    assert poll.status_code == 200, poll.get_json()
-    body = poll.get_json()
-    assert body["state"] == "queued" and body["position"] == 3 and body["ahead"] == 3
-    assert body["eta_seconds"] > 0
-    assert bob.get("/api/v1/avatars/mine/queue").status_code == 404
-    # Only an avatar Redis does not know at all is looked up in MongoDB (one still collecting photos, or one whose
-    # entry Redis lost); nobody's is still 404.
-    services.db = database
-    assert alice.get("/api/v1/avatars/nobody/queue").status_code == 404
-    services.db = NoMongo()
-    forged = client.get("/api/v1/avatars/mine/queue", headers={"Authorization": "Bearer " + alice.token[:-2] + "xx"})
-    assert forged.status_code == 401 and forged.get_json()["error"]["code"] == "invalid_token"
+    try:
+        poll = alice.get("/api/v1/avatars/mine/queue")
+        assert poll.status_code == 200, poll.get_json()
+        body = poll.get_json()
+        assert body["state"] == "queued" and body["position"] == 3 and body["ahead"] == 3
+        assert body["eta_seconds"] > 0
+        assert bob.get("/api/v1/avatars/mine/queue").status_code == 404
+        # Only an avatar Redis does not know at all is looked up in MongoDB (one still collecting photos, or one
+        # whose entry Redis lost); nobody's is still 404.
+        services.db = database
+        assert alice.get("/api/v1/avatars/nobody/queue").status_code == 404
+        services.db = NoMongo()
+        forged = client.get("/api/v1/avatars/mine/queue",
+                            headers={"Authorization": "Bearer " + alice.token[:-2] + "xx"})
+        assert forged.status_code == 401 and forged.get_json()["error"]["code"] == "invalid_token"
+    finally:
+        services.db = database  # the services fixture drops the database of a MONGO_URI run through it
 
 
 def test_training_progress_is_visible_in_the_avatar_state(services, login, sim, drain, monkeypatch):

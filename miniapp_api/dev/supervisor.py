@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+
+
+def simulator_environ(creds, simulator_url: str, key_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The WeChat and WeChat Pay settings, as a process is given them in production, of the simulator at
+    `simulator_url` (its credentials `creds`; the keys are written to files in `key_dir`). `environ` may choose
+    XPAY_ENV, WECHAT_PUSH_MODE and SUBSCRIBE_TEMPLATES."""
+    private_key = key_dir / "merchant_private_key.pem"
+    public_key = key_dir / "platform_public_key.pem"
+    for path, pem in ((private_key, creds.merchant_private_key_pem), (public_key, creds.platform_public_key_pem)):
+        path.write_text(pem)
+        path.chmod(0o600)
+    return {"WECHAT_APPID": creds.appid, "WECHAT_SECRET": creds.app_secret,
+            "WECHAT_API_BASE": simulator_url, "WECHATPAY_API_BASE": simulator_url,
+            "WECHATPAY_MCHID": creds.mchid, "WECHATPAY_PRIVATE_KEY_PATH": str(private_key),
+            "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
+            "WECHATPAY_PUBLIC_KEY_PATH": str(public_key),
+            "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id,
+            "XPAY_OFFER_ID": creds.xpay_offer_id,
+            "XPAY_APP_KEY": creds.xpay_sandbox_app_key if environ.get("XPAY_ENV") == "1" else creds.xpay_app_key,
+            "WECHAT_PUSH_TOKEN": creds.push_token, "WECHAT_PUSH_AES_KEY": creds.push_aes_key,
+            "WECHAT_PUSH_MODE": environ.get("WECHAT_PUSH_MODE") or "safe",
+            "SUBSCRIBE_TEMPLATES": environ.get("SUBSCRIBE_TEMPLATES") or json.dumps(DEFAULT_SUBSCRIBE_TEMPLATES)}
 
 
 @dataclass
@@ -149,24 +172,7 @@ class Topology:
                                   f"--push-url {self.base_url}{PUSH_PATH} --push-mode {push_mode}")
         self.simulator_url = f"http://127.0.0.1:{port}"
         self._wait(lambda: _answers(self.simulator_url + "/sim/stats"), "the WeChat simulator")
-        private_key = sim_dir / "merchant_private_key.pem"
-        public_key = sim_dir / "platform_public_key.pem"
-        for path, pem in ((private_key, creds.merchant_private_key_pem), (public_key, creds.platform_public_key_pem)):
-            path.write_text(pem)
-            path.chmod(0o600)
-        return {"WECHAT_APPID": creds.appid, "WECHAT_SECRET": creds.app_secret,
-                "WECHAT_API_BASE": self.simulator_url, "WECHATPAY_API_BASE": self.simulator_url,
-                "WECHATPAY_MCHID": creds.mchid, "WECHATPAY_PRIVATE_KEY_PATH": str(private_key),
-                "WECHATPAY_CERT_SERIAL_NO": creds.merchant_cert_serial_no, "WECHATPAY_APIV3_KEY": creds.apiv3_key,
-                "WECHATPAY_PUBLIC_KEY_PATH": str(public_key),
-                "WECHATPAY_PUBLIC_KEY_ID": creds.platform_public_key_id,
-                "XPAY_OFFER_ID": creds.xpay_offer_id,
-                "XPAY_APP_KEY": creds.xpay_sandbox_app_key if self._environ.get("XPAY_ENV") == "1"
-                else creds.xpay_app_key,
-                "WECHAT_PUSH_TOKEN": creds.push_token, "WECHAT_PUSH_AES_KEY": creds.push_aes_key,
-                "WECHAT_PUSH_MODE": push_mode,
-                "SUBSCRIBE_TEMPLATES": self._environ.get("SUBSCRIBE_TEMPLATES")
-                or json.dumps(DEFAULT_SUBSCRIBE_TEMPLATES)}
+        return simulator_environ(creds, self.simulator_url, sim_dir, {**self._environ, "WECHAT_PUSH_MODE": push_mode})
 
     def _spawn(self, name: str, command: str) -> Child:
         log_path = self.log_dir / f"{name}.log"

@@ -13,7 +13,6 @@ This module imports no other billing module: refunds and orders call it.
 """
 from __future__ import annotations
 
-from pymongo import ReturnDocument
 
 from portraits import photos, states
 
@@ -59,10 +58,11 @@ def grant_credit(services, order: dict) -> bool:
 
 def claim_credit(services, user_id: str, sku: str, order_id: str) -> bool:
     """Spend one unused credit for `sku` on `order_id`; False when none is left."""
-    claimed = services.db.users.find_one_and_update(
+    # update_one, not find_one_and_update: SecantusDB refuses the positional `$` in findAndModify (README)
+    claimed = services.db.users.update_one(
         {"_id": user_id, "make_good_credits": {"$elemMatch": {"sku": sku, "used_by": None}}},
-        {"$set": {"make_good_credits.$.used_by": order_id}}, return_document=ReturnDocument.AFTER)
-    return claimed is not None
+        {"$set": {"make_good_credits.$.used_by": order_id}})
+    return claimed.modified_count == 1
 
 
 def heal_credits(services, limit: int) -> int:

