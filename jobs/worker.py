@@ -1,6 +1,6 @@
 """Worker processes.
 
-    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings
+    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); previews, renders, trainings
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
     python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
 
@@ -111,21 +111,22 @@ class EmbeddedWorker(ResidentModelWorker):
 
 
 def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
-    """A GPU worker on the render and train queues, renders first."""
+    """A GPU worker on the preview, render and train queues, in that order."""
     options = {}
     if settings is not None:
         options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
                        stop_grace_s=settings.worker_stop_grace_s)
     options.update(overrides)
     gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
-                  for name in tasks.GPU_QUEUES]
+                  for name in tasks.GPU_WORKER_QUEUES]
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
-def drain(services, max_rounds: int = 100) -> int:
-    """Run every queued job (and the retries they enqueue) in this thread; returns how many rounds ran."""
+def drain(services, max_rounds: int = 100, queues: tuple[str, ...] = tasks.ALL_QUEUES) -> int:
+    """Run every job queued on `queues` (and the retries they enqueue) in this thread; returns how many rounds
+    ran."""
     context.install(services)
-    worker = EmbeddedWorker([tasks.queue(services, name) for name in tasks.ALL_QUEUES], connection=services.redis)
+    worker = EmbeddedWorker([tasks.queue(services, name) for name in queues], connection=services.redis)
     rounds = 0
     while rounds < max_rounds and worker.work(burst=True, with_scheduler=True, logging_level="WARNING"):
         rounds += 1
@@ -154,6 +155,8 @@ def main(argv=None) -> None:
     if args.kind == "gpu":
         started = time.monotonic()
         services.renderer()  # load the base pipeline before the first job, once
+        if settings.previews_enabled:
+            services.previewer()  # and the preview's own pipeline with its adapter
         logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again

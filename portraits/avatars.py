@@ -316,8 +316,9 @@ def start_training(services, order: dict) -> bool:
     """A payment was applied: the avatar joins the GPU queue (once, however often the payment is seen). False when
     the avatar cannot train for this order (it left `ready` since the order was made, or another order took it):
     the payment is then refunded by the caller."""
+    owed = {"preview_owed_at": states.now()} if services.settings.previews_enabled else {}
     avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
-                               by=f"order:{order['_id']}", set_fields={"order_id": order["_id"]})
+                               by=f"order:{order['_id']}", set_fields={"order_id": order["_id"], **owed})
     if avatar is not None:
         enqueue_training(services, avatar)
         return True

@@ -52,9 +52,22 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "review": set(),
         "timeout": set(),
     },
+    # The free preview of a paid avatar (portraits.previews): drawn on the GPU's preview queue, `checking` while
+    # WeChat's content check judges it, `shown` once passed; `superseded` once the trained portraits are delivered
+    # (from any state: a preview that comes too late is not drawn or not shown); `failed` is just absent (the draw
+    # failed, the check refused it, or the sweep gave up after PREVIEW_TIMEOUT_S). Nothing paid depends on it.
+    "preview": {
+        "queued": {"rendering", "failed", "superseded"},
+        "rendering": {"checking", "queued", "failed", "superseded"},
+        "checking": {"shown", "failed", "superseded"},
+        "shown": {"superseded"},
+        "failed": set(),
+        "superseded": set(),
+    },
 }
 
-COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks"}
+COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks",
+               "preview": "previews"}
 
 
 class IllegalTransition(ValueError):

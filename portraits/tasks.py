@@ -2,7 +2,8 @@
 
 The domain says what is owed (`enqueue(services, TRAIN, TRAIN_AVATAR, avatar_id, ...)`); the task functions live in
 `jobs/` and are named here as strings, the way microblog's `launch_task` does, so `portraits` never imports `jobs`.
-Renders are served ahead of training: GPU workers listen to `render` first.
+GPU workers listen to `preview` first (one short draw per paid order: the user sees something within seconds of
+paying), then `render`, then `train`. The preview queue has no positions or ETA of its own (nobody polls it).
 """
 from __future__ import annotations
 
@@ -13,25 +14,29 @@ from rq.registry import StartedJobRegistry
 from portraits import keys, logs
 from portraits.queue.tracking import QueueTracker
 
+PREVIEW = "preview"
 RENDER = "render"
 TRAIN = "train"
 DEFAULT = "default"
-GPU_QUEUES = (RENDER, TRAIN)
-ALL_QUEUES = (RENDER, TRAIN, DEFAULT)
+GPU_QUEUES = (RENDER, TRAIN)  # tracked: positions, ETA, tickets (portraits.queue.tracking)
+# What a GPU worker serves, in order.
+GPU_WORKER_QUEUES = (PREVIEW, *GPU_QUEUES)
+ALL_QUEUES = (PREVIEW, RENDER, TRAIN, DEFAULT)
 
 # Generous ceilings: a real SD1.5 avatar trains in 5-20 minutes on an A10.
-TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, DEFAULT: 5 * 60}
+TIMEOUTS = {PREVIEW: 5 * 60, RENDER: 15 * 60, TRAIN: 60 * 60, DEFAULT: 5 * 60}
 RESULT_TTL_S = 24 * 3600
 FAILURE_TTL_S = 7 * 24 * 3600
 
 # The task functions, by dotted name (tests check that each one resolves to a function in jobs/).
 TRAIN_AVATAR = "jobs.training.train_avatar"
 RENDER_PORTRAITS = "jobs.rendering.render_portraits"
+RENDER_PREVIEW = "jobs.previews.render_preview"
 SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
 FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
 SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK)
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, RENDER_PREVIEW, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK)
 
 
 def queue(services, name: str) -> Queue:

@@ -1,14 +1,14 @@
 """Avatars: start one, upload photos that are judged on arrival, follow the queue (rules: portraits.avatars)."""
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g, request, url_for
 
 from miniapp_api.api import queue_poll
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import Avatar, AvatarRequest, PhotoUpload, PhotoVerdict, Queue
-from portraits import avatars, consents, keys
+from portraits import avatars, consents, keys, previews
 from portraits.queue.tracking import QueueTracker
 
 bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
@@ -70,8 +70,18 @@ def avatar_json(avatar: dict) -> dict:
         "photos_purged": bool(avatar.get("photos_purged_at")),
         "failure": "technical_failure" if avatar["state"] == "failed" else None,
         "queue": None,
+        "preview": preview_json(avatar),
     }
     if avatar["state"] in ("queued", "training"):
         tracker = QueueTracker(svc.redis)
         body["queue"] = queue_poll.queue_json(tracker, tracker.subject(keys.avatar_subject(avatar["_id"])))
     return body
+
+
+def preview_json(avatar: dict | None) -> dict | None:
+    """The avatar's preview as the client sees it (portraits.previews.client_state), with its URL once ready."""
+    state = previews.client_state(services(), avatar) if avatar is not None else None
+    if state is None:
+        return None
+    url = url_for("images.get_image", image_id=state["image_id"]) if state["image_id"] else None
+    return {**state, "url": url}

@@ -9,7 +9,7 @@ from portraits.queue.tracking import QueueTracker, estimate
 from portraits import states
 from portraits.billing.refunds import REFUND_FINAL_FAILURES
 
-QUEUE_LABELS = {tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.DEFAULT: "后台 default"}
+QUEUE_LABELS = {tasks.PREVIEW: "预览 preview", tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.DEFAULT: "后台 default"}
 
 
 def queue_rows(services) -> list[dict]:
