@@ -30,7 +30,7 @@ from portraits import avatars, content_checks, keys, privacy, states, tasks
 
 log = logging.getLogger(__name__)
 
-PROMPT = "a portrait photo of {subject}, soft studio light, detailed face, looking at the camera, high quality"
+PROMPT = "a portrait photo of {subject}, soft studio light, detailed face, high quality"
 NEGATIVE_PROMPT = "lowres, blurry, deformed face, bad anatomy, extra fingers, watermark, text"
 GUIDANCE = 6.0
 PENDING = ("queued", "rendering", "checking")
@@ -209,7 +209,8 @@ def client_state(services, avatar: dict) -> dict | None:
 
 def sweep(services, grace_cutoff) -> Counter:
     """Previews owed but never recorded are asked for; queued ones whose job Redis lost, and drawing ones whose
-    worker died, are queued again; any not shown PREVIEW_TIMEOUT_S after they were asked for are given up."""
+    worker died, are queued again; any not shown PREVIEW_TIMEOUT_S after they were asked for are given up; any
+    whose order is fulfilled are superseded."""
     done = Counter()
     deadline = states.now() - timedelta(seconds=services.settings.preview_timeout_s)
     for avatar in services.db.avatars.find({"preview_owed_at": {"$exists": True}}, {"preview_owed_at": 1}):
@@ -221,6 +222,13 @@ def sweep(services, grace_cutoff) -> Counter:
         if states.transition(services.db, "preview", preview["_id"], "failed", expect={"queued", "rendering"},
                              by="sweeper", reason="timeout", set_fields={"failure": "timeout"}) is not None:
             done["preview_given_up"] += 1
+    showing = list(services.db.previews.find({"state": {"$in": [*PENDING, "shown"]}}, {"order_id": 1}))
+    fulfilled = {o["_id"] for o in services.db.orders.find(
+        {"_id": {"$in": [p.get("order_id") for p in showing]}, "state": "fulfilled"}, {"_id": 1})}
+    for preview in showing:
+        # Delivered while the process died between fulfilling the order and replacing the preview.
+        if preview.get("order_id") in fulfilled and supersede(services, preview["_id"]):
+            done["preview_superseded"] += 1
     owed = list(services.db.previews.find({"$or": [{"state": "queued"},
                                                    {"state": "rendering", "updated_at": {"$lt": grace_cutoff}}]}))
     job_ids = [keys.preview_job_id(p["_id"], p["attempts"] + (p["state"] == "queued")) for p in owed]
