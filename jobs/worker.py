@@ -1,6 +1,8 @@
 """Worker processes.
 
     python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); previews, renders, trainings
+    python -m jobs.worker preview   optional: previews only, so one never waits behind a training (a GPU of its own,
+                                    or beside a `gpu` process on one with memory to spare)
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
     python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
 
@@ -110,15 +112,16 @@ class EmbeddedWorker(ResidentModelWorker):
         pass
 
 
-def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
-    """A GPU worker on the preview, render and train queues, in that order."""
+def build_gpu_worker(connection, settings=None, queues: tuple[str, ...] = tasks.GPU_WORKER_QUEUES,
+                     **overrides) -> ResidentModelWorker:
+    """A GPU worker on `queues`, in that order: by default preview, render and train."""
     options = {}
     if settings is not None:
         options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
                        stop_grace_s=settings.worker_stop_grace_s)
     options.update(overrides)
     gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
-                  for name in tasks.GPU_WORKER_QUEUES]
+                  for name in queues]
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
@@ -135,7 +138,7 @@ def drain(services, max_rounds: int = 100, queues: tuple[str, ...] = tasks.ALL_Q
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["gpu", "default"])
+    parser.add_argument("kind", choices=["gpu", "preview", "default"])
     parser.add_argument("--check", action="store_true", help="readiness probe: exit 0 when ready, print the checks")
     args = parser.parse_args(argv)
     try:
@@ -161,6 +164,10 @@ def main(argv=None) -> None:
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again
         build_gpu_worker(services.redis, settings).work()
+    elif args.kind == "preview":
+        services.previewer()
+        sweeper.sweep(services)
+        build_gpu_worker(services.redis, settings, queues=(tasks.PREVIEW,)).work()
     else:
         sweeper.sweep(services)
         DefaultWorker([tasks.queue(services, tasks.DEFAULT)], connection=services.redis).work(with_scheduler=True)

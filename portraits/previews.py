@@ -47,7 +47,10 @@ def request_preview(services, avatar_id: str, by: str) -> dict | None:
     """Record the preview an avatar is owed, once, and enqueue its job; an avatar without a front photo gets a
     preview that is failed from the start (absent). None when previews are off or the avatar is gone."""
     avatar = services.db.avatars.find_one({"_id": avatar_id})
-    if avatar is None or not services.settings.previews_enabled:
+    if avatar is None:
+        return None
+    if not services.settings.previews_enabled:  # turned off since it was owed: owed no more
+        services.db.avatars.update_one({"_id": avatar_id}, {"$unset": {"preview_owed_at": ""}})
         return None
     at = states.now()
     front = front_photo(avatar)
@@ -73,6 +76,11 @@ def request_preview_quietly(services, avatar_id: str, by: str) -> None:
         request_preview(services, avatar_id, by)
     except Exception:
         log.exception("preview of %s not requested; the sweep will", avatar_id)
+
+
+def requester(services, by: str):
+    """What apply_payment hands start_training to run before the training's enqueue: the preview's job goes first."""
+    return lambda avatar: request_preview_quietly(services, avatar["_id"], by)
 
 
 def enqueue_preview(services, preview: dict) -> None:

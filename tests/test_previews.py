@@ -11,7 +11,7 @@ import pytest
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from PIL import Image
 
-from jobs.worker import drain as drain_queues
+from jobs.worker import EmbeddedWorker, drain as drain_queues
 from models.labels import PREVIEW_KIND, read_label
 from portraits import keys, previews, states, sweeper, tasks
 
@@ -153,6 +153,14 @@ def test_a_preview_job_queued_when_its_user_is_erased_is_deleted_with_them(servi
     assert preview_queue.count == 1
     assert api.delete("/api/v1/me").status_code == 202
     assert preview_queue.count == 0
+
+
+def test_an_idle_gpu_worker_draws_the_preview_before_it_starts_the_training(services, paid_avatar):
+    api, avatar, _ = paid_avatar("ida")
+    gpu = EmbeddedWorker([tasks.queue(services, name) for name in tasks.GPU_WORKER_QUEUES], connection=services.redis)
+    assert gpu.work(burst=True, max_jobs=1)
+    assert services.db.previews.find_one({"_id": avatar["id"]})["state"] == "checking"
+    assert avatar_of(api, avatar["id"])["state"] == "queued"  # the training waits for the next job
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------

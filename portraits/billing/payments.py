@@ -59,12 +59,11 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
         if paid["history"][-2]["to"] == "closed":
             refunds.request_refund(services, order_id, reason="paid_after_close", by=source)
             return services.db.orders.find_one({"_id": order_id})
-        if not avatars.start_training(services, paid):
+        if not avatars.start_training(services, paid, before_enqueue=previews.requester(services, by=source)):
             # Whatever changed since the order was made (consent outdated, another order paid first), a payment
             # that cannot be trained is never kept.
             refunds.request_refund(services, order_id, reason="avatar_unavailable", by=source)
             return services.db.orders.find_one({"_id": order_id})
-        previews.request_preview_quietly(services, paid["avatar_id"], by=source)
         return paid
 
 
