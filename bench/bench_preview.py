@@ -96,7 +96,8 @@ def main() -> None:
         services = build_services(settings, redis=redis)
         context.install(services)
         started = time.perf_counter()
-        services.renderer(), services.previewer(), services.face_analyzer()  # what a GPU worker loads at start
+        services.renderer(), services.face_analyzer()
+        services.previewer().warm_up()  # what a GPU worker does at start
         load_s = time.perf_counter() - started
         app = create_app(services=services)
         http.app.target = app
@@ -106,6 +107,7 @@ def main() -> None:
             worker.start()
         try:
             timings = run_user(client, sim, args)
+            steps = preview_steps(services)
         finally:
             for worker in workers:
                 worker.stop.set()
@@ -115,11 +117,21 @@ def main() -> None:
             http.shutdown()
             stop_embedded(redis)
     preview_s, portrait_s = timings
-    print(f"payment -> first preview visible over the API, {preview_s:6.2f} s")
+    print(f"payment -> first preview visible over the API, {preview_s:6.2f} s "
+          f"(paid -> drawn and stored {steps['drawn']:.2f} s, -> passed by the content check {steps['shown']:.2f} s)")
     print(f"payment -> first trained portrait visible,     {portrait_s:6.2f} s")
     print(f"ratio preview / trained portrait: {preview_s / portrait_s:.3f} "
           f"(tiny model on the CPU, {args.photos} photos, template {args.template}; models loaded beforehand in "
           f"{load_s:.1f} s)")
+
+
+def preview_steps(services) -> dict[str, float]:
+    """Where the preview's time went, from its record: paid -> drawn (state `checking`) -> shown."""
+    preview = services.db.previews.find_one({})
+    order = services.db.orders.find_one({"_id": preview["order_id"]})
+    drawn = next(entry["at"] for entry in preview["history"] if entry["to"] == "checking")
+    return {"drawn": (drawn - order["paid_at"]).total_seconds(),
+            "shown": (preview["shown_at"] - order["paid_at"]).total_seconds()}
 
 
 def run_user(client, sim, args) -> tuple[float, float]:

@@ -159,13 +159,13 @@ def main(argv=None) -> None:
         started = time.monotonic()
         services.renderer()  # load the base pipeline before the first job, once
         if settings.previews_enabled:
-            services.previewer()  # and the preview's own pipeline with its adapter
+            services.previewer().warm_up()  # and the preview's own pipeline with its adapter
         logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again
         build_gpu_worker(services.redis, settings).work()
     elif args.kind == "preview":
-        services.previewer()
+        services.previewer().warm_up()
         sweeper.sweep(services)
         build_gpu_worker(services.redis, settings, queues=(tasks.PREVIEW,)).work()
     else:

@@ -26,7 +26,7 @@ def create_avatar(json: AvatarRequest):
 @login_required
 @endpoint(ok={200: Avatar}, errors=[404])
 def get_avatar(avatar_id):
-    """State, photo verdicts, queue."""
+    """State, photo verdicts, queue, and the preview once paid (pending, ready with its url, superseded)."""
     avatar = avatars.refresh_readiness(services(), owned("avatars", avatar_id, "avatar"), g.user)
     return avatar_json(avatar)
 

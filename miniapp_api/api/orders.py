@@ -35,7 +35,7 @@ def create_order(json: OrderRequest):
 @login_required
 @endpoint(ok={200: Order}, errors=[404])
 def get_order(order_id):
-    """An order's state (pay_params or xpay_params while it can still be paid)."""
+    """An order's state (pay_params or xpay_params while it can still be paid) and its avatar's preview."""
     return client_order_json(owned("orders", order_id, "order"))
 
 
