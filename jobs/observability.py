@@ -24,7 +24,8 @@ from portraits.catalog import load_catalog
 from portraits.services import TEMPLATES_DIR
 from portraits.store import db as db_module, redis_client
 
-KIND_QUEUES = {"gpu": tasks.GPU_QUEUES, "default": (tasks.DEFAULT,), "intake": (tasks.INTAKE,)}
+KIND_QUEUES = {"gpu": tasks.GPU_WORKER_QUEUES, "preview": (tasks.PREVIEW,), "default": (tasks.DEFAULT,),
+               "intake": (tasks.INTAKE,)}
 
 
 class JobLogContext:

@@ -1,7 +1,9 @@
 """Worker processes.
 
-    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); renders before trainings, and
-                                    express or standard first by the lane rule (portraits.queue.lanes)
+    python -m jobs.worker gpu       one per GPU (pin it with CUDA_VISIBLE_DEVICES); previews, then renders before
+                                    trainings, express or standard first by the lane rule (portraits.queue.lanes)
+    python -m jobs.worker preview   optional: previews only, so one never waits behind a training (a GPU of its own,
+                                    or beside a `gpu` process on one with memory to spare)
     python -m jobs.worker default   refunds, notifications, periodic work; runs RQ's scheduler for retry backoff
     python -m jobs.worker intake    face judging of uploaded photos (CPU); as many as the uploads need
     python -m jobs.worker gpu --check   readiness probe (exit 0: ready); see jobs.observability
@@ -102,7 +104,7 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
         standard = [q.key for q in self.queues if QUEUE_LANE.get(q.name) == STANDARD]
         taken = self._express_slots.take(self.lane_policy, self.name, live, self.dead_after_s, standard)
         first = EXPRESS if taken else STANDARD
-        rank = [*LANE_QUEUES[first], *LANE_QUEUES[EXPRESS if first == STANDARD else STANDARD]]
+        rank = [tasks.PREVIEW, *LANE_QUEUES[first], *LANE_QUEUES[EXPRESS if first == STANDARD else STANDARD]]
         self._ordered_queues = sorted(self.queues, key=lambda q: rank.index(q.name) if q.name in rank else len(rank))
 
     def execute_job(self, job, queue):
@@ -145,15 +147,17 @@ class EmbeddedWorker(ResidentModelWorker):
         pass
 
 
-def build_gpu_worker(connection, settings=None, **overrides) -> ResidentModelWorker:
-    """A GPU worker on both lanes' render and train queues, renders first within a lane."""
+def build_gpu_worker(connection, settings=None, queues: tuple[str, ...] = tasks.GPU_WORKER_QUEUES,
+                     **overrides) -> ResidentModelWorker:
+    """A GPU worker on `queues`: by default previews first, then both lanes' render and train queues, renders first
+    within a lane."""
     options = {}
     if settings is not None:
         options = dict(heartbeat_s=settings.worker_heartbeat_s, dead_after_s=settings.worker_dead_after_s,
                        stop_grace_s=settings.worker_stop_grace_s, lanes=LanePolicy.of(settings))
     options.update(overrides)
     gpu_queues = [Queue(name, connection=connection, default_timeout=tasks.TIMEOUTS[name])
-                  for name in tasks.GPU_QUEUES]
+                  for name in queues]
     return ResidentModelWorker(gpu_queues, connection=connection, **options)
 
 
@@ -171,7 +175,7 @@ def drain(services, max_rounds: int = 100, queues: tuple[str, ...] = tasks.ALL_Q
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["gpu", "default", "intake"])
+    parser.add_argument("kind", choices=["gpu", "preview", "default", "intake"])
     parser.add_argument("--check", action="store_true", help="readiness probe: exit 0 when ready, print the checks")
     args = parser.parse_args(argv)
     try:
@@ -198,10 +202,16 @@ def main(argv=None) -> None:
     if args.kind == "gpu":
         started = time.monotonic()
         services.renderer()  # load the base pipeline before the first job, once
+        if settings.previews_enabled:
+            services.previewer().warm_up()  # and the preview's own pipeline with its adapter
         logging.info("base pipeline resident after %.1fs", time.monotonic() - started)
         recovery.reap(services)  # jobs of a worker that died on this machine are found without waiting for the clock
         sweeper.sweep(services)  # and work owed that Redis lost (a restart without its data) is queued again
         build_gpu_worker(services.redis, settings).work()
+    elif args.kind == "preview":
+        services.previewer().warm_up()
+        sweeper.sweep(services)
+        build_gpu_worker(services.redis, settings, queues=(tasks.PREVIEW,)).work()
     elif args.kind == "intake":
         services.face_analyzer()  # this process's own dlib models, loaded before the first photo
         sweeper.sweep(services)

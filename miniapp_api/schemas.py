@@ -355,6 +355,17 @@ class Queue(Reply):
     total: int = omittable()
 
 
+class Preview(Reply):
+    """The free preview drawn from the front photo right after payment, before the avatar is trained: a labelled
+    image ("AI生成·预览"), never a deliverable. Absent (null) when none is owed or it failed."""
+
+    state: Literal["pending", "ready", "superseded"] = Field(
+        description="pending: being drawn or content-checked; ready: url serves it; superseded: the trained "
+                    "portraits are delivered and the preview is deleted")
+    image_id: str | None
+    url: str | None = Field(description="the labelled PNG (GET, owner only) while ready")
+
+
 class Avatar(Reply):
     id: str
     state: AvatarState
@@ -372,6 +383,7 @@ class Avatar(Reply):
     photos_purged: bool
     failure: Literal["technical_failure"] | None
     queue: Queue | None
+    preview: Preview | None
 
 
 class PhotoVerdict(Reply):
@@ -449,6 +461,7 @@ class XPayParams(Reply):
 
 
 class Order(OrderRecord):
+    preview: Preview | None = Field(description="the preview of the order's avatar, once paid")
     pay_params: PayParams = omittable()
     xpay_params: XPayParams = omittable()
     ios_make_good: str = omittable()
@@ -674,12 +687,18 @@ class MetadataLabel(Reply):
     fields: list[str] = Field(description="the GB 45438-2025 implicit-label fields written")
 
 
+class PreviewLabelPolicy(Reply):
+    visible_text: str = Field(description="drawn on a preview instead of the plain label")
+    metadata: dict[str, str] = Field(description="added to a preview's metadata label, beside the standard's fields")
+
+
 class LabelPolicy(Reply):
     standard: str
     labelled: list[str] = Field(description="what carries both labels")
     content_producer: str
     visible: VisibleLabel
     metadata: MetadataLabel
+    preview: PreviewLabelPolicy
     label_log: str = Field(description="what is logged per labelled image")
 
 

@@ -21,6 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 LABEL_TEXT = "AI生成"
+# A preview (drawn before the user's avatar is trained) says so in both labels.
+PREVIEW_LABEL_TEXT = "AI生成·预览"
+PREVIEW_KIND = "preview"
 METADATA_KEY = "AIGC"
 CJK_FONT_PACKAGE = "fonts-wqy-microhei"
 KNOWN_CJK_FONTS = (
@@ -58,9 +61,10 @@ def find_cjk_font(path: str | None = None) -> str:
     )
 
 
-def label_metadata(*, content_id: str, provider: str) -> dict:
-    """The implicit-label fields of GB 45438-2025; ``Label`` "1" means AI-generated."""
-    return {
+def label_metadata(*, content_id: str, provider: str, kind: str | None = None) -> dict:
+    """The implicit-label fields of GB 45438-2025; ``Label`` "1" means AI-generated. ``kind`` (ours, beside the
+    standard's fields) marks a preview."""
+    fields = {
         "Label": "1",
         "ContentProducer": provider,
         "ProduceID": content_id,
@@ -69,6 +73,9 @@ def label_metadata(*, content_id: str, provider: str) -> dict:
         "PropagateID": content_id,
         "ReservedCode2": "",
     }
+    if kind is not None:
+        fields["Kind"] = kind
+    return fields
 
 
 def label_policy() -> dict:
@@ -79,21 +86,26 @@ def label_policy() -> dict:
                     "min_text_px": MIN_TEXT_PX},
         "metadata": {"key": METADATA_KEY, "png": "iTXt chunk", "jpeg": "EXIF ImageDescription and UserComment",
                      "fields": list(label_metadata(content_id="", provider=""))},
+        "preview": {"visible_text": PREVIEW_LABEL_TEXT, "metadata": {"Kind": PREVIEW_KIND}},
     }
 
 
 def label_image(
-    image: Image.Image, *, content_id: str, provider: str, font_path: str | None = None, fmt: str = "PNG"
+    image: Image.Image, *, content_id: str, provider: str, font_path: str | None = None, fmt: str = "PNG",
+    kind: str | None = None,
 ) -> bytes:
-    """The image with its visible label drawn on, encoded as ``fmt`` (PNG or JPEG) with the metadata label."""
+    """The image with its visible label drawn on, encoded as ``fmt`` (PNG or JPEG) with the metadata label;
+    ``kind=PREVIEW_KIND`` labels a preview (both labels say so)."""
     fmt = fmt.upper()
     if fmt == "JPG":
         fmt = "JPEG"
     if fmt not in ("PNG", "JPEG"):
         raise ValueError(f"unsupported label format {fmt!r}; use PNG or JPEG")
 
-    labelled = draw_visible_label(image, font_path=font_path)
-    metadata_json = json.dumps(label_metadata(content_id=content_id, provider=provider), ensure_ascii=True)
+    text = PREVIEW_LABEL_TEXT if kind == PREVIEW_KIND else LABEL_TEXT
+    labelled = draw_visible_label(image, font_path=font_path, text=text)
+    metadata_json = json.dumps(label_metadata(content_id=content_id, provider=provider, kind=kind),
+                               ensure_ascii=True)
     buffer = io.BytesIO()
     if fmt == "PNG":
         info = PngInfo()
@@ -104,7 +116,7 @@ def label_image(
     return buffer.getvalue()
 
 
-def draw_visible_label(image: Image.Image, *, font_path: str | None = None) -> Image.Image:
+def draw_visible_label(image: Image.Image, *, font_path: str | None = None, text: str = LABEL_TEXT) -> Image.Image:
     base = image.convert("RGBA")
     width, height = base.size
     short_side = min(width, height)
@@ -113,7 +125,7 @@ def draw_visible_label(image: Image.Image, *, font_path: str | None = None) -> I
 
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    left, top, right, bottom = draw.textbbox((0, 0), LABEL_TEXT, font=font)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     padding = max(3, round(text_px * 0.35))
     margin = max(2, round(short_side * 0.02))
     plate_width = (right - left) + 2 * padding
@@ -125,7 +137,7 @@ def draw_visible_label(image: Image.Image, *, font_path: str | None = None) -> I
         radius=max(2, padding // 2),
         fill=(0, 0, 0, PLATE_OPACITY),
     )
-    draw.text((plate_x + padding - left, plate_y + padding - top), LABEL_TEXT, font=font, fill=(255, 255, 255, 255))
+    draw.text((plate_x + padding - left, plate_y + padding - top), text, font=font, fill=(255, 255, 255, 255))
     composed = Image.alpha_composite(base, overlay)
     return composed if image.mode == "RGBA" else composed.convert("RGB")
 

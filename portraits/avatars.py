@@ -457,14 +457,20 @@ def apply_content_verdict(services, check: dict, counted: bool, reason: str | No
 # ----------------------------------------------------------------------------------------------- training
 
 
-def start_training(services, order: dict) -> bool:
+def start_training(services, order: dict, before_enqueue=None) -> bool:
     """A payment was applied: the avatar joins the GPU queue (once, however often the payment is seen). False when
     the avatar cannot train for this order (it left `ready` since the order was made, or another order took it):
-    the payment is then refunded by the caller."""
+    the payment is then refunded by the caller. The same update records the preview owed (portraits.previews);
+    `before_enqueue(avatar)` runs between that update and the training's enqueue: the preview's job goes first,
+    so an idle GPU worker draws the preview before it starts a training."""
+    owed = {"preview_owed_at": states.now()} if services.settings.previews_enabled else {}
     avatar = states.transition(services.db, "avatar", order["avatar_id"], "queued", expect={"ready"},
                                by=f"order:{order['_id']}",
-                               set_fields={"order_id": order["_id"], "lane": lanes.lane_of(order), "sku": order["sku"]})
+                               set_fields={"order_id": order["_id"], "lane": lanes.lane_of(order), "sku": order["sku"],
+                                           **owed})
     if avatar is not None:
+        if before_enqueue is not None:
+            before_enqueue(avatar)
         enqueue_training(services, avatar)
         return True
     current = services.db.avatars.find_one({"_id": order["avatar_id"]}, {"order_id": 1, "state": 1})

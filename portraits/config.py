@@ -60,7 +60,8 @@ XPAY_SETTINGS = ("xpay_offer_id", "xpay_app_key")
 DEFAULT_IOS_MAKE_GOOD = ("iOS 上由苹果处理退款，我们无法直接退款：若因技术故障未能交付，我们会赠送一次同款套餐的免费重做，"
                          "自动发放到你的账户。")
 # Defaults that depend on whether the tiny random-weight model is used: (tiny, real).
-MODEL_DEFAULTS = {"train_steps": (30, None), "train_resolution": (64, 512), "render_max_steps": (4, None)}
+MODEL_DEFAULTS = {"train_steps": (30, None), "train_resolution": (64, 512), "render_max_steps": (4, None),
+                  "preview_steps": (2, 25), "preview_size": (128, 512)}
 
 
 class ConfigError(ValueError):
@@ -365,10 +366,21 @@ class Settings(BaseSettings):
     pack_candidates_per_image: int = setting(2, "candidates drawn for each image of a pack's render plan (sku "
                                                 "`render_plan`); the likeliest is kept (capped by "
                                                 "`RENDER_MAX_CANDIDATES`)")
+    ip_adapter_path: str | None = setting(
+        None, "local folder of the preview's image-prompt adapter, laid out as h94/IP-Adapter's `models/` folder "
+              "(Apache-2.0): the adapter file `IP_ADAPTER_WEIGHT_NAME` beside `image_encoder/` (its CLIP vision "
+              "encoder)", shown="unset: with the tiny model a tiny random adapter; with a real base model, no previews")
+    ip_adapter_weight_name: str = setting("ip-adapter_sd15.safetensors", "the adapter file in `IP_ADAPTER_PATH`")
+    preview_ip_scale: float = setting(0.7, "how strongly the front photo steers the preview (IP-Adapter scale, 0-1)")
+    preview_steps: int = setting(None, "sampling steps of a preview", shown="tiny: `2`; real: `25`")
+    preview_size: int = setting(None, "side of the square preview, in pixels", shown="tiny: `128`; real: `512`")
+    preview_timeout_s: int = setting(900, "a preview not shown this long after payment is given up by the sweep "
+                                          "(it is free and nothing waits on it: it is just absent)")
     train_retries: int = setting(2, "retries of a training after a technical failure (then refund)")
     render_retries: int = setting(1, "retries of a render after a technical failure (then credit back)")
     fault_train_failures: int = setting(0, "drill: the first N training attempts fail on purpose")
     fault_render_failures: int = setting(0, "drill: the first N render attempts fail on purpose")
+    fault_preview_failures: int = setting(0, "drill: the first N preview attempts fail on purpose")
     worker_heartbeat_s: int = setting(10, "GPU worker heartbeat period during a job")
     worker_dead_after_s: int = setting(45, "a job whose worker has not beaten for this long is lost; the reaper "
                                            "(every 30 s) retries it, or fails it and refunds")
@@ -471,6 +483,12 @@ class Settings(BaseSettings):
     @property
     def uses_tiny_model(self) -> bool:
         return not self.base_model_path
+
+    @property
+    def previews_enabled(self) -> bool:
+        """A paid avatar gets a preview: the tiny model brings its own tiny adapter, a real one needs
+        IP_ADAPTER_PATH."""
+        return self.uses_tiny_model or bool(self.ip_adapter_path)
 
     @field_validator("instance_dir", "blob_dir")
     @classmethod

@@ -25,7 +25,7 @@ from portraits import keys, states, tasks
 from portraits.errors import Forbidden, not_found
 from portraits.gateways.wechat import MediaCheckQuotaExhausted, WeChatUnavailable
 
-KINDS = ("photo", "image")
+KINDS = ("photo", "image", "preview")
 DECIDED = ("pass", "risky", "review", "timeout")
 WAITING = ("queued", "submitting", "submitted")
 # A verdict's suggest as WeChat words it -> the check's state. Anything else is read as `review` (unsure).

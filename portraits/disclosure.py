@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from models.labels import label_policy
 
-LABELLED_CONTENT = ("generated_portraits", "share_posters")
+LABELLED_CONTENT = ("generated_portraits", "previews", "share_posters")
 
 
 def disclosure(settings) -> dict:

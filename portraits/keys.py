@@ -61,6 +61,15 @@ def render_job_id(render_id: str, attempt: int) -> str:
     return f"render-{render_id}-{attempt}"
 
 
+def preview_subject(avatar_id: str) -> str:
+    """What a preview's image ids are derived from (portraits.previews): one preview per avatar."""
+    return f"preview:{avatar_id}"
+
+
+def preview_job_id(avatar_id: str, attempt: int) -> str:
+    return f"preview-{avatar_id}-{attempt}"
+
+
 def refund_job_id(out_refund_no: str) -> str:
     return f"refund-{out_refund_no}"
 

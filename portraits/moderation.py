@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from portraits import avatars, content_checks, renders
+from portraits import avatars, content_checks, previews, renders
 
 # Queued checks the sweep submits in one pass at most (the quota stops it sooner).
 DRAIN_BATCH = 500
-SETTLE = {"photo": avatars.apply_content_verdict, "image": renders.apply_image_verdict}
+SETTLE = {"photo": avatars.apply_content_verdict, "image": renders.apply_image_verdict,
+          "preview": previews.apply_preview_verdict}
 
 
 def submit(services, check_id: str) -> str:

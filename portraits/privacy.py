@@ -48,6 +48,7 @@ def _delete_avatar(services, avatar: dict) -> None:
         services.blobs.delete(key)
     QueueTracker(services.redis).forget_subject(keys.avatar_subject(avatar["_id"]))
     services.db.content_checks.delete_many({"avatar_id": avatar["_id"]})  # nothing of it is left to check
+    services.db.previews.delete_one({"_id": avatar["_id"]})
     services.db.avatars.delete_one({"_id": avatar["_id"]})
 
 
@@ -76,6 +77,7 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     services.db.images.delete_many({"user_id": user_id})
     services.db.messages.delete_many({"user_id": user_id})
     services.db.content_checks.delete_many({"user_id": user_id})
+    services.db.previews.delete_many({"user_id": user_id})
     services.blobs.delete_prefix(keys.user_prefix(user_id))
     # Crypto-shredding: whatever copy of a sealed blob survives elsewhere (a backup, a replica) is unreadable now.
     services.vault.shred(user_id)

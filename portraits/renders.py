@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from models.faces import relative_likeness
 from models.labels import label_image
 from models.ranking import RankedCandidate
-from portraits import avatars, content_checks, keys, notifications, packs, privacy, states, tasks
+from portraits import avatars, content_checks, keys, notifications, packs, previews, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
 from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
@@ -423,8 +423,10 @@ def render_delivered(render: dict) -> bool:
 
 
 def deliver(services, render: dict) -> None:
-    """Portraits of this render passed: the order is fulfilled and the user told, each once."""
+    """Portraits of this render passed: the order is fulfilled, the avatar's preview replaced and the user told,
+    each once."""
     orders.fulfil(services, render["order_id"])
+    previews.supersede(services, render["avatar_id"])
     notifications.notify(services, render["user_id"], "portraits_ready", render["_id"],
                          {"render_id": render["_id"]})
 

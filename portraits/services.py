@@ -31,6 +31,7 @@ class Services:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _pipeline: object = field(default=None, repr=False)
     _renderer: object = field(default=None, repr=False)
+    _previewer: object = field(default=None, repr=False)
     _analyzer: object = field(default=None, repr=False)
 
     def pipeline(self):
@@ -50,6 +51,17 @@ class Services:
 
                 self._renderer = Renderer(pipe)
             return self._renderer
+
+    def previewer(self):
+        """The preview's own pipeline with its image-prompt adapter (models.preview), loaded once per process."""
+        with self._lock:
+            if self._previewer is None:
+                from models.preview import load_previewer
+
+                settings = self.settings
+                self._previewer = load_previewer(settings.base_model_path, settings.ip_adapter_path,
+                                                 settings.ip_adapter_weight_name, settings.preview_ip_scale)
+            return self._previewer
 
     def face_analyzer(self):
         with self._lock:

@@ -71,6 +71,18 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "kept": set(),
         "compensated": set(),
     },
+    # The free preview of a paid avatar (portraits.previews): drawn on the GPU's preview queue, `checking` while
+    # WeChat's content check judges it, `shown` once passed; `superseded` once the trained portraits are delivered
+    # (from any state: a preview that comes too late is not drawn or not shown); `failed` is just absent (the draw
+    # failed, the check refused it, or the sweep gave up after PREVIEW_TIMEOUT_S). Nothing paid depends on it.
+    "preview": {
+        "queued": {"rendering", "failed", "superseded"},
+        "rendering": {"checking", "queued", "failed", "superseded"},
+        "checking": {"shown", "failed", "superseded"},
+        "shown": {"superseded"},
+        "failed": set(),
+        "superseded": set(),
+    },
 }
 
 # A pack's progress (portraits.packs.progress), read from its order and its batches (renders), never stored: training
@@ -78,7 +90,8 @@ MACHINES: dict[str, dict[str, set[str]]] = {
 # delivered, redrawn or refunded), refunded (the order was refunded before any batch was written).
 PACK_PHASES = ("training", "rendering", "done", "refunded")
 
-COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks"}
+COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks",
+               "preview": "previews"}
 # Machines whose state lives in a field of another entity's document: machine -> (collection, field).
 PARTS = {"express_promise": ("orders", "promise")}
 

@@ -18,6 +18,8 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - a subscribe message owed whose job Redis lost, or one a state change owes that was never recorded
   (portraits.notifications.heal);
 - a share poster's mini-program code owed whose job ended without it or was lost (portraits.sharing.heal);
+- a paid avatar's preview owed but never recorded, queued without a job, or drawing on a worker that died, and one
+  not shown PREVIEW_TIMEOUT_S after it was asked for, given up (portraits.previews.sweep);
 - a finished render still owing its images' content checks (`image_checks_owed`) owes their recording, a content
   check WeChat never answered within CONTENT_CHECK_TIMEOUT_S owes its timeout policy, a decided one not
   yet applied to its photo or portrait owes that, an interrupted submission owes its place in the queue back, and
@@ -33,7 +35,7 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from portraits import avatars, keys, moderation, notifications, photos, renders, sharing, states, tasks
+from portraits import avatars, keys, moderation, notifications, photos, previews, renders, sharing, states, tasks
 from portraits.billing import orders, promises, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -63,6 +65,7 @@ def sweep(services) -> dict[str, int]:
     done.update(moderation.sweep(services, _grace_cutoff(services)))
     done.update(notifications.heal(services, _grace_cutoff(services)))
     done.update(sharing.heal(services, _grace_cutoff(services)))
+    done.update(previews.sweep(services, _grace_cutoff(services)))
     done = +done  # only what happened
     at = states.now()
     services.db.sweeps.update_one({"_id": "last"}, {"$set": {"at": at}}, upsert=True)

@@ -2,8 +2,10 @@
 
 The domain says what is owed (`enqueue(services, TRAIN, TRAIN_AVATAR, avatar_id, ...)`); the task functions live in
 `jobs/` and are named here as strings, the way microblog's `launch_task` does, so `portraits` never imports `jobs`.
-Renders are served ahead of training within a lane; the express lane has queues of its own, served by a share of
-the GPU workers (portraits.queue.lanes).
+GPU workers listen to `preview` first (one short draw per paid order: the user sees something within seconds of
+paying), then the lanes' queues: renders are served ahead of training within a lane; the express lane has queues
+of its own, served by a share of the GPU workers (portraits.queue.lanes). The preview queue has no positions or ETA
+of its own (nobody polls it).
 """
 from __future__ import annotations
 
@@ -15,31 +17,36 @@ from portraits import keys, logs
 from portraits.queue import lanes
 from portraits.queue.tracking import QueueTracker
 
+PREVIEW = "preview"
 RENDER, TRAIN = lanes.LANE_QUEUES[lanes.STANDARD]
 RENDER_EXPRESS, TRAIN_EXPRESS = lanes.LANE_QUEUES[lanes.EXPRESS]
 DEFAULT = "default"
-# Express first, the order a worker listens in when it takes express work first (portraits.queue.lanes).
+# Tracked (positions, ETA, tickets: portraits.queue.tracking); express first, the order a worker listens in when it
+# takes express work first (portraits.queue.lanes).
 GPU_QUEUES = (RENDER_EXPRESS, TRAIN_EXPRESS, RENDER, TRAIN)
+# What a GPU worker serves: previews first.
+GPU_WORKER_QUEUES = (PREVIEW, *GPU_QUEUES)
 # Face judging of uploaded photos (CPU, dlib), served by `python -m jobs.worker intake` so no web process judges.
 INTAKE = "intake"
-ALL_QUEUES = (*GPU_QUEUES, INTAKE, DEFAULT)
+ALL_QUEUES = (*GPU_WORKER_QUEUES, INTAKE, DEFAULT)
 
 # Generous ceilings: a real SD1.5 avatar trains in 5-20 minutes on an A10; one photo is judged in well under a second.
-TIMEOUTS = {RENDER: 15 * 60, TRAIN: 60 * 60, RENDER_EXPRESS: 15 * 60, TRAIN_EXPRESS: 60 * 60, INTAKE: 2 * 60,
-            DEFAULT: 5 * 60}
+TIMEOUTS = {PREVIEW: 5 * 60, RENDER: 15 * 60, TRAIN: 60 * 60, RENDER_EXPRESS: 15 * 60, TRAIN_EXPRESS: 60 * 60,
+            INTAKE: 2 * 60, DEFAULT: 5 * 60}
 RESULT_TTL_S = 24 * 3600
 FAILURE_TTL_S = 7 * 24 * 3600
 
 # The task functions, by dotted name (tests check that each one resolves to a function in jobs/).
 TRAIN_AVATAR = "jobs.training.train_avatar"
 RENDER_PORTRAITS = "jobs.rendering.render_portraits"
+RENDER_PREVIEW = "jobs.previews.render_preview"
 SUBMIT_REFUND = "jobs.refunds.submit_refund"
 SEND_MESSAGE = "jobs.notifications.send_message"
 FETCH_SHARE_CODE = "jobs.sharing.fetch_share_code"
 SUBMIT_CONTENT_CHECK = "jobs.content.submit_content_check"
 JUDGE_PHOTO = "jobs.intake.judge_photo"
-TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE, SUBMIT_CONTENT_CHECK,
-              JUDGE_PHOTO)
+TASK_NAMES = (TRAIN_AVATAR, RENDER_PORTRAITS, RENDER_PREVIEW, SUBMIT_REFUND, SEND_MESSAGE, FETCH_SHARE_CODE,
+              SUBMIT_CONTENT_CHECK, JUDGE_PHOTO)
 
 
 def gpu_queue_name(kind: str, doc: dict | None) -> str:

@@ -88,6 +88,14 @@ def tiny_pipeline():
 
 
 @pytest.fixture(scope="session")
+def tiny_previewer():
+    """The preview's own tiny pipeline with a tiny random IP-Adapter, read back through load_ip_adapter."""
+    from models.preview import load_previewer
+
+    return load_previewer(None, None, "", scale=0.7)
+
+
+@pytest.fixture(scope="session")
 def face_analyzer():
     from models.faces import FaceAnalyzer
 
@@ -142,7 +150,8 @@ def settings_overrides():
 
 
 @pytest.fixture
-def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline, face_analyzer, settings_overrides):
+def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline, tiny_previewer, face_analyzer,
+             settings_overrides):
     sim.reset()
     redis_server.flushall()
     # Each test starts with a fresh in-memory queue view of the session's Redis client (portraits.queue.local_view):
@@ -153,6 +162,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     point_pushes_at(sim, settings)
     built = build_services(settings, redis=redis_server)
     built._pipeline = tiny_pipeline
+    built._previewer = tiny_previewer
     built._analyzer = face_analyzer
     from jobs import context
 

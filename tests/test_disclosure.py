@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from models.labels import label_image, read_label
+from models.labels import LABEL_TEXT, PREVIEW_KIND, PREVIEW_LABEL_TEXT, label_image, read_label
 from portraits.config import DISCLOSURE_PLACEHOLDER
 
 FILED = {"algorithm_filing_number": "网信算备110108000000001240011号",
@@ -39,7 +39,7 @@ def test_filed_numbers_and_model_come_from_settings(client):
 def test_the_published_label_policy_is_what_the_labeller_writes(client, services):
     policy = client.get("/api/v1/disclosure").get_json()["aigc_labels"]
     assert policy["standard"] == "GB 45438-2025"
-    assert set(policy["labelled"]) == {"generated_portraits", "share_posters"}
+    assert set(policy["labelled"]) == {"generated_portraits", "previews", "share_posters"}
     assert policy["content_producer"] == services.settings.provider_name
     labelled = label_image(Image.new("RGB", (295, 413), (67, 142, 219)), content_id="AIGC-TEST",
                            provider=services.settings.provider_name)
@@ -48,6 +48,11 @@ def test_the_published_label_policy_is_what_the_labeller_writes(client, services
     assert written["ContentProducer"] == policy["content_producer"]
     with Image.open(io.BytesIO(labelled)) as image:
         assert json.loads(image.text[policy["metadata"]["key"]])["ProduceID"] == "AIGC-TEST"
+    preview = read_label(label_image(Image.new("RGB", (128, 128)), content_id="AIGC-PREVIEW",
+                                     provider=services.settings.provider_name, kind=PREVIEW_KIND))
+    assert {k: preview.pop(k) for k in policy["preview"]["metadata"]} == policy["preview"]["metadata"]
+    assert list(preview) == policy["metadata"]["fields"]
+    assert policy["preview"]["visible_text"] == PREVIEW_LABEL_TEXT and LABEL_TEXT in PREVIEW_LABEL_TEXT
     assert policy["visible"]["text"] == "AI生成"
     assert policy["visible"]["text_height_ratio"] >= 0.05  # the standard's minimum
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from models.labels import (
     CJK_FONT_PACKAGE,
+    PREVIEW_KIND,
     FontNotFoundError,
     find_cjk_font,
     label_image,
@@ -60,6 +61,20 @@ def test_visible_label_is_text_on_a_plate_in_the_corner(size):
     assert component_count - 1 >= 4
     text_rows = np.nonzero(text.any(axis=1))[0]
     assert text_rows.max() - text_rows.min() + 1 >= 0.05 * min(size)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (512, 512)])
+def test_a_preview_says_so_in_both_labels_and_its_visible_mark_stays_in_the_corner(size):
+    plain = np.asarray(_labelled(size)[1]).astype(np.int16)
+    data = label_image(Image.new("RGB", size, BACKGROUND), content_id="img_0001", provider="妙相科技",
+                       kind=PREVIEW_KIND)
+    preview = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+    marked = [np.abs(pixels - np.array(BACKGROUND)).sum(axis=-1) > 30 for pixels in (plain, preview)]
+    widths = [np.ptp(np.nonzero(mark)[1]) for mark in marked]
+    assert widths[1] > widths[0] * 1.4  # "AI生成·预览": more glyphs on the plate than "AI生成"
+    rows, cols = np.nonzero(marked[1])
+    assert rows.min() > size[1] * 0.7 and cols.max() < size[0] and not marked[1][: size[1] // 2].any()
+    assert read_label(data) == {**EXPECTED_METADATA, "Kind": PREVIEW_KIND}
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import jobs.training
-from portraits import logs, renders, states, tasks
+from portraits import keys, logs, renders, states, tasks
 from portraits.privacy import user_ref
 from portraits.store.vault import KeyShredded
 from store_scan import Finding, StoreScanner, photo_samples, places
@@ -118,6 +118,8 @@ def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain,
         ("mongo", "messages"),
         # WeChat's content checks of their photos and portraits (deleted with the user).
         ("mongo", "content_checks"),
+        # The record of their avatar's preview (portraits.previews; deleted with the user).
+        ("mongo", "previews"),
         # Sealed blobs are filed under the user's id: the LoRA, the identity pivot and the labelled images.
         ("blobs", "blobs/users/*/avatars/*/lora.safetensors"), ("blobs", "blobs/users/*/avatars/*/pivot.f64"),
         ("blobs", "blobs/users/*/images/*.png"),
@@ -147,7 +149,11 @@ def test_from_upload_to_delete_me_no_photo_survives_anywhere(paid_avatar, drain,
     assert [r["id"] for r in export["renders"]] == [render["id"]]
     assert {i["id"] for i in export["images"]} == {i["id"] for i in done["images"]}
     assert all(api.get(i["url"]).status_code == 200 for i in export["images"])
-    assert {e["content_id"] for e in export["label_log"]} == {i["content_id"] for i in done["images"]}
+    # The preview (superseded by these portraits, its image deleted) keeps its label-log row, as every labelled image.
+    preview_content_id = keys.image_ids(keys.preview_subject(avatar["id"]), 1, 0)[1]
+    assert export["avatars"][0]["preview"]["state"] == "superseded"
+    assert {e["content_id"] for e in export["label_log"]} == {i["content_id"] for i in done["images"]} | {
+        preview_content_id}
 
     # A "backup" of a sealed blob taken before the deletion.
     lora_key = f"users/{api.user_id}/avatars/{avatar['id']}/lora.safetensors"

@@ -45,7 +45,8 @@ def test_after_redis_loses_its_data_paid_avatars_are_queued_again_in_payment_ord
         services.db.orders.update_one({"_id": avatar["order_id"]}, {"$set": {"paid_at": at + timedelta(seconds=rank)}})
     services.redis.flushall()
 
-    assert sweeper.sweep(services) == {"training_requeued": 3}
+    # The paid avatars' previews were lost with Redis too (portraits.previews).
+    assert sweeper.sweep(services) == {"training_requeued": 3, "preview_requeued": 3}
     assert sweeper.sweep(services) == {}  # nothing owed twice
     tracker = QueueTracker(services.redis)
     positions = [tracker.position(tasks.TRAIN, keys.train_job_id(a["_id"], 1))["position"] for a in paid]
@@ -62,7 +63,7 @@ def test_the_queue_poll_of_a_paying_user_never_answers_404_after_a_redis_loss(se
     assert poll.status_code == 200, poll.get_json()
     assert poll.get_json()["state"] == "queued" and poll.get_json()["position"] == 0
     assert tasks.job_status(services, keys.train_job_id(avatar["_id"], 1)) == "queued"  # queued again on the spot
-    assert sweeper.sweep(services) == {}
+    assert sweeper.sweep(services) == {"preview_requeued": 1}  # the preview's job was lost too; the poll queues none
 
 
 def test_a_just_created_avatar_polls_as_collecting_and_a_stranger_gets_404(services, login):
@@ -82,7 +83,7 @@ def test_a_payment_whose_training_never_started_is_started_by_the_sweep(services
     order = services.db.orders.find_one({"user_id": api.user_id})
     assert order["state"] == "paid"
     assert services.db.avatars.find_one({"_id": order["avatar_id"]})["state"] == "ready"
-    assert sweeper.sweep(services) == {"training_started": 1}
+    assert sweeper.sweep(services) == {"training_started": 1, "preview_requested": 1}
     drain()
     assert services.db.avatars.find_one({"_id": order["avatar_id"]})["state"] == "trained"
 
@@ -108,7 +109,8 @@ def test_a_training_whose_job_redis_lost_while_it_ran_is_retried(services, login
     states.transition(services.db, "avatar", avatar["_id"], "training", expect={"queued"}, by=f"job:{job_id}",
                       inc={"train_attempts": 1})
     services.redis.flushall()  # the job and its worker's records are gone
-    assert sweeper.sweep(services) == {}  # within the grace a live worker could still be on it
+    # Within the grace a live worker could still be on it; the preview's job, only queued, is queued again.
+    assert sweeper.sweep(services) == {"preview_requeued": 1}
     old = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 3)
     services.db.avatars.update_one({"_id": avatar["_id"]}, {"$set": {"updated_at": old}})
     assert sweeper.sweep(services) == {"training_retried": 1}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # to finish.
 WORKER_SCRIPT = """
 import sys, time, redis
-import jobs.training, jobs.rendering
+import jobs.previews, jobs.training, jobs.rendering
 from jobs.worker import build_gpu_worker
 
 connection = redis.Redis(unix_socket_path=sys.argv[1])
@@ -39,6 +39,7 @@ def stand_in(subject_id):
 
 jobs.training.train_avatar = stand_in
 jobs.rendering.render_portraits = stand_in
+jobs.previews.render_preview = lambda avatar_id: "not this test's job"  # taken first after a payment
 build_gpu_worker(connection, heartbeat_s=1, dead_after_s=3).work(logging_level="WARNING")
 """
 

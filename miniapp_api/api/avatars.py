@@ -2,14 +2,14 @@
 portraits.avatars)."""
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g, request, url_for
 
 from miniapp_api.api import queue_poll
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import Avatar, AvatarRequest, PhotoUpload, PhotoVerdict, Queue
-from portraits import avatars, consents, keys, tasks
+from portraits import avatars, consents, keys, previews, tasks
 
 bp = Blueprint("avatars", __name__, url_prefix="/api/v1/avatars")
 
@@ -26,7 +26,7 @@ def create_avatar(json: AvatarRequest):
 @login_required
 @endpoint(ok={200: Avatar}, errors=[404])
 def get_avatar(avatar_id):
-    """State, photo verdicts, queue."""
+    """State, photo verdicts, queue, and the preview once paid (pending, ready with its url, superseded)."""
     avatar = avatars.refresh_readiness(services(), owned("avatars", avatar_id, "avatar"), g.user)
     return avatar_json(avatar)
 
@@ -74,8 +74,18 @@ def avatar_json(avatar: dict) -> dict:
         "photos_purged": bool(avatar.get("photos_purged_at")),
         "failure": "technical_failure" if avatar["state"] == "failed" else None,
         "queue": None,
+        "preview": preview_json(avatar),
     }
     if avatar["state"] in ("queued", "training"):
         tracker = tasks.queue_tracker(svc)
         body["queue"] = queue_poll.queue_json(tracker, tracker.subject(keys.avatar_subject(avatar["_id"])))
     return body
+
+
+def preview_json(avatar: dict | None) -> dict | None:
+    """The avatar's preview as the client sees it (portraits.previews.client_state), with its URL once ready."""
+    state = previews.client_state(services(), avatar) if avatar is not None else None
+    if state is None:
+        return None
+    url = url_for("images.get_image", image_id=state["image_id"]) if state["image_id"] else None
+    return {**state, "url": url}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, g
 
 from miniapp_api.api.auth import login_required
+from miniapp_api.api.avatars import preview_json
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import Order, OrderRequest
@@ -35,13 +36,15 @@ def create_order(json: OrderRequest):
 @login_required
 @endpoint(ok={200: Order}, errors=[404])
 def get_order(order_id):
-    """An order's state (pay_params or xpay_params while it can still be paid)."""
+    """An order's state (pay_params or xpay_params while it can still be paid) and its avatar's preview."""
     return client_order_json(owned("orders", order_id, "order"))
 
 
 def client_order_json(order: dict) -> dict:
     """An order with what paying it needs and, on iOS, the make-good rule."""
     body = order_json(order, orders.pay_params(services(), order))
+    avatar = services().db.avatars.find_one({"_id": order["avatar_id"], "order_id": order["_id"]})
+    body["preview"] = preview_json(avatar)
     xpay_params = orders.xpay_params(services(), order, g.user)
     if xpay_params is not None:
         body["xpay_params"] = xpay_params

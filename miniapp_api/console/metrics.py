@@ -10,9 +10,9 @@ from portraits.queue.tracking import QueueTracker
 from portraits import states
 from portraits.billing.refunds import REFUND_FINAL_FAILURES
 
-QUEUE_LABELS = {tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train", tasks.RENDER_EXPRESS: "加急出图 express render",
-                tasks.TRAIN_EXPRESS: "加急训练 express train", tasks.INTAKE: "照片审核 intake",
-                tasks.DEFAULT: "后台 default"}
+QUEUE_LABELS = {tasks.PREVIEW: "预览 preview", tasks.RENDER: "出图 render", tasks.TRAIN: "训练 train",
+                tasks.RENDER_EXPRESS: "加急出图 express render", tasks.TRAIN_EXPRESS: "加急训练 express train",
+                tasks.INTAKE: "照片审核 intake", tasks.DEFAULT: "后台 default"}
 
 
 def queue_rows(services) -> list[dict]:

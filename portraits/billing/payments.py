@@ -1,8 +1,9 @@
 """Applying a payment to its order: from a verified callback or push, the reconciliation job, or an expiry that
-found the order paid (on any rail: portraits.billing.rails). Only an exact match of what the order asked for is applied; a paid order starts its avatar's training."""
+found the order paid (on any rail: portraits.billing.rails). Only an exact match of what the order asked for is applied; a paid order starts its avatar's training and its
+free preview (portraits.previews)."""
 from __future__ import annotations
 
-from portraits import avatars, states
+from portraits import avatars, previews, states
 from portraits.billing import alerts, promises, rails, refunds
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -60,7 +61,7 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
         if paid["history"][-2]["to"] == "closed":
             refunds.request_refund(services, order_id, reason="paid_after_close", by=source)
             return services.db.orders.find_one({"_id": order_id})
-        if not avatars.start_training(services, paid):
+        if not avatars.start_training(services, paid, before_enqueue=previews.requester(services, by=source)):
             # Whatever changed since the order was made (consent outdated, another order paid first), a payment
             # that cannot be trained is never kept.
             refunds.request_refund(services, order_id, reason="avatar_unavailable", by=source)
