@@ -107,7 +107,7 @@ def needs_people(services) -> list[dict]:
 def _settle_paid_orders(services, done: Counter) -> None:
     """A paid order owes a training (its avatar still `ready`), a refund (its avatar can no longer train for it), or
     its fulfilment (a render of it is `done`)."""
-    paid = list(services.db.orders.find({"state": "paid"}, {"avatar_id": 1}))
+    paid = list(services.db.orders.find({"state": "paid"}, {"avatar_id": 1, "sku": 1, "lane": 1}))
     avatar_of = {a["_id"]: a for a in services.db.avatars.find({"_id": {"$in": [o["avatar_id"] for o in paid]}},
                                                                 {"state": 1, "order_id": 1})}
     delivered = {r["order_id"] for r in services.db.renders.find(
