@@ -5,8 +5,10 @@ module runs the renderer and the ranking.
 """
 from __future__ import annotations
 
+from concurrent.futures import wait
+
 from jobs import gpu_job
-from models.ranking import merge_with_parent, rank_candidates
+from models.ranking import merge_with_parent, rank_scored
 from portraits import renders, tasks
 
 
@@ -26,15 +28,28 @@ def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
     if render["attempts"] <= services.settings.fault_render_failures:
         raise InjectedFault(f"injected render failure {render['attempts']}")
     plan = renders.plan_render(services, render)
-    candidates = services.renderer().render(
-        lora=plan.lora, adapter_name=plan.adapter_name, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
-        num_images=plan.count, steps=plan.steps, guidance=plan.guidance, width=plan.width, height=plan.height,
-        seed=plan.seed, lora_scale=plan.identity_strength, style_lora=plan.style_lora,
-        style_scale=plan.style_strength, init_image=plan.init_image, mask_image=plan.mask_image,
-    )
-    candidates = renders.fit_to_template(plan, candidates)
-    kept = rank_candidates(candidates, plan.pivot, services.face_analyzer(), plan.keep,
-                           require_face=plan.require_face)
+    judge = services.candidate_judge()
+    drawn, judging = [], []
+
+    def judge_batch(batch):
+        # Each batch is scored on the judge's thread while the next one samples.
+        fitted = renders.fit_to_template(plan, batch)
+        drawn.extend(fitted)
+        judging.append(judge.score(fitted, plan.pivot))
+
+    try:
+        services.renderer().render(
+            lora=plan.lora, adapter_name=plan.adapter_name, prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt, num_images=plan.count, steps=plan.steps, guidance=plan.guidance,
+            width=plan.width, height=plan.height, seed=plan.seed, lora_scale=plan.identity_strength,
+            style_lora=plan.style_lora, style_scale=plan.style_strength, init_image=plan.init_image,
+            mask_image=plan.mask_image, on_images=judge_batch,
+        )
+    finally:
+        wait(judging)  # a failed render's batches too: no judging outlives its job
+    scores = [score for future in judging for score in future.result()]
+    candidates = drawn
+    kept = rank_scored(candidates, scores, plan.keep, require_face=plan.require_face)
     if render.get("parent_id"):
         kept = merge_with_parent(kept, renders.parent_images(services, render), plan.keep)
     if not kept:
