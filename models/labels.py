@@ -167,6 +167,11 @@ def _xmp_label_text(packet) -> str | None:
     return element.text if element is not None else None
 
 
+def media_type(data: bytes) -> str:
+    """The media type of an encoded label image: image/jpeg or image/png."""
+    return "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+
+
 def png_info_for(image: Image.Image) -> PngInfo:
     """PngInfo carrying the AIGC chunk of an opened PNG, to pass as ``pnginfo=`` when re-saving it."""
     info = PngInfo()
