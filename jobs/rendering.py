@@ -6,9 +6,10 @@ module runs the renderer and the ranking.
 from __future__ import annotations
 
 import time
+from concurrent.futures import wait
 
 from jobs import gpu_job
-from models.ranking import merge_with_parent, rank_candidates
+from models.ranking import merge_with_parent, rank_scored
 from portraits import renders, tasks
 
 
@@ -25,15 +26,28 @@ def render_portraits(render_id: str) -> str:
 
 
 def _draw(services, plan: renders.RenderPlan) -> list:
-    candidates = services.renderer().render(
-        lora=plan.lora, adapter_name=plan.adapter_name, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
-        num_images=plan.count, steps=plan.steps, guidance=plan.guidance, width=plan.width, height=plan.height,
-        seed=plan.seed, lora_scale=plan.identity_strength, style_lora=plan.style_lora,
-        style_scale=plan.style_strength, init_image=plan.init_image, mask_image=plan.mask_image,
-    )
-    candidates = renders.fit_to_template(plan, candidates)
-    return rank_candidates(candidates, plan.pivot, services.face_analyzer(), plan.keep,
-                           require_face=plan.require_face)
+    """Draw a plan's candidates and rank them; each batch is scored on the judge's thread while the next one
+    samples."""
+    judge = services.candidate_judge()
+    drawn, judging = [], []
+
+    def judge_batch(batch):
+        fitted = renders.fit_to_template(plan, batch)
+        drawn.extend(fitted)
+        judging.append(judge.score(fitted, plan.pivot))
+
+    try:
+        services.renderer().render(
+            lora=plan.lora, adapter_name=plan.adapter_name, prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt, num_images=plan.count, steps=plan.steps, guidance=plan.guidance,
+            width=plan.width, height=plan.height, seed=plan.seed, lora_scale=plan.identity_strength,
+            style_lora=plan.style_lora, style_scale=plan.style_strength, init_image=plan.init_image,
+            mask_image=plan.mask_image, on_images=judge_batch,
+        )
+    finally:
+        wait(judging)  # a failed render's batches too: no judging outlives its job
+    scores = [score for future in judging for score in future.result()]
+    return rank_scored(drawn, scores, plan.keep, require_face=plan.require_face)
 
 
 def _draw_batch(services, render: dict) -> list[renders.KeptImage]:

@@ -37,7 +37,7 @@ def _train(services, avatar: dict, job) -> None:
         tracker.set_subject(subject, progress=fraction, step=step, total=total)
         gpu_job.check_hand_back(fraction, time.monotonic() - started)
 
-    weights = train_lora(services.pipeline(), avatars.training_images(services, avatar),
+    weights = train_lora(services.training_pipeline(), avatars.training_images(services, avatar),
                          avatars.caption_for(avatar["gender"]), _config(services.settings, avatar),
                          progress=progress)
     avatars.store_lora(services, avatar, weights)

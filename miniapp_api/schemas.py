@@ -111,6 +111,7 @@ RenderState = Literal[tuple(states.MACHINES["render"])]
 # timeout policy); refused ones say so in `reasons` (photos) or are not shown at all (portraits).
 ContentCheck = Literal["pending", "pass", "review", "timeout"]
 PNG = "image/png"  # a success answered with a PNG body instead of JSON
+JPEG = "image/jpeg"  # a success answered with a JPEG body (portraits, PORTRAIT_FORMAT)
 TEXT = "text/plain"  # a success answered with a plain-text body (WeChat's message push reads `success`)
 MEDIA = "application/octet-stream"  # the checked medium itself, served to WeChat
 ZIP = "application/zip"  # a pack's archive of delivered portraits

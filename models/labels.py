@@ -4,8 +4,9 @@ Two labels per image:
 - visible ("explicit"): "AI生成" in the bottom-right corner, white on a semi-opaque dark plate; text height is 6% of
   the shorter side (the standard asks for at least 5%), never below 14 px, so it stays legible from an ID-photo
   295x413 up to 1024 px.
-- metadata ("implicit"): JSON with the standard's fields under the key "AIGC" — a PNG iTXt chunk, or for JPEG both
-  EXIF ImageDescription (IFD0) and EXIF UserComment (Exif IFD).
+- metadata ("implicit"): JSON with the standard's fields under the key "AIGC" — a PNG iTXt chunk, or for JPEG an
+  XMP packet (property ``TC260:AIGC`` in the namespace ``XMP_NAMESPACE``) and, for readers that know only EXIF, EXIF
+  ImageDescription (IFD0) and EXIF UserComment (Exif IFD). ``read_label`` reads any of them.
 
 Re-saving: Pillow does not copy PNG text chunks on its own; ``Image.save`` keeps the label only when given
 ``pnginfo`` (see ``png_info_for``). EXIF in a JPEG is likewise kept only when ``exif=`` is passed on save.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import xml.etree.ElementTree as ElementTree
+from xml.sax.saxutils import escape
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -41,6 +44,14 @@ EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_IFD_POINTER = 0x8769
 EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_ASCII_PREFIX = b"ASCII\x00\x00\x00"
+XMP_NAMESPACE = "http://www.tc260.org.cn/ns/AIGC/1.0/"
+XMP_PREFIX = "TC260"
+XMP_PACKET = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:{prefix}="{namespace}"><{prefix}:{key}>{value}</{prefix}:{key}>'
+    '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+)
 
 
 class FontNotFoundError(FileNotFoundError):
@@ -84,7 +95,8 @@ def label_policy() -> dict:
         "standard": "GB 45438-2025",
         "visible": {"text": LABEL_TEXT, "position": "bottom_right", "text_height_ratio": TEXT_HEIGHT_RATIO,
                     "min_text_px": MIN_TEXT_PX},
-        "metadata": {"key": METADATA_KEY, "png": "iTXt chunk", "jpeg": "EXIF ImageDescription and UserComment",
+        "metadata": {"key": METADATA_KEY, "png": "iTXt chunk",
+                     "jpeg": f"XMP {XMP_PREFIX}:{METADATA_KEY} ({XMP_NAMESPACE}), EXIF ImageDescription and UserComment",
                      "fields": list(label_metadata(content_id="", provider=""))},
         "preview": {"visible_text": PREVIEW_LABEL_TEXT, "metadata": {"Kind": PREVIEW_KIND}},
     }
@@ -112,7 +124,8 @@ def label_image(
         info.add_itxt(METADATA_KEY, metadata_json)
         labelled.save(buffer, format="PNG", pnginfo=info)
     else:
-        labelled.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, exif=_label_exif(metadata_json))
+        labelled.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, exif=_label_exif(metadata_json),
+                                     xmp=label_xmp(metadata_json))
     return buffer.getvalue()
 
 
@@ -149,6 +162,28 @@ def _label_exif(metadata_json: str) -> Image.Exif:
     return exif
 
 
+def label_xmp(metadata_json: str) -> bytes:
+    """The XMP packet that carries the metadata label in a JPEG."""
+    return XMP_PACKET.format(prefix=XMP_PREFIX, namespace=XMP_NAMESPACE, key=METADATA_KEY,
+                             value=escape(metadata_json)).encode("utf-8")
+
+
+def _xmp_label_text(packet) -> str | None:
+    if not packet:
+        return None
+    try:
+        root = ElementTree.fromstring(packet if isinstance(packet, bytes) else packet.encode("utf-8"))
+    except ElementTree.ParseError:
+        return None
+    element = root.find(f".//{{{XMP_NAMESPACE}}}{METADATA_KEY}")
+    return element.text if element is not None else None
+
+
+def media_type(data: bytes) -> str:
+    """The media type of an encoded label image: image/jpeg or image/png."""
+    return "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+
+
 def png_info_for(image: Image.Image) -> PngInfo:
     """PngInfo carrying the AIGC chunk of an opened PNG, to pass as ``pnginfo=`` when re-saving it."""
     info = PngInfo()
@@ -163,6 +198,7 @@ def read_label(data: bytes) -> dict | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             candidates = [getattr(image, "text", {}).get(METADATA_KEY)] if image.format == "PNG" else []
+            candidates.append(_xmp_label_text(image.info.get("xmp")))
             exif = image.getexif()
             candidates.append(_user_comment_text(exif.get_ifd(EXIF_IFD_POINTER).get(EXIF_USER_COMMENT)))
             candidates.append(exif.get(EXIF_IMAGE_DESCRIPTION))

@@ -1,7 +1,9 @@
 """Ranking rendered candidates by likeness to the user's identity pivot (cosine similarity of face embeddings)."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -40,13 +42,38 @@ def rank_candidates(images: list[Image.Image], pivot: np.ndarray | None, analyze
     With ``require_face`` a candidate without exactly one usable face is dropped. Without it (the tiny random
     model draws no faces) such candidates are kept, unscored, after every scored one. Ties keep draw order.
     """
-    ranked = []
-    for index, image in enumerate(images):
-        faces, score = score_candidate(image, pivot, analyzer)
-        if require_face and faces != 1:
-            continue
-        ranked.append(RankedCandidate(image=image, likeness=score, faces=faces, index=index))
+    return rank_scored(images, [score_candidate(image, pivot, analyzer) for image in images], keep, require_face)
+
+
+def rank_scored(images: list[Image.Image], scores: list[tuple[int, float | None]], keep: int,
+                require_face: bool = True) -> list[RankedCandidate]:
+    """rank_candidates on scores already taken (``score_candidate``'s (faces, likeness) per image)."""
+    ranked = [RankedCandidate(image=image, likeness=score, faces=faces, index=index)
+              for index, (image, (faces, score)) in enumerate(zip(images, scores))
+              if not (require_face and faces != 1)]
     return best_first(ranked)[:keep]
+
+
+class CandidateJudge:
+    """Scores candidates on one dedicated thread that owns its face analyzer (dlib's objects are not thread-safe,
+    so no other thread may use that analyzer), while the caller goes on sampling the next batch."""
+
+    def __init__(self, make_analyzer: Callable[[], object]):
+        self._make_analyzer = make_analyzer
+        self._analyzer = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="candidate-judge")
+
+    def score(self, images: list[Image.Image], pivot: np.ndarray | None) -> Future:
+        """A future of [(faces, likeness)] for ``images``, in order."""
+        return self._thread.submit(self._score, list(images), pivot)
+
+    def _score(self, images: list[Image.Image], pivot: np.ndarray | None) -> list[tuple[int, float | None]]:
+        if self._analyzer is None:
+            self._analyzer = self._make_analyzer()
+        return [score_candidate(image, pivot, self._analyzer) for image in images]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 def best_first(candidates: list[RankedCandidate]) -> list[RankedCandidate]:

@@ -376,6 +376,19 @@ class Settings(BaseSettings):
     preview_size: int = setting(None, "side of the square preview, in pixels", shown="tiny: `128`; real: `512`")
     preview_timeout_s: int = setting(900, "a preview not shown this long after payment is given up by the sweep "
                                           "(it is free and nothing waits on it: it is just absent)")
+    portrait_format: Literal["jpeg", "png"] = setting(
+        "jpeg", "how portraits are stored and downloaded: `jpeg` (about 5x smaller and 10x faster to label; the "
+                "metadata label in XMP and EXIF) or `png`; ID photos (templates with a print size, whose background "
+                "colour is specified exactly) are always PNG")
+    render_batch_size: int = setting(3, "candidates per sampling call of a render set; each batch is ranked for "
+                                        "likeness on the worker's judging thread while the next one samples; `0`: "
+                                        "the whole set in one call", ge=0)
+    render_fuse_lora: Flag = setting(False, "fuse the user's LoRA into the base weights for the sampling loop (the "
+                                            "base is restored bit for bit from a resident copy afterwards; costs "
+                                            "one copy of the attention weights in GPU memory)")
+    render_lora_slot_rank: int = setting(0, "rank of the GPU worker's resident LoRA slot: a LoRA of lower rank is "
+                                            "zero-padded into it, a higher one re-shapes it once; `0`: the first "
+                                            "LoRA's rank", ge=0)
     train_retries: int = setting(2, "retries of a training after a technical failure (then refund)")
     render_retries: int = setting(1, "retries of a render after a technical failure (then credit back)")
     fault_train_failures: int = setting(0, "drill: the first N training attempts fail on purpose")

@@ -325,7 +325,7 @@ def store_labelled(services, render: dict, image: Image.Image, score: float | No
     label-log row again instead of a second one."""
     image_id, content_id = keys.image_ids(render["_id"], render["attempts"], index)
     data = label_image(image, content_id=content_id, provider=services.settings.provider_name,
-                       font_path=services.settings.cjk_font_path)
+                       font_path=services.settings.cjk_font_path, fmt=portrait_format(services, render))
     services.sealed.put(render["user_id"], keys.image(render["user_id"], image_id), data)
     at = states.now()
     services.db.images.update_one(
@@ -338,6 +338,13 @@ def store_labelled(services, render: dict, image: Image.Image, score: float | No
         {"content_id": content_id},
         {"$setOnInsert": privacy.label_log_entry(services, content_id, render["user_id"], at)}, upsert=True)
     return image_id
+
+
+def portrait_format(services, render: dict) -> str:
+    """JPEG for downloads (PORTRAIT_FORMAT), PNG where lossless matters: an ID photo's exact background colour."""
+    if services.catalog.get(render["template_id"]).output_size:
+        return "PNG"
+    return services.settings.portrait_format.upper()
 
 
 @dataclass(frozen=True)

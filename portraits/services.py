@@ -33,6 +33,7 @@ class Services:
     _renderer: object = field(default=None, repr=False)
     _previewer: object = field(default=None, repr=False)
     _analyzer: object = field(default=None, repr=False)
+    _judge: object = field(default=None, repr=False)
 
     def pipeline(self):
         """The base diffusion pipeline, loaded once per process and kept resident between jobs."""
@@ -49,7 +50,9 @@ class Services:
             if self._renderer is None:
                 from models.render import Renderer
 
-                self._renderer = Renderer(pipe)
+                self._renderer = Renderer(pipe, fuse=self.settings.render_fuse_lora,
+                                          batch_size=self.settings.render_batch_size,
+                                          min_slot_rank=self.settings.render_lora_slot_rank)
             return self._renderer
 
     def previewer(self):
@@ -62,6 +65,25 @@ class Services:
                 self._previewer = load_previewer(settings.base_model_path, settings.ip_adapter_path,
                                                  settings.ip_adapter_weight_name, settings.preview_ip_scale)
             return self._previewer
+
+    def training_pipeline(self):
+        """The base pipeline without adapters: the renderer's resident LoRA slots are released first (its next
+        render puts them back)."""
+        pipe = self.pipeline()
+        from models.render import release_lora_slots
+
+        release_lora_slots(pipe)
+        return pipe
+
+    def candidate_judge(self):
+        """The render job's judging thread, with a face analyzer of its own (dlib's objects are not thread-safe)."""
+        with self._lock:
+            if self._judge is None:
+                from models.faces import FaceAnalyzer
+                from models.ranking import CandidateJudge
+
+                self._judge = CandidateJudge(FaceAnalyzer)
+            return self._judge
 
     def face_analyzer(self):
         with self._lock:

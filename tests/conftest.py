@@ -102,6 +102,17 @@ def face_analyzer():
     return FaceAnalyzer()
 
 
+@pytest.fixture(scope="session")
+def candidate_judge(face_analyzer):
+    """One judging thread for the session. It shares the session's analyzer (building one takes seconds): a render
+    job waits for its judging before it returns, so the two threads never use the analyzer at once."""
+    from models.ranking import CandidateJudge
+
+    judge = CandidateJudge(lambda: face_analyzer)
+    yield judge
+    judge.close()
+
+
 # The suite logs in and uploads far faster than a person; tests/test_rate_limits.py lowers these where it means to.
 UNLIMITED = {name: "100000/minute" for name in ("rate_limit_login", "rate_limit_avatars", "rate_limit_uploads",
                                                 "rate_limit_orders", "rate_limit_renders")}
@@ -151,7 +162,7 @@ def settings_overrides():
 
 @pytest.fixture
 def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline, tiny_previewer, face_analyzer,
-             settings_overrides):
+             candidate_judge, settings_overrides):
     sim.reset()
     redis_server.flushall()
     # Each test starts with a fresh in-memory queue view of the session's Redis client (portraits.queue.local_view):
@@ -164,6 +175,7 @@ def services(tmp_path, simulator, sim, http_server, redis_server, tiny_pipeline,
     built._pipeline = tiny_pipeline
     built._previewer = tiny_previewer
     built._analyzer = face_analyzer
+    built._judge = candidate_judge
     from jobs import context
 
     context.install(built)

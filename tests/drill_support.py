@@ -285,11 +285,14 @@ class ModelMemo:
                 progress(step, config.steps)
         return self.lora
 
-    def render(self, **kwargs):
+    def render(self, *, on_images=None, **kwargs):
         key = (kwargs.get("num_images"), kwargs.get("width"), kwargs.get("height"), kwargs.get("init_image") is None)
         if key not in self.candidates:
             self.candidates[key] = self.renderer.render(**kwargs)
-        return [image.copy() for image in self.candidates[key]]
+        images = [image.copy() for image in self.candidates[key]]
+        if on_images is not None:
+            on_images(images)  # the job ranks what on_images hands it, as a batch of the real renderer
+        return images
 
 
 class MemoAnalyzer:
@@ -322,6 +325,15 @@ def analyzer_memo(analyzer) -> MemoAnalyzer:
     if "faces" not in _memo:
         _memo["faces"] = MemoAnalyzer(analyzer)
     return _memo["faces"]
+
+
+def judge_memo(analyzer: MemoAnalyzer):
+    """One judging thread for every drill, scoring with the remembered analyzer (drills run one at a time)."""
+    if "judge" not in _memo:
+        from models.ranking import CandidateJudge
+
+        _memo["judge"] = CandidateJudge(lambda: analyzer)
+    return _memo["judge"]
 
 
 # --------------------------------------------------------------------------------------------------- scenarios
@@ -393,6 +405,7 @@ def build_flow(env: Env, scenario: str, plan=None) -> Flow:
     services = build_services(settings, redis=env.redis)
     services._pipeline = env.pipeline
     services._analyzer = analyzer_memo(env.analyzer)
+    services._judge = judge_memo(services._analyzer)
     services._renderer = model_memo(env.pipeline)
     context.install(services)
     app = create_app(services=services)

@@ -32,8 +32,10 @@ def renderer(tiny_pipeline):
 
 @pytest.fixture(scope="module")
 def user_lora(tiny_pipeline) -> bytes:
+    from models.render import release_lora_slots
     from models.train import TrainConfig, train_lora
 
+    release_lora_slots(tiny_pipeline)  # renders earlier in the session leave resident slots; training needs none
     return train_lora(tiny_pipeline, [Image.new("RGB", (64, 64), (150, 120, 100))], "sks person",
                       TrainConfig(rank=4, steps=1, resolution=64))
 

@@ -39,7 +39,10 @@ def test_happy_path_from_login_to_downloaded_labelled_portraits(paid_avatar, dra
 
     for image in done["images"]:
         download = api.get(image["url"])
-        assert download.status_code == 200 and download.mimetype == "image/png"
+        # A portrait downloads as JPEG (PORTRAIT_FORMAT), its metadata label in XMP, as the label reader sees it.
+        assert download.status_code == 200 and download.mimetype == "image/jpeg"
+        assert download.headers["Content-Disposition"].endswith(f'{image["id"]}.jpg"')
+        assert b"<TC260:AIGC>" in Image.open(io.BytesIO(download.data)).info["xmp"]
         label = read_label(download.data)
         assert label["ProduceID"] == image["content_id"]
         assert label["ContentProducer"] == services.settings.provider_name

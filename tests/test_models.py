@@ -12,8 +12,8 @@ from PIL import Image
 from diffusers import DDIMScheduler
 
 from models.pipeline import build_tiny_pipeline, load_base_pipeline, pick_device
-from models.render import Renderer
-from models.train import LORA_TARGET_MODULES, TrainConfig, TrainingError, train_lora
+from models.render import IDENTITY_SLOT, Renderer, SlotMismatch, parse_unet_lora, release_lora_slots
+from models.train import LORA_TARGET_MODULES, TrainConfig, TrainingError, lora_state_dict_from_bytes, train_lora
 
 torch.set_num_threads(2)
 
@@ -47,6 +47,13 @@ def _pixels(image):
 @pytest.fixture(scope="module")
 def pipe():
     return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def released_after(pipe):
+    """Renders leave resident LoRA slots on the pipeline; the training tests need it without adapters."""
+    yield
+    release_lora_slots(pipe)
 
 
 @pytest.fixture(scope="module")
@@ -105,25 +112,130 @@ def test_training_leaves_base_unet_clean_and_unchanged(pipe, trained):
     assert not pipe.unet.training
 
 
-def test_lora_changes_the_render_and_is_removed_afterwards(pipe, trained):
+def _lora_render(pipe, lora, *, scale=1.0, num_images=1, prompt, steps, width, height, seed, guidance=7.0,
+                 negative_prompt=""):
+    """The reference: the LoRA loaded the ordinary diffusers way for one plain pipeline call, then removed (with
+    every other adapter: diffusers' unload takes them all)."""
+    release_lora_slots(pipe)
+    pipe.load_lora_weights(lora_state_dict_from_bytes(lora), adapter_name="reference")
+    pipe.set_adapters(["reference"], adapter_weights=[scale])
+    try:
+        return pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=num_images,
+                    num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                    generator=torch.Generator(device="cpu").manual_seed(seed)).images
+    finally:
+        pipe.unload_lora_weights()
+
+
+def _all_equal(first, second):
+    return len(first) == len(second) and all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, second))
+
+
+def _slot_weights(pipe):
+    return [tensor for name, tensor in pipe.unet.state_dict().items() if IDENTITY_SLOT in name]
+
+
+@pytest.fixture(scope="module")
+def low_rank(pipe):
+    release_lora_slots(pipe)
+    return train_lora(pipe, _photos(2), "sks person", TrainConfig(steps=2, **{**FAST_CONFIG, "rank": 2, "seed": 5}))
+
+
+@pytest.fixture(scope="module")
+def high_rank(pipe):
+    release_lora_slots(pipe)
+    return train_lora(pipe, _photos(2), "sks person", TrainConfig(steps=2, **{**FAST_CONFIG, "rank": 8, "seed": 6}))
+
+
+def test_lora_changes_the_render_and_the_slot_is_parked_afterwards(pipe, trained):
+    release_lora_slots(pipe)
     base = _pixels(_base_render(pipe, **RENDER))
     renderer = Renderer(pipe)
-    with_lora = _pixels(renderer.render(lora=trained["lora"], adapter_name="user_a", **RENDER)[0])
+    with_lora = _pixels(renderer.render(lora=trained["lora"], **RENDER)[0])
     assert np.abs(with_lora - base).mean() > 0.5
 
-    assert not any(pipe.get_list_adapters().values())
-    assert not any(isinstance(module, BaseTunerLayer) for module in pipe.unet.modules())
+    # The slot stays resident, zeroed and disabled: a plain call on the same pipeline draws the base again.
+    assert list(pipe.get_list_adapters()["unet"]) == [IDENTITY_SLOT]
+    assert _slot_weights(pipe) and all(not tensor.any() for tensor in _slot_weights(pipe))
     assert np.array_equal(_pixels(_base_render(pipe, **RENDER)), base)
     assert renderer.swap_seconds() > 0
 
 
+def test_resident_slot_draws_the_same_pixels_as_the_lora_loaded_per_call(pipe, trained):
+    request = dict(RENDER, negative_prompt="blurry", num_images=2)
+    reference = _lora_render(pipe, trained["lora"], scale=0.9, **request)
+    renderer = Renderer(pipe)
+    assert _all_equal(renderer.render(lora=trained["lora"], lora_scale=0.9, **request), reference)
+    assert _all_equal(renderer.render(lora=trained["lora"], lora_scale=0.9, **request), reference)  # cached prompt
+    assert renderer.identity_slot.reshapes == 1
+
+
 def test_lora_scale_zero_renders_the_base(pipe, trained):
-    base = _pixels(_base_render(pipe, **RENDER))
-    scaled_out = Renderer(pipe).render(lora=trained["lora"], adapter_name="user_b", lora_scale=0.0, **RENDER)
-    assert np.array_equal(_pixels(scaled_out[0]), base)
+    base = pipe(RENDER["prompt"], num_images_per_prompt=2, num_inference_steps=RENDER["steps"], guidance_scale=7.0,
+                width=RENDER["width"], height=RENDER["height"],
+                generator=torch.Generator(device="cpu").manual_seed(RENDER["seed"])).images
+    scaled_out = Renderer(pipe).render(lora=trained["lora"], lora_scale=0.0, num_images=2, **RENDER)
+    assert _all_equal(scaled_out, base)
+
+
+@pytest.fixture(scope="module")
+def other_user(pipe):
+    release_lora_slots(pipe)
+    return train_lora(pipe, _photos(2), "sks person", TrainConfig(steps=2, **{**FAST_CONFIG, "seed": 11}))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_user_b_after_user_a_draws_what_user_b_draws_on_a_fresh_pipeline(pipe, trained, other_user, fuse):
+    request = dict(RENDER, num_images=2)
+    fresh = Renderer(build_tiny_pipeline(seed=0), fuse=fuse).render(lora=other_user, **request)
+    renderer = Renderer(pipe, fuse=fuse)
+    user_a = renderer.render(lora=trained["lora"], **request)
+    user_b = renderer.render(lora=other_user, **request)
+    assert not _all_equal(user_a, user_b)
+    assert _all_equal(user_b, fresh)
+    assert np.array_equal(_pixels(_base_render(pipe, **RENDER)), _pixels(_base_render(build_tiny_pipeline(0), **RENDER)))
+
+
+def test_fused_sampling_is_the_same_math(pipe, trained):
+    unfused = Renderer(pipe).render(lora=trained["lora"], **RENDER)[0]
+    fused = Renderer(pipe, fuse=True).render(lora=trained["lora"], **RENDER)[0]
+    assert np.abs(_pixels(fused) - _pixels(unfused)).max() <= 2
+
+
+def test_a_lower_rank_is_padded_into_the_slot_and_a_higher_rank_reshapes_it(pipe, trained, low_rank, high_rank):
+    # The references first: loading and unloading a LoRA the ordinary way takes every adapter off, the slot's too.
+    low_reference, high_reference = _lora_render(pipe, low_rank, **RENDER), _lora_render(pipe, high_rank, **RENDER)
+    renderer = Renderer(pipe)
+    renderer.render(lora=trained["lora"], **RENDER)  # rank 4
+    padded = renderer.render(lora=low_rank, **RENDER)[0]
+    assert (renderer.identity_slot.rank, renderer.identity_slot.reshapes) == (4, 1)
+    assert np.abs(_pixels(padded) - _pixels(low_reference[0])).max() <= 2
+    wider = renderer.render(lora=high_rank, **RENDER)
+    assert (renderer.identity_slot.rank, renderer.identity_slot.reshapes) == (8, 2)
+    assert _all_equal(wider, high_reference)
+
+
+def test_a_lora_that_is_not_unet_only_is_refused_by_the_slot(trained):
+    state = lora_state_dict_from_bytes(trained["lora"])
+    assert parse_unet_lora(state)[1] == FAST_CONFIG["rank"]
+    text_encoder = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight": torch.zeros(4, 32)}
+    with pytest.raises(SlotMismatch):
+        parse_unet_lora({**state, **text_encoder})
+
+
+def test_candidates_come_in_batches_with_the_whole_sets_noise(pipe, trained):
+    request = dict(RENDER, num_images=3)
+    batches = []
+    whole = Renderer(pipe).render(lora=trained["lora"], **request)
+    batched = Renderer(pipe, batch_size=2).render(lora=trained["lora"], on_images=lambda b: batches.append(len(b)),
+                                                  **request)
+    assert batches == [2, 1]
+    # Same initial noise; a smaller batch only changes float rounding in the kernels.
+    assert all(np.abs(_pixels(a) - _pixels(b)).max() <= 2 for a, b in zip(whole, batched))
 
 
 def test_style_lora_is_mixed_in_and_removed(pipe, trained):
+    release_lora_slots(pipe)  # training needs a UNet without adapters
     style = train_lora(pipe, _photos(2), "watercolor style", TrainConfig(steps=2, **{**FAST_CONFIG, "seed": 9}))
     renderer = Renderer(pipe)
     user_only = _pixels(renderer.render(lora=trained["lora"], adapter_name="user_c", **RENDER)[0])
@@ -131,7 +243,7 @@ def test_style_lora_is_mixed_in_and_removed(pipe, trained):
         renderer.render(lora=trained["lora"], adapter_name="user_c", style_lora=style, style_scale=1.0, **RENDER)[0]
     )
     assert not np.array_equal(user_only, with_style)
-    assert not any(pipe.get_list_adapters().values())
+    assert np.array_equal(_pixels(renderer.render(lora=trained["lora"], **RENDER)[0]), user_only)
 
 
 def test_render_sizes_and_determinism(pipe, trained):

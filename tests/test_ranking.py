@@ -6,12 +6,14 @@ no face; the two-faces photo shows both women.
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from models.ranking import RankedCandidate, merge_with_parent, rank_candidates, score_candidate
+from models.ranking import (CandidateJudge, RankedCandidate, merge_with_parent, rank_candidates, rank_scored,
+                            score_candidate)
 from models import sample_photos
 from models.faces import identity_pivot
 
@@ -135,3 +137,31 @@ def test_unscored_parent_images_never_displace_new_ones():
     fresh = [RankedCandidate(image=None, likeness=None, index=i) for i in range(2)]
     merged = merge_with_parent(fresh, [{"_id": "img_p", "likeness": None}], keep=2)
     assert [c.image_id for c in merged] == [None, None]
+
+
+def test_the_judge_scores_on_its_own_thread_with_its_own_analyzer_as_inline_ranking_does(candidates, pivot, scores,
+                                                                                       face_analyzer):
+    built_on, scored_on = [], []
+
+    class Recording:
+        def __init__(self):
+            built_on.append(threading.current_thread())
+
+        def faces(self, *args, **kwargs):
+            scored_on.append(threading.current_thread())
+            return face_analyzer.faces(*args, **kwargs)
+
+        def embed(self, *args):
+            return face_analyzer.embed(*args)
+
+    judge = CandidateJudge(Recording)
+    images = list(candidates.values())
+    try:
+        # Two batches, as a render submits them while it samples the next: one analyzer, built on the judge's thread.
+        futures = [judge.score(images[:3], pivot), judge.score(images[3:], pivot)]
+        judged = [score for future in futures for score in future.result()]
+    finally:
+        judge.close()
+    assert judged == list(scores.values())
+    assert len(built_on) == 1 and set(scored_on) == set(built_on) and built_on[0] is not threading.current_thread()
+    assert rank_scored(images, judged, keep=3) == rank_candidates(images, pivot, face_analyzer, keep=3)

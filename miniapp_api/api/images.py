@@ -10,8 +10,8 @@ from PIL import Image
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
-from miniapp_api.schemas import PNG, PosterPending
-from models.labels import METADATA_KEY, find_cjk_font, label_metadata
+from miniapp_api.schemas import JPEG, PNG, PosterPending
+from models.labels import METADATA_KEY, find_cjk_font, label_metadata, media_type
 from models.posters import make_poster
 from portraits import keys, sharing
 from portraits.errors import Conflict, not_found
@@ -19,6 +19,7 @@ from portraits.errors import Conflict, not_found
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
 
 DEFAULT_CAPTION = "我的AI写真"
+EXTENSIONS = {JPEG: "jpg", PNG: "png"}
 
 
 def image_json(image: dict) -> dict:
@@ -42,14 +43,17 @@ def delivered_image(image_id: str) -> dict:
 
 @bp.get("/<image_id>")
 @login_required
-@endpoint(ok={200: PNG}, errors=[404, 409])
+@endpoint(ok={200: JPEG}, also_answers={200: PNG}, errors=[404, 409])
 def get_image(image_id):
-    """The image (owner only): a PNG with visible and metadata AI labels, once WeChat's content check passed it."""
+    """The image (owner only), once WeChat's content check passed it: a JPEG (metadata label in XMP and EXIF), or a
+    PNG (iTXt label) for ID photos and under PORTRAIT_FORMAT=png; both with the visible AI label."""
     image = delivered_image(image_id)
     data = services().sealed.get(image["user_id"], keys.image(image["user_id"], image_id))
     services().db.images.update_one({"_id": image_id}, {"$inc": {"downloads": 1}})
-    return Response(data, mimetype="image/png", headers={
-        "Content-Disposition": f'attachment; filename="{image_id}.png"', "Cache-Control": "private, no-store"})
+    kind = media_type(data)
+    return Response(data, mimetype=kind, headers={
+        "Content-Disposition": f'attachment; filename="{image_id}.{EXTENSIONS[kind]}"',
+        "Cache-Control": "private, no-store"})
 
 
 @bp.get("/<image_id>/poster")

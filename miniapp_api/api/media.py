@@ -10,7 +10,8 @@ from flask import Blueprint, Response
 
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import services
-from miniapp_api.schemas import PNG
+from miniapp_api.schemas import JPEG, PNG
+from models.labels import media_type
 from portraits import content_checks
 from portraits.errors import not_found
 from portraits.store.blobs import BlobNotFound
@@ -20,13 +21,14 @@ bp = Blueprint("media", __name__, url_prefix="/api/v1/media")
 
 
 @bp.get("/<token>")
-@endpoint(ok={200: PNG}, errors=[403, 404], public=True)
+@endpoint(ok={200: PNG}, also_answers={200: JPEG}, errors=[403, 404], public=True)
 def get_media(token):
-    """One medium waiting for WeChat's content check (a photo's aligned crop or a portrait, PNG), for WeChat."""
+    """One medium waiting for WeChat's content check (a photo's aligned crop, PNG, or a portrait, JPEG or PNG),
+    for WeChat."""
     svc = services()
     check = content_checks.check_for_media_token(svc, token)
     try:
         data = svc.sealed.get(check["user_id"], check["blob_key"])
     except (BlobNotFound, KeyShredded):
         raise not_found("media") from None
-    return Response(data, mimetype=PNG, headers={"Cache-Control": "private, no-store"})
+    return Response(data, mimetype=media_type(data), headers={"Cache-Control": "private, no-store"})

@@ -7,10 +7,11 @@ import zipfile
 from flask import Blueprint, Response, url_for
 
 from miniapp_api.api.auth import login_required
-from miniapp_api.api.images import image_json
+from miniapp_api.api.images import EXTENSIONS, image_json
 from miniapp_api.api.openapi import endpoint
 from miniapp_api.api.requests import owned, services
 from miniapp_api.schemas import ZIP, Pack
+from models.labels import media_type
 from portraits import keys, packs
 from portraits.errors import Conflict, not_found
 
@@ -56,8 +57,8 @@ def get_pack(order_id):
 @login_required
 @endpoint(ok={200: ZIP}, errors=[404, 409])
 def get_archive(order_id):
-    """The delivered portraits as one zip (owner only), streamed: each labelled PNG (visible mark and metadata) as
-    downloaded one by one, named by its place in the plan and its template. 409 pack_nothing_delivered while no
+    """The delivered portraits as one zip (owner only), streamed: each labelled image (visible mark and metadata) as
+    downloaded one by one (JPEG, or PNG for ID photos), named by its place in the plan and its template. 409 pack_nothing_delivered while no
     portrait has passed WeChat's content check."""
     svc = services()
     order = pack_order(order_id)
@@ -67,14 +68,15 @@ def get_archive(order_id):
                        {"images_planned": order["render_plan"]["images"]})
     # The sealed store is read while the body streams, after this function returns: what it needs is bound here.
     sealed, user_id = svc.sealed, order["user_id"]
-    entries = [(f"{image['pack_slot'] + 1:03d}_{image.get('template_id', 'portrait')}.png", image["_id"])
+    entries = [(f"{image['pack_slot'] + 1:03d}_{image.get('template_id', 'portrait')}", image["_id"])
                for image in images]
 
     def stream():
         sink = _Chunks()
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:  # images are compressed already
             for name, image_id in entries:
-                archive.writestr(name, sealed.get(user_id, keys.image(user_id, image_id)))
+                data = sealed.get(user_id, keys.image(user_id, image_id))
+                archive.writestr(f"{name}.{EXTENSIONS[media_type(data)]}", data)
                 yield sink.take()
         yield sink.take()
 
