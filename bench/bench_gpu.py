@@ -1,87 +1,123 @@
 """LoRA training steps/s and seconds per rendered image: ours vs the plain diffusers reference, same run.
 
-    python bench/bench_gpu.py                 # tiny random-weight SD on whatever device there is (CPU here)
-    python bench/bench_gpu.py --sd15          # the full SD1.5 architecture with random weights (use a GPU)
+    python bench/bench_gpu.py                       # tiny random-weight SD on whatever device there is (CPU here)
+    python bench/bench_gpu.py --sd15                # the full SD1.5 architecture with random weights (use a GPU)
+    python bench/bench_gpu.py --sd15 --steps 4 --train-only   # what 2 CPU cores can do at SD1.5 size
 
-Ours: models.train.train_lora (latents and prompt embeddings encoded once) and models.render.Renderer (the user's
-LoRA loaded into the resident base per render, then removed; `swap_seconds` is that load+unload). The reference:
-a straightforward loop as in diffusers' DreamBooth-LoRA example (VAE-encode the image and the prompt on every
-step) and a plain pipeline call with the LoRA loaded. Same rank, learning rate, resolution, steps and seeds.
-No weights are downloaded: both models are built from configs with random weights.
+Ours: models.train.train_lora (latents and prompt embeddings encoded once, no host sync inside the loop) in both
+recipes, and models.render.Renderer. The reference: a straightforward loop as in diffusers' DreamBooth-LoRA example
+(VAE-encode the image and the prompt on every step, read the loss back every step for its log line) and a plain
+pipeline call with the LoRA loaded. Same rank, learning rate, resolution, steps and seeds. No weights are
+downloaded: both models are built from configs with random weights. bench/gpu_check.py runs the GPU-sized check.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from models.pipeline import build_tiny_pipeline, build_tiny_tokenizer, pick_device  # noqa: E402
+from models.render import Renderer  # noqa: E402
+from models.train import LORA_TARGET_MODULES, TrainConfig, _to_pixel_tensor, lora_state_dict_from_bytes  # noqa: E402
+from models.train import train_lora  # noqa: E402
 
 diffusers_logging.set_verbosity_error()
+CAPTION = "a photo of sks woman"
 
 
-def build_sd15(device: str):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from models.pipeline import build_tiny_tokenizer
-
+def build_sd15(device: str) -> StableDiffusionPipeline:
+    """SD1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, initialised on `device`."""
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=512)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12,
-                                                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id))
+    with torch.device(device):  # random init where the weights will live: seconds on a GPU instead of a minute
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16 if device == "cuda" else torch.float32  # as models.pipeline.load_base_pipeline loads
     return pipe.to(device, dtype)
 
 
-def sync(device):
-    if device == "cuda":
+def random_photos(count: int, resolution: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def ours_train(pipe, images, caption, steps, resolution, rank, device):
-    from models.train import TrainConfig, train_lora
+@dataclass
+class TrainTiming:
+    steps: int
+    total_s: float  # the whole run: encoding, adapter set-up, the steps, the export
+    first_step_s: float  # from the start to the end of step 1: set-up plus any compile
+    step_s: float  # steady seconds per step, timed after the warm-up steps
 
-    stamps = []
+    @property
+    def steps_per_s(self) -> float:
+        return 1 / self.step_s
+
+    def projected_s(self, total_steps: int) -> float:
+        """The run as measured, plus the steps it did not take at the steady rate."""
+        return self.total_s + (total_steps - self.steps) * self.step_s
+
+
+def _timing(started: float, marks: dict[int, float], ended: float, steps: int, warmup: int) -> TrainTiming:
+    return TrainTiming(steps=steps, total_s=ended - started, first_step_s=marks[1] - started,
+                       step_s=(marks[steps] - marks[warmup]) / (steps - warmup))
+
+
+def ours_train(pipe, images, config: TrainConfig, device, warmup: int) -> tuple[TrainTiming, bytes]:
+    """train_lora, synchronised only where a time is read (after step 1, the warm-up and the last step)."""
+    marks: dict[int, float] = {}
 
     def progress(step, total):
-        sync(device)
-        stamps.append(time.perf_counter())
+        if step in (1, warmup, total):
+            sync(device)
+            marks[step] = time.perf_counter()
 
-    weights = train_lora(pipe, images, caption, TrainConfig(rank=rank, steps=steps, resolution=resolution, seed=1),
-                         progress=progress)
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), weights
+    sync(device)
+    started = time.perf_counter()
+    weights = train_lora(pipe, images, CAPTION, config, progress=progress)
+    sync(device)
+    return _timing(started, marks, time.perf_counter(), config.total_steps(len(images)), warmup), weights
 
 
-def reference_train(pipe, images, caption, steps, resolution, rank, device):
-    """diffusers' DreamBooth-LoRA example, reduced to its loop: encode the image and the prompt every step."""
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    from models.train import LORA_TARGET_MODULES, _to_pixel_tensor
-
+def reference_train(pipe, images, steps, resolution, rank, device, warmup: int,
+                    compile_mode: str | None = None, compile_backend: str = "inductor") -> TrainTiming:
+    """diffusers' DreamBooth-LoRA example, reduced to its loop: encode the image and the prompt every step and read
+    the loss back for the log line (`loss.detach().item()`), as the example does."""
+    started = time.perf_counter()
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet.requires_grad_(False)
@@ -90,14 +126,15 @@ def reference_train(pipe, images, caption, steps, resolution, rank, device):
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    denoise = torch.compile(unet, mode=compile_mode, backend=compile_backend) if compile_mode else unet
     pixels = torch.stack([_to_pixel_tensor(image, resolution) for image in images])
-    ids = pipe.tokenizer(caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+    ids = pipe.tokenizer(CAPTION, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
     generator = torch.Generator().manual_seed(1)
-    stamps = []
+    marks = {}
     unet.train()
     try:
-        for step in range(steps):
+        for step in range(1, steps + 1):
             pick = torch.randint(len(images), (1,), generator=generator)
             with torch.no_grad():
                 latents = vae.encode(pixels[pick].to(device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
@@ -105,18 +142,18 @@ def reference_train(pipe, images, caption, steps, resolution, rank, device):
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), device=device).long()
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states).sample
+            pred = denoise(noisy, timesteps, encoder_hidden_states).sample
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            stamps.append(time.perf_counter())
+            loss.detach().item()  # the example's per-step log line
+            marks[step] = time.perf_counter()
     finally:
         unet.unload_lora()
         unet.eval()
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return _timing(started, marks, time.perf_counter(), steps, warmup)
 
 
 def main(argv=None) -> None:
@@ -127,31 +164,45 @@ def main(argv=None) -> None:
     parser.add_argument("--render-steps", type=int, default=None, help="sampling steps (default 4 tiny, 25 sd15)")
     parser.add_argument("--images", type=int, default=2, help="images per render")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--train-only", action="store_true", help="skip the rendering comparison")
+    parser.add_argument("--batched", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the batched recipe (default: on the tiny model and on CUDA; at SD1.5 size on "
+                             "a CPU its batch of 4 needs over 16 GB)")
     args = parser.parse_args(argv)
-    from models.pipeline import build_tiny_pipeline, pick_device
-    from models.render import Renderer
-    from models.train import lora_state_dict_from_bytes
 
     device = pick_device()
     steps = args.steps or (50 if args.sd15 else 20)
+    warmup = 1 if steps < 6 else 3
     resolution = args.resolution or (512 if args.sd15 else 64)
     render_steps = args.render_steps or (25 if args.sd15 else 4)
     built = time.perf_counter()
     pipe = build_sd15(device) if args.sd15 else build_tiny_pipeline(seed=0).to(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}); "
           f"{'SD1.5 architecture' if args.sd15 else 'tiny SD'} with random weights built in "
-          f"{time.perf_counter() - built:.1f}s; {steps} steps at {resolution}px, rank {args.rank}")
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(4)]
-    caption = "a photo of sks woman"
+          f"{time.perf_counter() - built:.1f}s; {steps} steps at {resolution}px, rank {args.rank}, "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    images = random_photos(4, resolution)
 
-    ours_sps, lora_a = ours_train(pipe, images, caption, steps, resolution, args.rank, device)
-    ref_sps = reference_train(pipe, images, caption, steps, resolution, args.rank, device)
-    print(f"training   ours {ours_sps:8.2f} steps/s   reference {ref_sps:8.2f} steps/s   ratio {ours_sps / ref_sps:.2f}x")
-    _, lora_b = ours_train(pipe, images[:2], caption, 2, resolution, args.rank, device)
+    ours, lora_a = ours_train(pipe, images, TrainConfig(rank=args.rank, steps=steps, resolution=resolution, seed=1),
+                              device, warmup)
+    reference = reference_train(pipe, images, steps, resolution, args.rank, device, warmup)
+    print(f"training   ours {ours.steps_per_s:8.3f} steps/s   reference {reference.steps_per_s:8.3f} steps/s   "
+          f"ratio {ours.steps_per_s / reference.steps_per_s:.2f}x per step (steady, after {warmup} warm-up steps)",
+          flush=True)
+    if args.batched if args.batched is not None else (device == "cuda" or not args.sd15):
+        # The batched recipe sees as many images in a quarter of the steps: compare it per image seen.
+        config = TrainConfig.for_recipe("batched", rank=args.rank, steps=4 * steps, resolution=resolution, seed=1)
+        batched, _ = ours_train(pipe, images, config, device, warmup)
+        images_per_s = config.batch_size * batched.steps_per_s
+        print(f"batched    ours {images_per_s:8.3f} images/s at batch {config.batch_size}   reference "
+              f"{reference.steps_per_s:8.3f} images/s   ratio {images_per_s / reference.steps_per_s:.2f}x per image "
+              f"seen", flush=True)
+    if args.train_only:
+        return
+    _, lora_b = ours_train(pipe, images[:2], TrainConfig(rank=args.rank, steps=2, resolution=resolution), device, 1)
 
     renderer = Renderer(pipe)
-    common = dict(prompt=caption + ", portrait", num_images=args.images, steps=render_steps, guidance=7.0,
+    common = dict(prompt=CAPTION + ", portrait", num_images=args.images, steps=render_steps, guidance=7.0,
                   width=resolution, height=resolution)
     ours_times, swaps = [], []
     for seed, lora in enumerate([lora_a, lora_b, lora_a, lora_b]):  # a different user's LoRA every render

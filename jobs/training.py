@@ -44,8 +44,10 @@ def _train(services, avatar: dict, job) -> None:
 
 
 def _config(settings, avatar: dict) -> TrainConfig:
-    return TrainConfig(rank=settings.lora_rank, steps=settings.train_steps, resolution=settings.train_resolution,
-                       seed=avatars.training_seed(avatar))
+    compile_mode = None if settings.train_compile == "off" else settings.train_compile
+    return TrainConfig.for_recipe(settings.train_recipe, rank=settings.lora_rank, steps=settings.train_steps,
+                                  resolution=settings.train_resolution, seed=avatars.training_seed(avatar),
+                                  compile_mode=compile_mode)
 
 
 def _complete(services, avatar: dict, job_id: str, result, seconds: float) -> str:

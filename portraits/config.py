@@ -357,8 +357,18 @@ class Settings(BaseSettings):
 
     base_model_path: str | None = setting(None, "local diffusers folder of the base model",
                                           shown="unset: tiny random-weight model")
-    train_steps: int | None = setting(None, "LoRA training steps", shown="tiny: `30`; real: min(200 × photos, 800)")
+    train_steps: int | None = setting(None, "LoRA training images seen (steps at batch 1; see `TRAIN_RECIPE`)",
+                                      shown="tiny: `30`; real: min(200 × photos, 800)")
     train_resolution: int = setting(None, "training resolution", shown="tiny: `64`; real: `512`")
+    train_recipe: Literal["standard", "batched"] = setting(
+        "standard", "how a training spends its images (`TRAIN_STEPS` counts images seen): `standard` one per step, "
+                    "as diffusers' DreamBooth-LoRA example; `batched` four per step for a quarter of the steps at 4× "
+                    "the learning rate, converging alike (tests/test_train_recipes.py) in far less GPU time, since a "
+                    "batch-1 step there is bound by operator launches")
+    train_compile: Literal["off", "default", "reduce-overhead"] = setting(
+        "off", "torch.compile the UNet for each training, in this torch.compile mode (`reduce-overhead` adds CUDA "
+               "graphs); the compile (cached by inductor from one training to the next) is paid per training: "
+               "measure with `bench/gpu_check.py` before turning it on")
     lora_rank: int = setting(8, "LoRA rank")
     render_max_steps: int | None = setting(None, "cap on sampling steps", shown="tiny: `4`; real: the template's")
     render_max_candidates: int | None = setting(None, "cap on candidates drawn per render set (cost control); images "
