@@ -398,7 +398,7 @@ def test_a_portrait_is_delivered_only_once_it_passes(trained, services, sim, dra
     delivered = api.get(f"/api/v1/renders/{render['id']}").get_json()
     assert {i["content_check"] for i in delivered["images"]} == {"pass"}
     download = api.get(delivered["images"][0]["url"])
-    assert download.status_code == 200 and download.data.startswith(b"\x89PNG")
+    assert download.status_code == 200 and download.mimetype == "image/jpeg" and download.data.startswith(b"\xff\xd8")
     assert _order(services, order["id"])["state"] == "fulfilled"
 
 
