@@ -223,3 +223,26 @@ def test_drop_outliers_finds_the_stranger(analyzer, astronaut_series):
 def test_unknown_role_is_a_programming_error(analyzer):
     with pytest.raises(ValueError):
         judge(photos.astronaut_photo(), analyzer, role="profile")
+
+
+def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypatch):
+    # A selfie-sized face (45% of the short side) ends detection at the 400 px glance; a second face 60% as wide
+    # (36% of its area, over the quarter limit) beside it must have been seen there too.
+    left, top, right, bottom = photos.ASTRONAUT_FACE_BOX
+    margin = (right - left) * 6 // 10
+    selfie = photos.astronaut_image().crop((left - margin, top - margin, right + margin, bottom + margin))
+    selfie = selfie.resize((800, 800), Image.Resampling.LANCZOS)
+    face_width = (right - left) * 800 / (right - left + 2 * margin)
+    grace = photos.grace_hopper_image()
+    grace_left, _, grace_right, _ = photos.GRACE_HOPPER_FACE_BOX
+    factor = 0.6 * face_width / (grace_right - grace_left)
+    grace = grace.resize((round(grace.width * factor), round(grace.height * factor)), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (800 + grace.width + 40, 800), (200, 200, 205))
+    canvas.paste(selfie, (0, 0))
+    canvas.paste(grace, (820, 40))
+    scales = []
+    candidates = analyzer._candidates
+    monkeypatch.setattr(analyzer, "_candidates", lambda gray, scale: scales.append(scale) or candidates(gray, scale))
+    verdict = judge(photos.encode(canvas), analyzer)
+    assert len(scales) == 1 and scales[0] * 800 <= 400  # the glance alone
+    assert verdict.reasons == ["multiple_faces"]
