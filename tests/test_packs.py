@@ -234,7 +234,9 @@ def test_an_image_the_redraw_cannot_deliver_is_refunded_its_share_once(login, us
     api, avatar = _pack_avatar(login, user_photos, drain, "abby")
     order = _buy_pack(api, sim, avatar["id"])
     openid = sim.openid_of("abby")
-    # The first portrait checked is risky, the next five pass, and the free redraw of the lost one is risky too.
+    # The preview drawn at payment is checked first and passes; then the first portrait checked is risky, the next
+    # five pass, and the free redraw of the lost one is risky too.
+    sim.media_check_rule("pass", openid=openid, count=1)
     sim.media_check_rule("risky", openid=openid, count=1)
     sim.media_check_rule("pass", openid=openid, count=5)
     sim.media_check_rule("risky", openid=openid, count=1)

@@ -25,7 +25,7 @@ def settings_overrides():
 def _image(services, api, drain) -> dict:
     """A labelled portrait stored for the user as a render stores it, and passed by WeChat's content check as a
     finished render's are (only then is it shared)."""
-    render = {"_id": "rd_" + "5a" * 10, "attempts": 1, "user_id": api.user_id}
+    render = {"_id": "rd_" + "5a" * 10, "attempts": 1, "user_id": api.user_id, "template_id": "urban_neon_night"}
     image_id = renders.store_labelled(services, render, Image.new("RGB", (256, 320), (90, 60, 120)), 0.9, 0)
     content_checks.request_check(services, "image", image_id, user=services.db.users.find_one({"_id": api.user_id}),
                                  blob_key=keys.image(api.user_id, image_id), render_id=render["_id"])
