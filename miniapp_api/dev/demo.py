@@ -78,7 +78,8 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
     (out / "portraits").mkdir(parents=True)
     timer = Timer()
     topology = Topology(out / "instance")
-    with timer.step("start the processes: gunicorn (2 workers), GPU worker, worker, clock, WeChat simulator"):
+    with timer.step("start the processes: gunicorn (2 workers), GPU, default and intake workers, clock, "
+                    "WeChat simulator"):
         topology.start()
         print(topology.describe(), flush=True)
     settings = topology.settings
