@@ -17,8 +17,8 @@ Then healing: time passes (the domain's clock, `portraits.states.now`, moves an 
 would have expired meanwhile: short-lived keys such as order locks, and the executions of jobs whose worker stopped
 beating), WeChat Pay redelivers callbacks nobody acknowledged and settles refunds, every periodic job of
 jobs.periodic.PERIODIC runs (expiry, reconciliation, the reaper, the sweep...), the workers drain the queues, and
-the user comes back and carries on. Rounds repeat until a round changes nothing. `judge` then checks the promise
-for every order WeChat Pay took money for.
+the user comes back and carries on. Rounds repeat until a round changes nothing while no refund is still pending.
+`judge` then checks the promise for every order WeChat Pay took money for.
 """
 from __future__ import annotations
 
@@ -692,10 +692,20 @@ def play(flow: Flow) -> int:
         if flow.recorder.dead:
             continue
         now = fingerprint(flow)
-        if now == last:
+        if now == last and not money_owed(flow):
             break
         last = now
     return rounds
+
+
+def money_owed(flow: Flow) -> bool:
+    """A refund asked for and not settled yet: a round that changed nothing is not the end while one is (the next
+    reconciliation retries what a transient WeChat Pay error left), up to MAX_HEAL_ROUNDS."""
+    from portraits.billing import refunds
+
+    with flow.recorder.paused():
+        return flow.services.db.orders.count_documents(
+            {"refunds": {"$elemMatch": {"state": {"$in": list(refunds.REFUND_PENDING)}}}}) > 0
 
 
 # --------------------------------------------------------------------------------------------------- the verdict
