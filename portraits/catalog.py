@@ -25,8 +25,15 @@ CATEGORIES: dict[str, dict[str, str]] = {
     "festive": {"zh": "节日", "en": "Festive"},
     "sports": {"zh": "运动", "en": "Sports"},
     "vintage": {"zh": "复古", "en": "Vintage"},
+    # Album categories (portraits.albums): several people, each face drawn with its owner's LoRA.
+    "couple": {"zh": "情侣", "en": "Couple"},
+    "family": {"zh": "家庭", "en": "Family"},
 }
+# How many people an album category's templates show; every other category shows one.
+ALBUM_CATEGORIES = {"couple": 2, "family": 3}
 GENDERS = ("female", "male")
+# An album template's gender: its people are whoever the album's members are.
+ANY_GENDER = "any"
 ID_PHOTO_CATEGORY = "id_photo"
 ID_PHOTO_BACKGROUNDS = ("white", "blue", "red")
 SUBJECT_SLOT = "{subject}"
@@ -37,7 +44,7 @@ _REQUIRED_FIELDS = (
     "width", "height", "identity_strength", "style_lora", "style_strength", "candidates",
     "images_to_keep", "init_image", "mask", "background", "preview", "caption_zh",
 )
-_OPTIONAL_FIELDS = ("output_size",)
+_OPTIONAL_FIELDS = ("output_size", "face_regions")
 _ALLOWED_FIELDS = frozenset(_REQUIRED_FIELDS + _OPTIONAL_FIELDS)
 
 
@@ -89,10 +96,17 @@ class Template:
     preview: str
     caption_zh: str
     output_size: tuple[int, int] | None = None
+    # Album templates: one box (x0, y0, x1, y1, render pixels) per person, left to right; the album's members take
+    # them in the album's order (the inviter first).
+    face_regions: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def is_inpainting(self) -> bool:
         return self.mask is not None
+
+    @property
+    def people(self) -> int:
+        return len(self.face_regions) or 1
 
     def prompt_for(self, subject: str) -> str:
         # str.replace rather than str.format: prompts may legitimately contain other braces.
@@ -119,14 +133,21 @@ class Catalog:
         return self._templates.get(template_id)
 
     def filter(self, category: str | None = None, gender: str | None = None) -> list[Template]:
+        """One-person templates (what a user renders, lists and a pack spreads over)."""
         return [
             t for t in self._templates.values()
-            if (category is None or t.category == category) and (gender is None or t.gender == gender)
+            if t.people == 1 and (category is None or t.category == category)
+            and (gender is None or t.gender == gender)
         ]
 
+    def album_templates(self, people: int) -> list[Template]:
+        """The templates of albums of `people` people."""
+        return [t for t in self._templates.values() if t.people == people and people > 1]
+
     def categories(self) -> list[str]:
+        """Categories of one-person templates, in display order."""
         seen: dict[str, None] = {}
-        for t in self._templates.values():
+        for t in self.filter():
             seen.setdefault(t.category, None)
         return list(seen)
 
@@ -206,6 +227,8 @@ def _check_gender_coverage(templates: Iterable[Template], files_by_id: dict[str,
     for t in templates:
         by_category.setdefault(t.category, []).append(t)
     for category, members in by_category.items():
+        if category in ALBUM_CATEGORIES:
+            continue
         present = {t.gender for t in members}
         for gender in GENDERS:
             if gender not in present:
@@ -233,7 +256,8 @@ class _TemplateReader:
         template_id = self._id()
         name = self._name()
         category = self._choice("category", tuple(CATEGORIES))
-        gender = self._choice("gender", GENDERS)
+        album = category in ALBUM_CATEGORIES
+        gender = self._choice("gender", (ANY_GENDER,) if album else GENDERS)
         prompt = self._text("prompt")
         if SUBJECT_SLOT not in prompt:
             raise self.fail("prompt", f"must contain the slot {SUBJECT_SLOT}")
@@ -258,6 +282,7 @@ class _TemplateReader:
         preview = self._asset("preview")
         caption_zh = self._text("caption_zh")
         output_size = self._output_size(category)
+        face_regions = self._face_regions(category, width, height)
         if category == ID_PHOTO_CATEGORY and mask is None:
             raise self.fail("mask", "ID photos are inpainted: init_image and mask are required")
         return Template(
@@ -266,6 +291,7 @@ class _TemplateReader:
             identity_strength=identity_strength, style_lora=style_lora, style_strength=style_strength,
             candidates=candidates, images_to_keep=images_to_keep, init_image=init_image, mask=mask,
             background=background, preview=preview, caption_zh=caption_zh, output_size=output_size,
+            face_regions=face_regions,
         )
 
     def _check_field_set(self) -> None:
@@ -371,3 +397,27 @@ class _TemplateReader:
                 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096 for v in value)):
             raise self.fail("output_size", "must be [width, height] with integers from 1 to 4096")
         return (value[0], value[1])
+
+    def _face_regions(self, category: str, width: int, height: int) -> tuple[tuple[int, int, int, int], ...]:
+        people = ALBUM_CATEGORIES.get(category)
+        value = self.data.get("face_regions")
+        if people is None:
+            if value is not None:
+                raise self.fail("face_regions", f"only album templates ({', '.join(ALBUM_CATEGORIES)}) have face "
+                                                "regions")
+            return ()
+        if not isinstance(value, list) or len(value) != people:
+            raise self.fail("face_regions", f"a {category} template needs {people} boxes [x0, y0, x1, y1]")
+        boxes = []
+        for box in value:
+            if (not isinstance(box, list) or len(box) != 4
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in box)
+                    or not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height)
+                    or min(box[2] - box[0], box[3] - box[1]) < 64):
+                raise self.fail("face_regions", f"each box is [x0, y0, x1, y1] inside {width}x{height}, at least "
+                                                "64 px on each side")
+            boxes.append(tuple(box))
+        for left, right in zip(boxes, boxes[1:]):
+            if right[0] < left[2]:
+                raise self.fail("face_regions", "boxes go left to right without overlapping")
+        return tuple(boxes)

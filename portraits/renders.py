@@ -98,6 +98,9 @@ def create_render(services, user: dict, avatar: dict, template_id: str) -> dict:
     template = services.catalog.get(template_id)
     if template is None:
         raise NotFound("template_not_found", "No such template.")
+    if template.people > 1:
+        raise Invalid("album_template", "This template is for albums of several people: start an album instead.",
+                      {"people": template.people})
     if avatar["state"] != "trained":
         raise Conflict("avatar_not_trained", "The avatar is not ready for portraits yet.", {"state": avatar["state"]})
     if template.gender != avatar["gender"]:

@@ -37,11 +37,13 @@ CATEGORY_COLOURS = {
     "festive": (200, 40, 40),
     "sports": (235, 130, 40),
     "vintage": (140, 105, 70),
+    "couple": (206, 84, 120),
+    "family": (188, 120, 48),
 }
 # Standard Chinese ID photo backgrounds.
 ID_BACKGROUND_RGB = {"white": (255, 255, 255), "blue": (67, 142, 219), "red": (255, 0, 0)}
 NEUTRAL_PERSON_GREY = (128, 128, 128)
-GENDER_LABELS = {"female": "♀ 女士 · Female", "male": "♂ 男士 · Male"}
+GENDER_LABELS = {"female": "♀ 女士 · Female", "male": "♂ 男士 · Male", "any": "多人 · Album"}
 
 
 def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:

@@ -247,6 +247,44 @@ def test_invalid_id_photo_is_refused(catalog_copy, field, change, words):
     assert words in str(error)
 
 
+def test_album_templates_are_apart_from_the_one_person_catalog(catalog):
+    couples, families = catalog.album_templates(2), catalog.album_templates(3)
+    assert len(couples) >= 3 and len(families) >= 2
+    assert {t.category for t in couples} == {"couple"} and {t.category for t in families} == {"family"}
+    assert all(t.people == len(t.face_regions) and t.gender == "any" for t in couples + families)
+    listed = catalog.filter()
+    assert listed and all(t.people == 1 for t in listed)
+    assert not {"couple", "family"} & set(catalog.categories())
+    assert catalog.album_templates(1) == []
+
+
+ALBUM_ID = "couple_seaside_sunset"
+
+
+@pytest.mark.parametrize(
+    ("template_id", "change", "words"),
+    [
+        (ALBUM_ID, lambda d: d.pop("face_regions"), "needs 2 boxes"),
+        (ALBUM_ID, lambda d: d.update(face_regions=[[150, 72, 330, 312]]), "needs 2 boxes"),
+        (ALBUM_ID, lambda d: d.update(face_regions=[[150, 72, 330, 312], [300, 72, 480, 312]]),
+         "without overlapping"),
+        (ALBUM_ID, lambda d: d.update(face_regions=[[150, 72, 330, 312], [438, 72, 800, 312]]), "inside 768x512"),
+        (ALBUM_ID, lambda d: d.update(face_regions=[[150, 72, 200, 312], [438, 72, 618, 312]]), "64 px"),
+        (ALBUM_ID, lambda d: d.update(face_regions=[[150, 72, 330, True], [438, 72, 618, 312]]), "[x0, y0, x1, y1]"),
+        (SAMPLE_ID, lambda d: d.update(face_regions=[[0, 0, 100, 100]]), "only album templates"),
+    ],
+)
+def test_invalid_face_regions_are_refused(catalog_copy, template_id, change, words):
+    _edit(catalog_copy, template_id, change)
+    error = _expect_error(catalog_copy, f"{template_id}.json", "face_regions")
+    assert words in str(error)
+
+
+def test_an_album_template_has_no_gender_of_its_own(catalog_copy):
+    _edit(catalog_copy, ALBUM_ID, lambda d: d.update(gender="female"))
+    assert "must be one of any" in str(_expect_error(catalog_copy, f"{ALBUM_ID}.json", "gender"))
+
+
 def test_duplicate_id_is_refused(catalog_copy):
     # The copy sorts first, so the original is the second file seen with this id.
     shutil.copy(catalog_copy / "ancient_costume_scholar.json", catalog_copy / "aaa_copy.json")
@@ -292,7 +330,7 @@ def test_a_broken_template_stops_service_start_up_naming_file_and_field(catalog_
 def test_templates_api_filters_by_category_and_gender(login, services):
     api = login("alice", consent=False)
     everything = api.get("/api/v1/templates").get_json()
-    assert len(everything) == len(services.catalog)
+    assert len(everything) == len(services.catalog.filter())  # album templates are listed with albums
     for category in services.catalog.categories():
         for gender in ("female", "male"):
             listed = api.get(f"/api/v1/templates?category={category}&gender={gender}").get_json()

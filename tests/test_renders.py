@@ -78,6 +78,8 @@ def test_render_refusals(avatar_marked_trained, login, services):
     mismatch = _render(api, avatar["id"], male.id)
     assert mismatch.status_code == 400 and mismatch.get_json()["error"]["code"] == "template_gender_mismatch"
     assert _render(api, avatar["id"], "no_such_template").get_json()["error"]["code"] == "template_not_found"
+    album = _render(api, avatar["id"], services.catalog.album_templates(2)[0].id)
+    assert album.status_code == 400 and album.get_json()["error"]["code"] == "album_template"
     stranger = login("mallory")
     assert _render(stranger, avatar["id"], "urban_neon_night").status_code == 404
 
