@@ -104,7 +104,9 @@ class ResidentModelWorker(observability.JobLogContext, SimpleWorker):
         standard = [q.key for q in self.queues if QUEUE_LANE.get(q.name) == STANDARD]
         taken = self._express_slots.take(self.lane_policy, self.name, live, self.dead_after_s, standard)
         first = EXPRESS if taken else STANDARD
-        rank = [tasks.PREVIEW, *LANE_QUEUES[first], *LANE_QUEUES[EXPRESS if first == STANDARD else STANDARD]]
+        # Queues outside the lanes (the preview's) keep their place ahead of them in tasks.GPU_WORKER_QUEUES.
+        ahead = [name for name in tasks.GPU_WORKER_QUEUES if name not in QUEUE_LANE]
+        rank = [*ahead, *LANE_QUEUES[first], *LANE_QUEUES[EXPRESS if first == STANDARD else STANDARD]]
         self._ordered_queues = sorted(self.queues, key=lambda q: rank.index(q.name) if q.name in rank else len(rank))
 
     def execute_job(self, job, queue):

@@ -51,6 +51,14 @@ def buy(api, avatar_id: str, platform: str, **extra) -> dict:
     return response.get_json()
 
 
+def android_order(login, services, sim) -> tuple[object, dict, dict, dict]:
+    """Alice, an avatar of hers and its unpaid order on the Android virtual-payment rail."""
+    api = login("alice")
+    user = services.db.users.find_one({"_id": api.user_id})
+    _, avatar = add_user_and_avatar(services, sim, user=user)
+    return api, user, avatar, buy(api, avatar["_id"], "android")
+
+
 def pay(sim, services, api, order: dict, platform: str, deliver: bool = True) -> dict:
     openid = services.db.users.find_one({"_id": api.user_id})["openid"]
     paid = sim.xpay_pay(openid, order["xpay_params"], platform=platform, deliver=deliver)
@@ -197,10 +205,7 @@ def test_a_failed_ios_order_is_made_good_once_and_never_refunded(ready_avatar, d
 
 
 def test_forged_pushes_and_signatures_are_refused_and_change_nothing(login, client, services, sim, pushes):
-    api = login("alice")
-    user = services.db.users.find_one({"_id": api.user_id})
-    _, avatar = add_user_and_avatar(services, sim, user=user)
-    order = buy(api, avatar["_id"], "android")
+    api, user, avatar, order = android_order(login, services, sim)
     params = order["xpay_params"]
     genuine = goods_push(user["openid"], order["id"])
 
@@ -237,10 +242,7 @@ def test_forged_pushes_and_signatures_are_refused_and_change_nothing(login, clie
 
 
 def test_a_wechat_pay_callback_cannot_pay_an_xpay_order(login, client, services, sim, simulator, pushes):
-    api = login("alice")
-    user = services.db.users.find_one({"_id": api.user_id})
-    _, avatar = add_user_and_avatar(services, sim, user=user)
-    xpay_order = buy(api, avatar["_id"], "android")
+    api, user, avatar, xpay_order = android_order(login, services, sim)
     stored = services.db.orders.find_one({"_id": xpay_order["id"]})
     headers, body = signed_notification(simulator.creds, transaction_for(stored, simulator.creds))
     refused = client.post("/api/v1/pay/notify", data=body, headers=headers)
@@ -275,10 +277,7 @@ def test_server_api_pay_sig_is_checked_by_the_simulator(services, sim, login):
 
 
 def test_an_xpay_refund_that_fails_leaves_the_order_refund_failed_with_an_alert(login, services, sim, pushes):
-    api = login("alice")
-    user = services.db.users.find_one({"_id": api.user_id})
-    _, avatar = add_user_and_avatar(services, sim, user=user)
-    order = buy(api, avatar["_id"], "android")
+    api, user, avatar, order = android_order(login, services, sim)
     pay(sim, services, api, order, "android")
     services.db.avatars.update_one({"_id": avatar["_id"]}, {"$set": {"state": "failed"}})
     assert refunds.request_refund(services, order["id"], reason="training_failed")["state"] == "refunding"
@@ -295,10 +294,7 @@ def test_an_xpay_refund_that_fails_leaves_the_order_refund_failed_with_an_alert(
 
 
 def test_reconciliation_finds_a_paid_xpay_order_whose_push_was_lost(login, services, sim, pushes):
-    api = login("alice")
-    user = services.db.users.find_one({"_id": api.user_id})
-    _, avatar = add_user_and_avatar(services, sim, user=user)
-    order = buy(api, avatar["_id"], "android")
+    api, user, avatar, order = android_order(login, services, sim)
     pay(sim, services, api, order, "android", deliver=False)
     assert services.db.orders.find_one({"_id": order["id"]})["state"] == "created"
     later = services.db.orders.find_one({"_id": order["id"]})["created_at"] + timedelta(
@@ -311,10 +307,7 @@ def test_reconciliation_finds_a_paid_xpay_order_whose_push_was_lost(login, servi
 
 
 def test_reconciliation_settles_an_xpay_refund_whose_push_was_lost(login, services, sim, pushes):
-    api = login("alice")
-    user = services.db.users.find_one({"_id": api.user_id})
-    _, avatar = add_user_and_avatar(services, sim, user=user)
-    order = buy(api, avatar["_id"], "android")
+    api, user, avatar, order = android_order(login, services, sim)
     pay(sim, services, api, order, "android")
     services.db.avatars.update_one({"_id": avatar["_id"]}, {"$set": {"state": "failed"}})
     refunds.request_refund(services, order["id"], reason="training_failed")
