@@ -131,9 +131,9 @@ def owe_missing(services) -> int:
     since = states.now() - MISSING_MESSAGE_WINDOW
     due = [(a["user_id"], "avatar_ready", a["_id"], {"avatar_id": a["_id"]})
            for a in services.db.avatars.find({"state": "trained", "trained_at": {"$gte": since}}, {"user_id": 1})]
-    due += [(r["user_id"], "portraits_ready", r["_id"], {"render_id": r["_id"]})
+    due += [(r["user_id"], "portraits_ready", portraits_message_about(r), {"render_id": r["_id"]})
             for r in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}, **DELIVERED_RENDER},
-                                              {"user_id": 1})]
+                                              {"user_id": 1, "order_id": 1, "pack_slots": 1})]
     for order in services.db.orders.find({"state": "refunded", "refunded_at": {"$gte": since},
                                           "user_erased": {"$ne": True}}, {"user_id": 1, "amount": 1, "refunds": 1}):
         due.append((order["user_id"], "refund_made", refund_message_about(order),
@@ -145,6 +145,12 @@ def owe_missing(services) -> int:
     for user_id, kind, about, data in missing:
         notify(services, user_id, kind, about, data)
     return len(missing)
+
+
+def portraits_message_about(render: dict) -> str:
+    """A render set's message is about the set; a pack's about its order: the first batch delivered tells the user,
+    the others do not spend a one-time grant each on the same news."""
+    return render["order_id"] if render.get("pack_slots") else render["_id"]
 
 
 def refund_message_about(order: dict) -> str:

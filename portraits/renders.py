@@ -437,7 +437,7 @@ def deliver(services, render: dict) -> None:
     each once."""
     orders.fulfil(services, render["order_id"])
     previews.supersede(services, render["avatar_id"])
-    notifications.notify(services, render["user_id"], "portraits_ready", render["_id"],
+    notifications.notify(services, render["user_id"], "portraits_ready", notifications.portraits_message_about(render),
                          {"render_id": render["_id"]})
 
 

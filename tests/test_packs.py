@@ -16,6 +16,7 @@ from models.labels import read_label
 from portraits import config, packs, renders, sweeper, tasks
 from portraits.billing import refunds
 from tests.test_api import assert_error
+from tests.test_notifications import TEMPLATES, grant, sent
 
 SMALL_PLAN = {"images": 6, "batch": 3}
 PACK = {**config.DEFAULT_SKUS["pack_100"], "render_plan": SMALL_PLAN}
@@ -106,6 +107,7 @@ def test_a_pack_renders_its_plan_in_batches_and_downloads_as_one_archive(login, 
     assert (early["phase"], early["batches"], early["archive_url"]) == ("training", [], None)
     assert_error(api.get(f"/api/v1/packs/{order['id']}/archive"), 409, "pack_nothing_delivered")
 
+    grant(api, sim, "vera", ["portraits_ready"], count=3)
     sim.media_check_rule("pass", openid=sim.openid_of("vera"), hold=True)  # the portraits wait for their verdicts
     drain()
     assert api.get(f"/api/v1/avatars/{avatar['id']}").get_json()["state"] == "trained"
@@ -121,6 +123,10 @@ def test_a_pack_renders_its_plan_in_batches_and_downloads_as_one_archive(login, 
     assert done["phase"] == "done" and (done["batches_done"], done["batches_pending"]) == (2, 0)
     assert (done["images_planned"], done["images_delivered"], done["images_refunded"]) == (6, 6, 0)
     assert _order(services, order["id"])["state"] == "fulfilled"
+    drain()
+    # Both batches delivered, one message: the news is the pack's, and her other grants stay hers.
+    assert len(sent(sim, TEMPLATES["portraits_ready"])) == 1
+    assert services.db.users.find_one({"_id": api.user_id})["subscriptions"][TEMPLATES["portraits_ready"]] == 2
     # Spread over the catalog's templates for her gender: six different ones, every batch mixing categories.
     images = list(services.db.images.find({"_id": {"$in": [i["id"] for i in done["images"]]}}))
     assert sorted(i["pack_slot"] for i in images) == list(range(6))
