@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import mimetypes
 import os
 import shutil
 import sys
@@ -114,9 +115,14 @@ class Client:
     def post(self, path: str, expected: int, **body) -> dict:
         return _check(self.api.post(self.base + path, **body), expected)
 
-    def download(self, url: str, path: Path) -> Path:
+    def download(self, url: str, stem: Path) -> Path:
+        """The file at `url` saved as `stem` with the extension of the type it was served as (portraits are JPEG,
+        ID photos, previews and posters PNG)."""
+        response = self.api.get(self.topology.base_url + url)
+        data = _binary(response)
+        path = stem.with_suffix(mimetypes.guess_extension(response.headers["Content-Type"].split(";")[0]) or "")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_binary(self.api.get(self.topology.base_url + url)))
+        path.write_bytes(data)
         return path
 
     def wait(self, fetch: Callable, done: Callable, describe: Callable, timeout_s: float = 1800.0):
@@ -214,7 +220,7 @@ class Client:
                              lambda b: f"preview {(b.get('preview') or {}).get('state', 'not yet recorded')}",
                              timeout_s=PREVIEW_WAIT_S)
             seconds = round(time.monotonic() - confirmed, 2)
-            path = self.download(body["preview"]["url"], self.out / "preview.png")
+            path = self.download(body["preview"]["url"], self.out / "preview")
             self.say(f"  preview shown {seconds:.1f} s after payment (payment callback answered -> the preview's "
                      f"image downloaded by the client)")
             return {"enabled": True, "shown_after_payment_s": seconds, "file": str(path)}
@@ -251,7 +257,7 @@ class Client:
                                        "pending")
 
     def download_portraits(self, render: dict) -> list[str]:
-        return [str(self.download(image["url"], self.out / "portraits" / f"portrait-{index}.png"))
+        return [str(self.download(image["url"], self.out / "portraits" / f"portrait-{index}"))
                 for index, image in enumerate(render["images"], 1)]
 
     def order_record(self, order_id: str, database) -> dict:
@@ -311,8 +317,9 @@ def express_flow(client: Client, database, first_preview: threading.Event, platf
     render = client.render(avatar, None, "urban")
     files = client.download_portraits(render)
     record = client.order_record(order["id"], database)
-    client.say(f"  express order {record['order']['state']}; promise {(record['order']['promise'] or {}).get('state')}"
-               f", waited {(record['order']['promise'] or {}).get('waited_s')} s for its training")
+    kept = record["order"]["promise"] or {}
+    client.say(f"  express order {record['order']['state']}; promise {kept.get('state')}, its training started "
+               f"{kept.get('waited_s')} s after payment")
     return {**record, "preview": preview, "render": {"id": render["id"], "template_id": render["template_id"],
                                                      "files": files}}
 
@@ -334,7 +341,7 @@ def pack_flow(client: Client, database, first_preview: threading.Event, platform
     with client.timer.step("download the pack's archive"):
         if not pack["archive_url"]:
             raise SystemExit(f"{client.user}: nothing of the pack was delivered: {pack}")
-        path = client.download(pack["archive_url"], client.out / "pack.zip")
+        path = client.download(pack["archive_url"], client.out / "pack")
         with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
             names = archive.namelist()
         client.say(f"  archive {path.name}: {len(names)} images (planned {pack['images_planned']}), "
