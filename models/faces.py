@@ -18,6 +18,8 @@ import dlib
 import numpy as np
 from PIL import Image
 
+from models.face_encoder import CHIP_PADDING, CHIP_SIZE, DlibFaceEncoder
+
 # Detection runs on a copy whose short side is at most this many pixels: dlib's HOG cost grows with the
 # pixel count, and a face worth keeping (>= 8% of the short side) is still >= 64 px wide at this size.
 DETECT_SHORT_SIDE = 800
@@ -95,14 +97,15 @@ class FaceAnalyzer:
 
     Safe to share between threads (gunicorn gthread workers, the threaded dev server). dlib's models are not
     thread-safe: two HOG detections at once on one detector corrupt the heap and kill the process. So each dlib
-    model is used by one thread at a time: the CNN verifier, the landmark predictor and the embedder each behind a
-    lock, HOG detectors handed out from a pool (``hog_detectors`` of them; 1 by default, which is a lock). Decoding,
-    resizing and the numpy work around the calls run concurrently.
+    model is used by one thread at a time: the CNN verifier and the landmark predictor each behind a lock, HOG
+    detectors handed out from a pool (``hog_detectors`` of them; 1 by default, which is a lock). The embedder runs in
+    torch on read-only weights and needs no lock. Decoding, resizing and the numpy work around the calls run
+    concurrently.
 
     Measured (bench/bench_face_threads.py, 2 cores): per-thread copies of the models or a process pool bought no
     throughput worth their memory (~100 MB and ~1 s of loading per copy), because only the HOG scan and image
-    decoding release the GIL; the CNN, landmark and embedding calls hold it for their whole run (a 1 ms sleep in
-    another thread waits ~90 ms during an embedding, ~120 ms during a CNN check), so they cannot overlap anyway.
+    decoding release the GIL; the CNN and landmark calls hold it for their whole run (a 1 ms sleep in another thread
+    waited ~90 ms during a dlib embedding, ~120 ms during a CNN check), so they cannot overlap anyway.
     """
 
     def __init__(self, model_dir: str | None = None, detect_short_side: int = DETECT_SHORT_SIDE,
@@ -115,10 +118,10 @@ class FaceAnalyzer:
             self._detectors.put(dlib.get_frontal_face_detector())
         self._verifier = dlib.cnn_face_detection_model_v1(os.path.join(model_dir, "mmod_human_face_detector.dat"))
         self._shape_predictor = dlib.shape_predictor(os.path.join(model_dir, "shape_predictor_68_face_landmarks.dat"))
-        self._encoder = dlib.face_recognition_model_v1(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
+        # dlib's ResNet encoder, run in torch (models.face_encoder): the same descriptor at a third of dlib's cost.
+        self._encoder = DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
         self._verifier_lock = threading.Lock()
         self._shape_predictor_lock = threading.Lock()
-        self._encoder_lock = threading.Lock()
         self.detect_short_side = detect_short_side
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
@@ -206,9 +209,8 @@ class FaceAnalyzer:
         rect = dlib.rectangle(left - x0, top - y0, right - x0, bottom - y0)
         points = [dlib.point(round(x - x0), round(y - y0)) for x, y in face.landmarks]
         shape = dlib.full_object_detection(rect, points)
-        with self._encoder_lock:
-            descriptor = self._encoder.compute_face_descriptor(region, shape)
-        vector = np.array(descriptor, dtype=np.float64)
+        chip = dlib.get_face_chip(region, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+        vector = self._encoder.descriptor(chip)
         return vector / np.linalg.norm(vector)
 
     def aligned_crop(self, rgb: np.ndarray, face: Face, size: int = 512) -> Image.Image:
