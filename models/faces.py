@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import dlib
 import numpy as np
+import torch
 from PIL import Image
 
 from models.dlib_nets import CHIP_PADDING, CHIP_SIZE, DlibFaceDetector, DlibFaceEncoder
@@ -122,6 +123,13 @@ class FaceAnalyzer:
         self._encoder = DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
         self._shape_predictor_lock = threading.Lock()
         self.detect_short_side = detect_short_side
+
+    @staticmethod
+    def use_one_core() -> None:
+        """For a process that only judges photos, one of several on the machine (``jobs.worker intake``): torch's
+        CNN check and embedding then run on one thread, as dlib's HOG and landmarks do, instead of each process
+        spreading over every core. Process-wide (torch's thread pool); not for a process that also renders."""
+        torch.set_num_threads(1)
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
         left, top, right, bottom = box
