@@ -18,11 +18,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cv2  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from models.faces import FaceAnalyzer  # noqa: E402
-from models.intake import IntakeLimits, _decode, _open, judge_photo  # noqa: E402
+from models.intake import IntakeLimits, _decode, _open, judge_photo, perceptual_hash  # noqa: E402
 from models import sample_photos as photos  # noqa: E402
 
 
@@ -80,20 +81,30 @@ def main() -> None:
           f"(CPU {judge_cpu_ms:.1f} ms)")
     print(f"ratio judge/baseline: {judge_ms / baseline_ms:.2f} (CPU time: {judge_cpu_ms / baseline_cpu_ms:.2f})")
 
-    # Where the time goes (same photo, same process), each stage also as a multiple of the full decode.
+    # Where the time goes (same photo, same process), each stage also as a multiple of the full decode, in CPU time.
     rgb = _decode(_open(data, limits))
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    scales = []
+    candidates = analyzer._candidates
+    analyzer._candidates = lambda image, scale: scales.append(scale) or candidates(image, scale)
     face = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio)[0]
+    analyzer._candidates = candidates
     stages = {
         "header + draft decode": lambda: _decode(_open(data, limits)),
         "faces (HOG glance + scan, CNN checks, landmarks)": lambda: analyzer.faces(
             rgb, min_area_ratio=limits.second_face_max_ratio),
+        f"  of which the HOG scans at {', '.join(f'{s:.3f}' for s in scales)} of "
+        f"{rgb.shape[1]}x{rgb.shape[0]} (with their resizes)": lambda: [candidates(gray, s) for s in scales],
         "  of which one CNN check (128 px crop, torch)": lambda: analyzer._confirmed_by_cnn(rgb, face.box),
         "embed (dlib's ResNet in torch on the 150 px chip)": lambda: analyzer.embed(rgb, face),
+        "perceptual hash of the decoded photo": lambda: perceptual_hash(gray),
         "aligned_crop 512": lambda: analyzer.aligned_crop(rgb, face, 512),
     }
     for name, action in stages.items():
-        stage_ms = median_ms(action, max(3, args.repeats // 3))
-        print(f"  {name}: median {stage_ms:.1f} ms ({stage_ms / baseline_ms:.2f}x the full decode)")
+        stage_ms, stage_cpu_ms = median_wall_and_cpu_ms(action, max(3, args.repeats // 3))
+        print(f"  {name}: median {stage_ms:.1f} ms, CPU {stage_cpu_ms:.1f} ms "
+              f"({stage_cpu_ms / baseline_cpu_ms:.2f}x the full decode's CPU time)")
+
 
 if __name__ == "__main__":
     main()
