@@ -79,7 +79,7 @@ def gil_probe(analyzer: FaceAnalyzer, data: bytes) -> None:
     calls = {
         "decode": lambda: _decode(_open(data, LIMITS)),
         "hog": lambda: analyzer._detectors.queue[0].run(gray, 0, -0.1),
-        "cnn": lambda: analyzer._verifier(crop, 0),
+        "cnn": lambda: analyzer._verifier.finds_a_face(crop),
         "landmarks": lambda: analyzer._shape_predictor(rgb, dlib.rectangle(*face.box)),
         "embed": lambda: analyzer.embed(rgb, face),
     }

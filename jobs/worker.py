@@ -215,7 +215,7 @@ def main(argv=None) -> None:
         sweeper.sweep(services)
         build_gpu_worker(services.redis, settings, queues=(tasks.PREVIEW,)).work()
     elif args.kind == "intake":
-        services.face_analyzer()  # this process's own dlib models, loaded before the first photo
+        services.face_analyzer().use_one_core()  # this process's own models, loaded before the first photo
         sweeper.sweep(services)
         DefaultWorker([tasks.queue(services, tasks.INTAKE)], connection=services.redis).work(with_scheduler=True)
     else:

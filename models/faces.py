@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import cv2
 import dlib
 import numpy as np
+import torch
 from PIL import Image
+
+from models.dlib_nets import CHIP_PADDING, CHIP_SIZE, DlibFaceDetector, DlibFaceEncoder
 
 # Detection runs on a copy whose short side is at most this many pixels: dlib's HOG cost grows with the
 # pixel count, and a face worth keeping (>= 8% of the short side) is still >= 64 px wide at this size.
@@ -34,9 +37,9 @@ GLANCE_HEADROOM = 1.1
 # HOG proposes, dlib's MMOD CNN confirms. HOG scores observed on the shipped photos: real faces 0.78-1.6
 # (0.04 when heavily blurred, 0.21 for a turned head), the mission patch on the astronaut's suit -0.05-0.78
 # depending on crop and scale. So a HOG candidate scoring at least HOG_CONFIDENT_SCORE is a face; any
-# other candidate counts only if the CNN, run on a 128 px crop around it (~100 ms), finds a face there.
-# On 38 low-scoring candidates from the test photos the CNN confirmed every real face (confidence
-# 0.97-1.1) and no patch or background; on a whole 512 px image it would cost ~1.6 s.
+# other candidate counts only if the CNN, run on a 128 px crop around it (~100 ms in dlib, ~20 ms in torch),
+# finds a face there. On 38 low-scoring candidates from the test photos the CNN confirmed every real face
+# (confidence 0.97-1.1) and no patch or background; on a whole 512 px image dlib would take ~1.6 s.
 HOG_CANDIDATE_SCORE = -0.1
 HOG_CONFIDENT_SCORE = 1.0
 CNN_CROP_SIDE = 128
@@ -95,14 +98,14 @@ class FaceAnalyzer:
 
     Safe to share between threads (gunicorn gthread workers, the threaded dev server). dlib's models are not
     thread-safe: two HOG detections at once on one detector corrupt the heap and kill the process. So each dlib
-    model is used by one thread at a time: the CNN verifier, the landmark predictor and the embedder each behind a
-    lock, HOG detectors handed out from a pool (``hog_detectors`` of them; 1 by default, which is a lock). Decoding,
-    resizing and the numpy work around the calls run concurrently.
+    model is used by one thread at a time: the landmark predictor behind a lock, HOG detectors handed out from a pool
+    (``hog_detectors`` of them; 1 by default, which is a lock). The CNN verifier and the embedder run in torch on
+    read-only weights and need no lock. Decoding, resizing and the numpy work around the calls run concurrently.
 
     Measured (bench/bench_face_threads.py, 2 cores): per-thread copies of the models or a process pool bought no
     throughput worth their memory (~100 MB and ~1 s of loading per copy), because only the HOG scan and image
-    decoding release the GIL; the CNN, landmark and embedding calls hold it for their whole run (a 1 ms sleep in
-    another thread waits ~90 ms during an embedding, ~120 ms during a CNN check), so they cannot overlap anyway.
+    decoding released the GIL; dlib's CNN, landmark and embedding calls held it for their whole run (a 1 ms sleep in
+    another thread waited ~90 ms during a dlib embedding, ~120 ms during a dlib CNN check). Torch releases it.
     """
 
     def __init__(self, model_dir: str | None = None, detect_short_side: int = DETECT_SHORT_SIDE,
@@ -113,13 +116,20 @@ class FaceAnalyzer:
         self._detectors: queue.LifoQueue = queue.LifoQueue()
         for _ in range(max(1, hog_detectors)):
             self._detectors.put(dlib.get_frontal_face_detector())
-        self._verifier = dlib.cnn_face_detection_model_v1(os.path.join(model_dir, "mmod_human_face_detector.dat"))
+        # dlib's two networks run in torch on dlib's own weights (models.dlib_nets): the same outputs, several times
+        # cheaper than dlib-bin's BLAS-less loops.
+        self._verifier = DlibFaceDetector(os.path.join(model_dir, "mmod_human_face_detector.dat"))
         self._shape_predictor = dlib.shape_predictor(os.path.join(model_dir, "shape_predictor_68_face_landmarks.dat"))
-        self._encoder = dlib.face_recognition_model_v1(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
-        self._verifier_lock = threading.Lock()
+        self._encoder = DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
         self._shape_predictor_lock = threading.Lock()
-        self._encoder_lock = threading.Lock()
         self.detect_short_side = detect_short_side
+
+    @staticmethod
+    def use_one_core() -> None:
+        """For a process that only judges photos, one of several on the machine (``jobs.worker intake``): torch's
+        CNN check and embedding then run on one thread, as dlib's HOG and landmarks do, instead of each process
+        spreading over every core. Process-wide (torch's thread pool); not for a process that also renders."""
+        torch.set_num_threads(1)
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
         left, top, right, bottom = box
@@ -134,8 +144,7 @@ class FaceAnalyzer:
         size = (max(1, round(crop.shape[1] * factor)), max(1, round(crop.shape[0] * factor)))
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         crop = np.ascontiguousarray(crop)
-        with self._verifier_lock:
-            return len(self._verifier(crop, 0)) > 0
+        return self._verifier.finds_a_face(crop)
 
     def _candidates(self, gray: np.ndarray, scale: float) -> list[tuple[tuple[int, int, int, int], float]]:
         """HOG candidates on ``gray`` resized by ``scale``, as boxes in ``gray``'s pixels."""
@@ -206,9 +215,8 @@ class FaceAnalyzer:
         rect = dlib.rectangle(left - x0, top - y0, right - x0, bottom - y0)
         points = [dlib.point(round(x - x0), round(y - y0)) for x, y in face.landmarks]
         shape = dlib.full_object_detection(rect, points)
-        with self._encoder_lock:
-            descriptor = self._encoder.compute_face_descriptor(region, shape)
-        vector = np.array(descriptor, dtype=np.float64)
+        chip = dlib.get_face_chip(region, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+        vector = self._encoder.descriptor(chip)
         return vector / np.linalg.norm(vector)
 
     def aligned_crop(self, rgb: np.ndarray, face: Face, size: int = 512) -> Image.Image:

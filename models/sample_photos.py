@@ -112,6 +112,17 @@ def astronaut_photo() -> bytes:
     return encode(astronaut_image().resize((1024, 1024), Image.Resampling.LANCZOS))
 
 
+def phone_sized_image(size: tuple[int, int] = (4000, 3000)) -> Image.Image:
+    """A 12 MP phone photo: the astronaut portrait upscaled to 70% of the height inside a plain wall-coloured canvas
+    (``size`` scales the whole picture, so other sizes are the same photo at another resolution)."""
+    width, height = size
+    canvas = Image.new("RGB", (width, height), (214, 208, 200))
+    side = round(height * 14 / 15)
+    canvas.paste(astronaut_image().resize((side, side), Image.Resampling.LANCZOS),
+                 (round(width * 0.15), round(height / 15)))
+    return canvas
+
+
 def grace_hopper_photo() -> bytes:
     return encode(grace_hopper_image())
 

@@ -246,3 +246,23 @@ def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypat
     verdict = judge(photos.encode(canvas), analyzer)
     assert len(scales) == 1 and scales[0] * 800 <= 400  # the glance alone
     assert verdict.reasons == ["multiple_faces"]
+
+
+def test_a_12_megapixel_photo_is_judged_as_the_same_photo_at_a_quarter_of_its_pixels(analyzer):
+    """The 12 MP JPEG is decoded at half size (DCT scaling), its face confirmed and embedded by the torch ports of
+    dlib's networks: its verdict and scores are those of the same picture resized to 2000x1500 and decoded whole,
+    every score measured in the same units whatever the resolution."""
+    phone = photos.encode(photos.phone_sized_image((4000, 3000)), quality=90)
+    quarter = photos.encode(photos.phone_sized_image((2000, 1500)), quality=90)
+    assert Image.open(io.BytesIO(phone)).size == (4000, 3000)
+    large, small = judge(phone, analyzer, role="front"), judge(quarter, analyzer, role="front")
+    assert large.accepted and small.accepted
+    assert large.scores["face_fraction"] == pytest.approx(small.scores["face_fraction"], abs=0.01)
+    assert large.scores["blur"] == pytest.approx(small.scores["blur"], rel=0.1)
+    for level in ("highlight_level", "shadow_level", "brightness"):
+        assert large.scores[level] == pytest.approx(small.scores[level], abs=2)
+    for angle in ("yaw", "pitch", "roll"):
+        assert large.scores[angle] == pytest.approx(small.scores[angle], abs=2)
+    assert cosine_similarity(large.embedding, small.embedding) > 0.999
+    assert large.crop.size == small.crop.size == (512, 512)
+    assert np.abs(np.asarray(large.crop, dtype=float) - np.asarray(small.crop, dtype=float)).mean() < 4
