@@ -1,8 +1,13 @@
 """LoRA training steps/s and seconds per rendered image: ours vs the plain diffusers reference, same run.
 
     python bench/bench_gpu.py                       # tiny random-weight SD on whatever device there is (CPU here)
-    python bench/bench_gpu.py --sd15                # the full SD1.5 architecture with random weights (use a GPU)
-    python bench/bench_gpu.py --sd15 --steps 4 --train-only   # what 2 CPU cores can do at SD1.5 size
+    python bench/bench_gpu.py --sd15                # the full SD1.5 architecture with random weights
+    python bench/bench_gpu.py --sd15 --count        # also one step's FLOPs and operator launches, ours and theirs
+
+On CUDA --sd15 takes 50 steps and compares renders too. On a CPU a step at SD1.5 size takes tens of seconds, so there
+--sd15 defaults to 4 steps (1 warm-up, 3 timed) and training only (--no-train-only adds the 25-step renders, which
+take hours): about 650 CPU-seconds, 6 minutes on 2 quiet cores. --batched adds the batched recipe there (batch 4,
+an estimated 17 GB of RAM against 7.5 GB at batch 1, and 4 times the compute per step).
 
 Ours: models.train.train_lora (latents and prompt embeddings encoded once, no host sync inside the loop) in both
 recipes, and models.render.Renderer. The reference: a straightforward loop as in diffusers' DreamBooth-LoRA example
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -32,6 +38,8 @@ from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from models.pipeline import build_tiny_pipeline, build_tiny_tokenizer, pick_device  # noqa: E402
@@ -114,7 +122,8 @@ def ours_train(pipe, images, config: TrainConfig, device, warmup: int) -> tuple[
 
 
 def reference_train(pipe, images, steps, resolution, rank, device, warmup: int,
-                    compile_mode: str | None = None, compile_backend: str = "inductor") -> TrainTiming:
+                    compile_mode: str | None = None, compile_backend: str = "inductor",
+                    progress=None) -> TrainTiming:
     """diffusers' DreamBooth-LoRA example, reduced to its loop: encode the image and the prompt every step and read
     the loss back for the log line (`loss.detach().item()`), as the example does."""
     started = time.perf_counter()
@@ -150,28 +159,116 @@ def reference_train(pipe, images, steps, resolution, rank, device, warmup: int,
             optimizer.zero_grad(set_to_none=True)
             loss.detach().item()  # the example's per-step log line
             marks[step] = time.perf_counter()
+            if progress is not None:
+                progress(step, steps)
     finally:
         unet.unload_lora()
         unet.eval()
     return _timing(started, marks, time.perf_counter(), steps, warmup)
 
 
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def reference_extras_s(pipe, images, resolution, device) -> tuple[float, float]:
+    """Seconds of the work the reference does on every step and ours does once per training: one image through the
+    VAE encoder, the caption through the text encoder (each timed on its second call)."""
+    pixels = _to_pixel_tensor(images[0], resolution).unsqueeze(0).to(device, pipe.vae.dtype)
+    ids = pipe.tokenizer(CAPTION, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    timings = {}
+    with torch.no_grad():
+        for name, encode in (("vae", lambda: pipe.vae.encode(pixels).latent_dist.sample()),
+                             ("text", lambda: pipe.text_encoder(ids)[0])):
+            for _ in range(2):
+                sync(device)
+                started = time.perf_counter()
+                encode()
+                sync(device)
+                timings[name] = time.perf_counter() - started
+    return timings["vae"], timings["text"]
+
+
+class AtenOpCounter(TorchDispatchMode):
+    """Counts the aten operators a step dispatches, forward and backward: on a GPU each one that is not a view is
+    about one kernel launch, which is what bounds a batch-1 step's host time."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
+# torch's FLOP counter knows the CUDA attention kernels; these are the CPU one's (same arithmetic).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            sdpa_backward_flop_count(grad_out, query, key, value),
+}
+
+
+@dataclass
+class StepCost:
+    flops: int
+    launches: int
+
+
+def count_step_costs(pipe, images, resolution, rank, device) -> tuple[StepCost, StepCost]:
+    """FLOPs and operator launches of one steady training step (the second of two), ours and the reference's."""
+    def counted(run):
+        flops, ops = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS), AtenOpCounter()
+        marks = {}
+
+        def progress(step, total):
+            marks[step] = StepCost(flops.get_total_flops(), ops.launches)
+
+        with flops, ops:
+            run(progress)
+        return StepCost(marks[2].flops - marks[1].flops, marks[2].launches - marks[1].launches)
+
+    ours = counted(lambda progress: train_lora(pipe, images, CAPTION, TrainConfig(rank=rank, steps=2,
+                                                                                  resolution=resolution, seed=1),
+                                               progress=progress))
+    reference = counted(lambda progress: reference_train(pipe, images, 2, resolution, rank, device, 1,
+                                                         progress=progress))
+    return ours, reference
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd15", action="store_true", help="the full SD1.5 architecture (random weights)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 20 tiny, 50 sd15)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default 20 tiny; 50 sd15 on CUDA, 4 sd15 on a CPU)")
     parser.add_argument("--resolution", type=int, default=None, help="default 64 tiny, 512 sd15")
     parser.add_argument("--render-steps", type=int, default=None, help="sampling steps (default 4 tiny, 25 sd15)")
     parser.add_argument("--images", type=int, default=2, help="images per render")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--train-only", action="store_true", help="skip the rendering comparison")
+    parser.add_argument("--reference-first", action="store_true",
+                        help="time the reference before ours (on a shared machine, a run in each order cancels a "
+                             "load that drifts)")
+    parser.add_argument("--count", action="store_true",
+                        help="also count one step's FLOPs and operator launches, ours and the reference's (two more "
+                             "steps of each, under torch's dispatch counters; not timed)")
+    parser.add_argument("--train-only", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip the rendering comparison (default: on at SD1.5 size on a CPU)")
     parser.add_argument("--batched", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the batched recipe (default: on the tiny model and on CUDA; at SD1.5 size on "
                              "a CPU its batch of 4 needs over 16 GB)")
     args = parser.parse_args(argv)
 
     device = pick_device()
-    steps = args.steps or (50 if args.sd15 else 20)
+    sd15_on_cpu = args.sd15 and device != "cuda"
+    steps = args.steps or (4 if sd15_on_cpu else 50 if args.sd15 else 20)
+    if steps < 2:
+        parser.error("--steps must be at least 2: one warm-up step and one timed")
+    train_only = args.train_only if args.train_only is not None else sd15_on_cpu
     warmup = 1 if steps < 6 else 3
     resolution = args.resolution or (512 if args.sd15 else 64)
     render_steps = args.render_steps or (25 if args.sd15 else 4)
@@ -183,21 +280,45 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} CPU threads", flush=True)
     images = random_photos(4, resolution)
 
-    ours, lora_a = ours_train(pipe, images, TrainConfig(rank=args.rank, steps=steps, resolution=resolution, seed=1),
-                              device, warmup)
-    reference = reference_train(pipe, images, steps, resolution, args.rank, device, warmup)
+    def run_ours():
+        timing, weights = ours_train(pipe, images, TrainConfig(rank=args.rank, steps=steps, resolution=resolution,
+                                                               seed=1), device, warmup)
+        print(f"ours       {timing.step_s:8.3f} s/step, run {timing.total_s:.1f}s; peak RSS {peak_rss_gib():.1f} GiB",
+              flush=True)
+        return timing, weights
+
+    def run_reference():
+        timing = reference_train(pipe, images, steps, resolution, args.rank, device, warmup)
+        print(f"reference  {timing.step_s:8.3f} s/step, run {timing.total_s:.1f}s; peak RSS {peak_rss_gib():.1f} GiB",
+              flush=True)
+        return timing
+
+    if args.reference_first:
+        reference = run_reference()
+        ours, lora_a = run_ours()
+    else:
+        ours, lora_a = run_ours()
+        reference = run_reference()
     print(f"training   ours {ours.steps_per_s:8.3f} steps/s   reference {reference.steps_per_s:8.3f} steps/s   "
           f"ratio {ours.steps_per_s / reference.steps_per_s:.2f}x per step (steady, after {warmup} warm-up steps)",
           flush=True)
-    if args.batched if args.batched is not None else (device == "cuda" or not args.sd15):
+    vae_s, text_s = reference_extras_s(pipe, images, resolution, device)
+    print(f"reference's per-step extras: VAE encode {vae_s:.3f}s + text encoder {text_s:.3f}s = {vae_s + text_s:.3f}s; "
+          f"the per-step ratio they alone allow: {(ours.step_s + vae_s + text_s) / ours.step_s:.2f}x", flush=True)
+    if args.count:
+        ours_cost, reference_cost = count_step_costs(pipe, images, resolution, args.rank, device)
+        print(f"step cost  ours {ours_cost.flops / 1e9:.4g} GFLOP, {ours_cost.launches} operator launches   "
+              f"reference {reference_cost.flops / 1e9:.4g} GFLOP, {reference_cost.launches} operator launches",
+              flush=True)
+    if args.batched if args.batched is not None else not sd15_on_cpu:
         # The batched recipe sees as many images in a quarter of the steps: compare it per image seen.
         config = TrainConfig.for_recipe("batched", rank=args.rank, steps=4 * steps, resolution=resolution, seed=1)
         batched, _ = ours_train(pipe, images, config, device, warmup)
         images_per_s = config.batch_size * batched.steps_per_s
         print(f"batched    ours {images_per_s:8.3f} images/s at batch {config.batch_size}   reference "
               f"{reference.steps_per_s:8.3f} images/s   ratio {images_per_s / reference.steps_per_s:.2f}x per image "
-              f"seen", flush=True)
-    if args.train_only:
+              f"seen; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+    if train_only:
         return
     _, lora_b = ours_train(pipe, images[:2], TrainConfig(rank=args.rank, steps=2, resolution=resolution), device, 1)
 
