@@ -9,7 +9,7 @@ import hashlib
 import hmac
 from datetime import timedelta
 
-from portraits import identity, keys, photos, states, tasks
+from portraits import albums, identity, keys, photos, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -55,6 +55,8 @@ def _delete_avatar(services, avatar: dict) -> None:
 def erase_user_data(services, user: dict, reason: str) -> dict:
     """Everything personal of a user, from MongoDB, the blob store and Redis; undelivered paid orders refunded."""
     user_id = user["_id"]
+    # First: a withdrawal refunds only what an album did not deliver, and deletes its joint images for everyone.
+    albums.withdraw_albums_of(services, user_id, reason=reason)
     for order in services.db.orders.find({"user_id": user_id, "state": "paid"}):
         refunds.request_refund(services, order["_id"], reason=reason, by=f"user:{user_id}")
     for order in services.db.orders.find({"user_id": user_id, "state": "created"}):
