@@ -314,7 +314,7 @@ class Settings(BaseSettings):
 
     skus: JsonDict = setting(description="products, prices in fen: `{sku: {amount, render_sets, description, "
                                          "xpay_product_id, lane, promised_wait_s, standard_sku, min_photos, "
-                                         "render_plan}}`; `xpay_product_id` is the item's id in the "
+                                         "render_plan, album}}`; `xpay_product_id` is the item's id in the "
                                          "virtual-payment console (default: the sku), whose price must be `amount`; "
                                          "`lane` `standard` (default) or `express`: an express sku's trainings and "
                                          "renders wait in the express lane, its training is promised to start within "
@@ -323,7 +323,10 @@ class Settings(BaseSettings):
                                          "price, once; `min_photos` the accepted photos its avatar needs "
                                          "(default: `MIN_PHOTOS`); `render_plan` `{images, batch}`: after training, "
                                          "that many images spread over the templates of the avatar's gender, "
-                                         "rendered `batch` at a time (default: none, the user picks `render_sets`)",
+                                         "rendered `batch` at a time (default: none, the user picks `render_sets`); "
+                                         "`album` `{people}` (2 or 3, with a `render_plan`): an album the buyer "
+                                         "shares with people - 1 invitees, the plan drawn over the album templates "
+                                         "with every member's avatar (portraits.albums)",
                              default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
     payment_rail: Literal["jsapi", "xpay", "by_platform"] = setting(
         "jsapi", "how orders are paid: `jsapi` WeChat Pay JSAPI (wx.requestPayment); `xpay` WeChat's virtual payment "
