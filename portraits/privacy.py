@@ -115,9 +115,22 @@ def pseudonymise_orders(services, user: dict) -> int:
     return len(kept_orders)
 
 
+def pseudonymise_albums(services, user: dict) -> int:
+    """The albums the user was in stay for the other members (withdrawn by the erasure): the user becomes the
+    one-way reference there, and their nickname goes."""
+    ref = user_ref(services, user["_id"])
+    kept = list(services.db.albums.find({"member_ids": user["_id"]}))
+    for album in kept:
+        scrubbed = _scrub(album, {user["_id"]: ref})
+        scrubbed["members"] = [{**m, "nickname": None} if m["user_id"] == ref else m for m in scrubbed["members"]]
+        services.db.albums.replace_one({"_id": album["_id"]}, scrubbed)
+    return len(kept)
+
+
 def delete_user(services, user: dict) -> None:
     erase_user_data(services, user, reason="user_deleted")
     pseudonymise_orders(services, user)
+    pseudonymise_albums(services, user)
     # With the user document gone every token of theirs is refused (auth looks the user up on each request).
     services.db.users.delete_one({"_id": user["_id"]})
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs import rendering
 from models import posters
-from portraits import albums, config, keys, packs, renders, sweeper, tasks
+from portraits import albums, config, keys, packs, products, renders, sweeper, tasks
 from portraits.billing import refunds
 from tests.qr_support import decode_qr
 from tests.race import winners
@@ -255,6 +255,8 @@ def test_who_cannot_join_an_album(marked_trained, login, services, sim):
     (alice, alice_avatar), = marked_trained("alice")
     assert_error(alice.post("/api/v1/albums", json={"sku": "pack_100", "avatar_id": alice_avatar["id"]}), 400,
                  "not_an_album_sku")
+    assert_error(alice.post("/api/v1/orders", json={"sku": "couple_album", "avatar_id": alice_avatar["id"]}), 400,
+                 "album_sku")  # an album is bought as one, never as a plain order
     collecting = alice.post("/api/v1/avatars", json={"gender": "female"}).get_json()
     assert_error(alice.post("/api/v1/albums", json={"sku": "couple_album", "avatar_id": collecting["id"]}), 409,
                  "avatar_not_trained")
@@ -352,6 +354,9 @@ def test_erasure_of_a_member_withdraws_the_album_for_both(marked_trained, servic
     shown = alice.get(f"/api/v1/albums/{album['id']}").get_json()
     assert shown["state"] == "withdrawn"
     assert [r["amount"] for r in _album_refunds(services, album)] == [1990]  # nothing was delivered yet
+    kept = services.db.albums.find_one({"_id": album["id"]})
+    assert bob.user_id not in repr(kept)  # the album stays for alice; bob in it is the one-way reference
+    assert [(m["role"], m["nickname"]) for m in kept["members"]] == [("inviter", "小明"), ("invitee", None)]
     sweeper.sweep(services)
     assert len(_album_refunds(services, album)) == 1
     exported = [a for a in alice.get("/api/v1/me/export").get_json()["albums"] if a["id"] == album["id"]]
@@ -365,3 +370,16 @@ def test_consent_withdrawal_of_the_inviter_withdraws_an_album_still_inviting(mar
     stored = services.db.albums.find_one({"_id": album["id"]})
     assert stored["state"] == "withdrawn"
     assert [r["amount"] for r in _album_refunds(services, album)] == [1990]
+
+
+def test_an_album_sku_is_for_two_or_three_people_and_renders_a_plan():
+    assert products.problems(config.DEFAULT_SKUS) == []
+    album = config.DEFAULT_SKUS["couple_album"]
+    assert products.problems({"a": {**album, "album": {"people": 4}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {**album, "album": {"people": True}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {**album, "album": {"people": 2, "pets": 1}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {k: v for k, v in album.items() if k != "render_plan"}}) == [
+        "a: an album sku renders a plan (render_plan)"]

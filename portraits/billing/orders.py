@@ -32,6 +32,9 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     product = settings.skus.get(sku)
     if product is None:
         raise errors.Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
+    if products.album_people(settings, sku):
+        raise errors.Invalid("album_sku", "An album is bought with POST /api/v1/albums (it invites the others).",
+                             {"sku": sku})
     identity.require_phone(services, user)  # real identity before payment
     avatar = avatars.for_product(services, user, avatar, sku)
     if avatar["state"] != "ready":
