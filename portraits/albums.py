@@ -35,6 +35,7 @@ from pymongo import ReturnDocument
 
 from portraits import consents, keys, packs, products, renders, states
 from portraits.billing import orders, refunds
+from portraits.billing.locks import OrderBusy
 from portraits.errors import Conflict, Gone, Invalid, NotFound
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,10 @@ def withdraw(services, album_id: str, by: str, reason: str) -> dict | None:
     end_queued_batches(services, album_id)
     delete_joint_images(services, album_id)
     if album["state"] == "awaiting_payment" and album.get("order_id"):
-        orders.expire_order(services, album["order_id"], by=by)  # a payment landing now is refunded (payments)
+        try:  # a payment landing later is refunded (payments: the album no longer opens)
+            orders.expire_order(services, album["order_id"], by=by)
+        except OrderBusy:
+            log.info("album %s: its unpaid order is busy; it expires unpaid as any order", album_id)
     settle_refund(services, moved)
     return services.db.albums.find_one({"_id": album_id})
 
@@ -382,11 +386,14 @@ def _refund_undelivered(services, album: dict, order: dict) -> str:
     if amount <= 0:
         return "nothing_owed"
     try:
-        moved = refunds.request_refund(services, order["_id"], reason=f"album_{album['state']}", by=f"album:{album['_id']}",
-                                       expect=("paid", "fulfilled"), amount=amount, out_refund_no=number)
+        moved = refunds.request_refund(services, order["_id"], reason=f"album_{album['state']}",
+                                       by=f"album:{album['_id']}", expect=("paid", "fulfilled"), amount=amount,
+                                       out_refund_no=number)
     except refunds.RefundRefused as refused:
         log.warning("album %s: its refund cannot be made: %s", album["_id"], refused.code)
         return "refund_refused"
+    except OrderBusy:
+        return "refund_owed"  # the sweep asks again
     if moved is None and not refunds.has_refund(services.db.orders.find_one({"_id": order["_id"]}) or {}, number):
         return "refund_owed"
     return "refunded"

@@ -24,7 +24,7 @@ INVITE_CAPTION = {2: "邀请你一起拍双人写真", 3: "邀请你一起拍全
 
 @bp.post("")
 @login_required
-@endpoint(ok={201: AlbumPurchase}, errors=[403, 404, 409, 502], rate_limit="rate_limit_orders")
+@endpoint(ok={201: AlbumPurchase}, errors=[402, 403, 404, 409, 502], rate_limit="rate_limit_orders")
 def create_album(json: AlbumRequest):
     """Buy an album with my trained avatar: the album (awaiting_payment) and its order, paid as any order. Once paid
     its seats invite (share each seat's invite card). 403 consent_required, 409 avatar_not_trained."""
@@ -63,14 +63,14 @@ def get_invite_card(album_id):
     return _invite_card(album, seat)
 
 
-@bp.get("/<album_id>/seats/<int:index>/invite-card")
+@bp.get("/<album_id>/seats/<index>/invite-card")
 @login_required
 @endpoint(ok={200: PNG}, errors=[404, 409, 503])
 def get_seat_invite_card(album_id, index):
     """The share card of one seat (a family album has two, each for its own invitee); as /invite-card otherwise.
     404 seat_not_found."""
     album = albums.of_member(services(), album_id, g.user["_id"])
-    seat = next((s for s in album["seats"] if s["index"] == index), None)
+    seat = next((s for s in album["seats"] if str(s["index"]) == index), None)
     if seat is None:
         raise NotFound("seat_not_found", "No such seat in this album.", {"seats": len(album["seats"])})
     return _invite_card(album, seat)
@@ -97,7 +97,7 @@ def _invite_card(album: dict, seat: dict) -> Response:
 @bp.post("/<album_id>/withdraw")
 @login_required
 @endpoint(ok={200: Album}, errors=[404, 409])
-def withdraw(album_id):
+def withdraw_album(album_id):
     """Withdraw from an album (any member): it ends for everyone, its joint images are deleted for everyone, and
     what was not delivered yet is refunded to the payer. 409 album_not_live once it has ended."""
     svc = services()
