@@ -383,3 +383,25 @@ def test_an_album_sku_is_for_two_or_three_people_and_renders_a_plan():
         'a.album: must be {"people": 2} or {"people": 3}']
     assert products.problems({"a": {k: v for k, v in album.items() if k != "render_plan"}}) == [
         "a: an album sku renders a plan (render_plan)"]
+
+
+def test_a_family_album_waits_for_both_seats_one_person_each(marked_trained, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    album = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")
+    first, second = (seat["token"] for seat in album["seats"])
+    card = alice.get(album["seats"][1]["invite_card_url"])
+    assert card.status_code == 200
+    assert decode_qr(Image.open(io.BytesIO(card.data)).crop(posters.CODE_BOX)).endswith(f"scene=a={second}")
+    assert_error(alice.get(f"/api/v1/albums/{album['id']}/seats/x/invite-card"), 404, "seat_not_found")
+
+    half = _accept(bob, first, bob_avatar["id"]).get_json()
+    assert half["state"] == "inviting" and [s["state"] for s in half["seats"]] == ["taken", "open"]
+    assert services.db.renders.count_documents({"album_id": album["id"]}) == 0
+    assert_error(_accept(bob, second, bob_avatar["id"]), 409, "already_member")  # one seat per person
+    full = _accept(carol, second, carol_avatar["id"]).get_json()
+    assert full["state"] == "accepted" and [m["role"] for m in full["members"]] == ["inviter", "invitee", "invitee"]
+    batches = list(services.db.renders.find({"album_id": album["id"]}))
+    assert len(batches) == 2 and all(b["album_avatar_ids"] == [alice_avatar["id"], bob_avatar["id"],
+                                                               carol_avatar["id"]] for b in batches)
+    assert {t for b in batches for t in b["pack_templates"]} <= {t.id for t in services.catalog.album_templates(3)}
+    assert _order(services, album["order_id"])["amount"] == 2990
