@@ -4,15 +4,16 @@ from __future__ import annotations
 from flask import Flask
 
 from miniapp_api import bodies, console, headers, observability, throttle
-from miniapp_api.api import (auth, avatars, catalog as catalog_api, consents, disclosure, images, me, media,
-                             message_push, openapi, orders, packs, pay_callbacks, products, renders, subscriptions)
+from miniapp_api.api import (album_invites, albums, auth, avatars, catalog as catalog_api, consents, disclosure,
+                             images, me, media, message_push, openapi, orders, packs, pay_callbacks, products,
+                             renders, subscriptions)
 from miniapp_api.dev.simulator import with_embedded_wechat
 from miniapp_api.errors import register_error_handlers
 from portraits.config import Settings
 from portraits.services import build_services
 
 BLUEPRINTS = (auth, consents, avatars, orders, products, pay_callbacks, message_push, media, subscriptions,
-              catalog_api, renders, packs, images, me, openapi, disclosure)
+              catalog_api, renders, packs, albums, album_invites, images, me, openapi, disclosure)
 
 
 def create_app(settings: Settings | None = None, services=None) -> Flask:

@@ -15,6 +15,7 @@ DOMAIN_STATUS = {
     domain.Forbidden: 403,
     domain.NotFound: 404,
     domain.Conflict: 409,
+    domain.Gone: 410,
     domain.TooLarge: 413,
     domain.UnsupportedMedia: 415,
     domain.UpstreamFailed: 502,

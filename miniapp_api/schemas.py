@@ -107,6 +107,9 @@ GrantAnswer = Annotated[str, OneOf(GRANT_ANSWERS)]
 AvatarState = Literal[tuple(states.MACHINES["avatar"])]
 OrderState = Literal[tuple(states.MACHINES["order"])]
 RenderState = Literal[tuple(states.MACHINES["render"])]
+AlbumState = Literal[tuple(states.MACHINES["album"])]
+NICKNAME_MAX_CHARS = 20
+Nickname = Annotated[str, StringConstraints(min_length=1, max_length=NICKNAME_MAX_CHARS, pattern=r"\S")]
 # A medium's content check as the client sees it: waiting for WeChat, or passed (by WeChat, or by the review or
 # timeout policy); refused ones say so in `reasons` (photos) or are not shown at all (portraits).
 ContentCheck = Literal["pending", "pass", "review", "timeout"]
@@ -201,6 +204,23 @@ class OrderRequest(Body):
                                                              "make-good rule applies")
     use_credit: bool = Field(default=False, description="pay with one of the user's free redo credits for this sku "
                                                         "(402 no_make_good_credit when none is left)")
+
+
+class AlbumRequest(Body):
+    sku: NonEmptyStr = Field(description="an album product (GET /api/v1/products: those with `album`); 400 "
+                                         "not_an_album_sku for another")
+    avatar_id: NonEmptyStr = Field(description="the inviter's own trained avatar (409 avatar_not_trained)")
+    nickname: Nickname = Field(default=None, json_schema_extra=_no_default,
+                               description="the name the invitees see (WeChat no longer tells it to us)")
+    platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
+                                  description="the client's platform (wx.getDeviceInfo), which with "
+                                              "PAYMENT_RAIL=by_platform picks the payment rail")
+
+
+class AlbumAcceptRequest(Body):
+    avatar_id: NonEmptyStr = Field(description="the invitee's own trained avatar (409 avatar_not_trained)")
+    nickname: Nickname = Field(default=None, json_schema_extra=_no_default,
+                               description="the name the other members see")
 
 
 class ProductQuery(Body):
@@ -475,6 +495,10 @@ class RenderPlan(Reply):
                                    "/api/v1/packs/{order_id})")
 
 
+class AlbumTerms(Reply):
+    people: int = Field(description="people in the album, the buyer included: the buyer invites people - 1")
+
+
 class Product(Reply):
     sku: str
     amount: int = Field(description="fen")
@@ -493,6 +517,7 @@ class Product(Reply):
     promised_wait_s: int = Field(default=None, json_schema_extra=_no_default,
                                  description="express only: the training starts within this many seconds of "
                                              "payment, or the difference is given back")
+    album: AlbumTerms = omittable()
 
 
 class PushReply(Reply):
@@ -594,6 +619,83 @@ class Pack(Reply):
     archive_url: str | None = Field(description="a zip of the delivered portraits; null while none is")
 
 
+class AlbumMember(Reply):
+    role: Literal["inviter", "invitee"]
+    nickname: str | None
+    gender: Gender | None = Field(description="the gender of the member's avatar")
+    you: bool = Field(description="this member is the caller")
+
+
+class AlbumSeat(Reply):
+    index: int
+    state: Literal["open", "taken", "declined"]
+    token: str | None = Field(description="while open: the invitation's token (the scene of its share card's "
+                                          "mini-program code is a=<token>)")
+    invite_card_url: str | None = Field(description="while open and the album is inviting: its share card (PNG)")
+
+
+class AlbumProgress(Reply):
+    phase: Literal[tuple(states.PACK_PHASES)] = Field(
+        description="training: no batch written yet (invitations not all accepted); rendering: batches being drawn "
+                    "or checked; done: every batch delivered, redrawn or refunded")
+    images_planned: int
+    images_delivered: int
+    images_pending_check: int
+    images_refunded: int = Field(description="images that could not be delivered even after a free redraw; their "
+                                             "share of the price is refunded")
+    batches_done: int
+    batches_pending: int
+
+
+class Album(Reply):
+    id: str
+    sku: str
+    people: int
+    state: AlbumState = Field(description="awaiting_payment (the inviter pays its order), inviting (seats open), "
+                                          "accepted (drawn and delivered as batches finish), declined, expired, "
+                                          "withdrawn, closed (its order closed unpaid)")
+    you: Literal["inviter", "invitee"]
+    order_id: str | None = Field(description="the inviter's order (null for invitees: it is not theirs)")
+    members: list[AlbumMember]
+    seats: list[AlbumSeat]
+    created_at: str
+    paid_at: str | None
+    invite_expires_at: str | None
+    accepted_at: str | None
+    withdrawn_at: str | None
+    progress: AlbumProgress | None
+    images: list[Image] = Field(description="the joint portraits delivered so far (both members see them); none once "
+                                            "withdrawn: they are deleted for everyone")
+
+
+class AlbumPurchase(Reply):
+    album: Album
+    order: Order = Field(description="pay it as any order (pay_params / xpay_params); once paid the album invites")
+
+
+class AlbumInvitation(Reply):
+    """What the invitee is shown when opening an invite card's code."""
+
+    sku: str
+    description: str = Field(description="the product")
+    people: int
+    inviter_nickname: str | None
+    seat: int
+    state: AlbumState
+    expires_at: str | None
+
+
+class AlbumExport(Reply):
+    id: str
+    role: Literal["inviter", "invitee"]
+    state: AlbumState
+    sku: str
+    created_at: str
+    accepted_at: str | None
+    withdrawn_at: str | None
+    image_count: int = Field(description="joint images held now (none once withdrawn)")
+
+
 class ConsentRecord(Reply):
     version: str
     given_at: str | None
@@ -666,6 +768,7 @@ class Export(Reply):
     orders: list[OrderRecord]
     renders: list[Render]
     images: list[ExportedImage]
+    albums: list[AlbumExport] = Field(description="every album the user is or was in, as inviter or invitee")
     label_log: list[LabelLogEntry]
 
 

@@ -39,6 +39,11 @@ DEFAULT_SKUS = {
     # Meitu Xiuxiu's product: three photos, 100 avatars spread over the templates, rendered ten at a time.
     "pack_100": {"amount": 990, "render_sets": 0, "description": "百变AI头像 100张", "min_photos": 3,
                  "render_plan": {"images": 100, "batch": 10}},
+    # Couple and family albums (portraits.albums): the buyer invites the others, each with their own trained avatar.
+    "couple_album": {"amount": 1990, "render_sets": 0, "description": "双人写真相册", "album": {"people": 2},
+                     "render_plan": {"images": 6, "batch": 3}},
+    "family_album": {"amount": 2990, "render_sets": 0, "description": "家庭写真相册", "album": {"people": 3},
+                     "render_plan": {"images": 6, "batch": 3}},
 }
 DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 # What EMBEDDED puts in the filing and model disclosure settings; the disclosure endpoint says it is a placeholder.
@@ -309,7 +314,7 @@ class Settings(BaseSettings):
 
     skus: JsonDict = setting(description="products, prices in fen: `{sku: {amount, render_sets, description, "
                                          "xpay_product_id, lane, promised_wait_s, standard_sku, min_photos, "
-                                         "render_plan}}`; `xpay_product_id` is the item's id in the "
+                                         "render_plan, album}}`; `xpay_product_id` is the item's id in the "
                                          "virtual-payment console (default: the sku), whose price must be `amount`; "
                                          "`lane` `standard` (default) or `express`: an express sku's trainings and "
                                          "renders wait in the express lane, its training is promised to start within "
@@ -318,7 +323,10 @@ class Settings(BaseSettings):
                                          "price, once; `min_photos` the accepted photos its avatar needs "
                                          "(default: `MIN_PHOTOS`); `render_plan` `{images, batch}`: after training, "
                                          "that many images spread over the templates of the avatar's gender, "
-                                         "rendered `batch` at a time (default: none, the user picks `render_sets`)",
+                                         "rendered `batch` at a time (default: none, the user picks `render_sets`); "
+                                         "`album` `{people}` (2 or 3, with a `render_plan`): an album the buyer "
+                                         "shares with people - 1 invitees, the plan drawn over the album templates "
+                                         "with every member's avatar (portraits.albums)",
                              default_factory=lambda: copy.deepcopy(DEFAULT_SKUS))
     payment_rail: Literal["jsapi", "xpay", "by_platform"] = setting(
         "jsapi", "how orders are paid: `jsapi` WeChat Pay JSAPI (wx.requestPayment); `xpay` WeChat's virtual payment "
@@ -373,6 +381,9 @@ class Settings(BaseSettings):
     render_max_steps: int | None = setting(None, "cap on sampling steps", shown="tiny: `4`; real: the template's")
     render_max_candidates: int | None = setting(None, "cap on candidates drawn per render set (cost control); images "
                                                       "kept = min(template's keep, cap)")
+    album_invite_ttl_s: int = setting(7 * 24 * 3600, "an album's invitation (its seats' share codes) must be "
+                                                     "accepted within this many seconds of payment; then the album "
+                                                     "expires and its whole price is refunded")
     pack_candidates_per_image: int = setting(2, "candidates drawn for each image of a pack's render plan (sku "
                                                 "`render_plan`); the likeliest is kept (capped by "
                                                 "`RENDER_MAX_CANDIDATES`)")

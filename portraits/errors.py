@@ -36,6 +36,10 @@ class Conflict(DomainError):
     """Not possible in the current state (an avatar not ready, an order already open)."""
 
 
+class Gone(DomainError):
+    """It existed but is over for good (an album's invitation expired or closed)."""
+
+
 class PaymentRequired(DomainError):
     """Needs something paid for that is used up (render credits)."""
 

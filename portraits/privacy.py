@@ -9,7 +9,7 @@ import hashlib
 import hmac
 from datetime import timedelta
 
-from portraits import identity, keys, photos, states, tasks
+from portraits import albums, identity, keys, photos, states, tasks
 from portraits.billing import orders, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -55,6 +55,8 @@ def _delete_avatar(services, avatar: dict) -> None:
 def erase_user_data(services, user: dict, reason: str) -> dict:
     """Everything personal of a user, from MongoDB, the blob store and Redis; undelivered paid orders refunded."""
     user_id = user["_id"]
+    # First: a withdrawal refunds only what an album did not deliver, and deletes its joint images for everyone.
+    albums.withdraw_albums_of(services, user_id, reason=reason)
     for order in services.db.orders.find({"user_id": user_id, "state": "paid"}):
         refunds.request_refund(services, order["_id"], reason=reason, by=f"user:{user_id}")
     for order in services.db.orders.find({"user_id": user_id, "state": "created"}):
@@ -113,9 +115,22 @@ def pseudonymise_orders(services, user: dict) -> int:
     return len(kept_orders)
 
 
+def pseudonymise_albums(services, user: dict) -> int:
+    """The albums the user was in stay for the other members (withdrawn by the erasure): the user becomes the
+    one-way reference there, and their nickname goes."""
+    ref = user_ref(services, user["_id"])
+    kept = list(services.db.albums.find({"member_ids": user["_id"]}))
+    for album in kept:
+        scrubbed = _scrub(album, {user["_id"]: ref})
+        scrubbed["members"] = [{**m, "nickname": None} if m["user_id"] == ref else m for m in scrubbed["members"]]
+        services.db.albums.replace_one({"_id": album["_id"]}, scrubbed)
+    return len(kept)
+
+
 def delete_user(services, user: dict) -> None:
     erase_user_data(services, user, reason="user_deleted")
     pseudonymise_orders(services, user)
+    pseudonymise_albums(services, user)
     # With the user document gone every token of theirs is refused (auth looks the user up on each request).
     services.db.users.delete_one({"_id": user["_id"]})
 

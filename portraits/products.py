@@ -2,7 +2,8 @@
 
 A sku may carry its own photo minimum (`min_photos`; without it MIN_PHOTOS, as before) and a render plan
 (`render_plan: {images, batch}`: that many images spread over the catalog's templates for the avatar's gender,
-rendered `batch` at a time, see portraits.packs). Products without a plan sell render sets the user picks
+rendered `batch` at a time, see portraits.packs), and an album (`album: {people}`: the buyer invites people - 1 others,
+each with their own trained avatar, and the plan draws them together, see portraits.albums). Products without a plan sell render sets the user picks
 (`render_sets`).
 
 The avatar learns its product before an order exists from the client (`POST /api/v1/avatars {sku}`), and an order
@@ -37,6 +38,7 @@ def problems(skus: dict) -> list[str]:
         minimum = product.get("min_photos")
         if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1):
             found.append(f"{sku}.min_photos: must be a whole number of at least 1")
+        found.extend(album_problems(sku, product))
         plan = product.get("render_plan")
         if plan is None:
             continue
@@ -45,6 +47,26 @@ def problems(skus: dict) -> list[str]:
             found.append(f"{sku}.render_plan: must be {{\"images\": n, \"batch\": m}} with whole numbers of at "
                          "least 1")
     return found
+
+
+def album_people(settings, sku: str | None) -> int | None:
+    """How many people an album sku is for (the buyer included), else None."""
+    product = settings.skus.get(sku) if sku else None
+    album = (product or {}).get("album")
+    return int(album["people"]) if album else None
+
+
+def album_problems(sku: str, product: dict) -> list[str]:
+    """An album sku is for 2 or 3 people (the catalog's couple and family templates) and renders a plan."""
+    album = product.get("album")
+    if album is None:
+        return []
+    people = album.get("people") if isinstance(album, dict) else None
+    if not isinstance(album, dict) or set(album) != {"people"} or isinstance(people, bool) or people not in (2, 3):
+        return [f"{sku}.album: must be {{\"people\": 2}} or {{\"people\": 3}}"]
+    if product.get("render_plan") is None:
+        return [f"{sku}: an album sku renders a plan (render_plan)"]
+    return []
 
 
 def lane_problems(skus: dict, sku: str, product: dict) -> list[str]:

@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from models.faces import relative_likeness
 from models.labels import label_image
 from models.ranking import RankedCandidate
-from portraits import avatars, content_checks, keys, notifications, packs, previews, privacy, states, tasks
+from portraits import albums, avatars, content_checks, keys, notifications, packs, previews, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
 from portraits.errors import Conflict, Invalid, NotFound, PaymentRequired
@@ -219,7 +219,12 @@ def enqueue_render(services, render: dict) -> None:
 
 
 def begin_render(services, render_id: str, job_id: str) -> dict | None:
-    """Claim a queued render for this job; None when it is not queued (handled elsewhere, or gone)."""
+    """Claim a queued render for this job; None when it is not queued (handled elsewhere, or gone), or when it is
+    a batch of an album withdrawn meanwhile (it ends without drawing)."""
+    queued = services.db.renders.find_one({"_id": render_id}, {"album_id": 1})
+    if queued is not None and queued.get("album_id") and albums.withdrawn(services, queued["album_id"]):
+        albums.end_queued_batches(services, queued["album_id"])
+        return None
     render = states.transition(services.db, "render", render_id, "rendering", expect={"queued"}, by=f"job:{job_id}",
                                inc={"attempts": 1})
     if render is not None:
@@ -335,7 +340,9 @@ def store_labelled(services, render: dict, image: Image.Image, score: float | No
         {"_id": image_id},
         {"$setOnInsert": {"user_id": render["user_id"], "render_id": render["_id"], "content_id": content_id,
                           "likeness": score, "width": image.width, "height": image.height, "created_at": at,
-                          "content_check": "pending", **(extra or {})}},
+                          "content_check": "pending",
+                          # A joint image is the album's: its members see it, a withdrawal deletes it (albums).
+                          **({"album_id": render["album_id"]} if render.get("album_id") else {}), **(extra or {})}},
         upsert=True)
     services.db.label_log.update_one(
         {"content_id": content_id},
@@ -396,6 +403,8 @@ def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], 
     if done is None:
         return "superseded"
     QueueTracker(services.redis).set_subject(keys.render_subject(render["_id"]), state="done")
+    if done.get("album_id") and albums.discard_if_withdrawn(services, done):
+        return "album_withdrawn"
     request_image_checks(services, done)
     if delivered:
         deliver(services, done)
@@ -593,8 +602,8 @@ def start_pack(services, order_id: str) -> int:
     (its id is derived from the order) and queued; the order then records that its pack started. Safe to run
     again at any time (the job that trained the avatar, the sweep); returns how many batches this call wrote."""
     order = services.db.orders.find_one({"_id": order_id})
-    if (order is None or not order.get("render_plan") or order.get("pack_started_at")
-            or order["state"] not in ("paid", "fulfilled")):
+    if (order is None or not order.get("render_plan") or order.get("pack_started_at") or order.get("album_id")
+            or order["state"] not in ("paid", "fulfilled")):  # an album's batches are albums.write_batches'
         return 0
     avatar = services.db.avatars.find_one({"_id": order["avatar_id"]})
     if avatar is None or avatar["state"] != "trained" or avatar.get("order_id") != order_id:
@@ -632,6 +641,11 @@ def settle_batch(services, render: dict) -> str:
     refund) leaves it unsettled for the sweep. Returns what happened (a stable word)."""
     if render.get("settled_at"):
         return "already_settled"
+    if render.get("album_id") and albums.withdrawn(services, render["album_id"]):
+        # The withdrawal refunded what was not delivered (albums.settle_refund): nothing more is owed here.
+        services.db.renders.update_one({"_id": render["_id"], "settled_at": {"$exists": False}},
+                                       {"$set": {"settled_at": states.now()}})
+        return "album_withdrawn"
     delivered = {i["pack_slot"] for i in services.db.images.find(
         {"_id": {"$in": render.get("delivered_image_ids", [])}}, {"pack_slot": 1})}
     lost = [slot for slot in render["pack_slots"] if slot not in delivered]
@@ -652,10 +666,15 @@ def _redraw_batch(services, render: dict, lost: list[int]) -> str:
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]})
     if avatar is None or avatar["state"] != "trained":
         return "cannot_redraw"
+    album = {}
+    if render.get("album_id"):  # drawn with every member's avatar: all still trained, the album still accepted
+        album = albums.redraw_fields(services, render)
+        if album is None:
+            return "cannot_redraw"
     template_of = dict(zip(render["pack_slots"], render["pack_templates"]))
     _insert_batch(services, avatar, render["order_id"], packs.redraw_id(render["_id"]), by=f"pack:{render['_id']}",
-                  pack=packs.batch_fields(render["pack_index"], lost, [template_of[slot] for slot in lost],
-                                          redraw_of=render["_id"]))
+                  pack={**packs.batch_fields(render["pack_index"], lost, [template_of[slot] for slot in lost],
+                                             redraw_of=render["_id"]), **album})
     return "redrawn"
 
 

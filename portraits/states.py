@@ -83,6 +83,20 @@ MACHINES: dict[str, dict[str, set[str]]] = {
         "failed": set(),
         "superseded": set(),
     },
+    # A couple or family album (portraits.albums): written with its order, `inviting` once the order is paid (its
+    # seats' share codes can be accepted), `accepted` once every seat is taken (its batches are written and drawn).
+    # Ends declined (an invitee declined a seat: refunded), expired (not accepted within ALBUM_INVITE_TTL_S:
+    # refunded), closed (its order closed unpaid) or withdrawn (by any member, or by a member's consent withdrawal or
+    # erasure: the joint images deleted for everyone, what was not delivered refunded).
+    "album": {
+        "awaiting_payment": {"inviting", "closed", "withdrawn"},
+        "inviting": {"accepted", "declined", "expired", "withdrawn"},
+        "accepted": {"withdrawn"},
+        "declined": set(),
+        "expired": set(),
+        "withdrawn": set(),
+        "closed": set(),
+    },
 }
 
 # A pack's progress (portraits.packs.progress), read from its order and its batches (renders), never stored: training
@@ -91,7 +105,7 @@ MACHINES: dict[str, dict[str, set[str]]] = {
 PACK_PHASES = ("training", "rendering", "done", "refunded")
 
 COLLECTIONS = {"avatar": "avatars", "order": "orders", "render": "renders", "content_check": "content_checks",
-               "preview": "previews"}
+               "preview": "previews", "album": "albums"}
 # Machines whose state lives in a field of another entity's document: machine -> (collection, field).
 PARTS = {"express_promise": ("orders", "promise")}
 

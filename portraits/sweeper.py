@@ -10,6 +10,8 @@ Every state that owes work is a state in MongoDB, written by the same update tha
 - a paid order with a render plan whose avatar is trained owes its batches (portraits.packs), and a batch `done`
   with every image decided but not yet `settled_at` owes its redraw or its share of the price back (a refund that
   had to wait for another one to settle, or a verdict applied by a process that died before settling);
+- an album owes what portraits.albums.sweep heals (its invitation opened, expired or refunded, its batches
+  written, a withdrawn album's images deleted, its order fulfilled);
 - a render `done` with portraits delivered (passed by the content check) whose order is still `paid` owes the
   fulfilment, a paid order whose avatar cannot train a refund;
 - an avatar `trained` whose photos are not purged owes the purge, as does a failed one whose order is refunded;
@@ -35,7 +37,7 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from portraits import avatars, keys, moderation, notifications, photos, previews, renders, sharing, states, tasks
+from portraits import albums, avatars, keys, moderation, notifications, photos, previews, renders, sharing, states, tasks
 from portraits.billing import orders, promises, refunds
 from portraits.queue.tracking import QueueTracker
 
@@ -61,6 +63,7 @@ def sweep(services) -> dict[str, int]:
     _settle_packs(services, done)
     _purge_photos(services, done)
     _settle_claims(services, done)
+    done.update(albums.sweep(services, _grace_cutoff(services)))
     done.update(promises.sweep(services))
     done.update(moderation.sweep(services, _grace_cutoff(services)))
     done.update(notifications.heal(services, _grace_cutoff(services)))
@@ -107,7 +110,9 @@ def needs_people(services) -> list[dict]:
 def _settle_paid_orders(services, done: Counter) -> None:
     """A paid order owes a training (its avatar still `ready`), a refund (its avatar can no longer train for it), or
     its fulfilment (a render of it is `done`)."""
-    paid = list(services.db.orders.find({"state": "paid"}, {"avatar_id": 1, "sku": 1, "lane": 1}))
+    # An album's order is the album's to settle (albums.sweep): its avatar was trained for another order.
+    paid = list(services.db.orders.find({"state": "paid", "album_id": {"$exists": False}},
+                                        {"avatar_id": 1, "sku": 1, "lane": 1}))
     avatar_of = {a["_id"]: a for a in services.db.avatars.find({"_id": {"$in": [o["avatar_id"] for o in paid]}},
                                                                 {"state": 1, "order_id": 1})}
     delivered = {r["order_id"] for r in services.db.renders.find(
@@ -256,7 +261,8 @@ def _settle_failed_renders(services, done: Counter) -> None:
 
 def _settle_packs(services, done: Counter) -> None:
     for order in services.db.orders.find({"state": {"$in": ["paid", "fulfilled"]}, "render_plan": {"$ne": None},
-                                          "pack_started_at": {"$exists": False}}, {"_id": 1}):
+                                          "pack_started_at": {"$exists": False}, "album_id": {"$exists": False}},
+                                         {"_id": 1}):
         if renders.start_pack(services, order["_id"]):
             done["pack_started"] += 1
     for batch in services.db.renders.find({"state": "done", "pack_slots": {"$exists": True},

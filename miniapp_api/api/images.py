@@ -1,19 +1,19 @@
-"""Labelled images, downloadable and shareable by their owner only."""
+"""Labelled images, downloadable and shareable by their owner only (and an album's by each of its members)."""
 from __future__ import annotations
 
 import io
 import json
 
-from flask import Blueprint, Response, url_for
+from flask import Blueprint, Response, g, url_for
 from PIL import Image
 
 from miniapp_api.api.auth import login_required
 from miniapp_api.api.openapi import endpoint
-from miniapp_api.api.requests import owned, services
+from miniapp_api.api.requests import services
 from miniapp_api.schemas import JPEG, PNG, PosterPending
 from models.labels import METADATA_KEY, find_cjk_font, label_metadata, media_type
 from models.posters import make_poster
-from portraits import keys, sharing
+from portraits import albums, keys, sharing
 from portraits.errors import Conflict, not_found
 
 bp = Blueprint("images", __name__, url_prefix="/api/v1/images")
@@ -33,7 +33,10 @@ def image_json(image: dict) -> dict:
 def delivered_image(image_id: str) -> dict:
     """The user's image once WeChat's content check passed it: 409 image_pending_check while it waits, 404 (as for
     any other id) when it was refused."""
-    image = owned("images", image_id, "image")
+    svc = services()
+    image = svc.db.images.find_one({"_id": image_id})
+    if image is None or not albums.can_view_image(svc, image, g.user["_id"]):  # an album's: each member's too
+        raise not_found("image")
     if image.get("content_check") == "refused":
         raise not_found("image")
     if image.get("content_check") == "pending":
@@ -45,7 +48,7 @@ def delivered_image(image_id: str) -> dict:
 @login_required
 @endpoint(ok={200: JPEG}, also_answers={200: PNG}, errors=[404, 409])
 def get_image(image_id):
-    """The image (owner only), once WeChat's content check passed it: a JPEG (metadata label in XMP and EXIF), or a
+    """The image (owner only; an album's: each member), once WeChat's content check passed it: a JPEG (metadata label in XMP and EXIF), or a
     PNG (iTXt label) for ID photos and under PORTRAIT_FORMAT=png; both with the visible AI label."""
     image = delivered_image(image_id)
     data = services().sealed.get(image["user_id"], keys.image(image["user_id"], image_id))

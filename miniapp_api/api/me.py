@@ -10,7 +10,7 @@ from miniapp_api.api.orders import order_json
 from miniapp_api.api.renders import render_json
 from miniapp_api.api.requests import services
 from miniapp_api.schemas import Deleted, Export, PhoneRequest, PhoneState, Profile
-from portraits import identity
+from portraits import albums, identity
 from portraits.privacy import delete_user, user_ref
 
 bp = Blueprint("me", __name__, url_prefix="/api/v1/me")
@@ -71,6 +71,11 @@ def export():
         "images": [{"id": i["_id"], "url": url_for("images.get_image", image_id=i["_id"]),
                     "content_id": i["content_id"], "created_at": _iso(i["created_at"])}
                    for i in svc.db.images.find({"user_id": uid})],
+        "albums": [{"id": a["_id"], "role": (albums.member(a, uid) or {}).get("role", albums.INVITEE),
+                    "state": a["state"], "sku": a["sku"], "created_at": _iso(a["created_at"]),
+                    "accepted_at": _iso(a.get("accepted_at")), "withdrawn_at": _iso(a.get("withdrawn_at")),
+                    "image_count": albums.image_count(svc, a["_id"])}
+                   for a in svc.db.albums.find({"member_ids": uid})],
         # The AIGC label log names the user only by the one-way reference; these are the entries that refer to them.
         "label_log": [{"content_id": entry["content_id"], "created_at": _iso(entry["created_at"])}
                       for entry in svc.db.label_log.find({"user_ref": user_ref(svc, uid)})],

@@ -38,6 +38,7 @@ MEANINGS = {
          "unknown_refund",
     405: "this path does not take that method; the Allow header lists the ones it takes",
     409: "not possible in the current state",
+    410: "it existed but is over for good: invite_expired, invite_closed (an album's invitation)",
     413: "too large: the body (body_too_large, details.max_bytes: MAX_JSON_BODY_BYTES, for a photo upload "
          "MAX_UPLOAD_BYTES plus its multipart framing), or the photo (file_too_large, too_many_pixels)",
     415: "json_required, multipart_required, or an image format we do not take (unsupported_format)",

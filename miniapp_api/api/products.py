@@ -27,5 +27,6 @@ def list_products(query: ProductQuery):
              "description": product["description"], "rail": rails.rail_for(settings, query.platform),
              "ios_make_good": settings.xpay_ios_make_good,
              "credits": sum(1 for credit in credits if credit["sku"] == sku), "lane": lanes.lane_of(product),
-             **({"promised_wait_s": int(product["promised_wait_s"])} if "promised_wait_s" in product else {})}
+             **({"promised_wait_s": int(product["promised_wait_s"])} if "promised_wait_s" in product else {}),
+             **({"album": {"people": products.album_people(settings, sku)}} if "album" in product else {})}
             for sku, product in sorted(settings.skus.items())]

@@ -32,6 +32,9 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     product = settings.skus.get(sku)
     if product is None:
         raise errors.Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
+    if products.album_people(settings, sku):
+        raise errors.Invalid("album_sku", "An album is bought with POST /api/v1/albums (it invites the others).",
+                             {"sku": sku})
     identity.require_phone(services, user)  # real identity before payment
     avatar = avatars.for_product(services, user, avatar, sku)
     if avatar["state"] != "ready":
@@ -43,13 +46,37 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     if rail == rails.XPAY and users.session_key(services, user) is None:
         raise errors.Conflict("session_key_missing", "Log in again (wx.login) before paying.", {})
     _expire_stale_open_order(services, avatar["_id"], by=f"user:{user['_id']}")
+    order = _new_order(settings, user, avatar, sku, rail, platform)
+    order["open_avatar_id"] = avatar["_id"]
+    promise_terms = promises.terms(settings, product)
+    if promise_terms is not None:
+        order.update(lane=lanes.EXPRESS, promise_terms=promise_terms)
+    return _place(services, user, order, product)
+
+
+def create_album_order(services, user: dict, avatar: dict, sku: str, album_id: str,
+                       platform: str | None = None) -> dict:
+    """The order of an album (portraits.albums): the inviter's trained avatar pays for a plan drawn with every
+    member's; paid on the client's rail like any order (never with a credit), it opens the album's invitation
+    instead of a training. An inviter may have several albums open: there is no one-open-order-per-avatar rule."""
+    settings = services.settings
+    identity.require_phone(services, user)
+    rail = rails.rail_for(settings, platform)
+    if rail == rails.XPAY and users.session_key(services, user) is None:
+        raise errors.Conflict("session_key_missing", "Log in again (wx.login) before paying.", {})
+    order = _new_order(settings, user, avatar, sku, rail, platform)
+    order["album_id"] = album_id
+    return _place(services, user, order, settings.skus[sku])
+
+
+def _new_order(settings, user: dict, avatar: dict, sku: str, rail: str, platform: str | None) -> dict:
+    product = settings.skus[sku]
     at = states.now()
     order = {
         "_id": new_order_id(),
         "user_id": user["_id"],
         "openid": user["openid"],
         "avatar_id": avatar["_id"],
-        "open_avatar_id": avatar["_id"],
         "sku": sku,
         "amount": 0 if rail == rails.CREDIT else int(product["amount"]),
         "render_credits": int(product["render_sets"]),
@@ -64,15 +91,18 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
         "expires_at": at + timedelta(seconds=settings.order_expire_s),
         "history": states.initial_history("created", f"user:{user['_id']}"),
     }
-    promise_terms = promises.terms(settings, product)
-    if promise_terms is not None:
-        order.update(lane=lanes.EXPRESS, promise_terms=promise_terms)
     if rail == rails.XPAY:
         order.update(xpay_product_id=product.get("xpay_product_id") or sku, xpay_env=settings.xpay_env)
+    return order
+
+
+def _place(services, user: dict, order: dict, product: dict) -> dict:
+    """Write a new order and start its payment on its rail."""
+    rail = order["rail"]
     try:
         services.db.orders.insert_one(order)
     except DuplicateKeyError:
-        existing = services.db.orders.find_one({"open_avatar_id": avatar["_id"]}, {"_id": 1})
+        existing = services.db.orders.find_one({"open_avatar_id": order["avatar_id"]}, {"_id": 1})
         raise errors.Conflict("order_already_open", "There is already an unpaid order for this avatar.",
                               {"order_id": existing["_id"] if existing else None})
     if rail == rails.CREDIT:

@@ -1,9 +1,9 @@
 """Applying a payment to its order: from a verified callback or push, the reconciliation job, or an expiry that
 found the order paid (on any rail: portraits.billing.rails). Only an exact match of what the order asked for is applied; a paid order starts its avatar's training and its
-free preview (portraits.previews)."""
+free preview (portraits.previews), or, for an album's order, opens the album's invitation (portraits.albums)."""
 from __future__ import annotations
 
-from portraits import avatars, previews, states
+from portraits import albums, avatars, previews, states
 from portraits.billing import alerts, promises, rails, refunds
 from portraits.billing.locks import order_lock
 from portraits.gateways.wechatpay import PaymentGatewayError
@@ -61,6 +61,12 @@ def apply_payment(services, transaction: dict, source: str) -> dict | None:
         if paid["history"][-2]["to"] == "closed":
             refunds.request_refund(services, order_id, reason="paid_after_close", by=source)
             return services.db.orders.find_one({"_id": order_id})
+        if paid.get("album_id"):
+            # An album's avatars are trained already: its payment opens the invitation (portraits.albums).
+            if albums.open_invitation(services, paid, by=source) is None:
+                refunds.request_refund(services, order_id, reason="album_unavailable", by=source)
+                return services.db.orders.find_one({"_id": order_id})
+            return paid
         if not avatars.start_training(services, paid, before_enqueue=previews.requester(services, by=source)):
             # Whatever changed since the order was made (consent outdated, another order paid first), a payment
             # that cannot be trained is never kept.

@@ -52,6 +52,11 @@ def batch_refund_number(order_id: str, batch_id: str) -> str:
     return f"R{order_id}-{batch_id}"
 
 
+def album_refund_number(order_id: str, album_id: str) -> str:
+    """The one refund an album owes when it ends undelivered (expired, declined, withdrawn: portraits.albums)."""
+    return f"R{order_id}-{album_id}"
+
+
 def committed_refunds(order: dict) -> int:
     """Refunded or on its way: everything but refunds that ended in failure."""
     return sum(r["amount"] for r in order.get("refunds", []) if r["state"] not in REFUND_FINAL_FAILURES)

@@ -1,0 +1,407 @@
+"""Couple and family albums over the API (rules: portraits.albums): invite, pay through the simulator's real pay
+callback, accept, batches drawn and delivered to both, fulfilled; and the money and privacy paths: expiry and decline
+refund once, concurrent accepts of one seat, the refusals, withdrawal and erasure delete the joint images for both and
+refund what was not delivered once, the export of each shows the album, a failed batch is redrawn then refunded.
+
+Until the album drawing lands, a batch draws through the pack path (one person per plan); these tests hold for any
+drawing: they read the documents and images, never how a face was drawn.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from jobs import rendering
+from models import posters
+from portraits import albums, config, keys, packs, products, renders, sweeper, tasks
+from portraits.billing import refunds
+from tests.qr_support import decode_qr
+from tests.race import winners
+from tests.test_api import assert_error
+
+SKUS = config.DEFAULT_SKUS  # couple_album: 1990 fen, 6 images in batches of 3
+FAST = {"render_max_steps": 1, "render_max_candidates": 1, "pack_candidates_per_image": 1}
+
+
+@pytest.fixture
+def settings_overrides():
+    return dict(FAST)
+
+
+@pytest.fixture
+def trained(paid_avatar, drain, services):
+    """Users with an avatar trained for real (the inviter's is what the batches draw with)."""
+
+    def _make(*names: str):
+        made = [paid_avatar(name) for name in names]
+        drain()
+        for api, avatar, _order in made:
+            assert api.get(f"/api/v1/avatars/{avatar['id']}").get_json()["state"] == "trained"
+        return [(api, avatar) for api, avatar, _order in made]
+
+    return _make
+
+
+@pytest.fixture
+def marked_trained(paid_avatar, services):
+    """Users whose paid avatar is marked trained without training: for tests that draw nothing."""
+
+    def _make(*names: str):
+        made = []
+        for name in names:
+            api, avatar, _order = paid_avatar(name)
+            services.db.avatars.update_one({"_id": avatar["id"]}, {"$set": {"state": "trained"}})
+            made.append((api, avatar))
+        return made
+
+    return _make
+
+
+def _buy(api, avatar_id: str, sku: str = "couple_album", nickname: str = "小明") -> dict:
+    bought = api.post("/api/v1/albums", json={"sku": sku, "avatar_id": avatar_id, "nickname": nickname})
+    assert bought.status_code == 201, bought.get_json()
+    return bought.get_json()
+
+
+def _paid_album(api, sim, avatar_id: str, sku: str = "couple_album") -> dict:
+    bought = _buy(api, avatar_id, sku)
+    paid = sim.pay(bought["order"]["id"])
+    assert paid["delivered"], paid
+    album = api.get(f"/api/v1/albums/{bought['album']['id']}").get_json()
+    assert album["state"] == "inviting", album
+    return album
+
+
+def _accept(api, token: str, avatar_id: str):
+    return api.post(f"/api/v1/album-invites/{token}/accept", json={"avatar_id": avatar_id, "nickname": "小红"})
+
+
+def _order(services, order_id: str) -> dict:
+    return services.db.orders.find_one({"_id": order_id})
+
+
+def _album_refunds(services, album: dict) -> list[dict]:
+    return _order(services, album["order_id"])["refunds"]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_a_couple_album_is_invited_paid_accepted_drawn_and_delivered_to_both(trained, login, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    products = {p["sku"]: p for p in alice.get("/api/v1/products").get_json()}
+    assert products["couple_album"]["album"] == {"people": 2} and products["family_album"]["album"] == {"people": 3}
+    assert (products["couple_album"]["amount"], products["couple_album"]["render_sets"]) == (1990, 0)
+    assert "album" not in products["pack_100"]
+
+    bought = _buy(alice, alice_avatar["id"])
+    album, order = bought["album"], bought["order"]
+    assert (album["state"], album["you"], [s["state"] for s in album["seats"]]) == (
+        "awaiting_payment", "inviter", ["open"])
+    assert album["seats"][0]["token"] is None  # nothing to share before it is paid
+    assert (order["amount"], order["avatar_id"], order["state"]) == (1990, alice_avatar["id"], "created")
+    stored = _order(services, order["id"])
+    assert stored["album_id"] == album["id"] and "pay_params" in order
+    token = services.db.albums.find_one({"_id": album["id"]})["seats"][0]["token"]
+    assert_error(bob.get(f"/api/v1/album-invites/{token}"), 409, "invite_not_open")
+
+    assert sim.pay(order["id"])["delivered"]  # WeChat Pay's real, signed callback
+    assert _order(services, order["id"])["state"] == "paid"
+    trainings = services.db.avatars.find_one({"_id": alice_avatar["id"]})
+    assert trainings["state"] == "trained" and trainings["order_id"] != order["id"]  # an album order trains nothing
+    inviting = alice.get(f"/api/v1/albums/{album['id']}").get_json()
+    assert inviting["state"] == "inviting" and inviting["seats"][0]["token"] == token
+
+    card = alice.get(inviting["seats"][0]["invite_card_url"])
+    assert card.status_code == 200 and card.mimetype == "image/png"
+    assert decode_qr(Image.open(io.BytesIO(card.data)).crop(posters.CODE_BOX)).endswith(f"scene=a={token}")
+    first_open = alice.get(f"/api/v1/albums/{album['id']}/invite-card")
+    assert decode_qr(Image.open(io.BytesIO(first_open.data)).crop(posters.CODE_BOX)).endswith(f"scene=a={token}")
+    assert_error(login("mallory").get(f"/api/v1/albums/{album['id']}"), 404, "album_not_found")
+
+    shown = bob.get(f"/api/v1/album-invites/{token}").get_json()
+    assert (shown["inviter_nickname"], shown["sku"], shown["people"], shown["state"]) == (
+        "小明", "couple_album", 2, "inviting")
+    assert shown["description"] == "双人写真相册" and shown["expires_at"]
+    joined = _accept(bob, token, bob_avatar["id"])
+    assert joined.status_code == 200, joined.get_json()
+    assert joined.get_json()["state"] == "accepted" and joined.get_json()["you"] == "invitee"
+    assert [(m["role"], m["nickname"], m["gender"]) for m in joined.get_json()["members"]] == [
+        ("inviter", "小明", "female"), ("invitee", "小红", "female")]
+    assert joined.get_json()["order_id"] is None  # the order is the inviter's
+
+    batches = list(services.db.renders.find({"album_id": album["id"]}).sort("pack_index", 1))
+    assert [b["_id"] for b in batches] == [packs.batch_id(order["id"], 0), packs.batch_id(order["id"], 1)]
+    assert all(b["album_avatar_ids"] == [alice_avatar["id"], bob_avatar["id"]] for b in batches)
+    assert {b["avatar_id"] for b in batches} == {alice_avatar["id"]}
+    album_templates = {t.id for t in services.catalog.album_templates(2)}
+    assert {t for b in batches for t in b["pack_templates"]} <= album_templates
+    assert albums.write_batches(services, album["id"]) == 0  # written once
+
+    drain()
+    for api in (alice, bob):
+        done = api.get(f"/api/v1/albums/{album['id']}").get_json()
+        assert done["progress"]["phase"] == "done" and done["progress"]["images_delivered"] == 6, done["progress"]
+        assert len(done["images"]) == 6
+        assert api.get(done["images"][0]["url"]).status_code == 200  # the joint images are each member's
+    assert_error(login("mallory").get(done["images"][0]["url"]), 404, "image_not_found")
+    assert {i.get("album_id") for i in services.db.images.find({"render_id": {"$in": [b["_id"] for b in batches]}})} \
+        == {album["id"]}
+    assert _order(services, order["id"])["state"] == "fulfilled"
+    assert sweeper.sweep(services).get("refund_requested") is None  # nothing takes the album order for an orphan
+
+    for api, role in ((alice, "inviter"), (bob, "invitee")):
+        exported = [a for a in api.get("/api/v1/me/export").get_json()["albums"] if a["id"] == album["id"]]
+        assert [(a["role"], a["state"], a["sku"], a["image_count"]) for a in exported] == [
+            (role, "accepted", "couple_album", 6)]
+        assert exported[0]["accepted_at"] and exported[0]["withdrawn_at"] is None
+
+
+# --------------------------------------------------------------------------------------------- money
+
+
+@pytest.mark.parametrize("settings_overrides", [{**FAST, "album_invite_ttl_s": 0}])
+def test_an_invitation_not_accepted_in_time_expires_and_is_refunded_once(marked_trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    token = album["seats"][0]["token"]
+    assert_error(bob.get(f"/api/v1/album-invites/{token}"), 410, "invite_expired")
+    assert_error(_accept(bob, token, bob_avatar["id"]), 410, "invite_expired")
+    assert sweeper.sweep(services).get("album_expired") == 1
+    assert not sweeper.sweep(services).get("album_expired")  # the second sweep does nothing more
+    assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["state"] == "expired"
+    assert [(r["out_refund_no"], r["amount"]) for r in _album_refunds(services, album)] == [
+        (refunds.album_refund_number(album["order_id"], album["id"]), 1990)]
+    drain()
+    sim.settle_refunds()
+    assert _order(services, album["order_id"])["state"] == "refunded"
+    assert len(_album_refunds(services, album)) == 1
+
+
+def test_a_declined_invitation_ends_the_album_and_refunds_it_once(marked_trained, login, services, sim, drain):
+    (alice, alice_avatar), = marked_trained("alice")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    token = album["seats"][0]["token"]
+    assert_error(alice.post(f"/api/v1/album-invites/{token}/decline"), 409, "already_member")
+    bob = login("bob")
+    declined = bob.post(f"/api/v1/album-invites/{token}/decline")
+    assert declined.status_code == 200 and declined.get_json()["state"] == "declined"
+    assert_error(bob.post(f"/api/v1/album-invites/{token}/decline"), 410, "invite_closed")
+    assert_error(bob.get(f"/api/v1/album-invites/{token}"), 410, "invite_closed")
+    sweeper.sweep(services)
+    assert [r["amount"] for r in _album_refunds(services, album)] == [1990]
+    drain()
+    sim.settle_refunds()
+    assert _order(services, album["order_id"])["state"] == "refunded"
+    assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["state"] == "declined"
+
+
+@pytest.mark.parametrize("settings_overrides", [{**FAST, "render_retries": 0, "fault_render_failures": 99}])
+def test_a_batch_that_cannot_be_drawn_is_redrawn_once_with_the_album_then_its_share_refunded(
+        marked_trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    drain()  # both batches fail, and so does each one's free redraw (drawn with the album's fields)
+    docs = list(services.db.renders.find({"album_id": album["id"]}))
+    redraws = [d for d in docs if d.get("pack_redraw_of")]
+    assert len(docs) == 4 and len(redraws) == 2 and {d["state"] for d in docs} == {"failed"}
+    assert all(d["album_avatar_ids"] == [alice_avatar["id"], bob_avatar["id"]] for d in redraws)
+    # The first redraw's share is on its way; the second waits for it (one refund at a time per order).
+    assert len(_album_refunds(services, album)) == 1
+    sim.settle_refunds()
+    sweeper.sweep(services)
+    drain()
+    sim.settle_refunds()
+    numbers = sorted(r["out_refund_no"] for r in _album_refunds(services, album))
+    assert numbers == sorted(refunds.batch_refund_number(album["order_id"], d["_id"]) for d in redraws)
+    assert sorted(r["amount"] for r in _album_refunds(services, album)) == [995, 995]
+    assert _order(services, album["order_id"])["state"] == "refunded"
+    sweeper.sweep(services)
+    assert len(_album_refunds(services, album)) == 2
+    progress = alice.get(f"/api/v1/albums/{album['id']}").get_json()["progress"]
+    assert (progress["phase"], progress["images_refunded"]) == ("done", 6)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_one_seat_accepted_at_once_by_two_people_goes_to_exactly_one(marked_trained, services, sim, app):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    token = album["seats"][0]["token"]
+    answers = []
+
+    def accept_as(api, avatar_id):
+        with app.test_client() as client:
+            answer = client.post(f"/api/v1/album-invites/{token}/accept", json={"avatar_id": avatar_id},
+                                 headers={"Authorization": f"Bearer {api.token}"})
+        answers.append(answer)
+        return True if answer.status_code == 200 else None
+
+    people = [(bob, bob_avatar["id"]), (carol, carol_avatar["id"])] * 4
+    order = iter(people)
+    assert winners(lambda: accept_as(*next(order)), threads=len(people)) == 1
+    refused = {a.get_json()["error"]["code"] for a in answers if a.status_code != 200}
+    assert refused <= {"seat_taken", "already_member", "invite_closed", "invite_busy"}, refused
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert stored["state"] == "accepted" and len(stored["members"]) == 2 and len(stored["member_ids"]) == 2
+    assert services.db.renders.count_documents({"album_id": album["id"]}) == 2
+
+
+def test_who_cannot_join_an_album(marked_trained, login, services, sim):
+    (alice, alice_avatar), = marked_trained("alice")
+    assert_error(alice.post("/api/v1/albums", json={"sku": "pack_100", "avatar_id": alice_avatar["id"]}), 400,
+                 "not_an_album_sku")
+    assert_error(alice.post("/api/v1/orders", json={"sku": "couple_album", "avatar_id": alice_avatar["id"]}), 400,
+                 "album_sku")  # an album is bought as one, never as a plain order
+    collecting = alice.post("/api/v1/avatars", json={"gender": "female"}).get_json()
+    assert_error(alice.post("/api/v1/albums", json={"sku": "couple_album", "avatar_id": collecting["id"]}), 409,
+                 "avatar_not_trained")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    token = album["seats"][0]["token"]
+    assert_error(_accept(alice, token, alice_avatar["id"]), 409, "already_member")  # her own invitation
+    assert_error(alice.get("/api/v1/album-invites/not-a-token"), 404, "invite_not_found")
+
+    # Without their own current consent; an under-14 cannot give one (the guardian rule), so cannot get in.
+    child = login("tim", consent=False)
+    version = child.get("/api/v1/consents").get_json()[0]["version"]
+    assert_error(child.post("/api/v1/consents", json={"kind": "face_processing", "version": version,
+                                                      "age_14_or_over": False, "own_face": True}),
+                 403, "guardian_consent_required")
+    assert_error(_accept(child, token, alice_avatar["id"]), 403, "consent_required")
+    assert_error(child.post("/api/v1/avatars", json={"gender": "male"}), 403, "consent_required")
+
+    dave = login("dave")
+    assert_error(_accept(dave, token, alice_avatar["id"]), 404, "avatar_not_found")  # someone else's avatar
+    untrained = dave.post("/api/v1/avatars", json={"gender": "male"}).get_json()
+    assert_error(_accept(dave, token, untrained["id"]), 409, "avatar_not_trained")
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert (stored["state"], stored["member_ids"]) == ("inviting", [alice.user_id])
+
+
+# ---------------------------------------------------------------------------------------------- privacy
+
+
+def test_withdrawal_by_the_invitee_deletes_the_joint_images_for_both_and_refunds_the_rest_once(
+        trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    first, second = (packs.batch_id(album["order_id"], index) for index in (0, 1))
+    tasks.delete_jobs_of(services, {second})  # only the first batch is drawn before the withdrawal
+    drain()
+    before = alice.get(f"/api/v1/albums/{album['id']}").get_json()
+    assert before["progress"]["images_delivered"] == 3
+    image = before["images"][0]
+    image_doc = services.db.images.find_one({"_id": image["id"]})
+    # The second batch is being drawn when the withdrawal comes.
+    drawing = renders.begin_render(services, second, "job-race")
+    assert drawing is not None
+
+    withdrawn = bob.post(f"/api/v1/albums/{album['id']}/withdraw")
+    assert withdrawn.status_code == 200 and withdrawn.get_json()["state"] == "withdrawn"
+    assert withdrawn.get_json()["images"] == []
+    for api in (alice, bob):
+        assert api.get(f"/api/v1/albums/{album['id']}").get_json()["state"] == "withdrawn"
+        assert_error(api.get(image["url"]), 404, "image_not_found")
+    assert not services.blobs.exists(keys.image(image_doc["user_id"], image["id"]))
+    assert services.db.images.count_documents({"album_id": album["id"]}) == 0
+
+    # The batch in flight finishes after the withdrawal: what it drew is deleted, nothing delivered, nothing owed.
+    kept = rendering._draw_and_keep(services, drawing, None)
+    assert services.db.images.count_documents({"album_id": album["id"]}) == len(kept) > 0
+    assert renders.complete_render(services, drawing, "job-race", kept, 0.0) == "album_withdrawn"
+    assert services.db.images.count_documents({"album_id": album["id"]}) == 0
+
+    refunded = _album_refunds(services, album)
+    assert [(r["out_refund_no"], r["amount"]) for r in refunded] == [
+        (refunds.album_refund_number(album["order_id"], album["id"]),
+         packs.slots_amount(1990, 6, [3, 4, 5]))]
+    assert_error(alice.post(f"/api/v1/albums/{album['id']}/withdraw"), 409, "album_not_live")
+    drain()
+    sweeper.sweep(services)
+    sweeper.sweep(services)
+    assert len(_album_refunds(services, album)) == 1
+    assert services.db.images.count_documents({"album_id": album["id"]}) == 0
+    for api, role in ((alice, "inviter"), (bob, "invitee")):
+        exported = [a for a in api.get("/api/v1/me/export").get_json()["albums"] if a["id"] == album["id"]]
+        assert [(a["role"], a["state"], a["image_count"]) for a in exported] == [(role, "withdrawn", 0)]
+        assert exported[0]["withdrawn_at"]
+
+
+def test_a_queued_batch_of_a_withdrawn_album_ends_without_drawing(marked_trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    batches = list(services.db.renders.find({"album_id": album["id"]}))
+    assert {(b["state"], bool(b.get("settled_at"))) for b in batches} == {("failed", True)}
+    for batch in batches:  # a job left in Redis claims nothing
+        assert renders.begin_render(services, batch["_id"], "late-job") is None
+    drain()
+    assert services.db.images.count_documents({"album_id": album["id"]}) == 0
+    assert [r["amount"] for r in _album_refunds(services, album)] == [1990]
+
+
+def test_erasure_of_a_member_withdraws_the_album_for_both(marked_trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    assert bob.delete("/api/v1/me").status_code == 202
+    shown = alice.get(f"/api/v1/albums/{album['id']}").get_json()
+    assert shown["state"] == "withdrawn"
+    assert [r["amount"] for r in _album_refunds(services, album)] == [1990]  # nothing was delivered yet
+    kept = services.db.albums.find_one({"_id": album["id"]})
+    assert bob.user_id not in repr(kept)  # the album stays for alice; bob in it is the one-way reference
+    assert [(m["role"], m["nickname"]) for m in kept["members"]] == [("inviter", "小明"), ("invitee", None)]
+    sweeper.sweep(services)
+    assert len(_album_refunds(services, album)) == 1
+    exported = [a for a in alice.get("/api/v1/me/export").get_json()["albums"] if a["id"] == album["id"]]
+    assert [(a["role"], a["state"]) for a in exported] == [("inviter", "withdrawn")]
+
+
+def test_consent_withdrawal_of_the_inviter_withdraws_an_album_still_inviting(marked_trained, services, sim):
+    (alice, alice_avatar), = marked_trained("alice")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert alice.delete("/api/v1/consents/face_processing").status_code == 200
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert stored["state"] == "withdrawn"
+    assert [r["amount"] for r in _album_refunds(services, album)] == [1990]
+
+
+def test_an_album_sku_is_for_two_or_three_people_and_renders_a_plan():
+    assert products.problems(config.DEFAULT_SKUS) == []
+    album = config.DEFAULT_SKUS["couple_album"]
+    assert products.problems({"a": {**album, "album": {"people": 4}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {**album, "album": {"people": True}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {**album, "album": {"people": 2, "pets": 1}}}) == [
+        'a.album: must be {"people": 2} or {"people": 3}']
+    assert products.problems({"a": {k: v for k, v in album.items() if k != "render_plan"}}) == [
+        "a: an album sku renders a plan (render_plan)"]
+
+
+def test_a_family_album_waits_for_both_seats_one_person_each(marked_trained, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    album = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")
+    first, second = (seat["token"] for seat in album["seats"])
+    card = alice.get(album["seats"][1]["invite_card_url"])
+    assert card.status_code == 200
+    assert decode_qr(Image.open(io.BytesIO(card.data)).crop(posters.CODE_BOX)).endswith(f"scene=a={second}")
+    assert_error(alice.get(f"/api/v1/albums/{album['id']}/seats/x/invite-card"), 404, "seat_not_found")
+
+    half = _accept(bob, first, bob_avatar["id"]).get_json()
+    assert half["state"] == "inviting" and [s["state"] for s in half["seats"]] == ["taken", "open"]
+    assert services.db.renders.count_documents({"album_id": album["id"]}) == 0
+    assert_error(_accept(bob, second, bob_avatar["id"]), 409, "already_member")  # one seat per person
+    full = _accept(carol, second, carol_avatar["id"]).get_json()
+    assert full["state"] == "accepted" and [m["role"] for m in full["members"]] == ["inviter", "invitee", "invitee"]
+    batches = list(services.db.renders.find({"album_id": album["id"]}))
+    assert len(batches) == 2 and all(b["album_avatar_ids"] == [alice_avatar["id"], bob_avatar["id"],
+                                                               carol_avatar["id"]] for b in batches)
+    assert {t for b in batches for t in b["pack_templates"]} <= {t.id for t in services.catalog.album_templates(3)}
+    assert _order(services, album["order_id"])["amount"] == 2990
