@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from models.render import Renderer, RenderRequest
 
 # The feathered edge of a region's mask, as a share of the box's shorter side: the redrawn face fades into the scene.
-MASK_FEATHER = 0.12
+MASK_FEATHER = 0.08
 # A region is redrawn with the later share of the schedule: enough to change who the face is, not where it sits.
 FACE_STRENGTH = 0.75
 FACE_SEED_STRIDE = 7919
