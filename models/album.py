@@ -5,8 +5,9 @@ drawn in two stages on one Renderer (the same base weights and resident LoRA slo
 
 1. the scene, on the base weights alone, with the prompt naming every member ("a woman and a man");
 2. for each region, an inpainting of *that scene* inside the region's mask (a feathered ellipse over face and hair,
-   white = redraw) with the region owner's LoRA and a prompt naming that owner (their trigger token); the redrawn box
-   is pasted into the candidate.
+   white = redraw) with the region owner's LoRA and a prompt naming that owner (their trigger token), sampled on a
+   window around the region (face_window) rather than the whole picture; the redrawn box is pasted into the
+   candidate.
 
 Every region is redrawn from the same scene rather than from the previous region's result, so a face depends only
 on the scene and on its owner's LoRA: member j's weights never reach member i's face, and the order of the regions
@@ -27,6 +28,11 @@ MASK_FEATHER = 0.08
 # A region is redrawn with the later share of the schedule: enough to change who the face is, not where it sits.
 FACE_STRENGTH = 0.75
 FACE_SEED_STRIDE = 7919
+# A region is redrawn in a window around its box (this share of the box's size added on every side, within the
+# picture): the face sees enough of its surroundings to match their light, and the model samples a fraction of the
+# picture per face instead of all of it (bench/bench_album.py).
+FACE_CONTEXT = 0.5
+LATENT_MULTIPLE = 8
 
 Box = tuple[int, int, int, int]
 
@@ -60,6 +66,22 @@ def region_mask(size: tuple[int, int], box: Box, feather: float = MASK_FEATHER) 
     return mask
 
 
+def face_window(size: tuple[int, int], box: Box, context: float = FACE_CONTEXT) -> Box:
+    """The part of the picture a region is redrawn in: ``box`` grown by ``context`` of its size on every side,
+    widened to a multiple of 8 pixels where the picture allows (the model's latent grid), kept inside the picture."""
+    x0, y0, x1, y1 = box
+
+    def span(low: int, high: int, limit: int) -> tuple[int, int]:
+        margin = round((high - low) * context)
+        start, end = max(0, low - margin), min(limit, high + margin)
+        length = min(limit, -(-(end - start) // LATENT_MULTIPLE) * LATENT_MULTIPLE)
+        start = min(start, limit - length)
+        return start, start + length
+
+    (wx0, wx1), (wy0, wy1) = span(x0, x1, size[0]), span(y0, y1, size[1])
+    return wx0, wy0, wx1, wy1
+
+
 def face_seed(seed: int, candidate: int, region: int) -> int:
     return (seed + FACE_SEED_STRIDE * (candidate * 16 + region + 1)) % 2**31
 
@@ -77,12 +99,15 @@ def draw_album(renderer: Renderer, scene: RenderRequest, faces: list[AlbumFace],
     for index, drawn in enumerate(renderer.render_base(replace(scene, style_lora=None, style_scale=0.0))):
         composed = drawn.copy()
         for region, (face, mask) in enumerate(zip(faces, masks)):
+            window = face_window(size, face.box)
             redraw = replace(scene, prompt=face.prompt, num_images=1, lora_scale=face.lora_scale, style_lora=None,
-                             style_scale=0.0, seed=face_seed(scene.seed, index, region), init_image=drawn,
-                             mask_image=mask, strength=face.strength)
+                             style_scale=0.0, seed=face_seed(scene.seed, index, region),
+                             width=window[2] - window[0], height=window[3] - window[1],
+                             init_image=drawn.crop(window), mask_image=mask.crop(window), strength=face.strength)
             redrawn = renderer.render_set(face.lora, redraw, adapter_name=face.adapter_name)[0]
             # Outside its mask the redraw is the scene exactly, so pasting its whole box adds only this face.
-            composed.paste(redrawn.crop(face.box), face.box[:2])
+            x0, y0, x1, y1 = face.box
+            composed.paste(redrawn.crop((x0 - window[0], y0 - window[1], x1 - window[0], y1 - window[1])), (x0, y0))
         if on_candidate is not None:
             on_candidate(composed)
         candidates.append(composed)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.worker import EmbeddedWorker
 from models import sample_photos
-from models.album import AlbumFace, draw_album, region_mask
+from models.album import AlbumFace, draw_album, face_window, region_mask
 from models.faces import identity_pivot
 from models.labels import read_label
 from models.ranking import album_score, rank_album, score_regions
@@ -363,3 +363,12 @@ def test_an_album_batch_that_fails_once_is_retried(album_members, services, drai
     assert [h["to"] for h in done["history"]][:3] == ["queued", "rendering", "queued"]
     [image] = services.db.images.find({"render_id": render["_id"]})
     assert (image["album_id"], image["content_check"]) == ("al_test", "pass")
+
+
+def test_a_face_is_redrawn_in_a_window_around_its_box_inside_the_picture():
+    assert face_window((768, 512), (150, 72, 330, 312)) == (60, 0, 420, 432)
+    window = face_window((256, 128), BOXES[1])
+    x0, y0, x1, y1 = window
+    assert (x0, y0) <= BOXES[1][:2] and (x1, y1) >= BOXES[1][2:] and x1 <= 256 and y1 <= 128
+    assert (x1 - x0) % 8 == 0 and (y1 - y0) % 8 == 0
+    assert face_window((100, 100), (10, 10, 90, 90)) == (0, 0, 100, 100), "never beyond the picture"
