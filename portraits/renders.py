@@ -713,9 +713,11 @@ def _redraw_batch(services, render: dict, lost: list[int]) -> str:
     if avatar is None or avatar["state"] != "trained":
         return "cannot_redraw"
     template_of = dict(zip(render["pack_slots"], render["pack_templates"]))
+    # An album's redraw is an album batch too: the same members, each on their own face.
+    album = {field: render[field] for field in ("album_id", "album_avatar_ids") if render.get(field)}
     _insert_batch(services, avatar, render["order_id"], packs.redraw_id(render["_id"]), by=f"pack:{render['_id']}",
-                  pack=packs.batch_fields(render["pack_index"], lost, [template_of[slot] for slot in lost],
-                                          redraw_of=render["_id"]))
+                  pack={**packs.batch_fields(render["pack_index"], lost, [template_of[slot] for slot in lost],
+                                             redraw_of=render["_id"]), **album})
     return "redrawn"
 
 

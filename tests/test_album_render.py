@@ -372,3 +372,21 @@ def test_a_face_is_redrawn_in_a_window_around_its_box_inside_the_picture():
     assert (x0, y0) <= BOXES[1][:2] and (x1, y1) >= BOXES[1][2:] and x1 <= 256 and y1 <= 128
     assert (x1 - x0) % 8 == 0 and (y1 - y0) % 8 == 0
     assert face_window((100, 100), (10, 10, 90, 90)) == (0, 0, 100, 100), "never beyond the picture"
+
+
+def test_a_failed_album_batch_is_drawn_again_as_an_album_batch(album_members, services, drain):
+    members = album_members()
+    template = services.catalog.album_templates(2)[0]
+    first = _album_batch(services, members, "rd_album_failed", [0], [template.id])
+    for attempt in range(services.settings.render_retries + 1):  # every attempt fails for a technical reason
+        assert renders.begin_render(services, first["_id"], f"job-{attempt}") is not None
+        outcome = renders.fail_render(services, first["_id"], "boom")
+    assert outcome == "failed"
+    redraw = services.db.renders.find_one({"pack_redraw_of": first["_id"]})
+    assert (redraw["album_id"], redraw["album_avatar_ids"]) == (first["album_id"], first["album_avatar_ids"])
+    assert redraw["pack_slots"] == [0] and redraw["pack_templates"] == [template.id]
+    drain()
+    done = services.db.renders.find_one({"_id": redraw["_id"]})
+    assert done["state"] == "done"
+    [image] = services.db.images.find({"render_id": redraw["_id"]})
+    assert (image["album_id"], image["pack_slot"], image["content_check"]) == ("al_test", 0, "pass")
