@@ -293,9 +293,11 @@ def plan_album_batch(services, render: dict) -> list[AlbumPlan]:
     """One plan per slot an album's batch owes (its templates show as many people as the album has members; member
     i, inviter first, owns face region i). Seeds are derived as plan_batch derives them."""
     members = [services.db.avatars.find_one({"_id": avatar_id}) for avatar_id in render["album_avatar_ids"]]
-    missing = [avatar_id for avatar_id, avatar in zip(render["album_avatar_ids"], members) if avatar is None]
+    missing = [avatar_id for avatar_id, avatar in zip(render["album_avatar_ids"], members)
+               if avatar is None or avatar["state"] != "trained"]
     if missing:
-        raise NotFound("avatar_not_found", "An album member's avatar is gone.", {"avatar_ids": missing})
+        raise Conflict("avatar_not_trained", "An album member's avatar is gone or not trained.",
+                       {"avatar_ids": missing})
     loras = [_lora(services, avatar) for avatar in members]
     pivots = tuple(_pivot(services, avatar) for avatar in members)
     subjects = tuple(avatars.subject_words(avatar["gender"]) for avatar in members)

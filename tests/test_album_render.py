@@ -25,6 +25,7 @@ from models.ranking import album_score, rank_album, score_regions
 from models.render import Renderer, RenderRequest
 from models.train import LORA_TARGET_MODULES
 from portraits import avatars, keys, packs, renders, tasks
+from portraits.errors import Conflict, Invalid
 
 LORA_RANK = 4
 SCENE = RenderRequest(prompt="photo of a woman and a man side by side", negative_prompt="lowres", num_images=1,
@@ -390,3 +391,19 @@ def test_a_failed_album_batch_is_drawn_again_as_an_album_batch(album_members, se
     assert done["state"] == "done"
     [image] = services.db.images.find({"render_id": redraw["_id"]})
     assert (image["album_id"], image["pack_slot"], image["content_check"]) == ("al_test", 0, "pass")
+
+
+def test_an_album_batch_is_not_planned_without_every_members_trained_avatar(album_members, services):
+    members = album_members()
+    template = services.catalog.album_templates(2)[0]
+    render = _album_batch(services, members, "rd_album_gone", [0], [template.id])
+    bob = members[1][0]
+    services.db.avatars.update_one({"_id": bob["_id"]}, {"$set": {"state": "failed"}})
+    with pytest.raises(Conflict) as refused:
+        renders.plan_album_batch(services, render)
+    assert refused.value.code == "avatar_not_trained" and refused.value.details == {"avatar_ids": [bob["_id"]]}
+    family = services.catalog.album_templates(3)[0]
+    services.db.avatars.update_one({"_id": bob["_id"]}, {"$set": {"state": "trained"}})
+    with pytest.raises(Invalid) as mismatched:
+        renders.plan_album_batch(services, {**render, "pack_templates": [family.id]})
+    assert mismatched.value.code == "album_template_mismatch"
