@@ -9,7 +9,8 @@ import time
 from concurrent.futures import wait
 
 from jobs import gpu_job
-from models.ranking import merge_with_parent, rank_scored
+from models.album import draw_album
+from models.ranking import merge_with_parent, rank_album, rank_scored
 from portraits import renders, tasks
 
 
@@ -50,24 +51,54 @@ def _draw(services, plan: renders.RenderPlan) -> list:
     return rank_scored(drawn, scores, plan.keep, require_face=plan.require_face)
 
 
+def _draw_album(services, plan: renders.AlbumPlan) -> list:
+    """Draw an album slot's candidates (the scene, then each member's face with their LoRA) and rank them by their
+    worst face; each candidate is scored on the judge's thread while the next one draws."""
+    judge = services.candidate_judge()
+    drawn, judging = [], []
+
+    def judge_candidate(image):
+        drawn.append(image)
+        judging.append(judge.score_regions([image], plan.regions))
+
+    try:
+        draw_album(services.renderer(), plan.scene, list(plan.faces), on_candidate=judge_candidate)
+    finally:
+        wait(judging)
+    scores = [score for future in judging for score in future.result()]
+    return rank_album(drawn, scores, keep=1, require_face=plan.require_face)
+
+
 def _draw_batch(services, render: dict) -> list[renders.KeptImage]:
     """A pack's batch: each slot drawn with its own template, its likeliest candidate kept; a slot without a usable
     one stays owed (renders.settle_batch redraws it), a batch without any is a technical failure."""
-    plans = renders.plan_batch(services, render)
+    return _keep_best_per_slot(services, render, renders.plan_batch(services, render), _draw,
+                               "a candidate with exactly one usable face")
+
+
+def _draw_album_batch(services, render: dict) -> list[renders.KeptImage]:
+    """An album's batch: as a pack's, each slot's candidates drawn with every member's LoRA on their own face."""
+    return _keep_best_per_slot(services, render, renders.plan_album_batch(services, render), _draw_album,
+                               "a candidate with exactly one usable face in every face region")
+
+
+def _keep_best_per_slot(services, render: dict, plans: list, draw, usable: str) -> list[renders.KeptImage]:
     started = time.monotonic()
     best = []
     for done, plan in enumerate(plans):
         gpu_job.check_hand_back(done / len(plans), time.monotonic() - started)
-        kept = _draw(services, plan)
+        kept = draw(services, plan)
         best.append(kept[0] if kept else None)
     if not any(best):
-        raise NoUsableCandidates(f"none of the {len(plans)} slots drew a candidate with exactly one usable face")
+        raise NoUsableCandidates(f"none of the {len(plans)} slots drew {usable}")
     return renders.keep_batch(services, render, best)
 
 
 def _draw_and_keep(services, render: dict, job) -> list[renders.KeptImage]:
     if render["attempts"] <= services.settings.fault_render_failures:
         raise InjectedFault(f"injected render failure {render['attempts']}")
+    if render.get("album_id"):
+        return _draw_album_batch(services, render)
     if render.get("pack_slots"):
         return _draw_batch(services, render)
     plan = renders.plan_render(services, render)

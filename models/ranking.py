@@ -23,6 +23,7 @@ class RankedCandidate:
     faces: int | None = None  # usable faces found; None when not analysed (carried over from a parent)
     index: int = 0  # position among the candidates drawn
     image_id: str | None = None  # set for a stored image carried over from the parent render
+    region_likeness: tuple[float | None, ...] | None = None  # an album candidate's likeness per member, in order
 
 
 def score_candidate(image: Image.Image, pivot: np.ndarray | None, analyzer) -> tuple[int, float | None]:
@@ -33,6 +34,37 @@ def score_candidate(image: Image.Image, pivot: np.ndarray | None, analyzer) -> t
     if len(faces) != 1 or pivot is None:
         return len(faces), None
     return 1, round(float(likeness(analyzer.embed(rgb, faces[0]), pivot)), 4)
+
+
+def score_regions(image: Image.Image, regions: list[tuple[tuple[int, int, int, int], np.ndarray | None]],
+                  analyzer) -> list[tuple[int, float | None]]:
+    """An album candidate's (usable faces, likeness) per face region: each region's crop scored against its owner's
+    pivot, as a single portrait is against its user's."""
+    return [score_candidate(image.crop(box), pivot, analyzer) for box, pivot in regions]
+
+
+def album_score(region_scores: list[tuple[int, float | None]], require_face: bool = True) -> tuple[bool, float | None]:
+    """(usable, score) of an album candidate. Usable (with ``require_face``) only when every region shows exactly one
+    usable face; its score is the worst of its members' likenesses, so no one's face is sacrificed for another's
+    (None unless every region is scored)."""
+    usable = not require_face or all(faces == 1 for faces, _ in region_scores)
+    likenesses = [score for _, score in region_scores]
+    if not usable or any(score is None for score in likenesses):
+        return usable, None
+    return True, min(likenesses)
+
+
+def rank_album(images: list[Image.Image], region_scores: list[list[tuple[int, float | None]]], keep: int,
+               require_face: bool = True) -> list[RankedCandidate]:
+    """The best ``keep`` album candidates, the one whose worst face is likeliest first; unusable ones dropped, and
+    unscored ones (the tiny model draws no faces) after every scored one. Each keeps its per-region likenesses."""
+    ranked = []
+    for index, (image, scores) in enumerate(zip(images, region_scores)):
+        usable, score = album_score(scores, require_face)
+        if usable:
+            ranked.append(RankedCandidate(image=image, likeness=score, faces=min(faces for faces, _ in scores),
+                                          index=index, region_likeness=tuple(s for _, s in scores)))
+    return best_first(ranked)[:keep]
 
 
 def rank_candidates(images: list[Image.Image], pivot: np.ndarray | None, analyzer, keep: int,
@@ -67,10 +99,22 @@ class CandidateJudge:
         """A future of [(faces, likeness)] for ``images``, in order."""
         return self._thread.submit(self._score, list(images), pivot)
 
+    def score_regions(self, images: list[Image.Image],
+                      regions: list[tuple[tuple[int, int, int, int], np.ndarray | None]]) -> Future:
+        """A future of [[(faces, likeness) per region]] for album candidates ``images``, in order."""
+        return self._thread.submit(self._score_regions, list(images), list(regions))
+
+    def _score_regions(self, images, regions) -> list[list[tuple[int, float | None]]]:
+        return [score_regions(image, regions, self._own_analyzer()) for image in images]
+
     def _score(self, images: list[Image.Image], pivot: np.ndarray | None) -> list[tuple[int, float | None]]:
+        return [score_candidate(image, pivot, self._own_analyzer()) for image in images]
+
+    def _own_analyzer(self):
+        """The judge thread's analyzer, made on its first use there."""
         if self._analyzer is None:
             self._analyzer = self._make_analyzer()
-        return [score_candidate(image, pivot, self._analyzer) for image in images]
+        return self._analyzer
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -245,6 +245,13 @@ class Renderer:
             self._park()
             self._last_swap_seconds = load_seconds + time.perf_counter() - unload_started
 
+    def render_base(self, request: RenderRequest, *,
+                    on_images: Callable[[list[Image.Image]], None] | None = None) -> list[Image.Image]:
+        """``request`` drawn on the base weights alone (no user's LoRA, no style): an album's scene, whose faces are
+        then redrawn region by region with each owner's LoRA (models.album)."""
+        self._park()
+        return self._generate(request, on_images, cached_prompt=True)
+
     def swap_seconds(self) -> float:
         """Seconds the last render spent putting its adapters in place and taking them out again."""
         return self._last_swap_seconds

@@ -51,6 +51,13 @@ def subject_words(gender: str) -> str:
     return f"{TRIGGER} {CLASS_WORDS[gender]}"
 
 
+def group_subject_words(genders: list[str]) -> str:
+    """How an album template's scene prompt names its members, in order: "a woman and a man". No trigger token:
+    the scene is drawn on the base model, each face then with its owner's LoRA (subject_words)."""
+    people = [f"a {CLASS_WORDS[gender]}" for gender in genders]
+    return people[0] if len(people) == 1 else f"{', '.join(people[:-1])} and {people[-1]}"
+
+
 # ------------------------------------------------------------------------------------------------- intake
 
 

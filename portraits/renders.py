@@ -16,8 +16,10 @@ from PIL import Image
 from pymongo.errors import DuplicateKeyError
 
 from models.faces import relative_likeness
+from models.album import AlbumFace
 from models.labels import label_image
 from models.ranking import RankedCandidate
+from models.render import RenderRequest
 from portraits import albums, avatars, content_checks, keys, notifications, packs, previews, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size
@@ -272,6 +274,57 @@ def plan_batch(services, render: dict) -> list[RenderPlan]:
                   (seed + slot) % 2**31)
             for slot, template in zip(render["pack_slots"],
                                       (services.catalog.get(t) for t in render["pack_templates"]))]
+
+
+@dataclass(frozen=True)
+class AlbumPlan:
+    """One slot of an album's batch: the scene (drawn on the base model, ``scene.num_images`` candidates), then each
+    member's face region redrawn with their LoRA (models.album), ranked by the worst face's likeness."""
+
+    template_id: str
+    scene: RenderRequest
+    faces: tuple[AlbumFace, ...]  # member order: face region i belongs to album member i
+    pivots: tuple[np.ndarray | None, ...]
+    subjects: tuple[str, ...]  # how each face's prompt names its owner
+    require_face: bool
+
+    @property
+    def regions(self) -> list[tuple[tuple[int, int, int, int], np.ndarray | None]]:
+        """(box, owner's pivot) per face region, as models.ranking.score_regions takes them."""
+        return [(face.box, pivot) for face, pivot in zip(self.faces, self.pivots)]
+
+
+def plan_album_batch(services, render: dict) -> list[AlbumPlan]:
+    """One plan per slot an album's batch owes (its templates show as many people as the album has members; member
+    i, inviter first, owns face region i). Seeds are derived as plan_batch derives them."""
+    members = [services.db.avatars.find_one({"_id": avatar_id}) for avatar_id in render["album_avatar_ids"]]
+    missing = [avatar_id for avatar_id, avatar in zip(render["album_avatar_ids"], members)
+               if avatar is None or avatar["state"] != "trained"]
+    if missing:
+        raise Conflict("avatar_not_trained", "An album member's avatar is gone or not trained.",
+                       {"avatar_ids": missing})
+    loras = [_lora(services, avatar) for avatar in members]
+    pivots = tuple(_pivot(services, avatar) for avatar in members)
+    subjects = tuple(avatars.subject_words(avatar["gender"]) for avatar in members)
+    scene_subject = avatars.group_subject_words([avatar["gender"] for avatar in members])
+    seed = retry_seed(render)
+    plans = []
+    for slot, template_id in zip(render["pack_slots"], render["pack_templates"]):
+        template = services.catalog.get(template_id)
+        if template is None or len(template.face_regions) != len(members):
+            raise Invalid("album_template_mismatch", "The album's template does not show one face per member.",
+                          {"template_id": template_id, "members": len(members)})
+        params = template_params(template, candidates=services.settings.pack_candidates_per_image, keep=1)
+        plain = _plan(services, members[0], loras[0], pivots[0], template, params, (seed + slot) % 2**31)
+        scene = RenderRequest(prompt=template.prompt_for(scene_subject), negative_prompt=plain.negative_prompt,
+                              num_images=plain.count, steps=plain.steps, guidance=plain.guidance, width=plain.width,
+                              height=plain.height, seed=plain.seed)
+        faces = tuple(AlbumFace(box=tuple(box), lora=lora, prompt=template.prompt_for(subject),
+                                lora_scale=params["identity_strength"], adapter_name=f"user_{avatar['_id']}")
+                      for box, lora, subject, avatar in zip(template.face_regions, loras, subjects, members))
+        plans.append(AlbumPlan(template_id=template.id, scene=scene, faces=faces, pivots=pivots, subjects=subjects,
+                               require_face=plain.require_face))
+    return plans
 
 
 def retry_seed(render: dict) -> int:
