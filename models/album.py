@@ -17,11 +17,14 @@ back outside its mask, and the masks lie inside their boxes, which do not overla
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from models.render import Renderer, RenderRequest
+from models.render_request import RenderRequest
+
+if TYPE_CHECKING:  # the domain plans album draws from this module without loading torch
+    from models.render import Renderer
 
 # The feathered edge of a region's mask, as a share of the box's shorter side: the redrawn face fades into the scene.
 MASK_FEATHER = 0.08

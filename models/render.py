@@ -46,6 +46,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
+from models.render_request import RenderRequest
 from models.train import lora_state_dict_from_bytes
 
 STYLE_ADAPTER_SUFFIX = "__style"
@@ -54,26 +55,6 @@ STYLE_SLOT = "resident_style"
 PROMPT_CACHE_ENTRIES = 128
 # A UNet-only diffusers LoRA, as models.train writes it: unet.<module path>.lora.(down|up).weight
 UNET_LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    """What to draw for one template set."""
-
-    prompt: str
-    negative_prompt: str = ""
-    num_images: int = 1
-    steps: int = 20
-    guidance: float = 7.0
-    width: int = 512
-    height: int = 512
-    seed: int = 0
-    lora_scale: float = 1.0
-    style_lora: bytes | None = None
-    style_scale: float = 0.0
-    init_image: Image.Image | None = None
-    mask_image: Image.Image | None = None
-    strength: float = 0.75
 
 
 class SlotMismatch(ValueError):

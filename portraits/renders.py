@@ -19,7 +19,7 @@ from models.faces import relative_likeness
 from models.album import AlbumFace
 from models.labels import label_image
 from models.ranking import RankedCandidate
-from models.render import RenderRequest
+from models.render_request import RenderRequest
 from portraits import albums, avatars, content_checks, keys, notifications, packs, previews, privacy, states, tasks
 from portraits.billing import orders, refunds
 from portraits.catalog import fit_output_size

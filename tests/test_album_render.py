@@ -24,7 +24,7 @@ from models.labels import read_label
 from models.ranking import album_score, rank_album, score_regions
 from models.render import Renderer, RenderRequest
 from models.train import LORA_TARGET_MODULES
-from portraits import avatars, keys, packs, renders, tasks
+from portraits import albums, avatars, keys, packs, renders, tasks
 from portraits.errors import Conflict, Invalid
 
 LORA_RANK = 4
@@ -250,8 +250,16 @@ def album_members(paid_avatar, services, tiny_pipeline):
 def _album_batch(services, members, render_id: str, slots: list[int], templates: list[str],
                  album_id: str = "al_test") -> dict:
     inviter, order = members[0]
-    fields = {**packs.batch_fields(0, slots, templates), "album_id": album_id,
-              "album_avatar_ids": [avatar["_id"] for avatar, _ in members]}
+    # The album these members accepted, as portraits.albums records one (its batches are drawn only while it is).
+    services.db.albums.update_one(
+        {"_id": album_id},
+        {"$setOnInsert": {"state": "accepted", "order_id": order["id"], "people": len(members),
+                          "user_id": inviter["user_id"], "member_ids": [avatar["user_id"] for avatar, _ in members],
+                          "members": [{"user_id": avatar["user_id"], "avatar_id": avatar["_id"],
+                                       "gender": avatar["gender"]} for avatar, _ in members]}},
+        upsert=True)
+    fields = {**packs.batch_fields(0, slots, templates),
+              **albums.batch_fields(services.db.albums.find_one({"_id": album_id}))}
     assert renders._insert_batch(services, inviter, order["id"], render_id, by="album:test", pack=fields)
     return services.db.renders.find_one({"_id": render_id})
 
