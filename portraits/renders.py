@@ -699,8 +699,12 @@ def settle_batch(services, render: dict) -> str:
         services.db.renders.update_one({"_id": render["_id"], "settled_at": {"$exists": False}},
                                        {"$set": {"settled_at": states.now()}})
         return "album_withdrawn"
+    # Read from the images themselves, not the batch's delivered_image_ids: two verdicts landing together each
+    # decide their image before recording it on the batch, so the one that finds nothing pending may hold a batch
+    # document that does not name the other's image yet (it would redraw, even refund, a delivered slot).
     delivered = {i["pack_slot"] for i in services.db.images.find(
-        {"_id": {"$in": render.get("delivered_image_ids", [])}}, {"pack_slot": 1})}
+        {"_id": {"$in": render.get("image_ids", [])}, "content_check": {"$nin": ["pending", "refused"]}},
+        {"pack_slot": 1})}
     lost = [slot for slot in render["pack_slots"] if slot not in delivered]
     outcome, fields = "delivered", {}
     if lost and not render.get("pack_redraw_of"):

@@ -236,6 +236,23 @@ def test_a_failed_batch_is_drawn_again_free(login, user_photos, drain, services,
     assert _order(services, order["id"])["refunds"] == []
 
 
+def test_two_verdicts_landing_together_settle_their_batch_as_delivered(login, user_photos, drain, services, sim):
+    """The race `make demo` found: each verdict decides its image, then records it on the batch; the one that finds
+    nothing pending may still hold a batch naming only its own image. The batch is delivered, not redrawn."""
+    api, avatar = _pack_avatar(login, user_photos, drain, "rita")
+    order = _buy_pack(api, sim, avatar["id"])
+    sim.media_check_rule("pass", openid=sim.openid_of("rita"), hold=True)
+    drain()
+    batch = services.db.renders.find_one({"_id": packs.batch_id(order["id"], 0)})
+    *first, last = batch["image_ids"]
+    services.db.images.update_many({"_id": {"$in": batch["image_ids"]}}, {"$set": {"content_check": "pass"}})
+    services.db.renders.update_one({"_id": batch["_id"]}, {"$addToSet": {"delivered_image_ids": {"$each": first}}})
+    seen_by_the_first = services.db.renders.find_one({"_id": batch["_id"]})
+    assert renders.settle_batch(services, seen_by_the_first) == "delivered"
+    assert services.db.renders.find_one({"_id": packs.redraw_id(batch["_id"])}) is None
+    assert services.db.renders.find_one({"_id": batch["_id"]})["pack_lost_slots"] == []
+
+
 def test_an_image_the_redraw_cannot_deliver_is_refunded_its_share_once(login, user_photos, drain, services, sim):
     api, avatar = _pack_avatar(login, user_photos, drain, "abby")
     order = _buy_pack(api, sim, avatar["id"])
