@@ -1,20 +1,6 @@
-"""Reading back the QR codes our posters and the simulator draw."""
+"""Reading back the QR codes our posters and the simulator draw (as the WeChat app would: wechat_sim.scan)."""
 from __future__ import annotations
 
-import cv2
-import numpy as np
-from PIL import Image
+from wechat_sim.scan import decode_qr, scanned_scene
 
-
-def decode_qr(image: Image.Image) -> str:
-    """The text of the QR code in `image`, or "" when none reads.
-
-    OpenCV's classic detector misses about one code in 400 of the ones we draw (depending on the content); the
-    ArUco-based one read 3,000 of 3,000 here. Both are tried, so a test fails only when the code is really unreadable.
-    """
-    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
-    for detector in (cv2.QRCodeDetectorAruco(), cv2.QRCodeDetector()):
-        text = detector.detectAndDecode(bgr)[0]
-        if text:
-            return text
-    return ""
+__all__ = ["decode_qr", "scanned_scene"]

@@ -19,26 +19,29 @@ def _ended_well() -> dict:
                 "preview": {"enabled": True, "shown_after_payment_s": 1.2}}
 
     return {"flows": {"standard": flow("avatar_pack"), "express": flow("express_pack", "express"),
-                      "pack": {**flow("pack_100"), "pack": {"images_planned": 10, "archive_images": 10}}},
+                      "pack": {**flow("pack_100"), "pack": {"images_planned": 10, "archive_images": 10}},
+                      "album": {**flow("couple_album"), "album": {"images_planned": 2, "images_downloaded": 2}}},
             "errors": []}
 
 
 def test_the_demo_plan_reaches_the_processes_as_settings_the_products_accept(tmp_path):
-    environ = demo.demo_environ({"SKUS": json.dumps(config.DEFAULT_SKUS)}, {"images": 10, "batch": 5}, 1)
+    plans = {demo.PACK_SKU: {"images": 10, "batch": 5}, demo.ALBUM_SKU: {"images": 2, "batch": 2}}
+    environ = demo.demo_environ({"SKUS": json.dumps(config.DEFAULT_SKUS)}, plans, 1)
     settings = config.Settings.from_env(environ, embedded=True, instance_dir=tmp_path)
-    assert products.render_plan(settings, demo.PACK_SKU) == {"images": 10, "batch": 5}
+    assert {sku: products.render_plan(settings, sku) for sku in plans} == plans
     assert settings.pack_candidates_per_image == 1
-    # Only the pack's plan changes: its price, photo minimum and every other product are as sold.
-    unchanged = {sku: p for sku, p in settings.skus.items() if sku != demo.PACK_SKU}
-    assert unchanged == {sku: p for sku, p in config.DEFAULT_SKUS.items() if sku != demo.PACK_SKU}
-    pack = {k: v for k, v in settings.skus[demo.PACK_SKU].items() if k != "render_plan"}
-    assert pack == {k: v for k, v in config.DEFAULT_SKUS[demo.PACK_SKU].items() if k != "render_plan"}
+    # Only the plans change: prices, photo minimums, people and every other product are as sold.
+    unchanged = {sku: p for sku, p in settings.skus.items() if sku not in plans}
+    assert unchanged == {sku: p for sku, p in config.DEFAULT_SKUS.items() if sku not in plans}
+    for sku in plans:
+        shrunk = {k: v for k, v in settings.skus[sku].items() if k != "render_plan"}
+        assert shrunk == {k: v for k, v in config.DEFAULT_SKUS[sku].items() if k != "render_plan"}
 
 
 def test_the_demo_plan_starts_from_the_skus_the_environment_sets(tmp_path):
     dearer = copy.deepcopy(config.DEFAULT_SKUS)
     dearer[demo.PACK_SKU]["amount"] = 1290
-    environ = demo.demo_environ({"SKUS": json.dumps(dearer)}, {"images": 4, "batch": 2}, 2)
+    environ = demo.demo_environ({"SKUS": json.dumps(dearer)}, {demo.PACK_SKU: {"images": 4, "batch": 2}}, 2)
     settings = config.Settings.from_env(environ, embedded=True, instance_dir=tmp_path)
     assert settings.skus[demo.PACK_SKU]["amount"] == 1290
     assert products.render_plan(settings, demo.PACK_SKU) == {"images": 4, "batch": 2}
@@ -61,6 +64,10 @@ def test_previews_off_are_no_failure():
     (lambda s: s["flows"]["standard"]["preview"].update(shown_after_payment_s=None), "standard: preview not shown"),
     (lambda s: s["flows"]["pack"]["pack"].update(archive_images=9), "pack: archive holds 9 images of 10 planned"),
     (lambda s: s["flows"].pop("pack"), "pack: did not finish"),
+    (lambda s: s["flows"]["album"]["order"].update(state="refunded"), "album: order refunded, not fulfilled"),
+    (lambda s: s["flows"]["album"]["album"].update(images_downloaded=1),
+     "album: the invitee downloaded 1 joint portraits of 2 planned"),
+    (lambda s: s["flows"].pop("album"), "album: did not finish"),
     (lambda s: s["errors"].append("express: timed out waiting"), "express: timed out waiting"),
 ])
 def test_a_flow_that_did_not_end_as_it_should_fails_the_demo(spoil, expected):

@@ -12,6 +12,9 @@ Three users, at once, each in a thread of their own:
 - pack: the 100-avatar pack (`pack_100`, three photos): its batches as they are delivered, then its archive. Its plan
   is shrunk for the demo (--pack-images, --pack-batch, --pack-candidates; the output says so) unless asked whole.
 The express and pack users pay once the standard user's preview is shown, so that figure is an idle GPU worker's.
+Then, once both have a trained avatar, the standard user buys a couple album (`couple_album`) and invites the express
+user: the invite card's mini-program code scanned, the invitation accepted with the invitee's own avatar, the joint
+portraits (each face drawn with its owner's LoRA) downloaded by the invitee. Its plan is shrunk too (--album-images).
 Writes the portraits, the preview, a share poster, the pack's archive and summary.json into --out (the processes'
 logs in --out/instance/logs/). Exits 1 when any flow does not end as it should.
 """
@@ -31,20 +34,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from PIL import Image
 
 from miniapp_api.dev.supervisor import Topology
+from models.posters import CODE_BOX
 from models.sample_photos import astronaut_photos
 from portraits import config
 from portraits.store import db as db_module
 from wechat_sim.client import SimulatorClient
+from wechat_sim.scan import scanned_scene
 
 PHONES = {"standard": "13800138000", "express": "13800138001", "pack": "13800138002"}
 EXPRESS_SKU = "express_pack"
 PACK_SKU = "pack_100"
+ALBUM_SKU = "couple_album"
 # The 100-avatar pack on two CPU cores with the tiny model takes about 5 s per candidate drawn: the whole plan
 # (100 images, two candidates each) is over 15 minutes, so the demo draws a smaller plan unless asked for the whole.
 DEMO_PACK_PLAN = {"images": 10, "batch": 5}
 DEMO_PACK_CANDIDATES = 1
+DEMO_ALBUM_PLAN = {"images": 2, "batch": 2}
 PRODUCT_PACK_CANDIDATES = config.Settings.model_fields["pack_candidates_per_image"].default
 PREVIEW_WAIT_S = 300.0
 _print_lock = threading.Lock()
@@ -320,8 +328,8 @@ def express_flow(client: Client, database, first_preview: threading.Event, platf
     kept = record["order"]["promise"] or {}
     client.say(f"  express order {record['order']['state']}; promise {kept.get('state')}, its training started "
                f"{kept.get('waited_s')} s after payment")
-    return {**record, "preview": preview, "render": {"id": render["id"], "template_id": render["template_id"],
-                                                     "files": files}}
+    return {**record, "avatar_id": avatar["id"], "preview": preview,
+            "render": {"id": render["id"], "template_id": render["template_id"], "files": files}}
 
 
 def pack_flow(client: Client, database, first_preview: threading.Event, platform: str) -> dict:
@@ -352,6 +360,46 @@ def pack_flow(client: Client, database, first_preview: threading.Event, platform
                      "batches": len(pack["batches"]), "archive": str(path), "archive_images": len(names)}}
 
 
+def album_flow(inviter: Client, invitee: Client, inviter_avatar_id: str, invitee_avatar_id: str, database,
+               platform: str) -> dict:
+    """The standard user buys a couple album and invites the express user, who accepts with their own avatar."""
+    with inviter.timer.step(f"buy a couple album ({ALBUM_SKU}) with my trained avatar"):
+        bought = inviter.post("/albums", 201, json={"sku": ALBUM_SKU, "avatar_id": inviter_avatar_id,
+                                                    "nickname": inviter.user, "platform": platform})
+        album, order = bought["album"], bought["order"]
+        inviter.say(f"  album {album['id']} {album['state']}, order {order['id']}: {order['amount']} fen")
+    inviter.pay(order, platform)
+    with inviter.timer.step("share the invite card (its mini-program code carries the seat's token)"):
+        album = inviter.wait(lambda: inviter.get(f"/albums/{album['id']}"), lambda b: b["state"] == "inviting",
+                             lambda b: f"album {b['state']}")
+        card = inviter.download(album["seats"][0]["invite_card_url"], inviter.out / "album-invite-card")
+        scene = scanned_scene(Image.open(card).crop(CODE_BOX))
+        if not scene.startswith("a="):
+            raise SystemExit(f"{inviter.user}: the invite card's code does not read as an album seat ({scene!r})")
+    with invitee.timer.step("scan the card, read the invitation, accept with my own trained avatar"):
+        token = scene[len("a="):]
+        invitation = invitee.get(f"/album-invites/{token}")
+        invitee.say(f"  {invitation['inviter_nickname']} invites me to {invitation['description']} "
+                    f"(seat {invitation['seat']}, until {invitation['expires_at']})")
+        album = invitee.post(f"/album-invites/{token}/accept", 200,
+                             json={"avatar_id": invitee_avatar_id, "nickname": invitee.user})
+        invitee.say(f"  album {album['state']}: " + ", ".join(f"{m['role']} {m['nickname']}" for m in album["members"]))
+    with invitee.timer.step("the album's joint portraits, delivered as they finish"):
+        album = invitee.wait(lambda: invitee.get(f"/albums/{album['id']}"),
+                             lambda b: (b["progress"] or {}).get("phase") in ("done", "refunded"),
+                             lambda b: f"album {b['state']}: " + (
+                                 f"{b['progress']['phase']}, images delivered {b['progress']['images_delivered']}"
+                                 f"/{b['progress']['images_planned']}, waiting for their check "
+                                 f"{b['progress']['images_pending_check']}" if b["progress"] else "no batch yet"))
+        files = [str(invitee.download(image["url"], invitee.out / "album" / f"album-{index}"))
+                 for index, image in enumerate(album["images"], 1)]
+        invitee.say(f"  {len(files)} joint portraits downloaded by the invitee")
+    return {**inviter.order_record(order["id"], database),
+            "album": {"id": album["id"], "state": album["state"], "phase": album["progress"]["phase"],
+                      "images_planned": album["progress"]["images_planned"], "images_downloaded": len(files),
+                      "members": [m["role"] for m in album["members"]], "files": files}}
+
+
 def failures(summary: dict) -> list[str]:
     """What did not end as it should: each flow fulfilled, the previews shown (when previews are on), the express
     order in its lane, the pack's archive holding every image of its plan."""
@@ -373,26 +421,38 @@ def failures(summary: dict) -> list[str]:
         pack = flows["pack"]["pack"]
         if pack["archive_images"] != pack["images_planned"]:
             found.append(f"pack: archive holds {pack['archive_images']} images of {pack['images_planned']} planned")
+    album = flows.get("album")
+    if album is None:
+        found.append("album: did not finish")
+    else:
+        if album["order"]["state"] != "fulfilled":
+            found.append(f"album: order {album['order']['state']}, not fulfilled")
+        if album["album"]["images_downloaded"] != album["album"]["images_planned"]:
+            found.append(f"album: the invitee downloaded {album['album']['images_downloaded']} joint portraits of "
+                         f"{album['album']['images_planned']} planned")
     return found
 
 
-def demo_environ(environ: dict, plan: dict, candidates: int) -> dict:
-    """The processes' environment with the pack's render plan and candidates per image as the demo asks."""
+def demo_environ(environ: dict, plans: dict[str, dict], candidates: int) -> dict:
+    """The processes' environment with the render plans ({sku: plan}) and candidates per image as the demo asks."""
     skus = json.loads(environ["SKUS"]) if environ.get("SKUS") else config.DEFAULT_SKUS
-    return {**environ, "SKUS": json.dumps({**skus, PACK_SKU: {**skus[PACK_SKU], "render_plan": plan}}),
+    return {**environ, "SKUS": json.dumps({**skus, **{sku: {**skus[sku], "render_plan": plan}
+                                                      for sku, plan in plans.items()}}),
             "PACK_CANDIDATES_PER_IMAGE": str(candidates)}
 
 
 def run(out: Path, photo_count: int, template_id: str | None, platform: str = "android",
-        pack_plan: dict | None = None, pack_candidates: int | None = None) -> dict:
+        pack_plan: dict | None = None, pack_candidates: int | None = None, album_plan: dict | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     timer = Timer()
     product_plan = config.DEFAULT_SKUS[PACK_SKU]["render_plan"]
+    product_album_plan = config.DEFAULT_SKUS[ALBUM_SKU]["render_plan"]
     environ = dict(os.environ)
-    if pack_plan or pack_candidates:
-        environ = demo_environ(environ, pack_plan or product_plan, pack_candidates or PRODUCT_PACK_CANDIDATES)
+    if pack_plan or pack_candidates or album_plan:
+        plans = {PACK_SKU: pack_plan or product_plan, ALBUM_SKU: album_plan or product_album_plan}
+        environ = demo_environ(environ, plans, pack_candidates or PRODUCT_PACK_CANDIDATES)
     topology = Topology(out / "instance", environ=environ)
     with timer.step("start the processes: gunicorn (2 workers), GPU, default and intake workers, clock, "
                     "WeChat simulator"):
@@ -407,6 +467,11 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
                  f"{PRODUCT_PACK_CANDIDATES} candidates each; --pack-images {product_plan['images']} --pack-batch "
                  f"{product_plan['batch']} --pack-candidates {PRODUCT_PACK_CANDIDATES} runs it whole)" if shrunk
                  else ""))
+    album_shrunk = settings.skus[ALBUM_SKU]["render_plan"] != product_album_plan
+    timer.say(f"{ALBUM_SKU}'s plan {'SHRUNK FOR THE DEMO' if album_shrunk else 'as sold'}: "
+              f"{settings.skus[ALBUM_SKU]['render_plan']['images']} images"
+              + (f" (the product: {product_album_plan['images']}; --album-images {product_album_plan['images']} "
+                 "runs it whole)" if album_shrunk else ""))
     database = db_module.connect(settings)
     sim = SimulatorClient(topology.simulator_url)
     first_preview = threading.Event()
@@ -431,12 +496,20 @@ def run(out: Path, photo_count: int, template_id: str | None, platform: str = "a
             thread.start()
         for thread in threads:
             thread.join()
+        if "standard" in results and "express" in results:
+            try:
+                results["album"] = album_flow(clients["standard"], clients["express"],
+                                              results["standard"]["avatar"]["id"], results["express"]["avatar_id"],
+                                              database, platform)
+            except (Exception, SystemExit) as error:
+                errors.append(f"album: {error}")
         summary = {
             "flows": results,
             "preview_shown_after_payment_s": {name: (flow.get("preview") or {}).get("shown_after_payment_s")
                                               for name, flow in results.items()},
             "pack_plan": {**plan, "candidates_per_image": settings.pack_candidates_per_image,
                           "shrunk_for_the_demo": shrunk},
+            "album_plan": {**settings.skus[ALBUM_SKU]["render_plan"], "shrunk_for_the_demo": album_shrunk},
             "subscribe_messages_sent": [m.get("template_id") for m in sim.messages()],
             "content_checks": {
                 "by_kind_and_state": {f"{row['_id']['kind']}:{row['_id']['state']}": row["count"] for row in
@@ -469,12 +542,16 @@ def main(argv=None) -> None:
                         help=f"images of {PACK_SKU}'s plan in the demo (the product's: 100)")
     parser.add_argument("--pack-batch", type=int, default=DEMO_PACK_PLAN["batch"],
                         help="images per batch (the product's: 10)")
+    parser.add_argument("--album-images", type=int, default=DEMO_ALBUM_PLAN["images"],
+                        help=f"images of {ALBUM_SKU}'s plan in the demo, drawn in one batch (the product's: 6 in "
+                             "batches of 3)")
     parser.add_argument("--pack-candidates", type=int, default=DEMO_PACK_CANDIDATES,
                         help="candidates drawn per pack image (PACK_CANDIDATES_PER_IMAGE; the setting's default: "
                              f"{PRODUCT_PACK_CANDIDATES})")
     args = parser.parse_args(argv)
     summary = run(args.out.resolve(), args.photos, args.template, args.platform,
-                  {"images": args.pack_images, "batch": args.pack_batch}, args.pack_candidates)
+                  {"images": args.pack_images, "batch": args.pack_batch}, args.pack_candidates,
+                  {"images": args.album_images, "batch": args.album_images})
     print(json.dumps({k: summary[k] for k in ("preview_shown_after_payment_s", "pack_plan", "content_checks",
                                               "timings_s")}, ensure_ascii=False, indent=2))
     for name, flow in summary["flows"].items():
@@ -489,8 +566,13 @@ def main(argv=None) -> None:
         pack = summary["flows"]["pack"]["pack"]
         print(f"pack archive: {pack['archive_images']} images of {pack['images_planned']} planned"
               + (" (plan shrunk for the demo)" if summary["pack_plan"]["shrunk_for_the_demo"] else ""))
-    print(f"total {summary['timings_s']['total']:.0f} s; portraits, preview, poster, pack archive and summary.json "
-          f"in {args.out}/")
+    if "album" in summary["flows"]:
+        album = summary["flows"]["album"]["album"]
+        print(f"couple album: {album['images_downloaded']} joint portraits of {album['images_planned']} planned, "
+              f"downloaded by the invitee" + (" (plan shrunk for the demo)" if summary["album_plan"][
+                  "shrunk_for_the_demo"] else ""))
+    print(f"total {summary['timings_s']['total']:.0f} s; portraits, preview, poster, pack archive, album and "
+          f"summary.json in {args.out}/")
     for failure in summary["failures"]:
         print(f"FAILED {failure}")
     sys.exit(1 if summary["failures"] else 0)
