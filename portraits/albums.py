@@ -152,25 +152,38 @@ def accept(services, user: dict, token: str, avatar: dict, nickname: str | None 
     consents.require_face_consent(services.settings, user)
     _require_not_member(album, seat, user)
     require_trained(avatar)
+    if take_seat(services, album, seat, user, avatar, nickname) is None:  # something else moved first: say what
+        album, seat = invitation(services, token)
+        _require_not_member(album, seat, user)
+        raise Conflict("invite_busy", "The invitation changed meanwhile; open it again.")
+    accept_if_full(services, album["_id"], by=f"user:{user['_id']}")
+    return services.db.albums.find_one({"_id": album["_id"]})
+
+
+def take_seat(services, album: dict, seat: dict, user: dict, avatar: dict, nickname: str | None) -> dict | None:
+    """The seat taken by one compare-and-set (open, the album inviting and in time, the user not in it yet): the
+    album after, or None when something else moved first."""
     at = states.now()
     index = seat["index"]
-    taken = services.db.albums.find_one_and_update(
+    return services.db.albums.find_one_and_update(
         {"_id": album["_id"], "state": "inviting", "invite_expires_at": {"$gt": at}, "member_ids": {"$ne": user["_id"]},
-         f"seats.{index}.token": token, f"seats.{index}.state": OPEN},
+         f"seats.{index}.token": seat["token"], f"seats.{index}.state": OPEN},
         {"$set": {f"seats.{index}.state": TAKEN, f"seats.{index}.user_id": user["_id"], f"seats.{index}.taken_at": at,
                   "updated_at": at},
          "$push": {"members": _member(user["_id"], avatar, INVITEE, nickname, at), "member_ids": user["_id"]}},
         return_document=ReturnDocument.AFTER)
-    if taken is None:  # someone (or something) else moved first: say what
-        album, seat = invitation(services, token)
-        _require_not_member(album, seat, user)
-        raise Conflict("invite_busy", "The invitation changed meanwhile; open it again.")
-    accepted = states.transition(services.db, "album", album["_id"], "accepted", expect={"inviting"},
-                                 by=f"user:{user['_id']}", set_fields={"accepted_at": at},
+
+
+def accept_if_full(services, album_id: str, by: str) -> bool:
+    """Once no seat is open the album is accepted and its batches are written (the last accept; the sweep, when a
+    process died between taking the last seat and this)."""
+    accepted = states.transition(services.db, "album", album_id, "accepted", expect={"inviting"}, by=by,
+                                 set_fields={"accepted_at": states.now()},
                                  extra_filter={"seats.state": {"$ne": OPEN}})
-    if accepted is not None:
-        write_batches(services, album["_id"])
-    return services.db.albums.find_one({"_id": album["_id"]})
+    if accepted is None:
+        return False
+    write_batches(services, album_id)
+    return True
 
 
 def _require_not_member(album: dict, seat: dict, user: dict) -> None:
@@ -205,7 +218,7 @@ def expire(services, album_id: str) -> bool:
     at = states.now()
     expired = states.transition(services.db, "album", album_id, "expired", expect={"inviting"}, by="sweeper",
                                 reason="invite_ttl", set_fields={"ended_at": at},
-                                extra_filter={"invite_expires_at": {"$lte": at}})
+                                extra_filter={"invite_expires_at": {"$lte": at}, "seats.state": OPEN})
     if expired is None:
         return False
     settle_refund(services, expired)
@@ -441,8 +454,9 @@ def image_count(services, album_id: str) -> int:
 
 def sweep(services, older_than) -> Counter:
     """What albums owe, healed through the functions above (each idempotent): an album whose order closed unpaid
-    closes; one whose order is paid opens its invitation (a process died between the two); an invitation past its
-    time expires; an accepted album without its batches gets them; a refund owed is asked for again; a withdrawn
+    closes; one whose order is paid opens its invitation (a process died between the two); an invitation whose
+    every seat is taken is accepted (a process died between the last seat and the acceptance), one past its time
+    with a seat still open expires; an accepted album without its batches gets them; a refund owed is asked for again; a withdrawn
     album's images (a batch that finished after the withdrawal) go, and a delivered album's order is fulfilled."""
     done = Counter()
     for album in services.db.albums.find({"state": "awaiting_payment", "order_id": {"$exists": True},
@@ -454,6 +468,8 @@ def sweep(services, older_than) -> Counter:
             done["album_closed"] += bool(states.transition(services.db, "album", album["_id"], "closed",
                                                            expect={"awaiting_payment"}, by="sweeper",
                                                            reason=f"order_{order['state']}"))
+    for album in services.db.albums.find({"state": "inviting", "seats.state": {"$ne": OPEN}}, {"_id": 1}):
+        done["album_accepted"] += accept_if_full(services, album["_id"], by="sweeper")
     for album in services.db.albums.find({"state": "inviting", "invite_expires_at": {"$lte": states.now()}}):
         done["album_expired"] += expire(services, album["_id"])
     for album in services.db.albums.find({"state": "accepted", "batches_written_at": {"$exists": False},

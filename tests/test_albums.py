@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs import rendering
 from models import posters
-from portraits import albums, config, keys, packs, products, renders, sweeper, tasks
+from portraits import albums, config, keys, packs, products, renders, states, sweeper, tasks
 from portraits.billing import refunds
 from tests.qr_support import decode_qr
 from tests.race import winners
@@ -178,6 +178,23 @@ def test_an_invitation_not_accepted_in_time_expires_and_is_refunded_once(marked_
     sim.settle_refunds()
     assert _order(services, album["order_id"])["state"] == "refunded"
     assert len(_album_refunds(services, album)) == 1
+
+
+def test_a_crash_after_the_last_seat_is_taken_is_accepted_by_the_sweep_not_expired(marked_trained, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    bob_user = services.db.users.find_one({"_id": bob.user_id})
+    bob_avatar_doc = services.db.avatars.find_one({"_id": bob_avatar["id"]})
+    # The accept's own compare-and-set takes the seat; the process dies before the album's acceptance.
+    assert albums.take_seat(services, stored, stored["seats"][0], bob_user, bob_avatar_doc, "小红") is not None
+    services.db.albums.update_one({"_id": album["id"]}, {"$set": {"invite_expires_at": states.now()}})  # deadline
+    done = sweeper.sweep(services)
+    assert done.get("album_accepted") == 1 and not done.get("album_expired")
+    healed = services.db.albums.find_one({"_id": album["id"]})
+    assert healed["state"] == "accepted" and healed["batches_written_at"]
+    assert services.db.renders.count_documents({"album_id": album["id"]}) == 2
+    assert not _order(services, album["order_id"]).get("refunds")
 
 
 def test_a_declined_invitation_ends_the_album_and_refunds_it_once(marked_trained, login, services, sim, drain):
