@@ -339,8 +339,8 @@ def withdraw(services, album_id: str, by: str, reason: str) -> dict | None:
     end_queued_batches(services, album_id)
     delete_joint_images(services, album_id)
     if album["state"] == "awaiting_payment" and album.get("order_id"):
-        try:  # a payment landing later is refunded (payments: the album no longer opens)
-            orders.expire_order(services, album["order_id"], by=by)
+        try:  # a payment landing later is refunded (payments: the album no longer opens; settle_refund waits)
+            orders.close_unpaid(services, album["order_id"], by=by, reason=f"album_withdrawn:{reason}")
         except OrderBusy:
             log.info("album %s: its unpaid order is busy; it expires unpaid as any order", album_id)
     settle_refund(services, moved)
@@ -376,10 +376,14 @@ def delete_joint_images(services, album_id: str) -> int:
 def settle_refund(services, album: dict) -> str:
     """What an album that ended undelivered owes back, once (the refund's number is the album's): the whole price
     when nothing was drawn, the share of the undelivered slots after a withdrawal. Returns a stable word;
-    'refund_owed' leaves it for the sweep (the order is busy with another refund)."""
+    'refund_owed' (the order is busy with another refund) and 'order_open' (the order can still be paid: not closed
+    yet, or closed here but not yet at WeChat Pay) leave it for the sweep."""
     if album.get("refund_settled_at") or album["state"] not in ENDED_UNDELIVERED:
         return "already_settled"
     order = services.db.orders.find_one({"_id": album.get("order_id")}) if album.get("order_id") else None
+    if order is not None and (order["state"] == "created"
+                              or (order["state"] == "closed" and order.get("gateway_close_pending"))):
+        return "order_open"
     outcome = "nothing_paid"
     if order is not None and order["state"] in refunds.PAID_STATES:
         outcome = _refund_undelivered(services, album, order)

@@ -62,9 +62,7 @@ def erase_user_data(services, user: dict, reason: str) -> dict:
     for order in services.db.orders.find({"user_id": user_id, "state": "created"}):
         # Closed at WeChat Pay too, so the user can no longer pay it; if WeChat Pay cannot be reached now, it is
         # closed here and reconciliation closes it there later.
-        if orders.expire_order(services, order["_id"], by=f"user:{user_id}") == "close_failed":
-            states.transition(services.db, "order", order["_id"], "closed", reason=reason,
-                              unset_fields=("open_avatar_id",), set_fields={"gateway_close_pending": True})
+        orders.close_unpaid(services, order["_id"], by=f"user:{user_id}", reason=reason)
     avatars = list(services.db.avatars.find({"user_id": user_id}))
     renders = list(services.db.renders.find({"user_id": user_id}))
     # Jobs first, so that no worker takes one of them up after its avatar or render is gone.

@@ -215,6 +215,32 @@ def test_a_declined_invitation_ends_the_album_and_refunds_it_once(marked_trained
     assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["state"] == "declined"
 
 
+def test_a_withdrawal_while_awaiting_payment_whose_close_fails_refunds_a_payment_landing_later_once(
+        marked_trained, services, sim, drain):
+    (alice, alice_avatar), = marked_trained("alice")
+    bought = _buy(alice, alice_avatar["id"])
+    album_id, order_id = bought["album"]["id"], bought["order"]["id"]
+    sim.set_fault(f"/v3/pay/transactions/out-trade-no/{order_id}/close", "5xx")
+    assert alice.post(f"/api/v1/albums/{album_id}/withdraw").status_code == 200
+    closed = _order(services, order_id)
+    assert (closed["state"], closed["gateway_close_pending"]) == ("closed", True)  # closed at WeChat Pay later
+    assert "refund_settled_at" not in services.db.albums.find_one({"_id": album_id})  # it can still be paid
+    assert sweeper.sweep(services).get("album_refund_order_open") == 1
+
+    # The user pays with the prepay they hold; the process dies between taking the payment and its refund.
+    sim.pay(order_id, deliver=False)
+    states.transition(services.db, "order", order_id, "paid", expect={"closed"}, by="test")
+    assert sweeper.sweep(services).get("album_refund_refunded") == 1
+    number = refunds.album_refund_number(order_id, album_id)
+    assert [(r["out_refund_no"], r["amount"]) for r in _order(services, order_id)["refunds"]] == [(number, 1990)]
+    drain()
+    sim.settle_refunds()
+    sweeper.sweep(services)
+    assert _order(services, order_id)["state"] == "refunded" and len(_order(services, order_id)["refunds"]) == 1
+    assert [r["amount"]["refund"] for r in sim.refunds()] == [1990]
+    assert services.db.albums.find_one({"_id": album_id})["refund_outcome"] == "refunded"
+
+
 @pytest.mark.parametrize("settings_overrides", [{**FAST, "render_retries": 0, "fault_render_failures": 99}])
 def test_a_batch_that_cannot_be_drawn_is_redrawn_once_with_the_album_then_its_share_refunded(
         marked_trained, services, sim, drain):

@@ -164,6 +164,17 @@ def expire_order(services, order_id: str, by: str) -> str:
     return "closed" if closed is not None else "already_moved"
 
 
+def close_unpaid(services, order_id: str, by: str, reason: str) -> str:
+    """expire_order, so the user can no longer pay it; when WeChat Pay cannot be reached now the order is closed
+    here and reconciliation closes it there later (`gateway_close_pending`: a payment landing meanwhile is taken and
+    refunded). Returns expire_order's word."""
+    outcome = expire_order(services, order_id, by=by)
+    if outcome == "close_failed":
+        states.transition(services.db, "order", order_id, "closed", expect={"created"}, by=by, reason=reason,
+                          unset_fields=("open_avatar_id",), set_fields={"gateway_close_pending": True})
+    return outcome
+
+
 def close_at_gateway(services, order_id: str, by: str) -> str:
     """For orders closed here whose prepay failed: make sure WeChat Pay has them closed as well."""
     try:
