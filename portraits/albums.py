@@ -45,6 +45,7 @@ INVITEE = "invitee"
 OPEN, TAKEN, DECLINED = "open", "taken", "declined"
 LIVE = ("awaiting_payment", "inviting", "accepted")
 ENDED_UNDELIVERED = ("declined", "expired", "withdrawn")
+ORDER_WITHDRAWN_FIELD = "album_withdrawn_at"  # on the order, before the withdrawal's refund: no batch refunds after
 SCENE_PREFIX = "a="  # the scene of an invite card's mini-program code: a=<seat token>
 
 
@@ -336,6 +337,9 @@ def withdraw(services, album_id: str, by: str, reason: str) -> dict | None:
                                           "delivered_slots": delivered_slots(services, album_id)})
     if moved is None:
         return None
+    if album.get("order_id"):  # before the refund reads the order: a batch's refund of its slots is refused now
+        services.db.orders.update_one({"_id": album["order_id"], ORDER_WITHDRAWN_FIELD: {"$exists": False}},
+                                      {"$set": {ORDER_WITHDRAWN_FIELD: at}})
     end_queued_batches(services, album_id)
     delete_joint_images(services, album_id)
     if album["state"] == "awaiting_payment" and album.get("order_id"):

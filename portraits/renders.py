@@ -737,11 +737,15 @@ def _redraw_batch(services, render: dict, lost: list[int]) -> str:
 
 def _refund_slots(services, render: dict, lost: list[int]) -> str:
     """The share of the price of the slots this batch cannot deliver goes back, once (the refund is keyed by the
-    batch): 'refunded', 'nothing_left' (already refunded otherwise), 'refund_refused' (this rail cannot refund:
-    left to people), or 'refund_owed' (the order is busy with another refund: the sweep asks again)."""
+    batch): 'refunded', 'nothing_left' (already refunded otherwise), 'album_withdrawn' (the album's withdrawal
+    refunds what was not delivered, these slots included: marked on the order before that refund, and checked in the
+    write that would record this one), 'refund_refused' (this rail cannot refund: left to people), or 'refund_owed'
+    (the order is busy with another refund: the sweep asks again)."""
     order = services.db.orders.find_one({"_id": render["order_id"]})
     if order is None:
         return "nothing_left"
+    if order.get(albums.ORDER_WITHDRAWN_FIELD):
+        return "album_withdrawn"
     number = refunds.batch_refund_number(order["_id"], render["_id"])
     if refunds.has_refund(order, number):
         return "refunded"
@@ -752,10 +756,13 @@ def _refund_slots(services, render: dict, lost: list[int]) -> str:
     try:
         moved = refunds.request_refund(services, order["_id"], reason="pack_undeliverable",
                                        by=f"render:{render['_id']}", expect=("paid", "fulfilled"), amount=amount,
-                                       out_refund_no=number)
+                                       out_refund_no=number, unless_field=albums.ORDER_WITHDRAWN_FIELD)
     except refunds.RefundRefused as refused:
         log.warning("batch %s: its undeliverable share cannot be refunded: %s", render["_id"], refused.code)
         return "refund_refused"
-    if moved is None and not refunds.has_refund(services.db.orders.find_one({"_id": order["_id"]}) or {}, number):
+    after = services.db.orders.find_one({"_id": order["_id"]}) or {}
+    if moved is None and after.get(albums.ORDER_WITHDRAWN_FIELD):
+        return "album_withdrawn"
+    if moved is None and not refunds.has_refund(after, number):
         return "refund_owed"
     return "refunded"

@@ -375,6 +375,25 @@ def test_withdrawal_by_the_invitee_deletes_the_joint_images_for_both_and_refunds
         assert exported[0]["withdrawn_at"]
 
 
+def test_a_batch_refunding_its_lost_slots_as_the_album_is_withdrawn_does_not_refund_them_twice(
+        trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    second = packs.batch_id(album["order_id"], 1)
+    tasks.delete_jobs_of(services, {second})  # the first batch is delivered; the second is lost
+    drain()
+    assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["progress"]["images_delivered"] == 3
+    lost = services.db.renders.find_one({"_id": second})
+    # settle_batch found the album live; the withdrawal comes and is refunded; then the batch asks for its refund.
+    assert albums.withdraw(services, album["id"], by=f"user:{bob.user_id}", reason="member_withdrew")
+    drain()
+    sim.settle_refunds()
+    assert renders._refund_slots(services, lost, [3, 4, 5]) == "album_withdrawn"
+    assert [(r["out_refund_no"], r["amount"]) for r in _album_refunds(services, album)] == [
+        (refunds.album_refund_number(album["order_id"], album["id"]), packs.slots_amount(1990, 6, [3, 4, 5]))]
+
+
 def test_a_queued_batch_of_a_withdrawn_album_ends_without_drawing(marked_trained, services, sim, drain):
     (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
     album = _paid_album(alice, sim, alice_avatar["id"])

@@ -75,7 +75,8 @@ def has_refund(order: dict, out_refund_no: str) -> bool:
 
 
 def request_refund(services, order_id: str, reason: str, by: str = "system", expect=("paid",),
-                   amount: int | None = None, out_refund_no: str | None = None) -> dict | None:
+                   amount: int | None = None, out_refund_no: str | None = None,
+                   unless_field: str | None = None) -> dict | None:
     """Refund `amount` fen of an order (None: all that is still refundable), at most once per call site.
 
     Returns the order, moved to `refunding`, or None when nothing was started: the order is not in an expected
@@ -88,7 +89,10 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
 
     out_refund_no: a number derived from what the refund is for (`promise_refund_number`, `batch_refund_number`),
     so that refund exists at most once on the order, and at WeChat Pay, however often and from wherever it is asked
-    for (None when it already does)."""
+    for (None when it already does).
+
+    unless_field: a field of the order whose presence means this refund is no longer owed (another refund covers
+    it: `album_withdrawn_at`); checked in the same write that records the refund (None when it is set)."""
     if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0):
         raise RefundRefused("refund_amount_invalid", {"amount": amount})
     expect = set(expect)
@@ -121,8 +125,11 @@ def request_refund(services, order_id: str, reason: str, by: str = "system", exp
         }
         before = order.get("state_before_refund") if order["state"] == "refund_failed" else order["state"]
         # The $size condition makes the amount check and the append one atomic step even without the lock.
+        condition = {"refunds": {"$size": sequence - 1}}
+        if unless_field is not None:
+            condition[unless_field] = {"$exists": False}
         moved = states.transition(services.db, "order", order_id, "refunding", expect=expect, by=by, reason=reason,
-                                  push={"refunds": refund}, extra_filter={"refunds": {"$size": sequence - 1}},
+                                  push={"refunds": refund}, extra_filter=condition,
                                   set_fields={"state_before_refund": before})
         if moved is None:
             return None
