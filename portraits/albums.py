@@ -46,6 +46,10 @@ OPEN, TAKEN, DECLINED = "open", "taken", "declined"
 LIVE = ("awaiting_payment", "inviting", "accepted")
 ENDED_UNDELIVERED = ("declined", "expired", "withdrawn")
 ORDER_WITHDRAWN_FIELD = "album_withdrawn_at"  # on the order, before the withdrawal's refund: no batch refunds after
+# An order in one of these states owes the album nothing more: made good (a credit for the whole sku), refunded in
+# full, or its refund refused at WeChat Pay (listed for people by the order itself).
+ORDER_ALREADY_SETTLED = {"made_good": "made_good", "refunded": "order_refunded",
+                         "refund_failed": "order_refund_failed"}
 SCENE_PREFIX = "a="  # the scene of an invite card's mini-program code: a=<seat token>
 
 
@@ -402,6 +406,8 @@ def _refund_undelivered(services, album: dict, order: dict) -> str:
     number = refunds.album_refund_number(order["_id"], album["_id"])
     if refunds.has_refund(order, number):
         return "refunded"
+    if order["state"] in ORDER_ALREADY_SETTLED:
+        return ORDER_ALREADY_SETTLED[order["state"]]
     delivered = packs.slots_amount(order["amount"], order["render_plan"]["images"], album.get("delivered_slots", []))
     amount = refunds.refundable_amount(order) - delivered
     if amount <= 0:
@@ -411,10 +417,15 @@ def _refund_undelivered(services, album: dict, order: dict) -> str:
                                        by=f"album:{album['_id']}", expect=("paid", "fulfilled"), amount=amount,
                                        out_refund_no=number)
     except refunds.RefundRefused as refused:
+        if refused.code == "refund_exceeds_refundable":
+            return "refund_owed"  # another refund landed since the order was read: recomputed by the sweep
         log.warning("album %s: its refund cannot be made: %s", album["_id"], refused.code)
-        return "refund_refused"
+        services.db.albums.update_one({"_id": album["_id"]}, {"$set": {"refund_refused_code": refused.code}})
+        return "refund_refused"  # needs people (sweeper.needs_people)
     except OrderBusy:
         return "refund_owed"  # the sweep asks again
+    if moved is not None and moved["state"] == "made_good":
+        return "made_good"
     if moved is None and not refunds.has_refund(services.db.orders.find_one({"_id": order["_id"]}) or {}, number):
         return "refund_owed"
     return "refunded"

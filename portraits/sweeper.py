@@ -92,8 +92,9 @@ def last_sweep_at(services):
 
 
 def needs_people(services) -> list[dict]:
-    """What the sweep cannot heal by itself (README, "What the code cannot heal"): refunds WeChat Pay refused, and
-    refunds overdue at WeChat Pay (an outage longer than the refund window keeps them here until it ends)."""
+    """What the sweep cannot heal by itself (README, "What the code cannot heal"): refunds WeChat Pay refused,
+    refunds overdue at WeChat Pay (an outage longer than the refund window keeps them here until it ends), and
+    albums whose undelivered share could not be refunded nor made good (an iOS order already fulfilled)."""
     overdue_before = states.now() - REFUND_OVERDUE
     rows = [{"order_id": o["_id"], "state": o["state"], "since": o["updated_at"], "why": "refund_failed",
              "error": (o.get("refunds") or [{}])[-1].get("error")}
@@ -104,6 +105,11 @@ def needs_people(services) -> list[dict]:
         if latest.get("requested_at") and latest["requested_at"] < overdue_before:
             rows.append({"order_id": order["_id"], "state": order["state"], "since": latest["requested_at"],
                          "why": "refund_overdue", "error": latest.get("error")})
+    for album in services.db.albums.find({"refund_outcome": "refund_refused"},
+                                         {"order_id": 1, "state": 1, "refund_settled_at": 1, "refund_refused_code": 1}):
+        rows.append({"order_id": album["order_id"], "album_id": album["_id"], "state": album["state"],
+                     "since": album["refund_settled_at"], "why": "album_refund_refused",
+                     "error": album.get("refund_refused_code")})
     return sorted(rows, key=lambda row: row["since"])
 
 

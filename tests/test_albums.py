@@ -17,12 +17,14 @@ from jobs import rendering
 from models import posters
 from portraits import albums, config, keys, packs, products, renders, states, sweeper, tasks
 from portraits.billing import refunds
+from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
 from tests.race import winners
 from tests.test_api import assert_error
 
 SKUS = config.DEFAULT_SKUS  # couple_album: 1990 fen, 6 images in batches of 3
 FAST = {"render_max_steps": 1, "render_max_candidates": 1, "pack_candidates_per_image": 1}
+IOS_XPAY = {**FAST, "payment_rail": "by_platform", "xpay_platforms": ("ios",)}  # avatars paid as usual, albums on iOS
 
 
 @pytest.fixture
@@ -76,6 +78,27 @@ def _paid_album(api, sim, avatar_id: str, sku: str = "couple_album") -> dict:
 
 def _accept(api, token: str, avatar_id: str):
     return api.post(f"/api/v1/album-invites/{token}/accept", json={"avatar_id": avatar_id, "nickname": "小红"})
+
+
+@pytest.fixture
+def xpay_pushes(sim, app, services):
+    """The simulator pushes virtual payments to this app's message-push endpoint."""
+    sim.set_push_url(services.settings.public_base_url + PUSH_PATH)
+    yield
+    sim.set_push_url(None)
+
+
+def _paid_ios_album(api, sim, services, avatar_id: str) -> dict:
+    bought = api.post("/api/v1/albums", json={"sku": "couple_album", "avatar_id": avatar_id, "platform": "ios"})
+    assert bought.status_code == 201, bought.get_json()
+    order = bought.get_json()["order"]
+    assert order["rail"] == "xpay", order
+    paid = sim.xpay_pay(services.db.users.find_one({"_id": api.user_id})["openid"], order["xpay_params"],
+                        platform="ios")
+    assert paid["delivered"], paid
+    album = api.get(f"/api/v1/albums/{bought.get_json()['album']['id']}").get_json()
+    assert album["state"] == "inviting", album
+    return album
 
 
 def _order(services, order_id: str) -> dict:
@@ -266,6 +289,57 @@ def test_a_batch_that_cannot_be_drawn_is_redrawn_once_with_the_album_then_its_sh
     assert len(_album_refunds(services, album)) == 2
     progress = alice.get(f"/api/v1/albums/{album['id']}").get_json()["progress"]
     assert (progress["phase"], progress["images_refunded"]) == ("done", 6)
+
+
+@pytest.mark.parametrize("settings_overrides", [IOS_XPAY])
+def test_an_ios_album_made_good_by_a_batch_settles_its_withdrawal_as_made_good(
+        marked_trained, services, sim, xpay_pushes):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_ios_album(alice, sim, services, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    # A batch that cannot be delivered makes the order good (an iOS payment cannot be refunded) ...
+    made = refunds.request_refund(services, album["order_id"], reason="pack_undeliverable", expect=("paid",))
+    assert made["state"] == "made_good"
+    # ... then the album is withdrawn: nothing more is owed, and nothing is left waiting for ever.
+    assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert (stored["refund_outcome"], bool(stored.get("refund_settled_at"))) == ("made_good", True)
+    assert not any(k.startswith("album_refund") for k in sweeper.sweep(services))
+    assert len(services.db.users.find_one({"_id": alice.user_id})["make_good_credits"]) == 1
+    assert sim.xpay_refunds() == {"calls": 0, "refunds": []}
+
+
+@pytest.mark.parametrize("settings_overrides", [IOS_XPAY])
+def test_an_ios_album_withdrawn_after_delivery_that_cannot_be_made_good_needs_people(
+        trained, services, sim, drain, xpay_pushes):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    album = _paid_ios_album(alice, sim, services, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    tasks.delete_jobs_of(services, {packs.batch_id(album["order_id"], 1)})  # the first batch alone is delivered
+    drain()
+    assert _order(services, album["order_id"])["state"] == "fulfilled"
+    assert bob.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert (stored["refund_outcome"], stored["refund_refused_code"]) == ("refund_refused", "refund_impossible")
+    assert [(r["order_id"], r["album_id"], r["why"], r["error"]) for r in sweeper.needs_people(services)] == [
+        (album["order_id"], album["id"], "album_refund_refused", "refund_impossible")]
+
+
+def test_an_album_refund_computed_before_another_refund_landed_is_asked_again(marked_trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    read_before = _order(services, album["order_id"])
+    batch = packs.batch_id(album["order_id"], 0)
+    assert refunds.request_refund(services, album["order_id"], reason="pack_undeliverable", amount=995,
+                                  out_refund_no=refunds.batch_refund_number(album["order_id"], batch))
+    drain()
+    sim.settle_refunds()
+    assert _order(services, album["order_id"])["state"] == "paid"  # 995 of 1990 refunded
+    stored = services.db.albums.find_one({"_id": album["id"]})
+    assert albums._refund_undelivered(services, stored, read_before) == "refund_owed"  # not settled as refused
+    assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    assert sorted(r["amount"] for r in _album_refunds(services, album)) == [995, 995]
 
 
 # ------------------------------------------------------------------------------------------ refusals
