@@ -215,6 +215,8 @@ class AlbumRequest(Body):
     platform: NonEmptyStr = Field(default=None, json_schema_extra=_no_default,
                                   description="the client's platform (wx.getDeviceInfo), which with "
                                               "PAYMENT_RAIL=by_platform picks the payment rail")
+    use_credit: bool = Field(default=False, description="pay with one of the user's free redo credits for this "
+                                                        "album sku (402 no_make_good_credit when none is left)")
 
 
 class AlbumAcceptRequest(Body):

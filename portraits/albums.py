@@ -69,8 +69,9 @@ def scene(token: str) -> str:
 
 
 def create_album(services, user: dict, avatar: dict, sku: str, nickname: str | None = None,
-                 platform: str | None = None) -> tuple[dict, dict]:
-    """An album sku bought by `user` with their trained `avatar`: the album and its order (paid as any order)."""
+                 platform: str | None = None, use_credit: bool = False) -> tuple[dict, dict]:
+    """An album sku bought by `user` with their trained `avatar`: the album and its order (paid as any order, or
+    with a free redo credit for the sku: use_credit)."""
     settings = services.settings
     if sku not in settings.skus:
         raise Invalid("unknown_sku", "No such product.", {"sku": sku, "known": sorted(settings.skus)})
@@ -94,7 +95,8 @@ def create_album(services, user: dict, avatar: dict, sku: str, nickname: str | N
     }
     services.db.albums.insert_one(album)
     try:
-        order = orders.create_album_order(services, user, avatar, sku, album_id, platform=platform)
+        order = orders.create_album_order(services, user, avatar, sku, album_id, platform=platform,
+                                          use_credit=use_credit)
     except Exception:
         # No order: no album. An order written whose prepay failed is closed: so is its album.
         if services.db.orders.count_documents({"album_id": album_id}, limit=1):

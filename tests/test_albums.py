@@ -325,6 +325,30 @@ def test_an_ios_album_withdrawn_after_delivery_that_cannot_be_made_good_needs_pe
         (album["order_id"], album["id"], "album_refund_refused", "refund_impossible")]
 
 
+@pytest.mark.parametrize("settings_overrides", [{**IOS_XPAY, "album_invite_ttl_s": 0}])
+def test_the_credit_an_expired_ios_album_was_made_good_with_buys_a_new_album(marked_trained, services, sim,
+                                                                            xpay_pushes):
+    (alice, alice_avatar), = marked_trained("alice")
+    album = _paid_ios_album(alice, sim, services, alice_avatar["id"])
+    assert sweeper.sweep(services).get("album_expired") == 1
+    assert _order(services, album["order_id"])["state"] == "made_good"
+    assert services.db.albums.find_one({"_id": album["id"]})["refund_outcome"] == "made_good"
+    credits = services.db.users.find_one({"_id": alice.user_id})["make_good_credits"]
+    assert [(c["order_id"], c["sku"], c["used_by"]) for c in credits] == [(album["order_id"], "couple_album", None)]
+
+    again = alice.post("/api/v1/albums", json={"sku": "couple_album", "avatar_id": alice_avatar["id"],
+                                               "platform": "ios", "use_credit": True})
+    assert again.status_code == 201, again.get_json()
+    bought = again.get_json()
+    assert (bought["order"]["rail"], bought["order"]["state"], bought["order"]["amount"]) == ("credit", "paid", 0)
+    assert bought["album"]["state"] == "inviting" and bought["album"]["seats"][0]["token"]
+    spent = services.db.users.find_one({"_id": alice.user_id})["make_good_credits"]
+    assert [c["used_by"] for c in spent] == [bought["order"]["id"]]
+    assert_error(alice.post("/api/v1/albums", json={"sku": "couple_album", "avatar_id": alice_avatar["id"],
+                                                    "use_credit": True}), 402, "no_make_good_credit")
+    assert services.db.albums.count_documents({"user_id": alice.user_id}) == 2  # the refused one left nothing
+
+
 def test_an_album_refund_computed_before_another_refund_landed_is_asked_again(marked_trained, services, sim, drain):
     (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
     album = _paid_album(alice, sim, alice_avatar["id"])

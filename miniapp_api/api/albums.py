@@ -27,10 +27,12 @@ INVITE_CAPTION = {2: "邀请你一起拍双人写真", 3: "邀请你一起拍全
 @endpoint(ok={201: AlbumPurchase}, errors=[402, 403, 404, 409, 502], rate_limit="rate_limit_orders")
 def create_album(json: AlbumRequest):
     """Buy an album with my trained avatar: the album (awaiting_payment) and its order, paid as any order. Once paid
-    its seats invite (share each seat's invite card). 403 consent_required, 409 avatar_not_trained."""
+    its seats invite (share each seat's invite card). use_credit pays with a free redo credit for the album sku
+    (an iOS album that expired or was declined was made good with one): paid and inviting at once. 403
+    consent_required, 409 avatar_not_trained, 402 no_make_good_credit."""
     avatar = owned("avatars", json.avatar_id, "avatar")
     album, order = albums.create_album(services(), g.user, avatar, json.sku, nickname=json.nickname,
-                                       platform=json.platform)
+                                       platform=json.platform, use_credit=json.use_credit)
     return {"album": album_json(album), "order": client_order_json(order)}, 201
 
 

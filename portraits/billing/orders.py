@@ -39,12 +39,7 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     avatar = avatars.for_product(services, user, avatar, sku)
     if avatar["state"] != "ready":
         raise avatars.not_ready(services, avatar, user)
-    rail = rails.CREDIT if use_credit else rails.rail_for(settings, platform)
-    if use_credit and not makegood.has_credit(user, sku):
-        raise errors.PaymentRequired("no_make_good_credit", "You have no free redo credit for this product.",
-                                     {"sku": sku})
-    if rail == rails.XPAY and users.session_key(services, user) is None:
-        raise errors.Conflict("session_key_missing", "Log in again (wx.login) before paying.", {})
+    rail = _purchase_rail(services, user, sku, platform, use_credit)
     _expire_stale_open_order(services, avatar["_id"], by=f"user:{user['_id']}")
     order = _new_order(settings, user, avatar, sku, rail, platform)
     order["open_avatar_id"] = avatar["_id"]
@@ -54,16 +49,27 @@ def create_order(services, user: dict, avatar: dict, sku: str, platform: str | N
     return _place(services, user, order, product)
 
 
-def create_album_order(services, user: dict, avatar: dict, sku: str, album_id: str,
-                       platform: str | None = None) -> dict:
-    """The order of an album (portraits.albums): the inviter's trained avatar pays for a plan drawn with every
-    member's; paid on the client's rail like any order (never with a credit), it opens the album's invitation
-    instead of a training. An inviter may have several albums open: there is no one-open-order-per-avatar rule."""
-    settings = services.settings
-    identity.require_phone(services, user)
-    rail = rails.rail_for(settings, platform)
+def _purchase_rail(services, user: dict, sku: str, platform: str | None, use_credit: bool) -> str:
+    """The rail an order is paid on: a free redo credit for the sku (402 no_make_good_credit without one), else
+    the client's (409 session_key_missing on virtual payment without a session)."""
+    rail = rails.CREDIT if use_credit else rails.rail_for(services.settings, platform)
+    if use_credit and not makegood.has_credit(user, sku):
+        raise errors.PaymentRequired("no_make_good_credit", "You have no free redo credit for this product.",
+                                     {"sku": sku})
     if rail == rails.XPAY and users.session_key(services, user) is None:
         raise errors.Conflict("session_key_missing", "Log in again (wx.login) before paying.", {})
+    return rail
+
+
+def create_album_order(services, user: dict, avatar: dict, sku: str, album_id: str, platform: str | None = None,
+                       use_credit: bool = False) -> dict:
+    """The order of an album (portraits.albums): the inviter's trained avatar pays for a plan drawn with every
+    member's; paid on the client's rail like any order, or with a free redo credit for the album sku (an iOS album
+    that ended undelivered was made good with one), it opens the album's invitation instead of a training. An
+    inviter may have several albums open: there is no one-open-order-per-avatar rule."""
+    settings = services.settings
+    identity.require_phone(services, user)
+    rail = _purchase_rail(services, user, sku, platform, use_credit)
     order = _new_order(settings, user, avatar, sku, rail, platform)
     order["album_id"] = album_id
     return _place(services, user, order, settings.skus[sku])
