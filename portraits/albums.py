@@ -448,6 +448,11 @@ def of_member(services, album_id: str, user_id: str) -> dict:
     return album
 
 
+def accepted_ids_of(services, user_id: str) -> list[str]:
+    """The accepted albums the user is in: their joint images (stored under the inviter) are the user's too."""
+    return [a["_id"] for a in services.db.albums.find({"member_ids": user_id, "state": "accepted"}, {"_id": 1})]
+
+
 def can_view_image(services, image: dict, user_id: str) -> bool:
     """A joint image is every member's while the album lives."""
     if image.get("user_id") == user_id:

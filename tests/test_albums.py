@@ -180,6 +180,10 @@ def test_a_couple_album_is_invited_paid_accepted_drawn_and_delivered_to_both(tra
         assert [(a["role"], a["state"], a["sku"], a["image_count"]) for a in exported] == [
             (role, "accepted", "couple_album", 6)]
         assert exported[0]["accepted_at"] and exported[0]["withdrawn_at"] is None
+        # The joint images are of the invitee's own face too: each member's export lists them.
+        listed = {i["id"]: i for i in api.get("/api/v1/me/export").get_json()["images"]}
+        assert {i["id"] for i in done["images"]} <= set(listed)
+        assert all(listed[i["id"]]["content_id"] and listed[i["id"]]["url"] for i in done["images"])
 
 
 # --------------------------------------------------------------------------------------------- money

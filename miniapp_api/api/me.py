@@ -70,7 +70,8 @@ def export():
         "renders": [render_json(r) for r in svc.db.renders.find({"user_id": uid})],
         "images": [{"id": i["_id"], "url": url_for("images.get_image", image_id=i["_id"]),
                     "content_id": i["content_id"], "created_at": _iso(i["created_at"])}
-                   for i in svc.db.images.find({"user_id": uid})],
+                   for i in svc.db.images.find({"$or": [{"user_id": uid},
+                                                        {"album_id": {"$in": albums.accepted_ids_of(svc, uid)}}]})],
         "albums": [{"id": a["_id"], "role": (albums.member(a, uid) or {}).get("role", albums.INVITEE),
                     "state": a["state"], "sku": a["sku"], "created_at": _iso(a["created_at"]),
                     "accepted_at": _iso(a.get("accepted_at")), "withdrawn_at": _iso(a.get("withdrawn_at")),
