@@ -560,6 +560,10 @@ def test_a_family_album_waits_for_both_seats_one_person_each(marked_trained, ser
 
     half = _accept(bob, first, bob_avatar["id"]).get_json()
     assert half["state"] == "inviting" and [s["state"] for s in half["seats"]] == ["taken", "open"]
+    # Only the inviter shares the open seats: an invitee sees neither their tokens nor their cards.
+    assert [(s["token"], s["invite_card_url"]) for s in half["seats"]] == [(None, None), (None, None)]
+    shown = alice.get(f"/api/v1/albums/{album['id']}").get_json()["seats"]
+    assert shown[1]["token"] == second and shown[1]["invite_card_url"]
     assert services.db.renders.count_documents({"album_id": album["id"]}) == 0
     assert_error(_accept(bob, second, bob_avatar["id"]), 409, "already_member")  # one seat per person
     full = _accept(carol, second, carol_avatar["id"]).get_json()

@@ -123,7 +123,7 @@ def album_json(album: dict) -> dict:
     uid = g.user["_id"]
     me = albums.member(album, uid)
     progress = albums.progress(svc, album) if album["state"] in ("accepted", "withdrawn") else None
-    inviting = album["state"] == "inviting"
+    shares = album["state"] == "inviting" and album["user_id"] == uid  # the inviter alone shares the seats' cards
     return {
         "id": album["_id"], "sku": album["sku"], "people": album["people"], "state": album["state"],
         "you": me["role"] if me else albums.INVITEE,
@@ -131,9 +131,9 @@ def album_json(album: dict) -> dict:
         "members": [{"role": m["role"], "nickname": m.get("nickname"), "gender": m.get("gender"),
                      "you": m["user_id"] == uid} for m in album["members"]],
         "seats": [{"index": s["index"], "state": s["state"],
-                   "token": s["token"] if inviting and s["state"] == albums.OPEN else None,
+                   "token": s["token"] if shares and s["state"] == albums.OPEN else None,
                    "invite_card_url": url_for("albums.get_seat_invite_card", album_id=album["_id"], index=s["index"])
-                   if inviting and s["state"] == albums.OPEN else None}
+                   if shares and s["state"] == albums.OPEN else None}
                   for s in album["seats"]],
         "created_at": _iso(album["created_at"]), "paid_at": _iso(album.get("paid_at")),
         "invite_expires_at": _iso(album.get("invite_expires_at")), "accepted_at": _iso(album.get("accepted_at")),
