@@ -562,6 +562,7 @@ def test_a_family_album_waits_for_both_seats_one_person_each(marked_trained, ser
     assert half["state"] == "inviting" and [s["state"] for s in half["seats"]] == ["taken", "open"]
     # Only the inviter shares the open seats: an invitee sees neither their tokens nor their cards.
     assert [(s["token"], s["invite_card_url"]) for s in half["seats"]] == [(None, None), (None, None)]
+    assert_error(bob.get(f"/api/v1/albums/{album['id']}/seats/1/invite-card"), 409, "not_inviter")
     shown = alice.get(f"/api/v1/albums/{album['id']}").get_json()["seats"]
     assert shown[1]["token"] == second and shown[1]["invite_card_url"]
     assert services.db.renders.count_documents({"album_id": album["id"]}) == 0

@@ -59,7 +59,8 @@ def get_album(album_id):
 def get_invite_card(album_id):
     """The share card of the album's first open seat (the only one of a couple album): a 750x1334 PNG with the
     mini-program code whose scene carries the seat's token (a=<token>). 409 invite_not_open unless the album is
-    inviting with a seat open; 503 wechat_unavailable when WeChat cannot draw the code now (ask again)."""
+    inviting with a seat open, not_inviter for another member; 503 wechat_unavailable when WeChat cannot draw the
+    code now (ask again)."""
     album = albums.of_member(services(), album_id, g.user["_id"])
     seat = next((s for s in album["seats"] if s["state"] == albums.OPEN), album["seats"][0])
     return _invite_card(album, seat)
@@ -80,6 +81,8 @@ def get_seat_invite_card(album_id, index):
 
 def _invite_card(album: dict, seat: dict) -> Response:
     svc = services()
+    if album["user_id"] != g.user["_id"]:
+        raise Conflict("not_inviter", "Only the inviter shares the album's invitations.")
     if album["state"] != "inviting" or seat["state"] != albums.OPEN:
         raise Conflict("invite_not_open", "This seat has no open invitation.",
                        {"state": album["state"], "seat_state": seat["state"]})
