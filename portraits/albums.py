@@ -154,7 +154,7 @@ def _require_open(album: dict, seat: dict) -> None:
 
 def accept(services, user: dict, token: str, avatar: dict, nickname: str | None = None) -> dict:
     """Take the token's seat with the user's own trained avatar; the last seat taken accepts the album and writes
-    its batches. Returns the album."""
+    its batches. Returns the album; 410 invite_expired or 409 album_not_live when it ended as the seat was taken."""
     album, seat = invitation(services, token)
     consents.require_face_consent(services.settings, user)
     _require_not_member(album, seat, user)
@@ -164,7 +164,14 @@ def accept(services, user: dict, token: str, avatar: dict, nickname: str | None 
         _require_not_member(album, seat, user)
         raise Conflict("invite_busy", "The invitation changed meanwhile; open it again.")
     accept_if_full(services, album["_id"], by=f"user:{user['_id']}")
-    return services.db.albums.find_one({"_id": album["_id"]})
+    joined = services.db.albums.find_one({"_id": album["_id"]})
+    # The seat was taken, but the album ended before it could be accepted (expired with another seat still open,
+    # withdrawn by a member): say so rather than answer the ended album as a success.
+    if joined["state"] == "expired":
+        raise Gone("invite_expired", "This invitation has expired.", {"album_id": album["_id"]})
+    if joined["state"] not in ("inviting", "accepted"):
+        raise Conflict("album_not_live", "This album has ended already.", {"state": joined["state"]})
+    return joined
 
 
 def take_seat(services, album: dict, seat: dict, user: dict, avatar: dict, nickname: str | None) -> dict | None:

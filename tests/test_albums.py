@@ -396,6 +396,30 @@ def test_one_seat_accepted_at_once_by_two_people_goes_to_exactly_one(marked_trai
     assert services.db.renders.count_documents({"album_id": album["id"]}) == 2
 
 
+def test_an_accept_that_loses_the_race_with_the_album_ending_says_so(marked_trained, services, sim, monkeypatch):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    take_seat = albums.take_seat
+    couple = _paid_album(alice, sim, alice_avatar["id"])
+    family = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")
+
+    def then_withdrawn(services, album, *args):  # the inviter withdraws just after the seat is taken
+        taken = take_seat(services, album, *args)
+        albums.withdraw(services, album["_id"], by=f"user:{alice.user_id}", reason="member_withdrew")
+        return taken
+
+    monkeypatch.setattr(albums, "take_seat", then_withdrawn)
+    assert_error(_accept(bob, couple["seats"][0]["token"], bob_avatar["id"]), 409, "album_not_live")
+
+    def then_expired(services, album, *args):  # the invitation's time runs out just after one seat is taken
+        taken = take_seat(services, album, *args)
+        services.db.albums.update_one({"_id": album["_id"]}, {"$set": {"invite_expires_at": states.now()}})
+        assert albums.expire(services, album["_id"])  # the other seat is still open
+        return taken
+
+    monkeypatch.setattr(albums, "take_seat", then_expired)
+    assert_error(_accept(carol, family["seats"][0]["token"], carol_avatar["id"]), 410, "invite_expired")
+
+
 def test_who_cannot_join_an_album(marked_trained, login, services, sim):
     (alice, alice_avatar), = marked_trained("alice")
     assert_error(alice.post("/api/v1/albums", json={"sku": "pack_100", "avatar_id": alice_avatar["id"]}), 400,
