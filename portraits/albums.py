@@ -33,7 +33,7 @@ from datetime import timedelta
 
 from pymongo import ReturnDocument
 
-from portraits import consents, keys, packs, products, renders, states
+from portraits import consents, keys, packs, products, renders, states, tasks
 from portraits.billing import orders, refunds
 from portraits.billing.locks import OrderBusy
 from portraits.errors import Conflict, Gone, Invalid, NotFound
@@ -379,8 +379,14 @@ def delivered_slots(services, album_id: str) -> list[int]:
 
 
 def delete_joint_images(services, album_id: str) -> int:
-    """Every image of the album, for everyone: its document, its sealed file, its share code, its content check."""
+    """Every image of the album, for everyone: its queued jobs first (share codes, content checks: none is taken up
+    once the image is gone), then its document, its sealed file, its share code, its content check."""
     images = list(services.db.images.find({"album_id": album_id}, {"user_id": 1}))
+    if images:
+        image_ids = {image["_id"] for image in images}
+        check_ids = set(services.db.content_checks.distinct(
+            "_id", {"kind": "image", "subject_id": {"$in": list(image_ids)}}))
+        tasks.delete_jobs_of(services, image_ids | check_ids)
     for image in images:
         services.blobs.delete(keys.image(image["user_id"], image["_id"]))
         services.blobs.delete(keys.share_code(image["user_id"], image["_id"]))

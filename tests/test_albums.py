@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs import rendering
 from models import posters
-from portraits import albums, config, keys, packs, products, renders, states, sweeper, tasks
+from portraits import albums, config, keys, packs, products, renders, sharing, states, sweeper, tasks
 from portraits.billing import refunds
 from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
@@ -469,8 +469,12 @@ def test_withdrawal_by_the_invitee_deletes_the_joint_images_for_both_and_refunds
     # The second batch is being drawn when the withdrawal comes.
     drawing = renders.begin_render(services, second, "job-race")
     assert drawing is not None
+    sharing._enqueue(services, image["id"])  # a share code still owed for a joint image
+    share_job = keys.share_code_job_id(image["id"])
+    assert share_job in tasks.queue(services, tasks.DEFAULT).get_job_ids()
 
     withdrawn = bob.post(f"/api/v1/albums/{album['id']}/withdraw")
+    assert share_job not in tasks.queue(services, tasks.DEFAULT).get_job_ids()  # its job went first
     assert withdrawn.status_code == 200 and withdrawn.get_json()["state"] == "withdrawn"
     assert withdrawn.get_json()["images"] == []
     for api in (alice, bob):
