@@ -84,10 +84,10 @@ def create_album(services, user: dict, avatar: dict, sku: str, nickname: str | N
     if not services.catalog.album_templates(people):
         raise Conflict("album_templates_missing", "The catalog has no template for an album of this size yet.",
                        {"people": people})
-    album_id = new_album_id()
+    album_id, order_id = new_album_id(), orders.new_order_id()
     at = states.now()
     album = {
-        "_id": album_id, "sku": sku, "people": people, "user_id": user["_id"], "member_ids": [user["_id"]],
+        "_id": album_id, "order_id": order_id, "sku": sku, "people": people, "user_id": user["_id"], "member_ids": [user["_id"]],
         "members": [_member(user["_id"], avatar, INVITER, nickname, at)],
         "seats": [{"index": index, "token": new_seat_token(), "state": OPEN} for index in range(people - 1)],
         "state": "awaiting_payment", "created_at": at, "updated_at": at,
@@ -95,7 +95,7 @@ def create_album(services, user: dict, avatar: dict, sku: str, nickname: str | N
     }
     services.db.albums.insert_one(album)
     try:
-        order = orders.create_album_order(services, user, avatar, sku, album_id, platform=platform,
+        order = orders.create_album_order(services, user, avatar, sku, album_id, order_id, platform=platform,
                                           use_credit=use_credit)
     except Exception:
         # No order: no album. An order written whose prepay failed is closed: so is its album.
@@ -105,8 +105,7 @@ def create_album(services, user: dict, avatar: dict, sku: str, nickname: str | N
         else:
             services.db.albums.delete_one({"_id": album_id})
         raise
-    return services.db.albums.find_one_and_update({"_id": album_id}, {"$set": {"order_id": order["_id"]}},
-                                                  return_document=ReturnDocument.AFTER), order
+    return services.db.albums.find_one({"_id": album_id}), order
 
 
 def _member(user_id: str, avatar: dict, role: str, nickname: str | None, at) -> dict:

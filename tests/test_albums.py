@@ -9,6 +9,7 @@ drawing: they read the documents and images, never how a face was drawn.
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import pytest
 from PIL import Image
@@ -16,7 +17,7 @@ from PIL import Image
 from jobs import rendering
 from models import posters
 from portraits import albums, config, keys, packs, products, renders, sharing, states, sweeper, tasks
-from portraits.billing import refunds
+from portraits.billing import orders, refunds
 from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
 from tests.race import winners
@@ -418,6 +419,29 @@ def test_an_accept_that_loses_the_race_with_the_album_ending_says_so(marked_trai
 
     monkeypatch.setattr(albums, "take_seat", then_expired)
     assert_error(_accept(carol, family["seats"][0]["token"], carol_avatar["id"]), 410, "invite_expired")
+
+
+class Crash(BaseException):
+    """The process dying at this point: nothing after it happens (no except clause runs)."""
+
+
+def test_an_album_whose_process_died_before_its_order_was_written_is_closed_by_the_sweep(
+        marked_trained, services, monkeypatch):
+    (alice, alice_avatar), = marked_trained("alice")
+    user = services.db.users.find_one({"_id": alice.user_id})
+    avatar = services.db.avatars.find_one({"_id": alice_avatar["id"]})
+
+    def dies(*args, **kwargs):
+        raise Crash("died between the album and its order")
+
+    monkeypatch.setattr(orders, "create_album_order", dies)
+    with pytest.raises(Crash):
+        albums.create_album(services, user, avatar, "couple_album")
+    album = services.db.albums.find_one({"user_id": alice.user_id})
+    assert album["order_id"] and _order(services, album["order_id"]) is None  # its order id chosen first
+    services.db.albums.update_one({"_id": album["_id"]}, {"$set": {"updated_at": states.now() - timedelta(days=1)}})
+    assert sweeper.sweep(services).get("album_closed") == 1
+    assert services.db.albums.find_one({"_id": album["_id"]})["state"] == "closed"
 
 
 def test_who_cannot_join_an_album(marked_trained, login, services, sim):

@@ -61,16 +61,17 @@ def _purchase_rail(services, user: dict, sku: str, platform: str | None, use_cre
     return rail
 
 
-def create_album_order(services, user: dict, avatar: dict, sku: str, album_id: str, platform: str | None = None,
-                       use_credit: bool = False) -> dict:
+def create_album_order(services, user: dict, avatar: dict, sku: str, album_id: str, order_id: str,
+                       platform: str | None = None, use_credit: bool = False) -> dict:
     """The order of an album (portraits.albums): the inviter's trained avatar pays for a plan drawn with every
     member's; paid on the client's rail like any order, or with a free redo credit for the album sku (an iOS album
     that ended undelivered was made good with one), it opens the album's invitation instead of a training. An
-    inviter may have several albums open: there is no one-open-order-per-avatar rule."""
+    inviter may have several albums open: there is no one-open-order-per-avatar rule. order_id: chosen by the
+    album first (new_order_id), which is written with it."""
     settings = services.settings
     identity.require_phone(services, user)
     rail = _purchase_rail(services, user, sku, platform, use_credit)
-    order = _new_order(settings, user, avatar, sku, rail, platform)
+    order = {**_new_order(settings, user, avatar, sku, rail, platform), "_id": order_id}
     order["album_id"] = album_id
     return _place(services, user, order, settings.skus[sku])
 
