@@ -12,6 +12,7 @@ but not dlib's tag and skip layers, so the residual wiring is the example's, che
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,21 +216,36 @@ class DlibFaceEncoder:
     def __init__(self, path: str):
         layers = _network_layers(path, "loss_metric_2", _skip_metric_options)
         self._means = _channel_means(layers[0])
-        self._stem, self._blocks, self._projection = _structure(layers[1:])
+        stem, blocks, projection = _structure(layers[1:])
+        self._graph = _frozen(_EncoderGraph(stem, blocks, projection),
+                              torch.zeros(1, 3, CHIP_SIZE, CHIP_SIZE).contiguous(memory_format=torch.channels_last))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def descriptor(self, chip: np.ndarray) -> np.ndarray:
         """Raw (unnormalised) descriptor of a CHIP_SIZE x CHIP_SIZE x 3 uint8 RGB chip."""
-        x = _normalised(chip, self._means)
-        conv, affine, pool = self._stem
-        x = F.max_pool2d(F.relu(_affine(_conv(x, conv), affine)), pool["size"], pool["stride"], pool["padding"])
-        for first, first_affine, second, second_affine, shortcut_pool in self._blocks:
-            y = _affine(_conv(F.relu(_affine(_conv(x, first), first_affine)), second), second_affine)
+        return self._graph(_normalised(chip, self._means)).squeeze(0).double().numpy()
+
+
+class _EncoderGraph(torch.nn.Module):
+    """dnn_face_recognition_ex.cpp's anet_type with each affine layer folded into the convolution before it."""
+
+    def __init__(self, stem, blocks, projection: torch.Tensor):
+        super().__init__()
+        conv, affine, self.pool = stem
+        self.stem = _folded(conv, affine)
+        self.blocks = [(_folded(first, first_affine), _folded(second, second_affine), shortcut_pool)
+                       for first, first_affine, second, second_affine, shortcut_pool in blocks]
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.pool
+        x = F.max_pool2d(F.relu(_conv(x, self.stem)), pool["size"], pool["stride"], pool["padding"])
+        for first, second, shortcut_pool in self.blocks:
+            y = _conv(F.relu(_conv(x, first)), second)
             if shortcut_pool is not None:
                 x = F.avg_pool2d(x, shortcut_pool["size"], shortcut_pool["stride"], shortcut_pool["padding"])
             x = F.relu(_add_padded(y, x))
-        x = x.mean(dim=(2, 3))
-        return (x @ self._projection).squeeze(0).double().numpy()
+        return x.mean(dim=(2, 3)) @ self.projection
 
 
 def _structure(layers: list[_Layer]):
@@ -277,9 +293,20 @@ def _conv(x: torch.Tensor, conv: dict) -> torch.Tensor:
     return F.conv2d(x, conv["weight"], conv["bias"], stride=conv["stride"], padding=conv["padding"])
 
 
-def _affine(x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    gamma, beta = affine
-    return x * gamma + beta
+def _folded(conv: dict, affine: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The convolution followed by dlib's affine layer (x * gamma + beta per channel) as one convolution."""
+    gamma, beta = (t.view(-1) for t in affine)
+    return {**conv, "weight": conv["weight"] * gamma.view(-1, 1, 1, 1), "bias": conv["bias"] * gamma + beta}
+
+
+def _frozen(graph: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The graph traced once and frozen for inference: oneDNN then runs every convolution on weights packed once,
+    where eager torch sends a batch of one below ~20k input values per convolution (most of the encoder's layers)
+    to its slow generic path; the encoder's chip costs ~1.3x less so. The trace records the shapes the example gives
+    its Python branches (the padded additions), so the graph is traced at the one chip size it takes."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(graph.eval(), example)))
 
 
 def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -304,21 +331,33 @@ class DlibFaceDetector:
         kinds = [layer.kind for layer in layers[1:]]
         if kinds != ["con", "affine", "relu"] * 6 + ["con"]:
             raise DlibFormatError(f"unexpected layers {kinds}")
-        self._stages = [(_torch_conv(layers[at]), _torch_affine(layers[at + 1])) for at in range(1, 19, 3)]
-        self._scorer = _torch_conv(layers[19])
+        stages = [_folded(_torch_conv(layers[at]), _torch_affine(layers[at + 1])) for at in range(1, 19, 3)]
+        # Eager: frozen, this graph measured ~1.25x slower (its inputs are large enough for eager oneDNN already).
+        self._graph = _DetectorGraph(stages, _torch_conv(layers[19])).eval()
 
     def finds_a_face(self, rgb: np.ndarray) -> bool:
         """What ``len(cnn_face_detection_model_v1(rgb, 0)) > 0`` says: some window of the image pyramid scores above
         0 (dlib keeps every such window, then non-max suppression keeps at least the best of them)."""
         return self.best_score(rgb) > 0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def best_score(self, rgb: np.ndarray) -> float:
         """The highest window score over the image pyramid: the confidence of dlib's best detection when positive."""
         x = _tiled_pyramid(_normalised(rgb, self._means), self._input["padding"], self._input["outer_padding"])
-        for conv, affine in self._stages:
-            x = F.relu(_affine(_conv(x, conv), affine))
-        return float(_conv(x, self._scorer).max())
+        return float(self._graph(x).max())
+
+
+class _DetectorGraph(torch.nn.Module):
+    """dnn_mmod_face_detection_ex.cpp's net_type with each affine layer folded into the convolution before it."""
+
+    def __init__(self, stages: list[dict], scorer: dict):
+        super().__init__()
+        self.stages, self.scorer = stages, scorer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = F.relu(_conv(x, stage))
+        return _conv(x, self.scorer)
 
 
 def _skip_mmod_options(reader: _Reader) -> None:
