@@ -21,16 +21,19 @@ from PIL import Image
 # Detection runs on a copy whose short side is at most this many pixels: dlib's HOG cost grows with the
 # pixel count, and a face worth keeping (>= 8% of the short side) is still >= 64 px wide at this size.
 DETECT_SHORT_SIDE = 800
-# dlib's HOG window finds faces down to about 80 px. When the largest face is narrower than twice that, a
-# second face a quarter of its area (half its width) could be missed, so detection runs again on a copy
-# enlarged just enough (at most 2x; 2x when nothing was found, to reach faces of 40-80 px).
-HOG_MIN_FACE = 80
-# Detection glances first at a copy this small (HOG's cost grows with the pixel count; a 400 px short side costs a
-# quarter of 800): a confident face at least 2 * HOG_MIN_FACE wide there means every face that counts (half its
-# width or more) was seen. Otherwise the usual scan follows, or, when the widest candidate would be too narrow there,
-# one scan where it is GLANCE_HEADROOM times that wide (no further than twice the usual scale) instead of two.
+# dlib's HOG finds faces down to its 80 px window, and reports each as a box 72 px wide at that size (1.2x wider per
+# level of its 5/6 pyramid: 72, 86, 104, 124, 149, 179, ... at whatever scale it scans). When the largest box is
+# narrower than twice that, a second face a quarter of its area (half its width) could be missed, so detection runs
+# again on a copy enlarged just enough (at most 2x; 2x when nothing was found, to reach faces of 40-80 px).
+HOG_MIN_FACE = 72
+# Detection glances first at a copy about this small, by a whole factor (HOG's cost grows with the pixel count; a 400 px
+# short side costs a quarter of 800; OpenCV box-averages by a whole factor ~4x faster than by any other): a confident
+# face at least 2 * HOG_MIN_FACE wide there means every face that counts (half its width or more) was seen. Otherwise
+# the usual scan follows, or, when the widest candidate would be too narrow there, one scan where it is GLANCE_HEADROOM
+# times that wide (no further than twice the usual scale) instead of two: one pyramid level (1.2x), since a box found
+# at one scale can come back a level narrower at another.
 GLANCE_SHORT_SIDE = 400
-GLANCE_HEADROOM = 1.1
+GLANCE_HEADROOM = 1.2
 # HOG proposes, dlib's MMOD CNN confirms. HOG scores observed on the shipped photos: real faces 0.78-1.6
 # (0.04 when heavily blurred, 0.21 for a turned head), the mission patch on the astronaut's suit -0.05-0.78
 # depending on crop and scale. So a HOG candidate scoring at least HOG_CONFIDENT_SCORE is a face; any
@@ -145,12 +148,25 @@ class FaceAnalyzer:
         crop = np.ascontiguousarray(crop)
         return self._verifier.finds_a_face(crop)
 
+    def _is_face(self, rgb: np.ndarray, box: tuple[int, int, int, int], score: float,
+                 checked: list[tuple[tuple[int, int, int, int], bool]]) -> bool:
+        """A confident HOG candidate is a face; any other is one if the CNN finds a face around it. ``checked`` holds
+        the CNN's answers for this image: a box overlapping one of them by half (the same candidate, seen again at
+        another scale) takes its answer instead of a second check."""
+        if score >= HOG_CONFIDENT_SCORE:
+            return True
+        height, width = rgb.shape[:2]
+        box = (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
+        for earlier, answer in checked:
+            if _overlap(box, earlier) >= 0.5:
+                return answer
+        answer = self._confirmed_by_cnn(rgb, box)
+        checked.append((box, answer))
+        return answer
+
     def _candidates(self, gray: np.ndarray, scale: float) -> list[tuple[tuple[int, int, int, int], float]]:
         """HOG candidates on ``gray`` resized by ``scale``, as boxes in ``gray``'s pixels."""
-        height, width = gray.shape
-        if scale != 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        gray = resized(gray, scale)
         gray = np.ascontiguousarray(gray)
         detector = self._detectors.get()
         try:
@@ -160,26 +176,29 @@ class FaceAnalyzer:
         return [((round(r.left() / scale), round(r.top() / scale), round(r.right() / scale), round(r.bottom() / scale)),
                  float(score)) for r, score in zip(rects, scores)]
 
-    def faces(self, rgb: np.ndarray, min_area_ratio: float = 0.0) -> list[Face]:
-        """Faces, largest first. ``rgb`` is an HxWx3 uint8 array.
+    def faces(self, rgb: np.ndarray, min_area_ratio: float = 0.0, gray: np.ndarray | None = None) -> list[Face]:
+        """Faces, largest first. ``rgb`` is an HxWx3 uint8 array; ``gray``, when the caller has it, its grayscale.
 
         Faces whose area is at most ``min_area_ratio`` of the largest face are left out (and cost nothing
         to verify); the default keeps every face.
         """
         rgb = np.ascontiguousarray(rgb)
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if gray is None:
+            gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         height, width = gray.shape
         scale = min(1.0, self.detect_short_side / min(height, width))
-        glance = min(scale, GLANCE_SHORT_SIDE / min(height, width))
+        glance = min(scale, 1 / max(1, round(min(height, width) / GLANCE_SHORT_SIDE)))
+        checked: list[tuple[tuple[int, int, int, int], bool]] = []  # the CNN's answers so far, by box
         found = self._candidates(gray, glance)
         widest = _widest(found) * glance
-        if widest < 2 * HOG_MIN_FACE or max(found, key=lambda c: c[0][2] - c[0][0])[1] < HOG_CONFIDENT_SCORE:
-            # Not sure every face that counts was seen: scan at the usual scale, unless the widest candidate would
-            # be narrower than 2 * HOG_MIN_FACE there (and so need a second, closer scan): then scan once where it
-            # is GLANCE_HEADROOM times that wide, so a face half as wide (a quarter of its area) is found too.
-            target = scale
-            if widest and widest * scale / glance < 2 * HOG_MIN_FACE:
-                target = min(2 * scale, glance * GLANCE_HEADROOM * 2 * HOG_MIN_FACE / widest)
+        confident = bool(found) and self._is_face(rgb, *max(found, key=lambda c: c[0][2] - c[0][0]), checked)
+        if widest < 2 * HOG_MIN_FACE or not confident:
+            # Not sure every face that counts was seen. Where the widest candidate would be GLANCE_HEADROOM times
+            # 2 * HOG_MIN_FACE wide, a face half as wide (a quarter of its area) is found too. A widest candidate that
+            # is a face is the largest there is (the glance saw every face down to HOG_MIN_FACE), so one scan there
+            # does; otherwise the widest may be no face at all: scan at the usual scale, or there when it is closer.
+            needed = glance * GLANCE_HEADROOM * 2 * HOG_MIN_FACE / widest if widest else 0.0
+            target = min(2 * scale, needed if confident else max(scale, needed))
             if target > glance:
                 found = self._candidates(gray, target)
             largest = _widest(found) * target
@@ -195,7 +214,7 @@ class FaceAnalyzer:
             box = (max(0, left), max(0, top), min(width, right), min(height, bottom))
             if faces and (box[2] - box[0]) * (box[3] - box[1]) <= min_area_ratio * faces[0].area:
                 continue
-            if score < HOG_CONFIDENT_SCORE and not self._confirmed_by_cnn(rgb, box):
+            if not self._is_face(rgb, box, score, checked):
                 continue
             with self._shape_predictor_lock:
                 shape = self._shape_predictor(rgb, dlib.rectangle(left, top, right, bottom))
@@ -255,6 +274,20 @@ class FaceAnalyzer:
             return float(min(to_left, to_right) / max(to_left, to_right))
 
         return (balance(_JAW_LEFT_AT_EYES, _JAW_RIGHT_AT_EYES) + balance(_EYE_OUTER_LEFT, _EYE_OUTER_RIGHT)) / 2
+
+
+def resized(gray: np.ndarray, scale: float) -> np.ndarray:
+    """``gray`` resized by ``scale``: box-averaged when 1 / scale is a whole number (the few rows and columns past
+    its last multiple dropped; OpenCV's fast path), area-averaged when shrinking otherwise, bilinear when growing."""
+    if scale == 1.0:
+        return gray
+    height, width = gray.shape
+    factor = round(1 / scale)
+    if scale < 1 and abs(factor * scale - 1) < 1e-9:
+        gray = gray[:height - height % factor, :width - width % factor]
+        return cv2.resize(gray, (width // factor, height // factor), interpolation=cv2.INTER_AREA)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def _widest(found: list[tuple[tuple[int, int, int, int], float]]) -> int:

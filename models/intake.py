@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot, leave_one_out_similarities
+from models.faces import Face, FaceAnalyzer, cosine_similarity, identity_pivot, leave_one_out_similarities, resized
 from models.pose import head_pose
 
 try:  # HEIF/HEIC (iPhone photos) only when the optional plugin is installed.
@@ -148,6 +148,9 @@ def _sniff_format(data: bytes) -> str | None:
 
 def perceptual_hash(gray: np.ndarray) -> int:
     """64-bit DCT hash (pHash): low-frequency DCT coefficients above/below their median."""
+    # Box-averaged by a whole factor first (to a short side of 64-127 px): the same 32 px average as one area
+    # resize, to rounding, ~15x cheaper on a 3 MP decode.
+    gray = resized(gray, 1 / max(1, min(gray.shape) // 64))
     small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
     low = cv2.dct(small)[:8, :8].flatten()
     bits = low > np.median(low[1:])
@@ -267,14 +270,14 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
     if min(width, height) < limits.min_side:  # a JPEG draft never goes below DECODE_SHORT_SIDE; kept for safety
         return _refuse("image_too_small")
 
-    faces = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio)
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    faces = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio, gray=gray)
     if not faces:
         return _refuse("no_face")
     main = faces[0]
     if any(other.area > limits.second_face_max_ratio * main.area for other in faces[1:]):
         return _refuse("multiple_faces")
 
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     patch = _face_patch(gray, main)
     pose = head_pose(main.landmarks, (width, height))
     shadow_level, highlight_level = np.percentile(patch, (5, 99))

@@ -123,6 +123,21 @@ def phone_sized_image(size: tuple[int, int] = (4000, 3000)) -> Image.Image:
     return canvas
 
 
+def phone_selfie_image(size: tuple[int, int] = (4000, 3000), face_fraction: float = 0.4) -> Image.Image:
+    """A 12 MP selfie: the astronaut's head and shoulders upscaled until the face is ``face_fraction`` of the height."""
+    width, height = size
+    left, top, right, bottom = ASTRONAUT_FACE_BOX
+    crop_height = (bottom - top) / face_fraction
+    crop_width = crop_height * width / height
+    centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
+    image = astronaut_image()
+    if crop_width > image.width or crop_height > image.height:
+        raise ValueError(f"the astronaut portrait cannot frame its face at {face_fraction} of the height")
+    x0 = min(max(0.0, centre_x - crop_width / 2), image.width - crop_width)
+    y0 = min(max(0.0, centre_y - crop_height * 0.45), image.height - crop_height)
+    return image.resize(size, Image.Resampling.LANCZOS, box=(x0, y0, x0 + crop_width, y0 + crop_height))
+
+
 def grace_hopper_photo() -> bytes:
     return encode(grace_hopper_image())
 

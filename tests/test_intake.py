@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from models.faces import FaceAnalyzer, cosine_similarity, identity_pivot, likeness
+from models.faces import HOG_MIN_FACE, FaceAnalyzer, cosine_similarity, identity_pivot, likeness
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
 from intake_support import LIMITS, judge
@@ -266,3 +266,54 @@ def test_a_12_megapixel_photo_is_judged_as_the_same_photo_at_a_quarter_of_its_pi
     assert cosine_similarity(large.embedding, small.embedding) > 0.999
     assert large.crop.size == small.crop.size == (512, 512)
     assert np.abs(np.asarray(large.crop, dtype=float) - np.asarray(small.crop, dtype=float)).mean() < 4
+
+
+def _selfie_with_a_bystander(face_fraction: float, bystander_ratio: float) -> bytes:
+    """A 2000x1500 JPEG: the astronaut's face at ``face_fraction`` of the short side, Grace Hopper beside her with a
+    face ``bystander_ratio`` times as wide."""
+    left, top, right, bottom = photos.ASTRONAUT_FACE_BOX
+    margin = (right - left) * 6 // 10
+    face_width = face_fraction * 1500
+    selfie = photos.astronaut_image().crop((left - margin, top - margin, right + margin, bottom + margin))
+    side = round(face_width * selfie.width / (right - left))
+    selfie = selfie.resize((side, side), Image.Resampling.LANCZOS)
+    grace = photos.grace_hopper_image()
+    grace_left, _, grace_right, _ = photos.GRACE_HOPPER_FACE_BOX
+    factor = bystander_ratio * face_width / (grace_right - grace_left)
+    grace = grace.resize((round(grace.width * factor), round(grace.height * factor)), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (max(2000, side + grace.width + 60), 1500), (200, 200, 205))
+    canvas.paste(selfie, (20, (1500 - side) // 2))
+    canvas.paste(grace, (side + 40, 1500 - grace.height - 20))
+    return photos.encode(canvas, quality=92)
+
+
+@pytest.mark.parametrize("face_fraction, scans", [(0.45, 1), (0.3, 2), (0.15, 2)])
+@pytest.mark.parametrize("bystander_ratio, refused", [(0.6, True), (0.4, False)])
+def test_the_quarter_rule_holds_however_close_the_main_face_is(analyzer, monkeypatch, face_fraction, scans,
+                                                               bystander_ratio, refused):
+    # Three ways detection ends: a selfie-sized face at the glance alone; a confident but narrower face with one
+    # scan where a face half as wide shows, closer than the usual scale; a small face with one scan closer still.
+    # Either way a bystander 60% as wide (36% of the area) is refused and one 40% as wide (16%) is tolerated.
+    scales = []
+    candidates = analyzer._candidates
+    monkeypatch.setattr(analyzer, "_candidates", lambda gray, scale: scales.append(scale) or candidates(gray, scale))
+    verdict = judge(_selfie_with_a_bystander(face_fraction, bystander_ratio), analyzer)
+    assert ("multiple_faces" in verdict.reasons) == refused, verdict.reasons
+    assert len(scales) == scans, scales
+    usual = analyzer.detect_short_side / 1500
+    if face_fraction == 0.3:
+        assert scales[1] < usual
+
+
+def test_hog_boxes_come_in_the_widths_the_scan_plan_assumes(analyzer):
+    # The plan (models.faces.HOG_MIN_FACE) counts on dlib's HOG reporting boxes 72 px wide at its smallest window and
+    # 1.2x wider per pyramid level, whatever scale it scans at.
+    gray = np.asarray(Image.open(io.BytesIO(photos.two_faces_photo(0.6))).convert("L"))
+    widths = set()
+    for scale in (0.3, 0.45, 0.6, 1.0):
+        for (left, _, right, _), _ in analyzer._candidates(gray, scale):
+            widths.add((right - left) * scale)
+    assert widths
+    for width in widths:
+        level = round(np.log(width / HOG_MIN_FACE) / np.log(1.2))
+        assert level >= 0 and width == pytest.approx(HOG_MIN_FACE * 1.2 ** level, rel=0.03), width
