@@ -81,6 +81,34 @@ def main() -> None:
           f"(CPU {judge_cpu_ms:.1f} ms)")
     print(f"ratio judge/baseline: {judge_ms / baseline_ms:.2f} (CPU time: {judge_cpu_ms / baseline_cpu_ms:.2f})")
 
+    # The same measurement by framing: how close the main face is decides how many HOG scans the quarter rule needs
+    # (a face half as wide as the main one must be at least HOG's smallest window in some scan).
+    print("by framing (12 MP JPEG, face width / short side; scans = HOG scales used, of the 2000x1500 decode):")
+    framings = [("half-body (the photo above)", data)] + [
+        (f"selfie, face {fraction:.0%}", photos.encode(photos.phone_selfie_image(face_fraction=fraction), quality=90))
+        for fraction in (0.3, 0.4, 0.5)]
+    for name, photo in framings:
+        def photo_baseline() -> None:
+            image = Image.open(io.BytesIO(photo))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+
+        def photo_judge() -> None:
+            judge_photo(photo, role="front", accepted=[], limits=limits, analyzer=analyzer)
+
+        used = []
+        candidates = analyzer._candidates
+        analyzer._candidates = lambda image, scale: used.append(scale) or candidates(image, scale)
+        photo_verdict = judge_photo(photo, role="front", accepted=[], limits=limits, analyzer=analyzer)
+        analyzer._candidates = candidates
+        ratios = []
+        for _ in range(3):  # alternating pairs: a neighbour's burst lands on both sides of a ratio
+            ratios.append(median_wall_and_cpu_ms(photo_judge, args.repeats // 3 or 1)[1]
+                          / median_wall_and_cpu_ms(photo_baseline, args.repeats // 3 or 1)[1])
+        print(f"  {name:28s} {len(photo) / 1e6:.2f} MB, accepted {photo_verdict.accepted}, face "
+              f"{photo_verdict.scores['face_fraction']:.2f}, scans {', '.join(f'{s:.3f}' for s in used)}: "
+              f"CPU ratio judge/decode {statistics.median(ratios):.2f} (pairs {', '.join(f'{r:.2f}' for r in ratios)})")
+
     # Where the time goes (same photo, same process), each stage also as a multiple of the full decode, in CPU time.
     rgb = _decode(_open(data, limits))
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
