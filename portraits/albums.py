@@ -373,7 +373,7 @@ def withdraw_albums_of(services, user_id: str, reason: str) -> int:
 def delivered_slots(services, album_id: str) -> list[int]:
     """The slots whose image passed the content check (what the members have had)."""
     return sorted({i["pack_slot"] for i in services.db.images.find(
-        {"album_id": album_id, "pack_slot": {"$exists": True}, "content_check": {"$nin": ["pending", "refused"]}},
+        {"album_id": album_id, "pack_slot": {"$exists": True}, **renders.DELIVERED_IMAGE},
         {"pack_slot": 1})})
 
 
