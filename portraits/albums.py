@@ -260,7 +260,7 @@ def templates_for(services, people: int, images: int) -> list[str]:
     ids = sorted(t.id for t in services.catalog.album_templates(people))
     if not ids:
         raise ValueError(f"the catalog has no album template for {people} people")
-    return [ids[slot % len(ids)] for slot in range(images)]
+    return packs.in_turn(ids, images)
 
 
 def write_batches(services, album_id: str) -> int:

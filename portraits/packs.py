@@ -31,7 +31,13 @@ def spread(catalog, gender: str, images: int) -> list[str]:
                    if row < len(column)]
     if not interleaved:
         raise ValueError(f"the catalog has no template for {gender}")
-    return [interleaved[slot % len(interleaved)] for slot in range(images)]
+    return in_turn(interleaved, images)
+
+
+def in_turn(template_ids: list[str], images: int) -> list[str]:
+    """The template of each of `images` slots: the ids one after another, from the first again once all are used
+    (spread's interleaving, an album's templates: portraits.albums.templates_for)."""
+    return [template_ids[slot % len(template_ids)] for slot in range(images)]
 
 
 def batches(plan: dict) -> list[list[int]]:
