@@ -51,6 +51,12 @@ ORDER_WITHDRAWN_FIELD = "album_withdrawn_at"  # on the order, before the withdra
 ORDER_ALREADY_SETTLED = {"made_good": "made_good", "refunded": "order_refunded",
                          "refund_failed": "order_refund_failed"}
 SCENE_PREFIX = "a="  # the scene of an invite card's mini-program code: a=<seat token>
+# The sweep's marks of work finished, so that it reads the album no more: a withdrawn album with nothing of its
+# drawing left (mark_cleaned); an accepted album whose order is past `paid`, where no order ever comes back to it
+# (fulfilled, or ended refunded or made good: portraits.states).
+CLEANED_FIELD = "cleaned_at"
+FULFILMENT_SETTLED_FIELD = "fulfilment_settled_at"
+ORDER_BEYOND_PAID = ("fulfilled", "refunded", "made_good")
 
 
 def new_album_id() -> str:
@@ -260,7 +266,7 @@ def templates_for(services, people: int, images: int) -> list[str]:
     ids = sorted(t.id for t in services.catalog.album_templates(people))
     if not ids:
         raise ValueError(f"the catalog has no album template for {people} people")
-    return [ids[slot % len(ids)] for slot in range(images)]
+    return packs.in_turn(ids, images)
 
 
 def write_batches(services, album_id: str) -> int:
@@ -373,7 +379,7 @@ def withdraw_albums_of(services, user_id: str, reason: str) -> int:
 def delivered_slots(services, album_id: str) -> list[int]:
     """The slots whose image passed the content check (what the members have had)."""
     return sorted({i["pack_slot"] for i in services.db.images.find(
-        {"album_id": album_id, "pack_slot": {"$exists": True}, "content_check": {"$nin": ["pending", "refused"]}},
+        {"album_id": album_id, "pack_slot": {"$exists": True}, **renders.DELIVERED_IMAGE},
         {"pack_slot": 1})})
 
 
@@ -495,7 +501,9 @@ def sweep(services, older_than) -> Counter:
     closes; one whose order is paid opens its invitation (a process died between the two); an invitation whose
     every seat is taken is accepted (a process died between the last seat and the acceptance), one past its time
     with a seat still open expires; an accepted album without its batches gets them; a refund owed is asked for again; a withdrawn
-    album's images (a batch that finished after the withdrawal) go, and a delivered album's order is fulfilled."""
+    album's images (a batch that finished after the withdrawal) go, and a delivered album's order is fulfilled. A
+    withdrawn album with nothing left to end or delete, and an accepted one whose order is past paid, are marked
+    (CLEANED_FIELD, FULFILMENT_SETTLED_FIELD) and not read again."""
     done = Counter()
     for album in services.db.albums.find({"state": "awaiting_payment", "order_id": {"$exists": True},
                                           "updated_at": {"$lt": older_than}}):
@@ -516,15 +524,54 @@ def sweep(services, older_than) -> Counter:
     for album in services.db.albums.find({"state": {"$in": list(ENDED_UNDELIVERED)},
                                           "refund_settled_at": {"$exists": False}}):
         done[f"album_refund_{settle_refund(services, album)}"] += 1
-    withdrawn_ids = [a["_id"] for a in services.db.albums.find({"state": "withdrawn"}, {"_id": 1})]
+    to_clean = withdrawn_to_clean(services)
+    withdrawn_ids = [album["_id"] for album in to_clean]
     for album_id in services.db.images.distinct("album_id", {"album_id": {"$in": withdrawn_ids}}):
         done["album_images_deleted"] += delete_joint_images(services, album_id)
     for album_id in withdrawn_ids:
         done["album_batches_ended"] += end_queued_batches(services, album_id)
-    for album in services.db.albums.find({"state": "accepted"}, {"order_id": 1}):
+    for album in to_clean:
+        if album["ended_at"] < older_than:
+            done["album_cleaned"] += mark_cleaned(services, album["_id"])
+    for album in accepted_owing_fulfilment(services):
         order = services.db.orders.find_one({"_id": album["order_id"]}, {"state": 1})
-        delivered = any(renders.render_delivered(r) for r in services.db.renders.find(
-            {"album_id": album["_id"], "state": "done"}, {"state": 1, "content_checked": 1, "delivered_image_ids": 1}))
-        if order is not None and order["state"] == "paid" and delivered and orders.fulfil(services, order["_id"]):
+        state = order["state"] if order is not None else None
+        if state == "paid" and _drawn_delivered(services, album["_id"]) and orders.fulfil(services, order["_id"]):
             done["order_fulfilled"] += 1
+            state = "fulfilled"
+        if state is None or state in ORDER_BEYOND_PAID:
+            services.db.albums.update_one({"_id": album["_id"], FULFILMENT_SETTLED_FIELD: {"$exists": False}},
+                                          {"$set": {FULFILMENT_SETTLED_FIELD: states.now()}})
     return done
+
+
+def withdrawn_to_clean(services) -> list[dict]:
+    """The withdrawn albums whose drawing may still leave a batch to end or an image to delete (not cleaned yet)."""
+    return list(services.db.albums.find({"state": "withdrawn", CLEANED_FIELD: {"$exists": False}},
+                                        {"_id": 1, "ended_at": 1}))
+
+
+def mark_cleaned(services, album_id: str) -> bool:
+    """A withdrawn album none of whose batches is queued or being drawn, and with no image left, is cleaned: the
+    sweep reads it no more. Batches first: a batch writes its images while it is being drawn, so the images of one
+    that ended before the first count are seen by the second. Called past the sweep's grace after the withdrawal, so
+    no live process is still writing a batch of it (albums.write_batches ends what it wrote once it sees the
+    withdrawal; renders.begin_render ends a batch of a withdrawn album)."""
+    if services.db.renders.count_documents({"album_id": album_id, "state": {"$in": ["queued", "rendering"]}},
+                                           limit=1):
+        return False
+    if services.db.images.count_documents({"album_id": album_id}, limit=1):
+        return False
+    return services.db.albums.update_one({"_id": album_id, "state": "withdrawn", CLEANED_FIELD: {"$exists": False}},
+                                         {"$set": {CLEANED_FIELD: states.now()}}).modified_count == 1
+
+
+def accepted_owing_fulfilment(services) -> list[dict]:
+    """The accepted albums whose order may still be fulfilled by the sweep (not marked settled yet)."""
+    return list(services.db.albums.find({"state": "accepted", FULFILMENT_SETTLED_FIELD: {"$exists": False}},
+                                        {"order_id": 1}))
+
+
+def _drawn_delivered(services, album_id: str) -> bool:
+    return any(renders.render_delivered(r) for r in services.db.renders.find(
+        {"album_id": album_id, "state": "done"}, {"state": 1, "content_checked": 1, "delivered_image_ids": 1}))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 
+from portraits import renders
+
 
 def spread(catalog, gender: str, images: int) -> list[str]:
     """The template of each slot: the gender's templates interleaved across categories (the first of each
@@ -29,7 +31,13 @@ def spread(catalog, gender: str, images: int) -> list[str]:
                    if row < len(column)]
     if not interleaved:
         raise ValueError(f"the catalog has no template for {gender}")
-    return [interleaved[slot % len(interleaved)] for slot in range(images)]
+    return in_turn(interleaved, images)
+
+
+def in_turn(template_ids: list[str], images: int) -> list[str]:
+    """The template of each of `images` slots: the ids one after another, from the first again once all are used
+    (spread's interleaving, an album's templates: portraits.albums.templates_for)."""
+    return [template_ids[slot % len(template_ids)] for slot in range(images)]
 
 
 def batches(plan: dict) -> list[list[int]]:
@@ -85,7 +93,7 @@ def progress(services, order: dict) -> dict:
     else:
         phase = "done"
     return {"phase": phase, "plan": plan, "batches": docs, "images": shown,
-            "delivered": [i for i in shown if i.get("content_check") != "pending"],
+            "delivered": [i for i in shown if renders.image_delivered(i)],
             "pending_check": [i for i in shown if i.get("content_check") == "pending"],
             "refunded_slots": refunded_slots}
 
@@ -95,5 +103,5 @@ def delivered_images(services, order_id: str) -> list[dict]:
     batch_ids = [r["_id"] for r in services.db.renders.find({"order_id": order_id, "pack_slots": {"$exists": True}},
                                                              {"_id": 1})]
     found = services.db.images.find({"render_id": {"$in": batch_ids}, "pack_slot": {"$exists": True},
-                                     "content_check": {"$nin": ["pending", "refused"]}})
+                                     **renders.DELIVERED_IMAGE})
     return sorted(found, key=lambda i: i["pack_slot"])

@@ -113,15 +113,42 @@ def pseudonymise_orders(services, user: dict) -> int:
     return len(kept_orders)
 
 
+def scrubbed_fields(value, replacements: dict[str, str], path: str = "") -> dict:
+    """The dotted path of every string in a document that mentions one of `replacements`, with its scrubbed value:
+    a $set of just these leaves what others write on the document meanwhile as they wrote it."""
+    if isinstance(value, str):
+        scrubbed = _scrub(value, replacements)
+        return {path: scrubbed} if scrubbed != value else {}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {}
+    found = {}
+    for key, item in items:
+        found.update(scrubbed_fields(item, replacements, f"{path}.{key}" if path else str(key)))
+    return found
+
+
+# What an erased member's entry in an album keeps of them besides their id: their name, and their avatar (deleted
+# with them) and its gender.
+ERASED_MEMBER_FIELDS = ("nickname", "avatar_id", "gender")
+
+
 def pseudonymise_albums(services, user: dict) -> int:
     """The albums the user was in stay for the other members (withdrawn by the erasure): the user becomes the
-    one-way reference there, and their nickname goes."""
+    one-way reference there, and their member entry loses their nickname, avatar and gender. Only those values are
+    written (an album's arrays only grow at their end, so the index read is still the entry's), so what the sweep
+    writes on the album meanwhile stays."""
     ref = user_ref(services, user["_id"])
     kept = list(services.db.albums.find({"member_ids": user["_id"]}))
     for album in kept:
-        scrubbed = _scrub(album, {user["_id"]: ref})
-        scrubbed["members"] = [{**m, "nickname": None} if m["user_id"] == ref else m for m in scrubbed["members"]]
-        services.db.albums.replace_one({"_id": album["_id"]}, scrubbed)
+        fields = scrubbed_fields(album, {user["_id"]: ref})
+        for index, member in enumerate(album["members"]):
+            if member["user_id"] == user["_id"]:
+                fields.update({f"members.{index}.{field}": None for field in ERASED_MEMBER_FIELDS})
+        services.db.albums.update_one({"_id": album["_id"]}, {"$set": fields})
     return len(kept)
 
 

@@ -483,9 +483,15 @@ def renders_owing_image_checks(services, older_than) -> list[dict]:
                                           "finished_at": {"$lt": older_than}}))
 
 
+# An image is delivered unless its content check is still pending or refused it: passed by the check (or by its
+# policy), and images from before the checks have no verdict. One rule, as a predicate and as a MongoDB filter.
+WITHHELD_CHECKS = ("pending", "refused")
+DELIVERED_IMAGE = {"content_check": {"$nin": list(WITHHELD_CHECKS)}}
+
+
 def image_delivered(image: dict) -> bool:
-    """Passed by the content check (or by its policy); images from before the checks have no verdict."""
-    return image.get("content_check", "pass") not in ("pending", "refused")
+    """The image document matches DELIVERED_IMAGE."""
+    return image.get("content_check") not in WITHHELD_CHECKS
 
 
 def render_delivered(render: dict) -> bool:
@@ -703,7 +709,7 @@ def settle_batch(services, render: dict) -> str:
     # decide their image before recording it on the batch, so the one that finds nothing pending may hold a batch
     # document that does not name the other's image yet (it would redraw, even refund, a delivered slot).
     delivered = {i["pack_slot"] for i in services.db.images.find(
-        {"_id": {"$in": render.get("image_ids", [])}, "content_check": {"$nin": ["pending", "refused"]}},
+        {"_id": {"$in": render.get("image_ids", [])}, **DELIVERED_IMAGE},
         {"pack_slot": 1})}
     lost = [slot for slot in render["pack_slots"] if slot not in delivered]
     outcome, fields = "delivered", {}

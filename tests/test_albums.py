@@ -18,6 +18,7 @@ from jobs import rendering
 from models import posters
 from portraits import albums, config, keys, packs, products, renders, sharing, states, sweeper, tasks
 from portraits.billing import orders, refunds
+from portraits.privacy import user_ref
 from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
 from tests.race import winners
@@ -577,6 +578,83 @@ def test_erasure_of_a_member_withdraws_the_album_for_both(marked_trained, servic
     assert len(_album_refunds(services, album)) == 1
     exported = [a for a in alice.get("/api/v1/me/export").get_json()["albums"] if a["id"] == album["id"]]
     assert [(a["role"], a["state"]) for a in exported] == [("inviter", "withdrawn")]
+
+
+def test_erasure_of_a_member_leaves_nothing_of_theirs_in_the_album_and_keeps_what_was_written_meanwhile(
+        marked_trained, services, sim, monkeypatch):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    collection = type(services.db.albums)
+    read = collection.find
+    meanwhile = []
+
+    def then_written_meanwhile(self, filter=None, *args, **kwargs):
+        found = read(self, filter, *args, **kwargs)
+        if self.name == "albums" and filter == {"member_ids": bob.user_id}:  # what the erasure pseudonymises
+            found = list(found)
+            # Another writer (the sweep) moves between the erasure's read of the album and its write.
+            self.update_one({"_id": album["id"]}, {"$set": {"written_meanwhile": True}})
+            meanwhile.append(album["id"])
+        return found
+
+    monkeypatch.setattr(collection, "find", then_written_meanwhile)
+    assert bob.delete("/api/v1/me").status_code == 202
+    assert meanwhile == [album["id"]]
+    kept = services.db.albums.find_one({"_id": album["id"]})
+    assert bob.user_id not in repr(kept) and bob_avatar["id"] not in repr(kept)
+    assert [(m["user_id"], m["role"], m["nickname"], m["avatar_id"], m["gender"]) for m in kept["members"]] == [
+        (alice.user_id, "inviter", "小明", alice_avatar["id"], "female"),
+        (user_ref(services, bob.user_id), "invitee", None, None, None)]
+    assert kept["member_ids"] == [alice.user_id, user_ref(services, bob.user_id)]
+    assert kept["written_meanwhile"] is True
+    assert (kept["state"], kept["refund_outcome"]) == ("withdrawn", "refunded")  # what the erasure wrote before
+
+
+def _ended_past_the_grace(services, album_id: str) -> None:
+    past = states.now() - timedelta(seconds=services.settings.worker_dead_after_s * 3)
+    services.db.albums.update_one({"_id": album_id}, {"$set": {"ended_at": past}})
+
+
+def _ids(found: list[dict]) -> set[str]:
+    return {album["_id"] for album in found}
+
+
+def test_the_sweep_reads_a_withdrawn_album_until_nothing_of_its_drawing_is_left(marked_trained, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    finished, drawing = (_paid_album(alice, sim, alice_avatar["id"]) for _ in range(2))
+    for album in (finished, drawing):
+        assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    batch = services.db.renders.find_one({"album_id": drawing["id"], "pack_index": 0})
+    assert renders.begin_render(services, batch["_id"], "job-drawing") is not None  # a worker is drawing it
+    for album in (finished, drawing):
+        assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+        _ended_past_the_grace(services, album["id"])
+    assert _ids(albums.withdrawn_to_clean(services)) == {finished["id"], drawing["id"]}
+    assert sweeper.sweep(services).get("album_cleaned") == 1
+    assert _ids(albums.withdrawn_to_clean(services)) == {drawing["id"]}  # its batch can still write images
+    # The batch wrote an image, then its worker died and the batch failed: the sweep deletes the image, then is done.
+    services.db.images.insert_one({"_id": "im_left", "content_id": "left", "user_id": alice.user_id,
+                                   "album_id": drawing["id"], "render_id": batch["_id"], "pack_slot": 0})
+    assert states.transition(services.db, "render", batch["_id"], "failed", expect={"rendering"}, by="test",
+                             reason="job_lost")
+    assert _ids(albums.withdrawn_to_clean(services)) == {drawing["id"]}
+    swept = sweeper.sweep(services)
+    assert (swept.get("album_images_deleted"), swept.get("album_cleaned")) == (1, 1)
+    assert albums.withdrawn_to_clean(services) == []
+    assert services.db.images.count_documents({"album_id": drawing["id"]}) == 0
+
+
+def test_the_sweep_reads_an_accepted_album_until_its_order_is_past_paid(marked_trained, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    sweeper.sweep(services)
+    assert _ids(albums.accepted_owing_fulfilment(services)) == {album["id"]}  # nothing delivered: its order is paid
+    assert orders.fulfil(services, album["order_id"])  # its first portraits delivered (renders.deliver)
+    sweeper.sweep(services)
+    assert albums.accepted_owing_fulfilment(services) == []
+    assert services.db.albums.find_one({"_id": album["id"]})["state"] == "accepted"
 
 
 def test_consent_withdrawal_of_the_inviter_withdraws_an_album_still_inviting(marked_trained, services, sim):

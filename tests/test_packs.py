@@ -171,6 +171,20 @@ def test_the_real_plan_spreads_100_images_over_the_templates_of_each_gender(serv
     assert packs.slots_amount(990, 100, range(10)) + packs.slots_amount(990, 100, range(10, 100)) == 990
 
 
+def test_a_delivered_image_is_one_rule_as_a_predicate_and_as_a_query(services):
+    """What the archive, an album's withdrawal and a batch's settlement count as delivered (renders.DELIVERED_IMAGE, a
+    MongoDB filter) is what renders.image_delivered says of each image document: for every verdict an image can
+    carry, and for an image from before the checks (no verdict)."""
+    # A new image is pending; apply_image_verdict writes the check's state when it counts (pass; review and timeout
+    # when their policy accepts), refused otherwise.
+    verdicts = ["pending", "refused", "pass", "review", "timeout", None]
+    services.db.images.insert_many([{"_id": f"im_{verdict}", "content_id": f"probe_{verdict}", "probe": True,
+                                     **({"content_check": verdict} if verdict else {})} for verdict in verdicts])
+    queried = {i["_id"] for i in services.db.images.find({"probe": True, **renders.DELIVERED_IMAGE})}
+    predicted = {i["_id"] for i in services.db.images.find({"probe": True}) if renders.image_delivered(i)}
+    assert queried == predicted == {"im_pass", "im_review", "im_timeout", "im_None"}
+
+
 @pytest.mark.parametrize("settings_overrides", [{}])
 def test_the_real_plan_writes_ten_batches_once(login, user_photos, drain, services, sim):
     api, avatar = _pack_avatar(login, user_photos, drain, "xena")
