@@ -33,7 +33,7 @@ from datetime import timedelta
 
 from pymongo import ReturnDocument
 
-from portraits import consents, keys, packs, products, renders, states, tasks
+from portraits import consents, content_checks, keys, packs, products, renders, states, tasks
 from portraits.billing import orders, refunds
 from portraits.billing.locks import OrderBusy
 from portraits.errors import Conflict, Gone, Invalid, NotFound
@@ -379,7 +379,7 @@ def withdraw_albums_of(services, user_id: str, reason: str) -> int:
 def delivered_slots(services, album_id: str) -> list[int]:
     """The slots whose image passed the content check (what the members have had)."""
     return sorted({i["pack_slot"] for i in services.db.images.find(
-        {"album_id": album_id, "pack_slot": {"$exists": True}, **renders.DELIVERED_IMAGE},
+        {"album_id": album_id, "pack_slot": {"$exists": True}, **content_checks.DELIVERED_IMAGE},
         {"pack_slot": 1})})
 
 

@@ -270,3 +270,14 @@ def unsettled(services) -> list[dict]:
 
 def mark_settled(services, check_id: str) -> None:
     services.db.content_checks.update_one({"_id": check_id}, {"$set": {"settled_at": states.now()}})
+
+
+# An image is delivered unless its content check is still pending or refused it: passed by the check (or by its
+# policy), and images from before the checks have no verdict. One rule, as a predicate and as a MongoDB filter.
+WITHHELD_CHECKS = ("pending", "refused")
+DELIVERED_IMAGE = {"content_check": {"$nin": list(WITHHELD_CHECKS)}}
+
+
+def image_delivered(image: dict) -> bool:
+    """The image document matches DELIVERED_IMAGE."""
+    return image.get("content_check") not in WITHHELD_CHECKS

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-from portraits import renders
+from portraits import content_checks
 
 
 def spread(catalog, gender: str, images: int) -> list[str]:
@@ -93,7 +93,7 @@ def progress(services, order: dict) -> dict:
     else:
         phase = "done"
     return {"phase": phase, "plan": plan, "batches": docs, "images": shown,
-            "delivered": [i for i in shown if renders.image_delivered(i)],
+            "delivered": [i for i in shown if content_checks.image_delivered(i)],
             "pending_check": [i for i in shown if i.get("content_check") == "pending"],
             "refunded_slots": refunded_slots}
 
@@ -103,5 +103,5 @@ def delivered_images(services, order_id: str) -> list[dict]:
     batch_ids = [r["_id"] for r in services.db.renders.find({"order_id": order_id, "pack_slots": {"$exists": True}},
                                                              {"_id": 1})]
     found = services.db.images.find({"render_id": {"$in": batch_ids}, "pack_slot": {"$exists": True},
-                                     **renders.DELIVERED_IMAGE})
+                                     **content_checks.DELIVERED_IMAGE})
     return sorted(found, key=lambda i: i["pack_slot"])

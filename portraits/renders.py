@@ -445,7 +445,7 @@ def complete_render(services, render: dict, job_id: str, kept: list[KeptImage], 
     carried = [image.image_id for image in kept if image.carried]
     avatar = services.db.avatars.find_one({"_id": render["avatar_id"]}, {"likeness_baseline": 1}) or {}
     delivered = [i["_id"] for i in services.db.images.find({"_id": {"$in": carried}})
-                 if image_delivered(i)]
+                 if content_checks.image_delivered(i)]
     done = states.transition(services.db, "render", render["_id"], "done", expect={"rendering"}, by=f"job:{job_id}",
                              set_fields={"image_ids": image_ids, "likeness_best": best,
                                          "relative_likeness_best": relative_likeness(best,
@@ -481,17 +481,6 @@ def request_image_checks(services, render: dict) -> None:
 def renders_owing_image_checks(services, older_than) -> list[dict]:
     return list(services.db.renders.find({"image_checks_owed": True, "state": "done",
                                           "finished_at": {"$lt": older_than}}))
-
-
-# An image is delivered unless its content check is still pending or refused it: passed by the check (or by its
-# policy), and images from before the checks have no verdict. One rule, as a predicate and as a MongoDB filter.
-WITHHELD_CHECKS = ("pending", "refused")
-DELIVERED_IMAGE = {"content_check": {"$nin": list(WITHHELD_CHECKS)}}
-
-
-def image_delivered(image: dict) -> bool:
-    """The image document matches DELIVERED_IMAGE."""
-    return image.get("content_check") not in WITHHELD_CHECKS
 
 
 def render_delivered(render: dict) -> bool:
@@ -709,7 +698,7 @@ def settle_batch(services, render: dict) -> str:
     # decide their image before recording it on the batch, so the one that finds nothing pending may hold a batch
     # document that does not name the other's image yet (it would redraw, even refund, a delivered slot).
     delivered = {i["pack_slot"] for i in services.db.images.find(
-        {"_id": {"$in": render.get("image_ids", [])}, **DELIVERED_IMAGE},
+        {"_id": {"$in": render.get("image_ids", [])}, **content_checks.DELIVERED_IMAGE},
         {"pack_slot": 1})}
     lost = [slot for slot in render["pack_slots"] if slot not in delivered]
     outcome, fields = "delivered", {}

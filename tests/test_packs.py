@@ -13,7 +13,7 @@ import pytest
 
 from jobs.worker import EmbeddedWorker
 from models.labels import read_label
-from portraits import config, packs, renders, sweeper, tasks
+from portraits import config, content_checks, packs, renders, sweeper, tasks
 from portraits.billing import refunds
 from tests.test_api import assert_error
 from tests.test_notifications import TEMPLATES, grant, sent
@@ -172,16 +172,16 @@ def test_the_real_plan_spreads_100_images_over_the_templates_of_each_gender(serv
 
 
 def test_a_delivered_image_is_one_rule_as_a_predicate_and_as_a_query(services):
-    """What the archive, an album's withdrawal and a batch's settlement count as delivered (renders.DELIVERED_IMAGE, a
-    MongoDB filter) is what renders.image_delivered says of each image document: for every verdict an image can
+    """What the archive, an album's withdrawal and a batch's settlement count as delivered (content_checks.DELIVERED_IMAGE, a
+    MongoDB filter) is what content_checks.image_delivered says of each image document: for every verdict an image can
     carry, and for an image from before the checks (no verdict)."""
     # A new image is pending; apply_image_verdict writes the check's state when it counts (pass; review and timeout
     # when their policy accepts), refused otherwise.
     verdicts = ["pending", "refused", "pass", "review", "timeout", None]
     services.db.images.insert_many([{"_id": f"im_{verdict}", "content_id": f"probe_{verdict}", "probe": True,
                                      **({"content_check": verdict} if verdict else {})} for verdict in verdicts])
-    queried = {i["_id"] for i in services.db.images.find({"probe": True, **renders.DELIVERED_IMAGE})}
-    predicted = {i["_id"] for i in services.db.images.find({"probe": True}) if renders.image_delivered(i)}
+    queried = {i["_id"] for i in services.db.images.find({"probe": True, **content_checks.DELIVERED_IMAGE})}
+    predicted = {i["_id"] for i in services.db.images.find({"probe": True}) if content_checks.image_delivered(i)}
     assert queried == predicted == {"im_pass", "im_review", "im_timeout", "im_None"}
 
 
