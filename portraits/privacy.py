@@ -105,11 +105,15 @@ def pseudonymise_orders(services, user: dict) -> int:
         replacements[user["openid"]] = ref
     kept_orders = list(services.db.orders.find({"user_id": user["_id"]}))
     for order in kept_orders:
-        scrubbed = _scrub({k: v for k, v in order.items() if k != "openid"}, replacements)
-        scrubbed["user_erased"] = True
-        services.db.orders.replace_one({"_id": order["_id"]}, scrubbed)
+        # Only the values that name the user are written: a refund callback or a reconciliation landing on the order
+        # between this read and this write keeps what it wrote.
+        fields = scrubbed_fields({k: v for k, v in order.items() if k != "openid"}, replacements)
+        services.db.orders.update_one({"_id": order["_id"]},
+                                      {"$set": {**fields, "user_erased": True}, "$unset": {"openid": ""}})
     for alert in services.db.payment_alerts.find({"order_id": {"$in": [o["_id"] for o in kept_orders]}}):
-        services.db.payment_alerts.replace_one({"_id": alert["_id"]}, _scrub(alert, replacements))
+        fields = scrubbed_fields(alert, replacements)
+        if fields:
+            services.db.payment_alerts.update_one({"_id": alert["_id"]}, {"$set": fields})
     return len(kept_orders)
 
 

@@ -319,3 +319,29 @@ def _values(services, key) -> list[bytes]:
     if kind == b"zset":
         return [member for member, _ in services.redis.zrange(key, 0, -1, withscores=True)]
     return []
+
+
+def test_deleting_a_user_keeps_what_a_payment_write_put_on_their_order_meanwhile(paid_avatar, services, monkeypatch):
+    api, _, order = paid_avatar("nora")
+    user = services.db.users.find_one({"_id": services.db.orders.find_one({"_id": order["id"]})["user_id"]})
+    collection = type(services.db.orders)
+    read = collection.find
+    meanwhile = []
+
+    def then_written_meanwhile(self, filter=None, *args, **kwargs):
+        found = read(self, filter, *args, **kwargs)
+        if self.name == "orders" and filter == {"user_id": user["_id"]}:  # what the erasure pseudonymises
+            found = list(found)
+            # A refund callback (or the reconciler) writes the order between the erasure's read and its write.
+            self.update_one({"_id": order["id"]}, {"$set": {"refund_note": "written meanwhile"}})
+            meanwhile.append(order["id"])
+        return found
+
+    monkeypatch.setattr(collection, "find", then_written_meanwhile)
+    assert api.delete("/api/v1/me").status_code == 202
+    assert meanwhile == [order["id"]]
+    kept = services.db.orders.find_one({"_id": order["id"]})
+    assert kept["refund_note"] == "written meanwhile"
+    assert kept["user_erased"] is True and "openid" not in kept
+    assert user["_id"] not in repr(kept) and user["openid"] not in repr(kept)
+    assert kept["user_id"] == user_ref(services, user["_id"])
