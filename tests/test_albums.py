@@ -21,7 +21,7 @@ from portraits.billing import orders, refunds
 from portraits.privacy import user_ref
 from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
-from tests.race import winners
+from tests.race import winners, write_after_read
 from tests.test_api import assert_error
 
 SKUS = config.DEFAULT_SKUS  # couple_album: 1990 fen, 6 images in batches of 3
@@ -585,22 +585,12 @@ def test_erasure_of_a_member_leaves_nothing_of_theirs_in_the_album_and_keeps_wha
     (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
     album = _paid_album(alice, sim, alice_avatar["id"])
     assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
-    collection = type(services.db.albums)
-    read = collection.find
-    meanwhile = []
-
-    def then_written_meanwhile(self, filter=None, *args, **kwargs):
-        found = read(self, filter, *args, **kwargs)
-        if self.name == "albums" and filter == {"member_ids": bob.user_id}:  # what the erasure pseudonymises
-            found = list(found)
-            # Another writer (the sweep) moves between the erasure's read of the album and its write.
-            self.update_one({"_id": album["id"]}, {"$set": {"written_meanwhile": True}})
-            meanwhile.append(album["id"])
-        return found
-
-    monkeypatch.setattr(collection, "find", then_written_meanwhile)
+    # Another writer (the sweep) moves between the erasure's read of the album and its write.
+    meanwhile = write_after_read(monkeypatch, services.db.albums, {"member_ids": bob.user_id},
+                                 lambda: services.db.albums.update_one({"_id": album["id"]},
+                                                                         {"$set": {"written_meanwhile": True}}))
     assert bob.delete("/api/v1/me").status_code == 202
-    assert meanwhile == [album["id"]]
+    assert len(meanwhile) == 1
     kept = services.db.albums.find_one({"_id": album["id"]})
     assert bob.user_id not in repr(kept) and bob_avatar["id"] not in repr(kept)
     assert [(m["user_id"], m["role"], m["nickname"], m["avatar_id"], m["gender"]) for m in kept["members"]] == [

@@ -15,6 +15,7 @@ import jobs.training
 from portraits import keys, logs, renders, states, tasks
 from portraits.privacy import user_ref
 from portraits.store.vault import KeyShredded
+from tests.race import write_after_read
 from store_scan import Finding, StoreScanner, photo_samples, places
 from tests.conftest import phone_for
 from tests.test_queue import quick_paid_avatar
@@ -324,22 +325,12 @@ def _values(services, key) -> list[bytes]:
 def test_deleting_a_user_keeps_what_a_payment_write_put_on_their_order_meanwhile(paid_avatar, services, monkeypatch):
     api, _, order = paid_avatar("nora")
     user = services.db.users.find_one({"_id": services.db.orders.find_one({"_id": order["id"]})["user_id"]})
-    collection = type(services.db.orders)
-    read = collection.find
-    meanwhile = []
-
-    def then_written_meanwhile(self, filter=None, *args, **kwargs):
-        found = read(self, filter, *args, **kwargs)
-        if self.name == "orders" and filter == {"user_id": user["_id"]}:  # what the erasure pseudonymises
-            found = list(found)
-            # A refund callback (or the reconciler) writes the order between the erasure's read and its write.
-            self.update_one({"_id": order["id"]}, {"$set": {"refund_note": "written meanwhile"}})
-            meanwhile.append(order["id"])
-        return found
-
-    monkeypatch.setattr(collection, "find", then_written_meanwhile)
+    # A refund callback (or the reconciler) writes the order between the erasure's read and its write.
+    meanwhile = write_after_read(monkeypatch, services.db.orders, {"user_id": user["_id"]},
+                                 lambda: services.db.orders.update_one({"_id": order["id"]},
+                                                                         {"$set": {"refund_note": "written meanwhile"}}))
     assert api.delete("/api/v1/me").status_code == 202
-    assert meanwhile == [order["id"]]
+    assert len(meanwhile) == 1
     kept = services.db.orders.find_one({"_id": order["id"]})
     assert kept["refund_note"] == "written meanwhile"
     assert kept["user_erased"] is True and "openid" not in kept
