@@ -245,11 +245,22 @@ class FaceAnalyzer:
         eye_distance = math.hypot(dx, dy)
         zoom = (0.22 * size) / max(eye_distance, 1e-6)
         centre = (left_eye + right_eye) / 2
+        image = np.ascontiguousarray(rgb)
+        factor = int(1 / zoom) if zoom < 1 else 1
+        if factor > 1:
+            # warpAffine has no area filter (it runs INTER_AREA as bilinear), so a face shrunk more than 2x would
+            # alias: the region the crop reads is box-averaged by a whole factor first, and the warp shrinks the
+            # rest (less than 2x). Pixel i of the region becomes (i - (factor - 1) / 2) / factor.
+            reach = 0.8 * size / zoom + factor  # the crop's farthest corner from the eyes, with rotation
+            x0, y0 = (max(0, int(c - reach)) for c in centre)
+            image = resized(image[y0:int(centre[1] + reach) + 1, x0:int(centre[0] + reach) + 1], 1 / factor)
+            centre = (centre - (x0, y0) - (factor - 1) / 2) / factor
+            zoom *= factor
         matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), angle, zoom)
         matrix[0, 2] += size * 0.5 - centre[0]
         matrix[1, 2] += size * 0.42 - centre[1]
-        interpolation = cv2.INTER_AREA if zoom < 1 else cv2.INTER_CUBIC
-        out = cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (size, size), flags=interpolation,
+        interpolation = cv2.INTER_LINEAR if zoom < 1 else cv2.INTER_CUBIC
+        out = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=interpolation,
                              borderMode=cv2.BORDER_REPLICATE)
         return Image.fromarray(out)
 
@@ -277,11 +288,12 @@ class FaceAnalyzer:
 
 
 def resized(gray: np.ndarray, scale: float) -> np.ndarray:
-    """``gray`` resized by ``scale``: box-averaged when 1 / scale is a whole number (the few rows and columns past
-    its last multiple dropped; OpenCV's fast path), area-averaged when shrinking otherwise, bilinear when growing."""
+    """``gray`` (or an RGB array) resized by ``scale``: box-averaged when 1 / scale is a whole number (the few rows
+    and columns past its last multiple dropped; OpenCV's fast path), area-averaged when shrinking otherwise, bilinear
+    when growing."""
     if scale == 1.0:
         return gray
-    height, width = gray.shape
+    height, width = gray.shape[:2]
     factor = round(1 / scale)
     if scale < 1 and abs(factor * scale - 1) < 1e-9:
         gray = gray[:height - height % factor, :width - width % factor]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from models.faces import HOG_MIN_FACE, FaceAnalyzer, cosine_similarity, identity_pivot, likeness
+from models.faces import HOG_MIN_FACE, Face, FaceAnalyzer, cosine_similarity, identity_pivot, likeness
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
 from intake_support import LIMITS, judge
@@ -317,3 +318,29 @@ def test_hog_boxes_come_in_the_widths_the_scan_plan_assumes(analyzer):
     for width in widths:
         level = round(np.log(width / HOG_MIN_FACE) / np.log(1.2))
         assert level >= 0 and width == pytest.approx(HOG_MIN_FACE * 1.2 ** level, rel=0.03), width
+
+
+def _face_with_eyes(left_eye: tuple[float, float], right_eye: tuple[float, float]) -> Face:
+    landmarks = np.zeros((68, 2))
+    landmarks[36:42], landmarks[42:48] = left_eye, right_eye
+    return Face(box=(0, 0, 1, 1), landmarks=landmarks, score=1.0)
+
+
+def test_a_crop_that_shrinks_a_large_face_averages_instead_of_aliasing(analyzer):
+    # A one-pixel checkerboard shrunk ~5x (eyes 600 px apart, 22% of a 512 px crop) is flat grey when averaged; bilinear
+    # sampling alone (what warpAffine does for INTER_AREA) would pick up stripes of black and white.
+    checkerboard = ((np.indices((2400, 2400)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    rgb = np.repeat(checkerboard[:, :, None], 3, axis=2)
+    crop = np.asarray(analyzer.aligned_crop(rgb, _face_with_eyes((900, 1100), (1500, 1160)), size=512), dtype=float)
+    assert abs(crop.mean() - 127.5) < 3 and crop.std() < 8, (crop.mean(), crop.std())
+
+
+def test_a_crop_of_a_large_face_is_the_crop_of_the_same_face_shrunk_beforehand(analyzer):
+    # The crop box-averages the region it reads before the warp: its geometry (where the eyes land) must not move.
+    rgb = np.asarray(photos.phone_selfie_image((2000, 1500), face_fraction=0.5))
+    face = analyzer.faces(rgb)[0]
+    small = cv2.resize(rgb, (500, 375), interpolation=cv2.INTER_AREA)
+    left_eye, right_eye = ((eye + 0.5) / 4 - 0.5 for eye in face.eye_centres())
+    large_crop = np.asarray(analyzer.aligned_crop(rgb, face, size=128), dtype=float)
+    small_crop = np.asarray(analyzer.aligned_crop(small, _face_with_eyes(left_eye, right_eye), size=128), dtype=float)
+    assert np.abs(large_crop - small_crop).mean() < 3
