@@ -32,6 +32,24 @@ def phone_photo() -> bytes:
     return photos.encode(photos.phone_sized_image(), quality=90)
 
 
+def full_decode(data: bytes) -> None:
+    """The baseline: a full decode of the file and its EXIF transpose, nothing else."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+
+
+def with_scales(analyzer: FaceAnalyzer, action):
+    """``action()``'s result and the scales of the HOG scans it ran."""
+    scales = []
+    candidates = analyzer._candidates
+    analyzer._candidates = lambda image, scale: scales.append(scale) or candidates(image, scale)
+    try:
+        return action(), scales
+    finally:
+        analyzer._candidates = candidates
+
+
 def median_ms(action, repeats: int) -> float:
     return median_wall_and_cpu_ms(action, repeats)[0]
 
@@ -63,9 +81,7 @@ def main() -> None:
     assert verdict.accepted, verdict.reasons
 
     def baseline() -> None:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)
+        full_decode(data)
 
     def judge() -> None:
         judge_photo(data, role="front", accepted=[], limits=limits, analyzer=analyzer)
@@ -89,18 +105,13 @@ def main() -> None:
         for fraction in (0.3, 0.4, 0.5)]
     for name, photo in framings:
         def photo_baseline() -> None:
-            image = Image.open(io.BytesIO(photo))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
+            full_decode(photo)
 
         def photo_judge() -> None:
             judge_photo(photo, role="front", accepted=[], limits=limits, analyzer=analyzer)
 
-        used = []
-        candidates = analyzer._candidates
-        analyzer._candidates = lambda image, scale: used.append(scale) or candidates(image, scale)
-        photo_verdict = judge_photo(photo, role="front", accepted=[], limits=limits, analyzer=analyzer)
-        analyzer._candidates = candidates
+        photo_verdict, used = with_scales(analyzer, lambda: judge_photo(photo, role="front", accepted=[], limits=limits,
+                                                                         analyzer=analyzer))
         ratios = []
         for _ in range(3):  # alternating pairs: a neighbour's burst lands on both sides of a ratio
             ratios.append(median_wall_and_cpu_ms(photo_judge, args.repeats // 3 or 1)[1]
@@ -112,17 +123,14 @@ def main() -> None:
     # Where the time goes (same photo, same process), each stage also as a multiple of the full decode, in CPU time.
     rgb = _decode(_open(data, limits))
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    scales = []
-    candidates = analyzer._candidates
-    analyzer._candidates = lambda image, scale: scales.append(scale) or candidates(image, scale)
-    face = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio)[0]
-    analyzer._candidates = candidates
+    found, scales = with_scales(analyzer, lambda: analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio))
+    face = found[0]
     stages = {
         "header + draft decode": lambda: _decode(_open(data, limits)),
         "faces (HOG glance + scan, CNN checks, landmarks)": lambda: analyzer.faces(
             rgb, min_area_ratio=limits.second_face_max_ratio),
         f"  of which the HOG scans at {', '.join(f'{s:.3f}' for s in scales)} of "
-        f"{rgb.shape[1]}x{rgb.shape[0]} (with their resizes)": lambda: [candidates(gray, s) for s in scales],
+        f"{rgb.shape[1]}x{rgb.shape[0]} (with their resizes)": lambda: [analyzer._candidates(gray, s) for s in scales],
         "  of which one CNN check (128 px crop, torch)": lambda: analyzer._confirmed_by_cnn(rgb, face.box),
         "embed (dlib's ResNet in torch on the 150 px chip)": lambda: analyzer.embed(rgb, face),
         "perceptual hash of the decoded photo": lambda: perceptual_hash(gray),
