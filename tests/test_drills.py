@@ -22,18 +22,23 @@ credits are neither doubled nor lost.
 Budget: the tiny model trains and renders for real in the clean runs, then its results are replayed (the drills are
 about the stores). The default plan (drill_support.plan_drills) gives every write point of our code `crash` and
 `redis_flush` and a deterministic third of them `fail_once`, and samples RQ's own bookkeeping; DRILLS_FULL=1 drills
-every write point with every fault. `pytest -s` (or -rA) prints the table.
+every write point with every fault. `pytest -s` (or -rA) prints the table; test_the_table also writes it to
+test-artifacts/drills.txt, which .ci/run prints at its end.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from tests import drill_support as drills
 
 FULL = os.environ.get("DRILLS_FULL") == "1"
+TABLE_FILE = Path(__file__).resolve().parent.parent / "test-artifacts" / "drills.txt"
 _clean: dict[str, list[drills.WritePoint]] = {}
 _rows: dict[tuple[str, str], dict] = {}
 COLUMNS = ("write points", "faults injected", "paid orders", "fulfilled", "refunded", "stuck", "doubled",
@@ -136,11 +141,16 @@ def test_the_table(env):
         pytest.skip("no drill ran in this session")
     listed = {scenario: clean_points(env, scenario) for scenario in drills.SCENARIOS}
     unique = [p for points in drills.unique_points(listed).values() for p in points]
-    print(f"\nwrite points enumerated: {sum(map(len, listed.values()))} in {len(listed)} scenarios, {len(unique)} once "
-          f"their shared beginnings are counted once ({sum(not p.by_rq for p in unique)} of our code, "
-          f"{sum(p.by_rq for p in unique)} of RQ's bookkeeping); "
-          f"{'every one drilled with every fault' if FULL else 'drilled as drill_support.plan_drills says'}")
-    print_table(_rows)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        print(f"\nwrite points enumerated: {sum(map(len, listed.values()))} in {len(listed)} scenarios, "
+              f"{len(unique)} once their shared beginnings are counted once ({sum(not p.by_rq for p in unique)} of "
+              f"our code, {sum(p.by_rq for p in unique)} of RQ's bookkeeping); "
+              f"{'every one drilled with every fault' if FULL else 'drilled as drill_support.plan_drills says'}")
+        print_table(_rows)
+    print(report.getvalue())
+    TABLE_FILE.parent.mkdir(exist_ok=True)
+    TABLE_FILE.write_text(report.getvalue().lstrip("\n"))
     summary = {c: sum(row[c] for row in _rows.values()) for c in ("stuck", "doubled", "photos kept")}
     assert summary == {"stuck": 0, "doubled": 0, "photos kept": 0}
 
