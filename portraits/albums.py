@@ -531,7 +531,8 @@ def sweep(services, older_than) -> Counter:
     for album_id in withdrawn_ids:
         done["album_batches_ended"] += end_queued_batches(services, album_id)
     for album in to_clean:
-        if album["ended_at"] < older_than:
+        # An album without its end time (a legacy or hand-edited document) ended long ago, as far as the sweep knows.
+        if album.get("ended_at") is None or album["ended_at"] < older_than:
             done["album_cleaned"] += mark_cleaned(services, album["_id"])
     for album in accepted_owing_fulfilment(services):
         order = services.db.orders.find_one({"_id": album["order_id"]}, {"state": 1})

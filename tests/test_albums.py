@@ -635,6 +635,18 @@ def test_the_sweep_reads_a_withdrawn_album_until_nothing_of_its_drawing_is_left(
     assert services.db.images.count_documents({"album_id": drawing["id"]}) == 0
 
 
+def test_a_withdrawn_album_without_its_end_time_is_cleaned_and_stops_no_sweep(marked_trained, services, sim):
+    (alice, alice_avatar), = marked_trained("alice")
+    legacy, other = (_paid_album(alice, sim, alice_avatar["id"]) for _ in range(2))
+    for album in (legacy, other):
+        assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    _ended_past_the_grace(services, other["id"])
+    services.db.albums.update_one({"_id": legacy["id"]}, {"$unset": {"ended_at": ""}})  # a hand-edited document
+    assert _ids(albums.withdrawn_to_clean(services)) == {legacy["id"], other["id"]}
+    assert sweeper.sweep(services).get("album_cleaned") == 2  # no end time: long past
+    assert albums.withdrawn_to_clean(services) == []
+
+
 def test_the_sweep_reads_an_accepted_album_until_its_order_is_past_paid(marked_trained, services, sim):
     (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
     album = _paid_album(alice, sim, alice_avatar["id"])
