@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from PIL import Image
+from pymongo.errors import DuplicateKeyError
 
 from jobs import rendering
 from models import posters
@@ -30,7 +31,10 @@ IOS_XPAY = {**FAST, "payment_rail": "by_platform", "xpay_platforms": ("ios",)}  
 
 
 @pytest.fixture
-def settings_overrides():
+def settings_overrides(request):
+    """FAST; the tests marked `mongo` run on the session's database server (what mongomock does not enforce)."""
+    if request.node.get_closest_marker("mongo"):
+        return {**FAST, "mongo_uri": request.getfixturevalue("database_server")}
     return dict(FAST)
 
 
@@ -645,6 +649,26 @@ def test_a_withdrawn_album_without_its_end_time_is_cleaned_and_stops_no_sweep(ma
     assert _ids(albums.withdrawn_to_clean(services)) == {legacy["id"], other["id"]}
     assert sweeper.sweep(services).get("album_cleaned") == 2  # no end time: long past
     assert albums.withdrawn_to_clean(services) == []
+
+
+def test_albums_are_indexed_by_seat_token_member_state_and_order(services):
+    indexes = {tuple(index["key"]): index for index in services.db.albums.index_information().values()}
+    assert indexes[(("seats.token", 1),)].get("unique") is True
+    assert {(("member_ids", 1),), (("state", 1), ("updated_at", 1)), (("order_id", 1),)} <= set(indexes)
+
+
+@pytest.mark.mongo
+def test_a_seat_token_is_one_album_s_on_a_database_server(marked_trained, services, sim):
+    """The unique index on the seats' tokens (mongomock does not enforce one on an array's field; a server does)."""
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    family = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")  # two seats, two tokens, one album
+    couple = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, family["seats"][0]["token"], bob_avatar["id"]).status_code == 200  # a seat's update
+    copied = {**services.db.albums.find_one({"_id": couple["id"]}), "_id": albums.new_album_id()}
+    copied["seats"] = [{**copied["seats"][0], "token": family["seats"][1]["token"]}]
+    with pytest.raises(DuplicateKeyError):
+        services.db.albums.insert_one(copied)
+    assert services.db.albums.count_documents({}) == 2
 
 
 def test_the_sweep_reads_an_accepted_album_until_its_order_is_past_paid(marked_trained, services, sim):
