@@ -449,6 +449,42 @@ def test_an_album_whose_process_died_before_its_order_was_written_is_closed_by_t
     assert services.db.albums.find_one({"_id": album["_id"]})["state"] == "closed"
 
 
+def test_a_member_reopening_an_invite_card_is_shown_the_album_as_it_stands(marked_trained, login, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    family = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")
+    first, second = (seat["token"] for seat in family["seats"])
+    mallory = login("mallory")
+
+    def shown(api, token: str) -> tuple:
+        answer = api.get(f"/api/v1/album-invites/{token}")
+        assert answer.status_code == 200, answer.get_json()
+        body = answer.get_json()
+        return body["state"], body["seat"], body["album_id"], body["joined"]
+
+    assert shown(carol, first) == ("inviting", 0, None, False)  # not a member: nothing of the album but the card
+    assert _accept(bob, first, bob_avatar["id"]).status_code == 200
+    # Bob's own seat, and the seat still open, open the album for its members (the inviter too).
+    assert shown(bob, first) == ("inviting", 0, family["id"], True)
+    assert shown(bob, second) == ("inviting", 1, family["id"], True)
+    assert shown(alice, second) == ("inviting", 1, family["id"], True)
+    assert shown(carol, second) == ("inviting", 1, None, False)
+    assert_error(_accept(bob, second, bob_avatar["id"]), 409, "already_member")  # accepting still says so
+    assert_error(bob.post(f"/api/v1/album-invites/{second}/decline"), 409, "already_member")
+
+    assert _accept(carol, second, carol_avatar["id"]).status_code == 200
+    for api, token, seat in ((bob, first, 0), (carol, second, 1), (alice, first, 0)):
+        assert shown(api, token) == ("accepted", seat, family["id"], True)
+    assert_error(mallory.get(f"/api/v1/album-invites/{first}"), 410, "invite_closed")
+    assert_error(_accept(carol, second, carol_avatar["id"]), 410, "invite_closed")  # as before: nothing to accept
+    assert_error(bob.post(f"/api/v1/album-invites/{first}/decline"), 410, "invite_closed")
+
+    assert bob.post(f"/api/v1/albums/{family['id']}/withdraw").status_code == 200
+    assert shown(bob, first) == ("withdrawn", 0, family["id"], True)
+    assert shown(carol, second) == ("withdrawn", 1, family["id"], True)
+    assert_error(mallory.get(f"/api/v1/album-invites/{second}"), 410, "invite_closed")
+    assert_error(mallory.get("/api/v1/album-invites/not-a-token"), 404, "invite_not_found")
+
+
 def test_who_cannot_join_an_album(marked_trained, login, services, sim):
     (alice, alice_avatar), = marked_trained("alice")
     assert_error(alice.post("/api/v1/albums", json={"sku": "pack_100", "avatar_id": alice_avatar["id"]}), 400,
