@@ -24,6 +24,7 @@ from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
 from tests.race import winners, write_after_read
 from tests.test_api import assert_error
+from tests.test_notifications import TEMPLATES, grant, sent
 
 SKUS = config.DEFAULT_SKUS  # couple_album: 1990 fen, 6 images in batches of 3
 FAST = {"render_max_steps": 1, "render_max_candidates": 1, "pack_candidates_per_image": 1}
@@ -190,6 +191,36 @@ def test_a_couple_album_is_invited_paid_accepted_drawn_and_delivered_to_both(tra
         listed = {i["id"]: i for i in api.get("/api/v1/me/export").get_json()["images"]}
         assert {i["id"] for i in done["images"]} <= set(listed)
         assert all(listed[i["id"]]["content_id"] and listed[i["id"]]["url"] for i in done["images"])
+
+
+def test_both_members_are_told_once_that_the_album_portraits_are_ready(trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    for api, name in ((alice, "alice"), (bob, "bob")):
+        grant(api, sim, name, ["portraits_ready"], count=2)  # room for a second message, were one ever sent
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    drain()
+    assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["progress"]["images_delivered"] == 6
+    members = sorted([alice.user_id, bob.user_id])
+    openids = sorted(sim.openid_of(name) for name in ("alice", "bob"))
+
+    def told() -> list[str]:
+        return sorted(m["user_id"] for m in services.db.messages.find({"kind": "portraits_ready"}))
+
+    assert told() == members  # one each, though both batches delivered
+    assert sorted(m["touser"] for m in sent(sim, TEMPLATES["portraits_ready"])) == openids
+    for batch in services.db.renders.find({"album_id": album["id"]}):  # each delivery replayed, then the sweep
+        renders.deliver(services, batch)
+        renders.settle_batch(services, batch)
+    sweeper.sweep(services)
+    drain()
+    assert told() == members
+    assert sorted(m["touser"] for m in sent(sim, TEMPLATES["portraits_ready"])) == openids
+    # A crash between the delivery and the messages: the sweep owes each member's, once.
+    services.db.messages.delete_many({"kind": "portraits_ready"})
+    assert sweeper.sweep(services).get("message_owed") == 2
+    assert told() == members
+    assert not sweeper.sweep(services).get("message_owed")
 
 
 # --------------------------------------------------------------------------------------------- money
