@@ -676,7 +676,8 @@ class AlbumPurchase(Reply):
 
 
 class AlbumInvitation(Reply):
-    """What the invitee is shown when opening an invite card's code."""
+    """What the invitee is shown when opening an invite card's code; a member of the album (whoever took the seat,
+    the inviter, another invitee) is shown it as it stands, whatever its state."""
 
     sku: str
     description: str = Field(description="the product")
@@ -685,6 +686,8 @@ class AlbumInvitation(Reply):
     seat: int
     state: AlbumState
     expires_at: str | None
+    joined: bool = Field(False, description="I am in this album: open it (album_id) instead of accepting")
+    album_id: str | None = Field(None, description="the album, for its members only (GET /api/v1/albums/{id})")
 
 
 class AlbumExport(Reply):

@@ -140,12 +140,27 @@ def open_invitation(services, order: dict, by: str) -> dict | None:
 def invitation(services, token: str) -> tuple[dict, dict]:
     """The album and seat of an invite token, while it can be answered: 404 invite_not_found, 410 invite_expired or
     invite_closed, 409 invite_not_open (its order is not paid yet)."""
+    album, seat = _seat_of(services, token)
+    _require_open(album, seat)
+    return album, seat
+
+
+def invitation_for(services, token: str, user_id: str) -> tuple[dict, dict, bool]:
+    """The album and seat of an invite token as `user_id` opens its card, and whether they are in the album. A member
+    (the seat's holder, the inviter, another invitee) is shown it as it stands, whatever its state, to open the album
+    from; anyone else only while it can be answered, as `invitation`."""
+    album, seat = _seat_of(services, token)
+    joined = user_id in album["member_ids"]
+    if not joined:
+        _require_open(album, seat)
+    return album, seat, joined
+
+
+def _seat_of(services, token: str) -> tuple[dict, dict]:
     album = services.db.albums.find_one({"seats.token": token}) if isinstance(token, str) and token else None
     if album is None:
         raise NotFound("invite_not_found", "No such invitation.")
-    seat = next(s for s in album["seats"] if s["token"] == token)
-    _require_open(album, seat)
-    return album, seat
+    return album, next(s for s in album["seats"] if s["token"] == token)
 
 
 def _require_open(album: dict, seat: dict) -> None:
@@ -531,7 +546,8 @@ def sweep(services, older_than) -> Counter:
     for album_id in withdrawn_ids:
         done["album_batches_ended"] += end_queued_batches(services, album_id)
     for album in to_clean:
-        if album["ended_at"] < older_than:
+        # An album without its end time (a legacy or hand-edited document) ended long ago, as far as the sweep knows.
+        if album.get("ended_at") is None or album["ended_at"] < older_than:
             done["album_cleaned"] += mark_cleaned(services, album["_id"])
     for album in accepted_owing_fulfilment(services):
         order = services.db.orders.find_one({"_id": album["order_id"]}, {"state": 1})

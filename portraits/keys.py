@@ -82,7 +82,7 @@ def image_ids(render_id: str, attempt: int, index: int) -> tuple[str, str]:
 
 
 def message_id(kind: str, about: str) -> str:
-    """One subscribe message of `kind` about one avatar, render or refund (portraits.notifications)."""
+    """One subscribe message of `kind` about one avatar, render, order or refund (portraits.notifications)."""
     return f"{kind}-{about}"
 
 

@@ -131,9 +131,9 @@ def owe_missing(services) -> int:
     since = states.now() - MISSING_MESSAGE_WINDOW
     due = [(a["user_id"], "avatar_ready", a["_id"], {"avatar_id": a["_id"]})
            for a in services.db.avatars.find({"state": "trained", "trained_at": {"$gte": since}}, {"user_id": 1})]
-    due += [(r["user_id"], "portraits_ready", portraits_message_about(r), {"render_id": r["_id"]})
-            for r in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}, **DELIVERED_RENDER},
-                                              {"user_id": 1, "order_id": 1, "pack_slots": 1})]
+    for render in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}, **DELIVERED_RENDER},
+                                           {"user_id": 1, "order_id": 1, "pack_slots": 1, "album_id": 1}):
+        due += portraits_ready_due(services, render)
     for order in services.db.orders.find({"state": "refunded", "refunded_at": {"$gte": since},
                                           "user_erased": {"$ne": True}}, {"user_id": 1, "amount": 1, "refunds": 1}):
         due.append((order["user_id"], "refund_made", refund_message_about(order),
@@ -141,8 +141,11 @@ def owe_missing(services) -> int:
     due = [d for d in due if services.settings.subscribe_templates.get(d[1])]
     known = {m["_id"] for m in services.db.messages.find(
         {"_id": {"$in": [keys.message_id(kind, about) for _, kind, about, _ in due]}}, {"_id": 1})}
-    missing = [d for d in due if keys.message_id(d[1], d[2]) not in known]
-    for user_id, kind, about, data in missing:
+    missing = {}  # by message: a pack's (or an album's) batches each owe the same one
+    for user_id, kind, about, data in due:
+        if keys.message_id(kind, about) not in known:
+            missing.setdefault(keys.message_id(kind, about), (user_id, kind, about, data))
+    for user_id, kind, about, data in missing.values():
         notify(services, user_id, kind, about, data)
     return len(missing)
 
@@ -151,6 +154,20 @@ def portraits_message_about(render: dict) -> str:
     """A render set's message is about the set; a pack's about its order: the first batch delivered tells the user,
     the others do not spend a one-time grant each on the same news."""
     return render["order_id"] if render.get("pack_slots") else render["_id"]
+
+
+def portraits_ready_due(services, render: dict) -> list[tuple[str, str, str, dict]]:
+    """The portraits_ready messages a delivered render owes, as (user, kind, about, data): its user's; an album
+    batch's also every other member's while the album is accepted, each about the order and that member, so each
+    member is told once."""
+    about = portraits_message_about(render)
+    data = {"render_id": render["_id"]}
+    due = [(render["user_id"], "portraits_ready", about, data)]
+    if render.get("album_id"):
+        album = services.db.albums.find_one({"_id": render["album_id"], "state": "accepted"}, {"member_ids": 1})
+        others = [m for m in (album or {}).get("member_ids", []) if m != render["user_id"]]
+        due += [(member_id, "portraits_ready", f"{about}-{member_id}", data) for member_id in others]
+    return due
 
 
 def refund_message_about(order: dict) -> str:

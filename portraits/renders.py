@@ -490,12 +490,12 @@ def render_delivered(render: dict) -> bool:
 
 
 def deliver(services, render: dict) -> None:
-    """Portraits of this render passed: the order is fulfilled, the avatar's preview replaced and the user told,
-    each once."""
+    """Portraits of this render passed: the order is fulfilled, the avatar's preview replaced and the user told (an
+    album's every member), each once."""
     orders.fulfil(services, render["order_id"])
     previews.supersede(services, render["avatar_id"])
-    notifications.notify(services, render["user_id"], "portraits_ready", notifications.portraits_message_about(render),
-                         {"render_id": render["_id"]})
+    for user_id, kind, about, data in notifications.portraits_ready_due(services, render):
+        notifications.notify(services, user_id, kind, about, data)
 
 
 def apply_image_verdict(services, check: dict, counted: bool, reason: str | None) -> None:

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from PIL import Image
+from pymongo.errors import DuplicateKeyError
 
 from jobs import rendering
 from models import posters
@@ -23,6 +24,7 @@ from portraits.push_events import PUSH_PATH
 from tests.qr_support import decode_qr
 from tests.race import winners, write_after_read
 from tests.test_api import assert_error
+from tests.test_notifications import TEMPLATES, grant, sent
 
 SKUS = config.DEFAULT_SKUS  # couple_album: 1990 fen, 6 images in batches of 3
 FAST = {"render_max_steps": 1, "render_max_candidates": 1, "pack_candidates_per_image": 1}
@@ -30,7 +32,10 @@ IOS_XPAY = {**FAST, "payment_rail": "by_platform", "xpay_platforms": ("ios",)}  
 
 
 @pytest.fixture
-def settings_overrides():
+def settings_overrides(request):
+    """FAST; the tests marked `mongo` run on the session's database server (what mongomock does not enforce)."""
+    if request.node.get_closest_marker("mongo"):
+        return {**FAST, "mongo_uri": request.getfixturevalue("database_server")}
     return dict(FAST)
 
 
@@ -186,6 +191,36 @@ def test_a_couple_album_is_invited_paid_accepted_drawn_and_delivered_to_both(tra
         listed = {i["id"]: i for i in api.get("/api/v1/me/export").get_json()["images"]}
         assert {i["id"] for i in done["images"]} <= set(listed)
         assert all(listed[i["id"]]["content_id"] and listed[i["id"]]["url"] for i in done["images"])
+
+
+def test_both_members_are_told_once_that_the_album_portraits_are_ready(trained, services, sim, drain):
+    (alice, alice_avatar), (bob, bob_avatar) = trained("alice", "bob")
+    for api, name in ((alice, "alice"), (bob, "bob")):
+        grant(api, sim, name, ["portraits_ready"], count=2)  # room for a second message, were one ever sent
+    album = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, album["seats"][0]["token"], bob_avatar["id"]).status_code == 200
+    drain()
+    assert alice.get(f"/api/v1/albums/{album['id']}").get_json()["progress"]["images_delivered"] == 6
+    members = sorted([alice.user_id, bob.user_id])
+    openids = sorted(sim.openid_of(name) for name in ("alice", "bob"))
+
+    def told() -> list[str]:
+        return sorted(m["user_id"] for m in services.db.messages.find({"kind": "portraits_ready"}))
+
+    assert told() == members  # one each, though both batches delivered
+    assert sorted(m["touser"] for m in sent(sim, TEMPLATES["portraits_ready"])) == openids
+    for batch in services.db.renders.find({"album_id": album["id"]}):  # each delivery replayed, then the sweep
+        renders.deliver(services, batch)
+        renders.settle_batch(services, batch)
+    sweeper.sweep(services)
+    drain()
+    assert told() == members
+    assert sorted(m["touser"] for m in sent(sim, TEMPLATES["portraits_ready"])) == openids
+    # A crash between the delivery and the messages: the sweep owes each member's, once.
+    services.db.messages.delete_many({"kind": "portraits_ready"})
+    assert sweeper.sweep(services).get("message_owed") == 2
+    assert told() == members
+    assert not sweeper.sweep(services).get("message_owed")
 
 
 # --------------------------------------------------------------------------------------------- money
@@ -445,6 +480,42 @@ def test_an_album_whose_process_died_before_its_order_was_written_is_closed_by_t
     assert services.db.albums.find_one({"_id": album["_id"]})["state"] == "closed"
 
 
+def test_a_member_reopening_an_invite_card_is_shown_the_album_as_it_stands(marked_trained, login, services, sim):
+    (alice, alice_avatar), (bob, bob_avatar), (carol, carol_avatar) = marked_trained("alice", "bob", "carol")
+    family = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")
+    first, second = (seat["token"] for seat in family["seats"])
+    mallory = login("mallory")
+
+    def shown(api, token: str) -> tuple:
+        answer = api.get(f"/api/v1/album-invites/{token}")
+        assert answer.status_code == 200, answer.get_json()
+        body = answer.get_json()
+        return body["state"], body["seat"], body["album_id"], body["joined"]
+
+    assert shown(carol, first) == ("inviting", 0, None, False)  # not a member: nothing of the album but the card
+    assert _accept(bob, first, bob_avatar["id"]).status_code == 200
+    # Bob's own seat, and the seat still open, open the album for its members (the inviter too).
+    assert shown(bob, first) == ("inviting", 0, family["id"], True)
+    assert shown(bob, second) == ("inviting", 1, family["id"], True)
+    assert shown(alice, second) == ("inviting", 1, family["id"], True)
+    assert shown(carol, second) == ("inviting", 1, None, False)
+    assert_error(_accept(bob, second, bob_avatar["id"]), 409, "already_member")  # accepting still says so
+    assert_error(bob.post(f"/api/v1/album-invites/{second}/decline"), 409, "already_member")
+
+    assert _accept(carol, second, carol_avatar["id"]).status_code == 200
+    for api, token, seat in ((bob, first, 0), (carol, second, 1), (alice, first, 0)):
+        assert shown(api, token) == ("accepted", seat, family["id"], True)
+    assert_error(mallory.get(f"/api/v1/album-invites/{first}"), 410, "invite_closed")
+    assert_error(_accept(carol, second, carol_avatar["id"]), 410, "invite_closed")  # as before: nothing to accept
+    assert_error(bob.post(f"/api/v1/album-invites/{first}/decline"), 410, "invite_closed")
+
+    assert bob.post(f"/api/v1/albums/{family['id']}/withdraw").status_code == 200
+    assert shown(bob, first) == ("withdrawn", 0, family["id"], True)
+    assert shown(carol, second) == ("withdrawn", 1, family["id"], True)
+    assert_error(mallory.get(f"/api/v1/album-invites/{second}"), 410, "invite_closed")
+    assert_error(mallory.get("/api/v1/album-invites/not-a-token"), 404, "invite_not_found")
+
+
 def test_who_cannot_join_an_album(marked_trained, login, services, sim):
     (alice, alice_avatar), = marked_trained("alice")
     assert_error(alice.post("/api/v1/albums", json={"sku": "pack_100", "avatar_id": alice_avatar["id"]}), 400,
@@ -633,6 +704,38 @@ def test_the_sweep_reads_a_withdrawn_album_until_nothing_of_its_drawing_is_left(
     assert (swept.get("album_images_deleted"), swept.get("album_cleaned")) == (1, 1)
     assert albums.withdrawn_to_clean(services) == []
     assert services.db.images.count_documents({"album_id": drawing["id"]}) == 0
+
+
+def test_a_withdrawn_album_without_its_end_time_is_cleaned_and_stops_no_sweep(marked_trained, services, sim):
+    (alice, alice_avatar), = marked_trained("alice")
+    legacy, other = (_paid_album(alice, sim, alice_avatar["id"]) for _ in range(2))
+    for album in (legacy, other):
+        assert alice.post(f"/api/v1/albums/{album['id']}/withdraw").status_code == 200
+    _ended_past_the_grace(services, other["id"])
+    services.db.albums.update_one({"_id": legacy["id"]}, {"$unset": {"ended_at": ""}})  # a hand-edited document
+    assert _ids(albums.withdrawn_to_clean(services)) == {legacy["id"], other["id"]}
+    assert sweeper.sweep(services).get("album_cleaned") == 2  # no end time: long past
+    assert albums.withdrawn_to_clean(services) == []
+
+
+def test_albums_are_indexed_by_seat_token_member_state_and_order(services):
+    indexes = {tuple(index["key"]): index for index in services.db.albums.index_information().values()}
+    assert indexes[(("seats.token", 1),)].get("unique") is True
+    assert {(("member_ids", 1),), (("state", 1), ("updated_at", 1)), (("order_id", 1),)} <= set(indexes)
+
+
+@pytest.mark.mongo
+def test_a_seat_token_is_one_album_s_on_a_database_server(marked_trained, services, sim):
+    """The unique index on the seats' tokens (mongomock does not enforce one on an array's field; a server does)."""
+    (alice, alice_avatar), (bob, bob_avatar) = marked_trained("alice", "bob")
+    family = _paid_album(alice, sim, alice_avatar["id"], sku="family_album")  # two seats, two tokens, one album
+    couple = _paid_album(alice, sim, alice_avatar["id"])
+    assert _accept(bob, family["seats"][0]["token"], bob_avatar["id"]).status_code == 200  # a seat's update
+    copied = {**services.db.albums.find_one({"_id": couple["id"]}), "_id": albums.new_album_id()}
+    copied["seats"] = [{**copied["seats"][0], "token": family["seats"][1]["token"]}]
+    with pytest.raises(DuplicateKeyError):
+        services.db.albums.insert_one(copied)
+    assert services.db.albums.count_documents({}) == 2
 
 
 def test_the_sweep_reads_an_accepted_album_until_its_order_is_past_paid(marked_trained, services, sim):

@@ -19,9 +19,11 @@ bp = Blueprint("album_invites", __name__, url_prefix="/api/v1/album-invites")
 @endpoint(ok={200: AlbumInvitation}, errors=[404, 409, 410])
 def get_invitation(token):
     """What an invite card's code opens: who invites, the product, the seat, until when. 404 invite_not_found, 410
-    invite_expired or invite_closed, 409 invite_not_open (not paid yet)."""
-    album, seat = albums.invitation(services(), token)
-    return invitation_json(album, seat)
+    invite_expired or invite_closed, 409 invite_not_open (not paid yet). A member of the album (whoever took the
+    seat, the inviter, another invitee) is shown it as it stands, whatever its state, with joined and the album's
+    id to open it."""
+    album, seat, joined = albums.invitation_for(services(), token, g.user["_id"])
+    return invitation_json(album, seat, joined=joined)
 
 
 @bp.post("/<token>/accept")

@@ -112,12 +112,14 @@ def withdraw_album(album_id):
     return album_json(albums.of_member(svc, album_id, g.user["_id"]))
 
 
-def invitation_json(album: dict, seat: dict) -> dict:
+def invitation_json(album: dict, seat: dict, joined: bool = False) -> dict:
+    """An invitation as its card's code opens it; the album's id for its members only."""
     inviter = album["members"][0]
     product = services().settings.skus.get(album["sku"], {})
     return {"sku": album["sku"], "description": product.get("description", album["sku"]), "people": album["people"],
             "inviter_nickname": inviter.get("nickname"), "seat": seat["index"], "state": album["state"],
-            "expires_at": _iso(album.get("invite_expires_at"))}
+            "expires_at": _iso(album.get("invite_expires_at")), "joined": joined,
+            "album_id": album["_id"] if joined else None}
 
 
 def album_json(album: dict) -> dict:

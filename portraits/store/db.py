@@ -94,6 +94,11 @@ def ensure_indexes(db) -> None:
     db.content_checks.create_index([("state", ASCENDING), ("created_at", ASCENDING)])
     db.content_checks.create_index("user_id")
     _ensure_ttl_index(db.content_verdicts, "received_at", CONTENT_VERDICT_TTL_S)
+    # An invite card's code carries one seat's token: it opens that seat of one album only (portraits.albums).
+    db.albums.create_index("seats.token", unique=True)
+    db.albums.create_index("member_ids")
+    db.albums.create_index([("state", ASCENDING), ("updated_at", ASCENDING)])
+    db.albums.create_index("order_id")
 
 
 def _ensure_ttl_index(collection, field: str, seconds: int) -> None:
