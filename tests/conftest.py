@@ -25,6 +25,24 @@ from portraits.queue.local_view import LocalView  # noqa: E402
 from miniapp_api.dev.embedded import DEFAULT_SUBSCRIBE_TEMPLATES, _Deferred, pointed_at_simulator  # noqa: E402
 from miniapp_api.dev.simulator import push_url  # noqa: E402
 from portraits.services import build_services  # noqa: E402
+from tests import drill_support  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    if not _is_xdist_worker(session.config):
+        drill_support.clear_rows()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The fault drills' table (tests/test_drills.py), from the rows every process saved, at the session's end."""
+    table = None if _is_xdist_worker(config) else drill_support.saved_table()
+    if table is not None:
+        terminalreporter.write_line(table)
+        drill_support.TABLE_FILE.write_text(table)
+
+
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 @pytest.fixture(scope="session")

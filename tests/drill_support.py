@@ -877,3 +877,51 @@ def plan_drills(clean: dict[str, list[WritePoint]], full: bool = False) -> dict[
         chosen[(scenario, "redis_flush")] = ours + sampled_rq
         chosen[(scenario, "fail_once")] = ours[::FAIL_ONCE_STRIDE] + sampled_rq
     return chosen
+
+
+# ------------------------------------------------------------------------------------------------------ the table
+
+COLUMNS = ("write points", "faults injected", "paid orders", "fulfilled", "refunded", "stuck", "doubled",
+           "photos kept", "credits lost")
+ROWS_DIR = ROOT / "test-artifacts" / "drill-rows"
+TABLE_FILE = ROOT / "test-artifacts" / "drills.txt"
+
+
+def table(rows: dict[tuple[str, str], dict]) -> str:
+    header = f"{'scenario':<15}{'fault':<13}" + "".join(f"{c:>16}" for c in COLUMNS) + f"{'seconds':>10}"
+    lines = ["", header, "-" * len(header)]
+    for (scenario, kind), row in rows.items():
+        lines.append(f"{scenario:<15}{kind:<13}" + "".join(f"{row[c]:>16}" for c in COLUMNS)
+                     + f"{row['seconds']:>10.1f}")
+    if len(rows) > 1:
+        total = {c: sum(row[c] for row in rows.values()) for c in (*COLUMNS, "seconds")}
+        lines += ["-" * len(header),
+                  f"{'all':<28}" + "".join(f"{total[c]:>16}" for c in COLUMNS) + f"{total['seconds']:>10.1f}"]
+    return "\n".join(lines)
+
+
+def clear_rows() -> None:
+    """A session starts with no saved row (called once, by the process that reports the session)."""
+    for path in ROWS_DIR.glob("*.json"):
+        path.unlink()
+
+
+def save_row(scenario: str, kind: str, part: int, row: dict, enumerated: str) -> None:
+    """One drill part's row, for the session's table, whichever process drilled it."""
+    ROWS_DIR.mkdir(parents=True, exist_ok=True)
+    path = ROWS_DIR / f"{scenario}.{kind}.{part}.json"
+    path.write_text(json.dumps({"scenario": scenario, "kind": kind, "row": row, "enumerated": enumerated}))
+
+
+def saved_table() -> str | None:
+    """The saved parts summed per (scenario, fault), in the scenarios' and faults' order; None when no drill ran."""
+    saved = [json.loads(path.read_text()) for path in sorted(ROWS_DIR.glob("*.json"))]
+    if not saved:
+        return None
+    rows: dict[tuple[str, str], dict] = {}
+    for scenario in SCENARIOS:
+        for kind in FAULT_KINDS:
+            parts = [s["row"] for s in saved if (s["scenario"], s["kind"]) == (scenario, kind)]
+            if parts:
+                rows[(scenario, kind)] = {c: sum(p[c] for p in parts) for c in (*COLUMNS, "seconds")}
+    return saved[0]["enumerated"] + "\n" + table(rows) + "\n"

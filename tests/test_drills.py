@@ -22,27 +22,23 @@ credits are neither doubled nor lost.
 Budget: the tiny model trains and renders for real in the clean runs, then its results are replayed (the drills are
 about the stores). The default plan (drill_support.plan_drills) gives every write point of our code `crash` and
 `redis_flush` and a deterministic third of them `fail_once`, and samples RQ's own bookkeeping; DRILLS_FULL=1 drills
-every write point with every fault. `pytest -s` (or -rA) prints the table; test_the_table also writes it to
-test-artifacts/drills.txt, which .ci/run prints at its end.
+every write point with every fault. Each (scenario, fault) is drilled in DRILL_PARTS parts (every n-th point of
+its plan), so that `pytest -n` spreads them over processes; each part saves its row (drill_support.save_row) and
+the session's end prints the table of every (scenario, fault) and writes it to test-artifacts/drills.txt
+(tests/conftest.py, pytest_terminal_summary), whichever process ran which part.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import time
-from pathlib import Path
 
 import pytest
 
 from tests import drill_support as drills
 
 FULL = os.environ.get("DRILLS_FULL") == "1"
-TABLE_FILE = Path(__file__).resolve().parent.parent / "test-artifacts" / "drills.txt"
+PARTS = int(os.environ.get("DRILL_PARTS", "4"))
 _clean: dict[str, list[drills.WritePoint]] = {}
-_rows: dict[tuple[str, str], dict] = {}
-COLUMNS = ("write points", "faults injected", "paid orders", "fulfilled", "refunded", "stuck", "doubled",
-           "photos kept", "credits lost")
 
 
 @pytest.fixture
@@ -65,18 +61,6 @@ def clean_points(env, scenario: str) -> list[drills.WritePoint]:
 
 def the_plan(env) -> dict:
     return drills.plan_drills({scenario: clean_points(env, scenario) for scenario in drills.SCENARIOS}, full=FULL)
-
-
-def print_table(rows: dict[tuple[str, str], dict]) -> None:
-    header = f"{'scenario':<15}{'fault':<13}" + "".join(f"{c:>16}" for c in COLUMNS) + f"{'seconds':>10}"
-    print("\n" + header)
-    print("-" * len(header))
-    for (scenario, kind), row in rows.items():
-        print(f"{scenario:<15}{kind:<13}" + "".join(f"{row[c]:>16}" for c in COLUMNS) + f"{row['seconds']:>10.1f}")
-    if len(rows) > 1:
-        total = {c: sum(row[c] for row in rows.values()) for c in (*COLUMNS, "seconds")}
-        print("-" * len(header))
-        print(f"{'all':<28}" + "".join(f"{total[c]:>16}" for c in COLUMNS) + f"{total['seconds']:>10.1f}")
 
 
 @pytest.mark.parametrize("scenario", list(drills.SCENARIOS))
@@ -107,11 +91,12 @@ def test_the_drill_sees_a_paid_order_left_stuck(env, monkeypatch):
     assert drill.fired and drill.verdict.paid == 1 and len(drill.verdict.stuck) == 1, drill.verdict
 
 
+@pytest.mark.parametrize("part", range(PARTS), ids=lambda part: f"part{part + 1}of{PARTS}")
 @pytest.mark.parametrize("kind", drills.FAULT_KINDS)
 @pytest.mark.parametrize("scenario", list(drills.SCENARIOS))
-def test_every_write_point_faulted_heals_to_fulfilled_or_refunded_once(env, scenario, kind):
+def test_every_write_point_faulted_heals_to_fulfilled_or_refunded_once(env, scenario, kind, part):
     started = time.monotonic()
-    points = the_plan(env)[(scenario, kind)]
+    points = the_plan(env)[(scenario, kind)][part::PARTS]
     results = [drills.drill(env, scenario, point, kind) for point in points]
     row = {"write points": len(points), "faults injected": sum(d.fired for d in results),
            "paid orders": sum(d.verdict.paid for d in results),
@@ -122,8 +107,8 @@ def test_every_write_point_faulted_heals_to_fulfilled_or_refunded_once(env, scen
            "photos kept": sum(len(d.verdict.photos_kept) for d in results),
            "credits lost": sum(len(d.verdict.credits_lost) for d in results),
            "seconds": time.monotonic() - started}
-    _rows[(scenario, kind)] = row
-    print_table({(scenario, kind): row})
+    drills.save_row(scenario, kind, part, row, enumerated=enumeration(env))
+    print(drills.table({(scenario, kind): row}))
     failures = [d for d in results if d.failed or d.verdict.credits_lost or not d.fired]
     for d in failures:
         print(f"  {kind} at {d.point.short()} [{d.point.phase}]: fired={d.fired} stuck={d.verdict.stuck} "
@@ -136,22 +121,11 @@ def test_every_write_point_faulted_heals_to_fulfilled_or_refunded_once(env, scen
                        "paid orders not settled": 0}
 
 
-def test_the_table(env):
-    if not _rows:
-        pytest.skip("no drill ran in this session")
+def enumeration(env) -> str:
     listed = {scenario: clean_points(env, scenario) for scenario in drills.SCENARIOS}
     unique = [p for points in drills.unique_points(listed).values() for p in points]
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
-        print(f"\nwrite points enumerated: {sum(map(len, listed.values()))} in {len(listed)} scenarios, "
-              f"{len(unique)} once their shared beginnings are counted once ({sum(not p.by_rq for p in unique)} of "
-              f"our code, {sum(p.by_rq for p in unique)} of RQ's bookkeeping); "
-              f"{'every one drilled with every fault' if FULL else 'drilled as drill_support.plan_drills says'}")
-        print_table(_rows)
-    print(report.getvalue())
-    TABLE_FILE.parent.mkdir(exist_ok=True)
-    TABLE_FILE.write_text(report.getvalue().lstrip("\n"))
-    summary = {c: sum(row[c] for row in _rows.values()) for c in ("stuck", "doubled", "photos kept")}
-    assert summary == {"stuck": 0, "doubled": 0, "photos kept": 0}
-
-
+    return (f"write points enumerated: {sum(map(len, listed.values()))} in {len(listed)} scenarios, {len(unique)} "
+            f"once their shared beginnings are counted once ({sum(not p.by_rq for p in unique)} of our code, "
+            f"{sum(p.by_rq for p in unique)} of RQ's bookkeeping); "
+            f"{'every one drilled with every fault' if FULL else 'drilled as drill_support.plan_drills says'}, "
+            f"in {PARTS} parts each")
