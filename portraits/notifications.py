@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import NamedTuple
 
 from pymongo.errors import DuplicateKeyError
 
@@ -32,6 +33,8 @@ MESSAGES = {
     "portraits_ready": ("pages/render/index", "写真已生成"),
     "refund_made": ("pages/order/index", "退款已原路退回"),
 }
+# Where an album's portraits are seen by the members who did not pay for it (the render is the payer's).
+ALBUM_PAGE = "pages/album/index"
 # Past this age a message missing for a state change is no longer news: the sweep does not owe it any more.
 MISSING_MESSAGE_WINDOW = timedelta(days=1)
 
@@ -39,7 +42,17 @@ log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = [10, 60, 300]
 
 
-def notify(services, user_id: str, kind: str, about: str, data: dict) -> None:
+class Owed(NamedTuple):
+    """One message a state change owes: to whom, of what kind, about what (its id's part), its fields, and the page
+    it opens when not its kind's own (MESSAGES)."""
+    user_id: str
+    kind: str
+    about: str
+    data: dict
+    page: str | None = None
+
+
+def notify(services, user_id: str, kind: str, about: str, data: dict, page: str | None = None) -> None:
     """Owe the `kind` message about `about` (an avatar, render or refund id) once and queue its sending; never
     raises, so a GPU job is not failed by the messaging side."""
     if not services.settings.subscribe_templates.get(kind):
@@ -47,7 +60,8 @@ def notify(services, user_id: str, kind: str, about: str, data: dict) -> None:
     message_id = keys.message_id(kind, about)
     try:
         services.db.messages.insert_one({"_id": message_id, "user_id": user_id, "kind": kind, "data": data,
-                                         "state": "owed", "created_at": states.now()})
+                                         "state": "owed", "created_at": states.now(),
+                                         **({"page": page} if page else {})})
     except DuplicateKeyError:
         return  # already owed, or sent: a replay sends nothing twice
     except Exception:
@@ -88,6 +102,7 @@ def _send(services, message: dict) -> str:
     if user is None:
         return "no_grant"
     page, title = MESSAGES[kind]
+    page = message.get("page", page)
     fields = {"thing1": {"value": title}, **{f"character_string{i + 2}": {"value": str(v)[:32]}
                                              for i, v in enumerate(message["data"].values())}}
     try:
@@ -129,24 +144,24 @@ def owe_missing(services) -> int:
     """Messages of the last MISSING_MESSAGE_WINDOW that their state change owes but nobody owed (the process died
     between the two writes)."""
     since = states.now() - MISSING_MESSAGE_WINDOW
-    due = [(a["user_id"], "avatar_ready", a["_id"], {"avatar_id": a["_id"]})
+    due = [Owed(a["user_id"], "avatar_ready", a["_id"], {"avatar_id": a["_id"]})
            for a in services.db.avatars.find({"state": "trained", "trained_at": {"$gte": since}}, {"user_id": 1})]
     for render in services.db.renders.find({"state": "done", "finished_at": {"$gte": since}, **DELIVERED_RENDER},
                                            {"user_id": 1, "order_id": 1, "pack_slots": 1, "album_id": 1}):
         due += portraits_ready_due(services, render)
     for order in services.db.orders.find({"state": "refunded", "refunded_at": {"$gte": since},
                                           "user_erased": {"$ne": True}}, {"user_id": 1, "amount": 1, "refunds": 1}):
-        due.append((order["user_id"], "refund_made", refund_message_about(order),
-                    {"order_id": order["_id"], "amount": order["amount"]}))
-    due = [d for d in due if services.settings.subscribe_templates.get(d[1])]
+        due.append(Owed(order["user_id"], "refund_made", refund_message_about(order),
+                        {"order_id": order["_id"], "amount": order["amount"]}))
+    due = [d for d in due if services.settings.subscribe_templates.get(d.kind)]
     known = {m["_id"] for m in services.db.messages.find(
-        {"_id": {"$in": [keys.message_id(kind, about) for _, kind, about, _ in due]}}, {"_id": 1})}
-    missing = {}  # by message: a pack's (or an album's) batches each owe the same one
-    for user_id, kind, about, data in due:
-        if keys.message_id(kind, about) not in known:
-            missing.setdefault(keys.message_id(kind, about), (user_id, kind, about, data))
-    for user_id, kind, about, data in missing.values():
-        notify(services, user_id, kind, about, data)
+        {"_id": {"$in": [keys.message_id(d.kind, d.about) for d in due]}}, {"_id": 1})}
+    missing: dict[str, Owed] = {}  # by message: a pack's (or an album's) batches each owe the same one
+    for owed in due:
+        if keys.message_id(owed.kind, owed.about) not in known:
+            missing.setdefault(keys.message_id(owed.kind, owed.about), owed)
+    for owed in missing.values():
+        notify(services, *owed)
     return len(missing)
 
 
@@ -156,17 +171,17 @@ def portraits_message_about(render: dict) -> str:
     return render["order_id"] if render.get("pack_slots") else render["_id"]
 
 
-def portraits_ready_due(services, render: dict) -> list[tuple[str, str, str, dict]]:
-    """The portraits_ready messages a delivered render owes, as (user, kind, about, data): its user's; an album
-    batch's also every other member's while the album is accepted, each about the order and that member, so each
-    member is told once."""
+def portraits_ready_due(services, render: dict) -> list[Owed]:
+    """The portraits_ready messages a delivered render owes: its user's, opening the render; an album batch's also
+    every other member's while the album is accepted, each about the order and that member (so each member is told
+    once) and opening the album, which they can see (the render is the payer's)."""
     about = portraits_message_about(render)
-    data = {"render_id": render["_id"]}
-    due = [(render["user_id"], "portraits_ready", about, data)]
+    due = [Owed(render["user_id"], "portraits_ready", about, {"render_id": render["_id"]})]
     if render.get("album_id"):
         album = services.db.albums.find_one({"_id": render["album_id"], "state": "accepted"}, {"member_ids": 1})
         others = [m for m in (album or {}).get("member_ids", []) if m != render["user_id"]]
-        due += [(member_id, "portraits_ready", f"{about}-{member_id}", data) for member_id in others]
+        due += [Owed(member_id, "portraits_ready", f"{about}-{member_id}", {"album_id": render["album_id"]},
+                     ALBUM_PAGE) for member_id in others]
     return due
 
 

@@ -494,8 +494,8 @@ def deliver(services, render: dict) -> None:
     album's every member), each once."""
     orders.fulfil(services, render["order_id"])
     previews.supersede(services, render["avatar_id"])
-    for user_id, kind, about, data in notifications.portraits_ready_due(services, render):
-        notifications.notify(services, user_id, kind, about, data)
+    for owed in notifications.portraits_ready_due(services, render):
+        notifications.notify(services, *owed)
 
 
 def apply_image_verdict(services, check: dict, counted: bool, reason: str | None) -> None:

@@ -209,6 +209,12 @@ def test_both_members_are_told_once_that_the_album_portraits_are_ready(trained, 
 
     assert told() == members  # one each, though both batches delivered
     assert sorted(m["touser"] for m in sent(sim, TEMPLATES["portraits_ready"])) == openids
+    # Each opens what its member can see: the payer their render, the invitee the album (the render is not theirs).
+    pages = {m["touser"]: m["page"] for m in sent(sim, TEMPLATES["portraits_ready"])}
+    assert pages == {sim.openid_of("alice"): "pages/render/index", sim.openid_of("bob"): "pages/album/index"}
+    bob_message = services.db.messages.find_one({"kind": "portraits_ready", "user_id": bob.user_id})
+    assert bob_message["data"] == {"album_id": album["id"]}
+    assert bob.get(f"/api/v1/albums/{bob_message['data']['album_id']}").status_code == 200
     for batch in services.db.renders.find({"album_id": album["id"]}):  # each delivery replayed, then the sweep
         renders.deliver(services, batch)
         renders.settle_batch(services, batch)
