@@ -158,10 +158,11 @@ def owe_missing(services) -> int:
         {"_id": {"$in": [keys.message_id(d.kind, d.about) for d in due]}}, {"_id": 1})}
     missing: dict[str, Owed] = {}  # by message: a pack's (or an album's) batches each owe the same one
     for owed in due:
-        if keys.message_id(owed.kind, owed.about) not in known:
-            missing.setdefault(keys.message_id(owed.kind, owed.about), owed)
+        message_id = keys.message_id(owed.kind, owed.about)
+        if message_id not in known:
+            missing.setdefault(message_id, owed)
     for owed in missing.values():
-        notify(services, *owed)
+        notify(services, **owed._asdict())
     return len(missing)
 
 

@@ -495,7 +495,7 @@ def deliver(services, render: dict) -> None:
     orders.fulfil(services, render["order_id"])
     previews.supersede(services, render["avatar_id"])
     for owed in notifications.portraits_ready_due(services, render):
-        notifications.notify(services, *owed)
+        notifications.notify(services, **owed._asdict())
 
 
 def apply_image_verdict(services, check: dict, counted: bool, reason: str | None) -> None:
