@@ -260,7 +260,7 @@ class FaceAnalyzer:
         matrix[0, 2] += size * 0.5 - centre[0]
         matrix[1, 2] += size * 0.42 - centre[1]
         interpolation = cv2.INTER_LINEAR if zoom < 1 else cv2.INTER_CUBIC
-        out = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=interpolation,
+        out = cv2.warpAffine(image, matrix, (size, size), flags=interpolation,
                              borderMode=cv2.BORDER_REPLICATE)
         return Image.fromarray(out)
 
