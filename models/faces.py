@@ -1,7 +1,8 @@
 """Offline face analysis on CPU: detection, 68-point landmarks, 128-d identity embedding, aligned crops.
 
-Backed by dlib (``dlib-bin`` wheel) and the CC0 model files shipped in the ``face-recognition-models``
-package. Nothing is downloaded at run time.
+Faces are found by MTCNN's cascade (models.face_cascade, the ``mtcnn`` wheel's MIT-licensed weights), with dlib's HOG
+detector behind it; landmarks, the CNN check and the embedding are dlib's (``dlib-bin`` wheel) on the CC0 model files
+shipped in the ``face-recognition-models`` package. Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -12,11 +13,33 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import dlib
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from models.face_cascade import CascadeFace
+
+# Faces are found by MTCNN's cascade (models.face_cascade) first: it scans where a face CASCADE_GLANCE_FACE of the short
+# side wide is its 12 px window, which also finds every face a quarter the area (half the width) of a main face twice
+# that wide. A narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px at
+# least, when nothing was found). Only when the cascade finds no face at all does dlib's HOG plan below run as well,
+# so no photo is refused "no_face" by the cascade alone (it misses a blown-out face HOG finds).
+CASCADE_GLANCE_FACE = 0.075
+CASCADE_SMALLEST_FACE = 24
+# O-Net probabilities observed on the shipped photos: real faces 0.955-1.0 (0.96 for the turned head), the mission
+# patch on the astronaut's suit 0.84-0.91. A face at least this probable is a face; a less probable one counts only
+# if dlib's CNN confirms it, as for a low HOG score.
+CASCADE_CONFIDENT = 0.95
+# The cascade's boxes are taller than dlib's (brow to chin, where HOG's are square from the brows down), and dlib's
+# landmark predictor was trained on HOG's boxes: each cascade face is handed to it, and measured, as the square HOG
+# would report, from the cascade's own landmarks. Fitted on the 40 faces of the shipped photos both detectors find:
+# side 1.09x the cascade box's width, centred between the eyes' and the mouth's midpoints across, on the nose tip
+# down (residuals: side sd 6% of the face, HOG's 1.2x pyramid steps included; centre sd 3-4%).
+CASCADE_TO_HOG_SIDE = 1.09
 
 # Detection runs on a copy whose short side is at most this many pixels: dlib's HOG cost grows with the
 # pixel count, and a face worth keeping (>= 8% of the short side) is still >= 64 px wide at this size.
@@ -74,7 +97,7 @@ def _model_dir() -> str:
 class Face:
     box: tuple[int, int, int, int]  # left, top, right, bottom in the analysed image's pixels
     landmarks: np.ndarray  # (68, 2) float, x/y in the analysed image's pixels
-    score: float  # HOG detection confidence
+    score: float  # the detector's confidence: the cascade's face probability, or dlib HOG's score when HOG found it
 
     @property
     def width(self) -> int:
@@ -120,18 +143,22 @@ class FaceAnalyzer:
         # cheaper than dlib-bin's BLAS-less loops. Imported here, not with this module: the web tier imports the
         # likeness functions below and must never load torch.
         import models.dlib_nets as dlib_nets
+        import models.face_cascade as face_cascade
         self._nets = dlib_nets
         self._verifier = dlib_nets.DlibFaceDetector(os.path.join(model_dir, "mmod_human_face_detector.dat"))
         self._shape_predictor = dlib.shape_predictor(os.path.join(model_dir, "shape_predictor_68_face_landmarks.dat"))
         self._encoder = dlib_nets.DlibFaceEncoder(os.path.join(model_dir, "dlib_face_recognition_resnet_model_v1.dat"))
         self._shape_predictor_lock = threading.Lock()
+        self._cascade = face_cascade.FaceCascade()
         self.detect_short_side = detect_short_side
 
     def use_one_core(self) -> None:
         """For a process that only judges photos, one of several on the machine (``jobs.worker intake``): torch's
-        CNN check and embedding then run on one thread, as dlib's HOG and landmarks do, instead of each process
-        spreading over every core. Process-wide (torch's thread pool); not for a process that also renders."""
+        networks (the cascade, the CNN check, the embedding) and OpenCV's resizes and warps then run on one thread,
+        as dlib's HOG and landmarks do, instead of each process spreading over every core. Process-wide (torch's
+        thread pool, OpenCV's); not for a process that also renders."""
         self._nets.use_one_core()
+        cv2.setNumThreads(1)
 
     def _confirmed_by_cnn(self, rgb: np.ndarray, box: tuple[int, int, int, int]) -> bool:
         left, top, right, bottom = box
@@ -148,12 +175,12 @@ class FaceAnalyzer:
         crop = np.ascontiguousarray(crop)
         return self._verifier.finds_a_face(crop)
 
-    def _is_face(self, rgb: np.ndarray, box: tuple[int, int, int, int], score: float,
+    def _is_face(self, rgb: np.ndarray, box: tuple[int, int, int, int], confident: bool,
                  checked: list[tuple[tuple[int, int, int, int], bool]]) -> bool:
-        """A confident HOG candidate is a face; any other is one if the CNN finds a face around it. ``checked`` holds
+        """A confident candidate is a face; any other is one if the CNN finds a face around it. ``checked`` holds
         the CNN's answers for this image: a box overlapping one of them by half (the same candidate, seen again at
         another scale) takes its answer instead of a second check."""
-        if score >= HOG_CONFIDENT_SCORE:
+        if confident:
             return True
         height, width = rgb.shape[:2]
         box = (max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3]))
@@ -183,15 +210,53 @@ class FaceAnalyzer:
         to verify); the default keeps every face.
         """
         rgb = np.ascontiguousarray(rgb)
-        if gray is None:
-            gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        checked: list[tuple[tuple[int, int, int, int], bool]] = []  # the CNN's answers so far, by box
+        found = self._cascade_candidates(rgb)
+        if not found:
+            if gray is None:
+                gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+            found = [(box, score >= HOG_CONFIDENT_SCORE, score) for box, score in self._hog_candidates(rgb, gray, checked)]
+        height, width = rgb.shape[:2]
+        faces: list[Face] = []
+        found.sort(key=lambda c: (c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), reverse=True)
+        for (left, top, right, bottom), confident, score in found:
+            box = (max(0, left), max(0, top), min(width, right), min(height, bottom))
+            if faces and (box[2] - box[0]) * (box[3] - box[1]) <= min_area_ratio * faces[0].area:
+                continue
+            if not self._is_face(rgb, box, confident, checked):
+                continue
+            with self._shape_predictor_lock:
+                shape = self._shape_predictor(rgb, dlib.rectangle(left, top, right, bottom))
+            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+            faces.append(Face(box=box, landmarks=landmarks, score=score))
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
+
+    def _cascade_candidates(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], bool, float]]:
+        """The cascade's faces as (HOG-style box, confident, probability): at the glance, then, when the widest face
+        found is narrower than twice the glance's smallest, on the finer levels down to half its width."""
+        glance = max(CASCADE_SMALLEST_FACE, CASCADE_GLANCE_FACE * min(rgb.shape[:2]))
+        found = self._cascade.detect(rgb, glance)
+        sure = [face for face in found if face.probability >= CASCADE_CONFIDENT] or found
+        widest = max((face.box[2] - face.box[0] for face in sure), default=0.0)
+        if widest < 2 * glance and glance > CASCADE_SMALLEST_FACE:
+            smallest = max(CASCADE_SMALLEST_FACE, widest / 2) if widest else CASCADE_SMALLEST_FACE
+            found = self._cascade.merged(found, self._cascade.detect(rgb, smallest, largest=glance))
+        return [(hog_style_box(face), face.probability >= CASCADE_CONFIDENT, face.probability) for face in found]
+
+    def _hog_candidates(self, rgb: np.ndarray, gray: np.ndarray,
+                        checked: list[tuple[tuple[int, int, int, int], bool]]) -> list[tuple[tuple[int, int, int, int], float]]:
+        """dlib HOG's candidates (box, score), scanned as the plan at the top of this module says."""
         height, width = gray.shape
         scale = min(1.0, self.detect_short_side / min(height, width))
         glance = min(scale, 1 / max(1, round(min(height, width) / GLANCE_SHORT_SIDE)))
-        checked: list[tuple[tuple[int, int, int, int], bool]] = []  # the CNN's answers so far, by box
         found = self._candidates(gray, glance)
         widest = _widest(found) * glance
-        confident = bool(found) and self._is_face(rgb, *max(found, key=lambda c: c[0][2] - c[0][0]), checked)
+        if found:
+            box, score = max(found, key=lambda c: c[0][2] - c[0][0])
+            confident = self._is_face(rgb, box, score >= HOG_CONFIDENT_SCORE, checked)
+        else:
+            confident = False
         if widest < 2 * HOG_MIN_FACE or not confident:
             # Not sure every face that counts was seen. Where the widest candidate would be GLANCE_HEADROOM times
             # 2 * HOG_MIN_FACE wide, a face half as wide (a quarter of its area) is found too. A widest candidate that
@@ -208,20 +273,7 @@ class FaceAnalyzer:
                 # when none was found, is at least HOG_MIN_FACE wide (at most twice the usual scale).
                 closer = self._candidates(gray, closest)
                 found = closer + [c for c in found if all(_overlap(c[0], other[0]) < 0.3 for other in closer)]
-        faces: list[Face] = []
-        found.sort(key=lambda c: (c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), reverse=True)
-        for (left, top, right, bottom), score in found:
-            box = (max(0, left), max(0, top), min(width, right), min(height, bottom))
-            if faces and (box[2] - box[0]) * (box[3] - box[1]) <= min_area_ratio * faces[0].area:
-                continue
-            if not self._is_face(rgb, box, score, checked):
-                continue
-            with self._shape_predictor_lock:
-                shape = self._shape_predictor(rgb, dlib.rectangle(left, top, right, bottom))
-            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            faces.append(Face(box=box, landmarks=landmarks, score=score))
-        faces.sort(key=lambda f: f.area, reverse=True)
-        return faces
+        return found
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         """128-d identity embedding, L2-normalised."""
@@ -285,6 +337,14 @@ class FaceAnalyzer:
             return float(min(to_left, to_right) / max(to_left, to_right))
 
         return (balance(_JAW_LEFT_AT_EYES, _JAW_RIGHT_AT_EYES) + balance(_EYE_OUTER_LEFT, _EYE_OUTER_RIGHT)) / 2
+
+
+def hog_style_box(face: CascadeFace) -> tuple[int, int, int, int]:
+    """The square box dlib's HOG would report for a face the cascade found (see CASCADE_TO_HOG_SIDE)."""
+    eyes, nose, mouth = face.points[:2].mean(axis=0), face.points[2], face.points[3:].mean(axis=0)
+    half = CASCADE_TO_HOG_SIDE * (face.box[2] - face.box[0]) / 2
+    centre_x, centre_y = (eyes[0] + mouth[0]) / 2, nose[1]
+    return round(centre_x - half), round(centre_y - half), round(centre_x + half), round(centre_y + half)
 
 
 def resized(gray: np.ndarray, scale: float) -> np.ndarray:

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from models.faces import HOG_MIN_FACE, Face, FaceAnalyzer, cosine_similarity, identity_pivot, likeness
+from models.faces import (CASCADE_CONFIDENT, CASCADE_GLANCE_FACE, CASCADE_SMALLEST_FACE, HOG_CONFIDENT_SCORE,
+                          HOG_MIN_FACE, Face, FaceAnalyzer, _overlap, cosine_similarity, hog_style_box, identity_pivot,
+                          likeness)
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
-from intake_support import LIMITS, judge
+from intake_support import LIMITS, judge, real_photo
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +228,24 @@ def test_unknown_role_is_a_programming_error(analyzer):
         judge(photos.astronaut_photo(), analyzer, role="profile")
 
 
+def _cascade_passes(analyzer, monkeypatch) -> list[tuple[float, float | None]]:
+    """Records each (smallest, largest) face width the cascade is asked to find in the judging that follows."""
+    passes = []
+    detect = analyzer._cascade.detect
+    monkeypatch.setattr(analyzer._cascade, "detect",
+                        lambda rgb, smallest, largest=None: passes.append((smallest, largest)) or detect(rgb, smallest, largest))
+    return passes
+
+
+def _hog_scans(analyzer, monkeypatch) -> list[float]:
+    scales = []
+    candidates = analyzer._candidates
+    monkeypatch.setattr(analyzer, "_candidates", lambda gray, scale: scales.append(scale) or candidates(gray, scale))
+    return scales
+
+
 def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypatch):
-    # A selfie-sized face (45% of the short side) ends detection at the 400 px glance; a second face 60% as wide
+    # A selfie-sized face (45% of the short side) ends detection at the cascade's glance; a second face 60% as wide
     # (36% of its area, over the quarter limit) beside it must have been seen there too.
     left, top, right, bottom = photos.ASTRONAUT_FACE_BOX
     margin = (right - left) * 6 // 10
@@ -241,11 +259,9 @@ def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypat
     canvas = Image.new("RGB", (800 + grace.width + 40, 800), (200, 200, 205))
     canvas.paste(selfie, (0, 0))
     canvas.paste(grace, (820, 40))
-    scales = []
-    candidates = analyzer._candidates
-    monkeypatch.setattr(analyzer, "_candidates", lambda gray, scale: scales.append(scale) or candidates(gray, scale))
+    passes, scans = _cascade_passes(analyzer, monkeypatch), _hog_scans(analyzer, monkeypatch)
     verdict = judge(photos.encode(canvas), analyzer)
-    assert len(scales) == 1 and scales[0] * 800 <= 400  # the glance alone
+    assert passes == [(CASCADE_GLANCE_FACE * 800, None)] and not scans  # the glance alone
     assert verdict.reasons == ["multiple_faces"]
 
 
@@ -288,22 +304,55 @@ def _selfie_with_a_bystander(face_fraction: float, bystander_ratio: float) -> by
     return photos.encode(canvas, quality=92)
 
 
-@pytest.mark.parametrize("face_fraction, scans", [(0.45, 1), (0.3, 2), (0.15, 2)])
+@pytest.mark.parametrize("face_fraction, passes", [(0.45, 1), (0.3, 1), (0.15, 2)])
 @pytest.mark.parametrize("bystander_ratio, refused", [(0.6, True), (0.4, False)])
-def test_the_quarter_rule_holds_however_close_the_main_face_is(analyzer, monkeypatch, face_fraction, scans,
+def test_the_quarter_rule_holds_however_close_the_main_face_is(analyzer, monkeypatch, face_fraction, passes,
                                                                bystander_ratio, refused):
-    # Three ways detection ends: a selfie-sized face at the glance alone; a confident but narrower face with one
-    # scan where a face half as wide shows, closer than the usual scale; a small face with one scan closer still.
-    # Either way a bystander 60% as wide (36% of the area) is refused and one 40% as wide (16%) is tolerated.
-    scales = []
-    candidates = analyzer._candidates
-    monkeypatch.setattr(analyzer, "_candidates", lambda gray, scale: scales.append(scale) or candidates(gray, scale))
+    # Two ways detection ends: a face at least twice the glance's smallest with the glance alone; a smaller one with
+    # a second pass over the finer levels, down to half its width. Either way a bystander 60% as wide (36% of the
+    # area) is refused and one 40% as wide (16%) is tolerated, and dlib's HOG never runs (the cascade found a face).
+    found, scans = _cascade_passes(analyzer, monkeypatch), _hog_scans(analyzer, monkeypatch)
     verdict = judge(_selfie_with_a_bystander(face_fraction, bystander_ratio), analyzer)
     assert ("multiple_faces" in verdict.reasons) == refused, verdict.reasons
-    assert len(scales) == scans, scales
-    usual = analyzer.detect_short_side / 1500
-    if face_fraction == 0.3:
-        assert scales[1] < usual
+    assert len(found) == passes, found
+    assert not scans
+    if passes == 2:
+        smallest, largest = found[1]
+        assert largest == found[0][0] and smallest < largest
+
+
+def test_a_photo_the_cascade_finds_no_face_in_is_judged_by_hog(analyzer, monkeypatch):
+    # The cascade misses some faces HOG finds (a blown-out one, in its development): when it finds none, the HOG plan
+    # runs, and the photo is judged on HOG's face rather than refused as "no_face".
+    monkeypatch.setattr(analyzer._cascade, "detect", lambda rgb, smallest, largest=None: [])
+    scans = _hog_scans(analyzer, monkeypatch)
+    verdict = judge(photos.astronaut_photo(), analyzer)
+    assert verdict.accepted, verdict.reasons
+    assert scans
+    assert judge(photos.two_faces_photo(1.0), analyzer).reasons == ["multiple_faces"]
+
+
+def test_the_cascade_reports_the_faces_hog_does_where_hog_would_put_them(analyzer):
+    # Every shipped face both detectors find: one confident cascade face per HOG face, the box handed to
+    # dlib's landmarks (hog_style_box) overlapping HOG's own by most of it, and the cascade's eyes within a tenth of
+    # the face's width of where dlib's 68 landmarks put them (a mis-read weight layout would miss all three).
+    shipped = photos.astronaut_photos(6) + photos.grace_hopper_photos(3) + [photos.two_faces_photo(1.0)]
+    shipped += [real_photo(name) for name in ("obama", "obama2", "obama3", "biden")]
+    for data in shipped:
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        hog = [box for box, score in analyzer._hog_candidates(rgb, gray, [])
+               if analyzer._is_face(rgb, box, score >= HOG_CONFIDENT_SCORE, [])]
+        cascade = [face for face in analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE)
+                   if face.probability >= CASCADE_CONFIDENT]
+        assert len(cascade) == len(hog) >= 1
+        faces = analyzer.faces(rgb)
+        for box in hog:
+            found = max(cascade, key=lambda f: _overlap(hog_style_box(f), box))
+            assert _overlap(hog_style_box(found), box) > 0.6, (hog_style_box(found), box)
+            face = max(faces, key=lambda f: _overlap(f.box, hog_style_box(found)))
+            for seen, landmarked in zip(found.points[:2], face.eye_centres()):
+                assert np.hypot(*(seen - landmarked)) < 0.1 * face.width, (seen, landmarked)
 
 
 def test_hog_boxes_come_in_the_widths_the_scan_plan_assumes(analyzer):

