@@ -298,11 +298,11 @@ class FaceAnalyzer:
         zoom = (0.22 * size) / max(eye_distance, 1e-6)
         centre = (left_eye + right_eye) / 2
         image = np.ascontiguousarray(rgb)
-        factor = int(1 / zoom) if zoom < 1 else 1
+        factor = power_of_two_at_most(1 / zoom)
         if factor > 1:
             # warpAffine has no area filter (it runs INTER_AREA as bilinear), so a face shrunk more than 2x would
-            # alias: the region the crop reads is box-averaged by a whole factor first, and the warp shrinks the
-            # rest (less than 2x). Pixel i of the region becomes (i - (factor - 1) / 2) / factor.
+            # alias: the region the crop reads is box-averaged by a power of two first (halved, OpenCV's fast path),
+            # and the warp shrinks the rest (less than 2x). Pixel i of the region becomes (i - (factor - 1) / 2) / factor.
             reach = 0.8 * size / zoom + factor  # the crop's farthest corner from the eyes, with rotation
             x0, y0 = (max(0, int(c - reach)) for c in centre)
             image = resized(image[y0:int(centre[1] + reach) + 1, x0:int(centre[0] + reach) + 1], 1 / factor)
@@ -349,17 +349,28 @@ def hog_style_box(face: CascadeFace) -> tuple[int, int, int, int]:
 
 def resized(gray: np.ndarray, scale: float) -> np.ndarray:
     """``gray`` (or an RGB array) resized by ``scale``: box-averaged when 1 / scale is a whole number (the few rows
-    and columns past its last multiple dropped; OpenCV's fast path), area-averaged when shrinking otherwise, bilinear
-    when growing."""
+    and columns past its last multiple dropped; a power of two as repeated halvings, OpenCV's fastest path, 2-3x
+    faster than one area resize by 4 or more), area-averaged when shrinking otherwise, bilinear when growing."""
     if scale == 1.0:
         return gray
     height, width = gray.shape[:2]
     factor = round(1 / scale)
     if scale < 1 and abs(factor * scale - 1) < 1e-9:
+        if factor & (factor - 1) == 0:
+            while factor > 1:
+                height, width = gray.shape[0] // 2, gray.shape[1] // 2
+                gray = cv2.resize(gray[:2 * height, :2 * width], (width, height), interpolation=cv2.INTER_AREA)
+                factor //= 2
+            return gray
         gray = gray[:height - height % factor, :width - width % factor]
         return cv2.resize(gray, (width // factor, height // factor), interpolation=cv2.INTER_AREA)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def power_of_two_at_most(value: float) -> int:
+    """The largest power of two no greater than ``value`` (1 below 2)."""
+    return 1 << max(0, math.floor(math.log2(value))) if value >= 1 else 1
 
 
 def _widest(found: list[tuple[tuple[int, int, int, int], float]]) -> int:

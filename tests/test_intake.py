@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 
 from models.faces import (CASCADE_CONFIDENT, CASCADE_GLANCE_FACE, CASCADE_SMALLEST_FACE, HOG_CONFIDENT_SCORE,
                           HOG_MIN_FACE, Face, FaceAnalyzer, _overlap, cosine_similarity, hog_style_box, identity_pivot,
-                          likeness)
+                          likeness, power_of_two_at_most, resized)
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
 from intake_support import LIMITS, judge, real_photo
@@ -393,3 +393,17 @@ def test_a_crop_of_a_large_face_is_the_crop_of_the_same_face_shrunk_beforehand(a
     large_crop = np.asarray(analyzer.aligned_crop(rgb, face, size=128), dtype=float)
     small_crop = np.asarray(analyzer.aligned_crop(small, _face_with_eyes(left_eye, right_eye), size=128), dtype=float)
     assert np.abs(large_crop - small_crop).mean() < 3
+
+
+def test_a_power_of_two_reduction_is_the_box_average_by_that_factor():
+    # resized() halves repeatedly for 1/2^k (OpenCV's fast path): the same pixels as one area resize by 2^k, to the
+    # rounding of each halving (at most one level per halving, under one on average).
+    rgb = np.asarray(photos.phone_selfie_image((2003, 1501), face_fraction=0.5))
+    for factor in (2, 4, 8, 16):
+        expected = cv2.resize(rgb[:1501 // factor * factor, :2003 // factor * factor], (2003 // factor, 1501 // factor),
+                              interpolation=cv2.INTER_AREA).astype(int)
+        halved = resized(rgb, 1 / factor)
+        assert halved.shape == expected.shape
+        difference = np.abs(halved.astype(int) - expected)
+        assert difference.max() <= np.log2(factor) and difference.mean() < 1
+    assert [power_of_two_at_most(v) for v in (0.5, 1, 1.9, 2, 3, 7.9, 8, 23.4)] == [1, 1, 1, 2, 2, 4, 8, 16]
