@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 # Faces are found by MTCNN's cascade (models.face_cascade) first: it scans where a face CASCADE_GLANCE_FACE of the short
 # side wide is its 12 px window, which also finds every face a quarter the area (half the width) of a main face twice
 # that wide. A narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px at
-# least, when nothing was found). Only when the cascade finds no face at all does dlib's HOG plan below run as well,
-# so no photo is refused "no_face" by the cascade alone (it misses a blown-out face HOG finds).
+# least). When the glance finds no face at all, dlib's HOG plan below runs instead: it finds faces smaller than the
+# glance (down to ~67 px in a 2000x1500 decode, enough to tell "face_too_small" from "no_face") for less than the
+# cascade's finer levels would cost there (the first would scan 1000x750), and some the cascade misses (a blown-out
+# face), so no photo is refused "no_face" by the cascade alone.
 CASCADE_GLANCE_FACE = 0.075
 CASCADE_SMALLEST_FACE = 24
 # O-Net probabilities observed on the shipped photos: real faces 0.955-1.0 (0.96 for the turned head), the mission
@@ -234,13 +236,14 @@ class FaceAnalyzer:
 
     def _cascade_candidates(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], bool, float]]:
         """The cascade's faces as (HOG-style box, confident, probability): at the glance, then, when the widest face
-        found is narrower than twice the glance's smallest, on the finer levels down to half its width."""
+        found is narrower than twice the glance's smallest, on the finer levels down to half its width. None when
+        the glance finds none."""
         glance = max(CASCADE_SMALLEST_FACE, CASCADE_GLANCE_FACE * min(rgb.shape[:2]))
         found = self._cascade.detect(rgb, glance)
         sure = [face for face in found if face.probability >= CASCADE_CONFIDENT] or found
         widest = max((face.box[2] - face.box[0] for face in sure), default=0.0)
-        if widest < 2 * glance and glance > CASCADE_SMALLEST_FACE:
-            smallest = max(CASCADE_SMALLEST_FACE, widest / 2) if widest else CASCADE_SMALLEST_FACE
+        if found and widest < 2 * glance and glance > CASCADE_SMALLEST_FACE:
+            smallest = max(CASCADE_SMALLEST_FACE, widest / 2)
             found = self._cascade.merged(found, self._cascade.detect(rgb, smallest, largest=glance))
         return [(hog_style_box(face), face.probability >= CASCADE_CONFIDENT, face.probability) for face in found]
 
