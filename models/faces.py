@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 # Faces are found by MTCNN's cascade (models.face_cascade) first: it scans where a face CASCADE_GLANCE_FACE of the short
 # side wide is its 12 px window, which also finds every face a quarter the area (half the width) of a main face twice
 # that wide. A narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px at
-# least). When the glance finds no face at all, dlib's HOG plan below runs instead: it finds faces smaller than the
-# glance (down to ~67 px in a 2000x1500 decode, enough to tell "face_too_small" from "no_face") for less than the
-# cascade's finer levels would cost there (the first would scan 1000x750), and some the cascade misses (a blown-out
-# face), so no photo is refused "no_face" by the cascade alone.
+# least). When the glance finds no face at all (or only candidates dlib's CNN does not confirm), dlib's HOG plan below
+# runs instead: it finds faces smaller than the glance (down to ~67 px in a 2000x1500 decode, enough to tell
+# "face_too_small" from "no_face") for less than the cascade's finer levels would cost there (the first would scan
+# 1000x750), and some the cascade misses (a blown-out face), so no photo is refused "no_face" by the cascade alone.
 CASCADE_GLANCE_FACE = 0.075
 CASCADE_SMALLEST_FACE = 24
 # O-Net probabilities observed on the shipped photos: real faces 0.955-1.0 (0.96 for the turned head), the mission
@@ -213,14 +213,21 @@ class FaceAnalyzer:
         """
         rgb = np.ascontiguousarray(rgb)
         checked: list[tuple[tuple[int, int, int, int], bool]] = []  # the CNN's answers so far, by box
-        found = self._cascade_candidates(rgb)
-        if not found:
+        faces = self._confirmed(rgb, self._cascade_candidates(rgb), min_area_ratio, checked)
+        if not faces:  # the cascade found no face, or only candidates the CNN did not confirm
             if gray is None:
                 gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             found = [(box, score >= HOG_CONFIDENT_SCORE, score) for box, score in self._hog_candidates(rgb, gray, checked)]
+            faces = self._confirmed(rgb, found, min_area_ratio, checked)
+        return faces
+
+    def _confirmed(self, rgb: np.ndarray, found: list[tuple[tuple[int, int, int, int], bool, float]],
+                   min_area_ratio: float, checked: list[tuple[tuple[int, int, int, int], bool]]) -> list[Face]:
+        """The candidates (box, confident, score) that are faces, with their landmarks, largest first; those at most
+        ``min_area_ratio`` of the largest face's area are left out unchecked."""
         height, width = rgb.shape[:2]
         faces: list[Face] = []
-        found.sort(key=lambda c: (c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), reverse=True)
+        found = sorted(found, key=lambda c: (c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), reverse=True)
         for (left, top, right, bottom), confident, score in found:
             box = (max(0, left), max(0, top), min(width, right), min(height, bottom))
             if faces and (box[2] - box[0]) * (box[3] - box[1]) <= min_area_ratio * faces[0].area:

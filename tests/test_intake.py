@@ -14,6 +14,7 @@ from models.faces import (CASCADE_CONFIDENT, CASCADE_GLANCE_FACE, CASCADE_SMALLE
                           likeness, power_of_two_at_most, resized)
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
+from models.face_cascade import CascadeFace
 from intake_support import LIMITS, judge, real_photo
 
 
@@ -330,6 +331,18 @@ def test_a_photo_the_cascade_finds_no_face_in_is_judged_by_hog(analyzer, monkeyp
     assert verdict.accepted, verdict.reasons
     assert scans
     assert judge(photos.two_faces_photo(1.0), analyzer).reasons == ["multiple_faces"]
+
+
+def test_a_photo_where_the_cascade_finds_only_what_is_no_face_is_judged_by_hog(analyzer, monkeypatch):
+    # The cascade's only find is a doubtful candidate on the wall beside the astronaut, which dlib's CNN does not
+    # confirm: HOG's plan runs, finds her, and the photo is accepted.
+    wall = CascadeFace(box=(5.0, 5.0, 80.0, 100.0), probability=0.85, points=np.array(
+        [[25.0, 40.0], [60.0, 40.0], [42.0, 60.0], [28.0, 80.0], [58.0, 80.0]]))
+    monkeypatch.setattr(analyzer._cascade, "refine", lambda rgb, proposals: [wall])
+    scans = _hog_scans(analyzer, monkeypatch)
+    verdict = judge(photos.two_faces_photo(0.3), analyzer)
+    assert verdict.accepted, verdict.reasons
+    assert scans
 
 
 def test_the_cascade_reports_the_faces_hog_does_where_hog_would_put_them(analyzer):
