@@ -187,6 +187,11 @@ def is_face_copy(verdict: PhotoVerdict, earlier: AcceptedFace, limits: IntakeLim
 def _face_patch(gray: np.ndarray, face: Face) -> np.ndarray:
     left, top, right, bottom = face.box
     region = gray[top:bottom, left:right]
+    # A side that is an exact multiple of the patch would take INTER_AREA's aligned-block fast path, which keeps more
+    # of the finest detail than any neighbouring size does (blur +11% at 256 px against 255 or 257, +8% at 384): such a
+    # side is cut by one pixel, so a box a pixel wider or narrower scores within ~2% of it.
+    height, width = region.shape
+    region = region[:height - (height % FACE_PATCH == 0), :width - (width % FACE_PATCH == 0)]
     return cv2.resize(region, (FACE_PATCH, FACE_PATCH), interpolation=cv2.INTER_AREA)
 
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 from models.faces import (CASCADE_CONFIDENT, CASCADE_GLANCE_FACE, CASCADE_SMALLEST_FACE, HOG_CONFIDENT_SCORE,
                           HOG_MIN_FACE, Face, FaceAnalyzer, _overlap, cosine_similarity, hog_style_box, identity_pivot,
                           likeness, power_of_two_at_most, resized)
+from models import intake
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
 from models.face_cascade import CascadeFace
@@ -121,6 +122,23 @@ def test_too_blurry(analyzer):
     verdict = judge(photos.blurry_photo(), analyzer)
     assert verdict.reasons == ["too_blurry"]
     assert verdict.embedding is None and verdict.crop is None
+
+
+@pytest.mark.parametrize("side", [256, 384, 512])
+def test_blur_does_not_jump_where_the_face_box_is_a_multiple_of_the_patch(analyzer, side):
+    """The same face measured on boxes a pixel apart scores alike: a detector that reports a box one pixel wider on
+    one copy of a photo than on another must not move its blur score by more than that pixel's worth."""
+    rgb = np.asarray(photos.phone_sized_image((2000, 1500)))
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    face = analyzer.faces(rgb)[0]
+    centre_x, centre_y = (face.box[0] + face.box[2]) // 2, (face.box[1] + face.box[3]) // 2
+    scores = []
+    for width in (side - 1, side, side + 1):
+        left, top = centre_x - width // 2, max(0, centre_y - width // 2)
+        box = Face(box=(left, top, left + width, top + width), landmarks=face.landmarks, score=face.score)
+        scores.append(intake._sharpness(intake._face_patch(gray, box)))
+    steps = np.abs(np.diff(scores)) / np.mean(scores)
+    assert steps.max() < 0.04, scores
 
 
 def test_too_dark(analyzer):
