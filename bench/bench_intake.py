@@ -46,8 +46,8 @@ def with_scales(analyzer: FaceAnalyzer, action):
     passes = []
     candidates, detect = analyzer._candidates, analyzer._cascade.detect
     analyzer._candidates = lambda image, scale: passes.append(f"HOG at {scale:.3f}") or candidates(image, scale)
-    analyzer._cascade.detect = lambda rgb, smallest, largest=None: (
-        passes.append(f"cascade from {smallest:.0f} px") or detect(rgb, smallest, largest))
+    analyzer._cascade.detect = lambda rgb, smallest, largest=None, known=(): (
+        passes.append(f"cascade from {smallest:.0f} px") or detect(rgb, smallest, largest, known))
     try:
         return action(), passes
     finally:
@@ -132,14 +132,13 @@ def main() -> None:
     found, passes = with_scales(analyzer, lambda: analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio))
     face = found[0]
     glance = CASCADE_GLANCE_FACE * min(rgb.shape[:2])
-    proposals = analyzer._cascade.proposals(rgb, glance)
     stages = {
         "header + draft decode": lambda: _decode(_open(data, limits)),
         f"faces ({', '.join(passes)}; landmarks)": lambda: analyzer.faces(
             rgb, min_area_ratio=limits.second_face_max_ratio),
-        f"  of which the cascade's P-Net pyramid from {glance:.0f} px faces": lambda: analyzer._cascade.proposals(
-            rgb, glance),
-        "  of which its R-Net and O-Net on those proposals": lambda: analyzer._cascade.refine(rgb, proposals),
+        "  of which the cascade's passes (P-Net pyramids, R-Net and O-Net)": lambda: analyzer._cascade_candidates(rgb),
+        f"  (for comparison: the cascade in one pass from the glance's {glance:.0f} px faces)": lambda: (
+            analyzer._cascade.detect(rgb, glance)),
         "  (for comparison: dlib HOG's plan on the same decode, which ran before the cascade)": lambda: (
             analyzer._hog_candidates(rgb, gray, [])),
         "  (for comparison: one CNN check, 128 px crop, torch)": lambda: analyzer._confirmed_by_cnn(rgb, face.box),

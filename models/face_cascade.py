@@ -222,9 +222,16 @@ class FaceCascade:
         return [CascadeFace(box=tuple(float(v) for v in boxes[i]), probability=float(probability[i]), points=points[i])
                 for i in non_maximum_suppression(boxes, probability, 0.7, by_smaller=True)]
 
-    def detect(self, rgb: np.ndarray, smallest: float, largest: float | None = None) -> list[CascadeFace]:
-        """Faces from ``smallest`` to ``largest`` px wide (see proposals), most probable first."""
-        return self.refine(rgb, self.proposals(rgb, smallest, largest))
+    def detect(self, rgb: np.ndarray, smallest: float, largest: float | None = None,
+               known: list[CascadeFace] = ()) -> list[CascadeFace]:
+        """Faces from ``smallest`` to ``largest`` px wide (see proposals), most probable first. A proposal centred
+        inside one of the ``known`` faces (found by an earlier pass) is not refined: that face is already there."""
+        proposals = self.proposals(rgb, smallest, largest)
+        for face in known:
+            left, top, right, bottom = face.box
+            centre_x, centre_y = (proposals[:, 0] + proposals[:, 2]) / 2, (proposals[:, 1] + proposals[:, 3]) / 2
+            proposals = proposals[(centre_x < left) | (centre_x > right) | (centre_y < top) | (centre_y > bottom)]
+        return self.refine(rgb, proposals)
 
     @staticmethod
     def merged(*found: list[CascadeFace]) -> list[CascadeFace]:

@@ -23,10 +23,12 @@ from PIL import Image
 if TYPE_CHECKING:
     from models.face_cascade import CascadeFace
 
-# Faces are found by MTCNN's cascade (models.face_cascade) first: it scans where a face CASCADE_GLANCE_FACE of the short
-# side wide is its 12 px window, which also finds every face a quarter the area (half the width) of a main face twice
-# that wide. A narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px at
-# least). When the glance finds no face at all (or only candidates dlib's CNN does not confirm), dlib's HOG plan below
+# Faces are found by MTCNN's cascade (models.face_cascade) first, coarse to fine (its cost grows with the pixels of the
+# first level it scans, where the smallest face sought is its 12 px window): from faces twice CASCADE_GLANCE_FACE of the
+# short side wide, which also finds every face a quarter the area (half the width) of a main face twice that wide (a
+# close selfie's); a narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px
+# at least), and no face at all down to the glance, CASCADE_GLANCE_FACE of the short side. When the glance finds no face
+# at all (or only candidates dlib's CNN does not confirm), dlib's HOG plan below
 # runs instead: it finds faces smaller than the glance (down to ~67 px in a 2000x1500 decode, enough to tell
 # "face_too_small" from "no_face") for less than the cascade's finer levels would cost there (the first would scan
 # 1000x750), and some the cascade misses (a blown-out face), so no photo is refused "no_face" by the cascade alone.
@@ -242,16 +244,19 @@ class FaceAnalyzer:
         return faces
 
     def _cascade_candidates(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], bool, float]]:
-        """The cascade's faces as (HOG-style box, confident, probability): at the glance, then, when the widest face
-        found is narrower than twice the glance's smallest, on the finer levels down to half its width. None when
-        the glance finds none."""
+        """The cascade's faces as (HOG-style box, confident, probability), scanned coarse to fine as the plan at the
+        top of this module says. None when it finds none down to the glance."""
         glance = max(CASCADE_SMALLEST_FACE, CASCADE_GLANCE_FACE * min(rgb.shape[:2]))
-        found = self._cascade.detect(rgb, glance)
+        smallest = 2 * glance
+        found = self._cascade.detect(rgb, smallest)
+        if not found:
+            smallest, found = glance, self._cascade.detect(rgb, glance, largest=smallest)
         sure = [face for face in found if face.probability >= CASCADE_CONFIDENT] or found
         widest = max((face.box[2] - face.box[0] for face in sure), default=0.0)
-        if found and widest < 2 * glance and glance > CASCADE_SMALLEST_FACE:
-            smallest = max(CASCADE_SMALLEST_FACE, widest / 2)
-            found = self._cascade.merged(found, self._cascade.detect(rgb, smallest, largest=glance))
+        finer = max(CASCADE_SMALLEST_FACE, widest / 2)
+        if found and finer < smallest:
+            # Every face half as wide as the widest one (a quarter of its area) must be seen: the finer levels too.
+            found = self._cascade.merged(found, self._cascade.detect(rgb, finer, largest=smallest, known=sure))
         return [(hog_style_box(face), face.probability >= CASCADE_CONFIDENT, face.probability) for face in found]
 
     def _hog_candidates(self, rgb: np.ndarray, gray: np.ndarray,

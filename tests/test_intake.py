@@ -252,7 +252,8 @@ def _cascade_passes(analyzer, monkeypatch) -> list[tuple[float, float | None]]:
     passes = []
     detect = analyzer._cascade.detect
     monkeypatch.setattr(analyzer._cascade, "detect",
-                        lambda rgb, smallest, largest=None: passes.append((smallest, largest)) or detect(rgb, smallest, largest))
+                        lambda rgb, smallest, largest=None, known=(): passes.append((smallest, largest))
+                        or detect(rgb, smallest, largest, known))
     return passes
 
 
@@ -264,8 +265,8 @@ def _hog_scans(analyzer, monkeypatch) -> list[float]:
 
 
 def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypatch):
-    # A selfie-sized face (45% of the short side) ends detection at the cascade's glance; a second face 60% as wide
-    # (36% of its area, over the quarter limit) beside it must have been seen there too.
+    # A selfie-sized face (45% of the short side) ends detection at the cascade's first, coarsest pass (faces from
+    # twice the glance); a second face 60% as wide (36% of its area, over the quarter limit) beside it was seen there.
     left, top, right, bottom = photos.ASTRONAUT_FACE_BOX
     margin = (right - left) * 6 // 10
     selfie = photos.astronaut_image().crop((left - margin, top - margin, right + margin, bottom + margin))
@@ -280,7 +281,7 @@ def test_a_face_found_at_a_glance_still_reveals_a_second_one(analyzer, monkeypat
     canvas.paste(grace, (820, 40))
     passes, scans = _cascade_passes(analyzer, monkeypatch), _hog_scans(analyzer, monkeypatch)
     verdict = judge(photos.encode(canvas), analyzer)
-    assert passes == [(CASCADE_GLANCE_FACE * 800, None)] and not scans  # the glance alone
+    assert passes == [(2 * CASCADE_GLANCE_FACE * 800, None)] and not scans  # the coarse pass alone
     assert verdict.reasons == ["multiple_faces"]
 
 
@@ -323,27 +324,32 @@ def _selfie_with_a_bystander(face_fraction: float, bystander_ratio: float) -> by
     return photos.encode(canvas, quality=92)
 
 
-@pytest.mark.parametrize("face_fraction, passes", [(0.45, 1), (0.3, 1), (0.15, 2)])
+@pytest.mark.parametrize("face_fraction, passes", [(0.45, 1), (0.36, 1), (0.2, 2), (0.1, 2), (0.07, 3)])
 @pytest.mark.parametrize("bystander_ratio, refused", [(0.6, True), (0.4, False)])
 def test_the_quarter_rule_holds_however_close_the_main_face_is(analyzer, monkeypatch, face_fraction, passes,
                                                                bystander_ratio, refused):
-    # Two ways detection ends: a face at least twice the glance's smallest with the glance alone; a smaller one with
-    # a second pass over the finer levels, down to half its width. Either way a bystander 60% as wide (36% of the
-    # area) is refused and one 40% as wide (16%) is tolerated, and dlib's HOG never runs (the cascade found a face).
+    # Three ways detection ends: a face at least twice the coarse pass's smallest (faces from twice the glance) with
+    # that pass alone; a smaller one it found (down to ~half that width, 0.08 of the short side) with a second pass
+    # over the finer levels, down to half its width; one it did not (7% of the short side, too small to keep) with a
+    # second pass down to the glance and a third down to half its width. Each pass scans the levels just finer than
+    # the one before. Either way a bystander 60% as wide (36% of the area) is refused and one 40% as wide (16%) is
+    # tolerated, and dlib's HOG never runs (the cascade found a face).
     found, scans = _cascade_passes(analyzer, monkeypatch), _hog_scans(analyzer, monkeypatch)
     verdict = judge(_selfie_with_a_bystander(face_fraction, bystander_ratio), analyzer)
     assert ("multiple_faces" in verdict.reasons) == refused, verdict.reasons
     assert len(found) == passes, found
     assert not scans
-    if passes == 2:
-        smallest, largest = found[1]
-        assert largest == found[0][0] and smallest < largest
+    assert found[0] == (2 * CASCADE_GLANCE_FACE * 1500, None)
+    for (smallest, largest), (before, _) in zip(found[1:], found):
+        assert largest == before and smallest < largest
+    if passes == 3:
+        assert found[1][0] == CASCADE_GLANCE_FACE * 1500
 
 
 def test_a_photo_the_cascade_finds_no_face_in_is_judged_by_hog(analyzer, monkeypatch):
     # The cascade misses some faces HOG finds (a blown-out one, in its development): when it finds none, the HOG plan
     # runs, and the photo is judged on HOG's face rather than refused as "no_face".
-    monkeypatch.setattr(analyzer._cascade, "detect", lambda rgb, smallest, largest=None: [])
+    monkeypatch.setattr(analyzer._cascade, "detect", lambda rgb, smallest, largest=None, known=(): [])
     scans = _hog_scans(analyzer, monkeypatch)
     verdict = judge(photos.astronaut_photo(), analyzer)
     assert verdict.accepted, verdict.reasons
@@ -384,6 +390,28 @@ def test_the_cascade_reports_the_faces_hog_does_where_hog_would_put_them(analyze
             face = max(faces, key=lambda f: _overlap(f.box, hog_style_box(found)))
             for seen, landmarked in zip(found.points[:2], face.eye_centres()):
                 assert np.hypot(*(seen - landmarked)) < 0.1 * face.width, (seen, landmarked)
+
+
+def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer):
+    # The finer pass after a coarse one is told the faces found: it refines no proposal centred inside them (their
+    # own proposals at the finer levels), and still finds the other face in the photo.
+    rgb = np.asarray(Image.open(io.BytesIO(photos.two_faces_photo(0.6))).convert("RGB"))
+    everything = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE)
+    sure = [face for face in everything if face.probability >= CASCADE_CONFIDENT]
+    assert len(sure) == 2
+    known = max(sure, key=lambda face: face.box[2] - face.box[0])
+    refined = []
+    refine = analyzer._cascade.refine
+    analyzer._cascade.refine = lambda image, proposals: refined.append(proposals) or refine(image, proposals)
+    try:
+        found = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE, known=[known])
+    finally:
+        analyzer._cascade.refine = refine
+    left, top, right, bottom = known.box
+    centres = (refined[0][:, :2] + refined[0][:, 2:4]) / 2
+    assert not ((centres[:, 0] >= left) & (centres[:, 0] <= right) & (centres[:, 1] >= top) & (centres[:, 1] <= bottom)).any()
+    others = [face.box for face in found if face.probability >= CASCADE_CONFIDENT]
+    assert np.allclose(others, [face.box for face in sure if face is not known], atol=0.01)  # batch-size rounding
 
 
 def test_hog_boxes_come_in_the_widths_the_scan_plan_assumes(analyzer):
