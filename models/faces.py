@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 # short side wide, which also finds every face a quarter the area (half the width) of a main face twice that wide (a
 # close selfie's); a narrower widest face sends it to the finer levels, down to half its width (CASCADE_SMALLEST_FACE px
 # at least), and no face at all down to the glance, CASCADE_GLANCE_FACE of the short side. When the glance finds no face
-# at all (or only candidates dlib's CNN does not confirm), dlib's HOG plan below
-# runs instead: it finds faces smaller than the glance (down to ~67 px in a 2000x1500 decode, enough to tell
-# "face_too_small" from "no_face") for less than the cascade's finer levels would cost there (the first would scan
-# 1000x750), and some the cascade misses (a blown-out face), so no photo is refused "no_face" by the cascade alone.
+# at all (or only candidates dlib's CNN does not confirm), dlib's HOG plan below runs instead: it finds faces smaller
+# than the glance (down to ~67 px in a 2000x1500 decode, enough to tell "face_too_small" from "no_face") for less than
+# the cascade's finer levels would cost there (the first would scan 1000x750), and some the cascade misses (a blown-out
+# face), so no photo is refused "no_face" by the cascade alone.
 CASCADE_GLANCE_FACE = 0.075
 CASCADE_SMALLEST_FACE = 24
 # O-Net probabilities observed on the shipped photos: real faces 0.955-1.0 (0.96 for the turned head), the mission
