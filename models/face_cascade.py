@@ -227,11 +227,11 @@ class FaceCascade:
         """Faces from ``smallest`` to ``largest`` px wide (see proposals), most probable first. A proposal centred
         inside one of the ``known`` faces (found by an earlier pass) is not refined: that face is already there."""
         proposals = self.proposals(rgb, smallest, largest)
+        centres = (proposals[:, :2] + proposals[:, 2:4]) / 2
+        inside = np.zeros(len(proposals), dtype=bool)
         for face in known:
-            left, top, right, bottom = face.box
-            centre_x, centre_y = (proposals[:, 0] + proposals[:, 2]) / 2, (proposals[:, 1] + proposals[:, 3]) / 2
-            proposals = proposals[(centre_x < left) | (centre_x > right) | (centre_y < top) | (centre_y > bottom)]
-        return self.refine(rgb, proposals)
+            inside |= (centres >= face.box[:2]).all(axis=1) & (centres <= face.box[2:]).all(axis=1)
+        return self.refine(rgb, proposals[~inside])
 
     @staticmethod
     def merged(*found: list[CascadeFace]) -> list[CascadeFace]:

@@ -392,7 +392,7 @@ def test_the_cascade_reports_the_faces_hog_does_where_hog_would_put_them(analyze
                 assert np.hypot(*(seen - landmarked)) < 0.1 * face.width, (seen, landmarked)
 
 
-def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer):
+def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer, monkeypatch):
     # The finer pass after a coarse one is told the faces found: it refines no proposal centred inside them (their
     # own proposals at the finer levels), and still finds the other face in the photo.
     rgb = np.asarray(Image.open(io.BytesIO(photos.two_faces_photo(0.6))).convert("RGB"))
@@ -402,11 +402,9 @@ def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer
     known = max(sure, key=lambda face: face.box[2] - face.box[0])
     refined = []
     refine = analyzer._cascade.refine
-    analyzer._cascade.refine = lambda image, proposals: refined.append(proposals) or refine(image, proposals)
-    try:
-        found = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE, known=[known])
-    finally:
-        analyzer._cascade.refine = refine
+    monkeypatch.setattr(analyzer._cascade, "refine",
+                        lambda image, proposals: refined.append(proposals) or refine(image, proposals))
+    found = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE, known=[known])
     left, top, right, bottom = known.box
     centres = (refined[0][:, :2] + refined[0][:, 2:4]) / 2
     assert not ((centres[:, 0] >= left) & (centres[:, 0] <= right) & (centres[:, 1] >= top) & (centres[:, 1] <= bottom)).any()
