@@ -72,12 +72,12 @@ def gil_probe(analyzer: FaceAnalyzer, data: bytes) -> None:
     import dlib
     import numpy as np
 
-    rgb = _decode(_open(data, LIMITS))
+    rgb = _decode(_open(data, LIMITS), data)
     face = analyzer.faces(rgb)[0]
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     crop = np.ascontiguousarray(cv2.resize(rgb, (128, 128)))
     calls = {
-        "decode": lambda: _decode(_open(data, LIMITS)),
+        "decode": lambda: _decode(_open(data, LIMITS), data),
         "hog": lambda: analyzer._detectors.queue[0].run(gray, 0, -0.1),
         "cnn": lambda: analyzer._verifier.finds_a_face(crop),
         "landmarks": lambda: analyzer._shape_predictor(rgb, dlib.rectangle(*face.box)),

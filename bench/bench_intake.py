@@ -127,13 +127,13 @@ def main() -> None:
               f"CPU ratio judge/decode {statistics.median(ratios):.2f} (pairs {', '.join(f'{r:.2f}' for r in ratios)})")
 
     # Where the time goes (same photo, same process), each stage also as a multiple of the full decode, in CPU time.
-    rgb = _decode(_open(data, limits))
+    rgb = _decode(_open(data, limits), data)
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     found, passes = with_scales(analyzer, lambda: analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio))
     face = found[0]
     glance = CASCADE_GLANCE_FACE * min(rgb.shape[:2])
     stages = {
-        "header + draft decode": lambda: _decode(_open(data, limits)),
+        "header + draft decode": lambda: _decode(_open(data, limits), data),
         f"faces ({', '.join(passes)}; landmarks)": lambda: analyzer.faces(
             rgb, min_area_ratio=limits.second_face_max_ratio),
         "  of which the cascade's passes (P-Net pyramids, R-Net and O-Net)": lambda: analyzer._cascade_candidates(rgb),

@@ -50,7 +50,7 @@ def real_photos() -> dict[str, tuple[str, bytes]]:
 
 def old_front_reasons(data: bytes, analyzer: FaceAnalyzer) -> list[str]:
     """The quality verdict of a front photo under the old rules (face size and blur are unchanged, left out)."""
-    rgb = _decode(_open(data, LIMITS))
+    rgb = _decode(_open(data, LIMITS), data)
     face = analyzer.faces(rgb, min_area_ratio=LIMITS.second_face_max_ratio)[0]
     patch = _face_patch(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), face)
     reasons = []
@@ -84,7 +84,7 @@ def embedding_of(data: bytes, analyzer: FaceAnalyzer) -> np.ndarray:
     verdict = judge_photo(data, role="extra", accepted=[], limits=LIMITS, analyzer=analyzer)
     if verdict.embedding is not None:
         return verdict.embedding
-    rgb = _decode(_open(data, LIMITS))
+    rgb = _decode(_open(data, LIMITS), data)
     return analyzer.embed(rgb, analyzer.faces(rgb)[0])
 
 
@@ -146,7 +146,7 @@ def duplicates(named: dict[str, tuple[str, bytes]], analyzer: FaceAnalyzer) -> N
         for box in boxes:
             copy = recropped(data, box)
             trials += 1
-            copy_hash = perceptual_hash(cv2.cvtColor(_decode(_open(copy, LIMITS)), cv2.COLOR_RGB2GRAY))
+            copy_hash = perceptual_hash(cv2.cvtColor(_decode(_open(copy, LIMITS), copy), cv2.COLOR_RGB2GRAY))
             if hamming(copy_hash, original.phash) <= LIMITS.duplicate_distance:
                 copies_old.append(name)
             if "duplicate_photo" in judge_photo(copy, role="extra", accepted=[earlier], limits=LIMITS,

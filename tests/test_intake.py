@@ -7,7 +7,7 @@ import io
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from models.faces import (CASCADE_CONFIDENT, CASCADE_GLANCE_FACE, CASCADE_SMALLEST_FACE, HOG_CONFIDENT_SCORE,
                           HOG_MIN_FACE, Face, FaceAnalyzer, _overlap, cosine_similarity, hog_style_box, identity_pivot,
@@ -464,3 +464,54 @@ def test_a_power_of_two_reduction_is_the_box_average_by_that_factor():
         difference = np.abs(halved.astype(int) - expected)
         assert difference.max() <= np.log2(factor) and difference.mean() < 1
     assert [power_of_two_at_most(v) for v in (0.5, 1, 1.9, 2, 3, 7.9, 8, 23.4)] == [1, 1, 1, 2, 2, 4, 8, 16]
+
+
+def _pillow_draft_decode(data: bytes) -> np.ndarray:
+    """How the judge decoded a JPEG before it decoded through simplejpeg: Pillow's draft, EXIF transpose, RGB."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    factor = intake.DECODE_SHORT_SIDE / min(width, height)
+    if factor < 1:
+        image.draft("RGB", (round(width * factor), round(height * factor)))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (3024, 4032), (2500, 1800), (6001, 4003), (12000, 3000), (1401, 1399)])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_decodes_to_pillows_draft_pixels_upright_in_every_orientation(size, mode):
+    base = photos.phone_sized_image().resize(size).convert(mode)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        base.save(buffer, "JPEG", quality=85, exif=exif.tobytes())
+        data = buffer.getvalue()
+        opened = intake._open(data, LIMITS)
+        direct = intake._decode_jpeg(opened, data)
+        assert direct is not None, (size, mode, orientation)
+        expected = _pillow_draft_decode(data)
+        assert direct.shape == expected.shape and np.array_equal(direct, expected), (size, mode, orientation)
+        assert direct.flags["C_CONTIGUOUS"]
+
+
+def test_a_jpeg_simplejpeg_refuses_goes_through_pillow():
+    image = photos.phone_sized_image()
+    cmyk = io.BytesIO()
+    image.convert("CMYK").save(cmyk, "JPEG")
+    assert intake._decode(intake._open(cmyk.getvalue(), LIMITS), cmyk.getvalue()).shape == (1500, 2000, 3)
+    whole = photos.encode(image)
+    truncated = whole[:len(whole) // 2]
+    assert intake._decode_jpeg(intake._open(truncated, LIMITS), truncated) is None
+    with pytest.raises(OSError):  # Pillow's own word on it, which the judge turns into not_an_image
+        intake._decode(intake._open(truncated, LIMITS), truncated)
+
+
+def test_a_jpeg_whose_frame_libjpeg_reads_differently_is_not_decoded_directly(monkeypatch):
+    # The pixel limits were checked on the size Pillow's header parser read; libjpeg must read the same one.
+    data = photos.encode(photos.phone_sized_image())
+    opened = intake._open(data, LIMITS)
+    monkeypatch.setattr(intake.simplejpeg, "decode_jpeg_header", lambda data: (30000, 40000, "YCbCr", "420"))
+    monkeypatch.setattr(intake.simplejpeg, "decode_jpeg", lambda *args, **kwargs: pytest.fail("decoded"))
+    assert intake._decode_jpeg(opened, data) is None
