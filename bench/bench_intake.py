@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from models.faces import CASCADE_GLANCE_FACE, FaceAnalyzer  # noqa: E402
-from models.intake import IntakeLimits, _decode, _open, judge_photo, perceptual_hash  # noqa: E402
+from models.halvings import Halvings  # noqa: E402
+from models.intake import IntakeLimits, _decode, _open, judge_photo, photo_hash  # noqa: E402
 from models import sample_photos as photos  # noqa: E402
 
 
@@ -136,14 +137,16 @@ def main() -> None:
         "header + draft decode": lambda: _decode(_open(data, limits), data),
         f"faces ({', '.join(passes)}; landmarks)": lambda: analyzer.faces(
             rgb, min_area_ratio=limits.second_face_max_ratio),
-        "  of which the cascade's passes (P-Net pyramids, R-Net and O-Net)": lambda: analyzer._cascade_candidates(rgb),
+        "  of which the cascade's passes (P-Net pyramids, R-Net and O-Net)": lambda: analyzer._cascade_candidates(
+            Halvings(rgb)),
         f"  (for comparison: the cascade in one pass from the glance's {glance:.0f} px faces)": lambda: (
-            analyzer._cascade.detect(rgb, glance)),
+            analyzer._cascade.detect(Halvings(rgb), glance)),
         "  (for comparison: dlib HOG's plan on the same decode, which ran before the cascade)": lambda: (
             analyzer._hog_candidates(rgb, gray, [])),
         "  (for comparison: one CNN check, 128 px crop, torch)": lambda: analyzer._confirmed_by_cnn(rgb, face.box),
         "embed (dlib's ResNet in torch on the 150 px chip)": lambda: analyzer.embed(rgb, face),
-        "perceptual hash of the decoded photo": lambda: perceptual_hash(gray),
+        "perceptual hash of the decoded photo (its own halvings; the judge reuses the cascade's)": lambda: photo_hash(
+            Halvings(rgb)),
         "aligned_crop 512": lambda: analyzer.aligned_crop(rgb, face, 512),
     }
     for name, action in stages.items():

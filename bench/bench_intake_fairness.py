@@ -21,7 +21,6 @@ import itertools
 import os
 import sys
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -30,8 +29,9 @@ sys.path.insert(0, ROOT)
 
 from models import sample_photos as photos  # noqa: E402
 from models.faces import FaceAnalyzer, cosine_similarity, identity_pivot  # noqa: E402
+from models.halvings import Halvings  # noqa: E402
 from models.intake import (AcceptedFace, IntakeLimits, _decode, _face_patch, _open, hamming,  # noqa: E402
-                           judge_photo, perceptual_hash)
+                           judge_photo, photo_hash)
 
 FACES = os.path.join(ROOT, "tests", "data", "faces")
 LIMITS = IntakeLimits()
@@ -52,7 +52,7 @@ def old_front_reasons(data: bytes, analyzer: FaceAnalyzer) -> list[str]:
     """The quality verdict of a front photo under the old rules (face size and blur are unchanged, left out)."""
     rgb = _decode(_open(data, LIMITS), data)
     face = analyzer.faces(rgb, min_area_ratio=LIMITS.second_face_max_ratio)[0]
-    patch = _face_patch(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), face)
+    patch = _face_patch(rgb, face)
     reasons = []
     if patch.mean() < 60:
         reasons.append("too_dark")
@@ -146,7 +146,7 @@ def duplicates(named: dict[str, tuple[str, bytes]], analyzer: FaceAnalyzer) -> N
         for box in boxes:
             copy = recropped(data, box)
             trials += 1
-            copy_hash = perceptual_hash(cv2.cvtColor(_decode(_open(copy, LIMITS), copy), cv2.COLOR_RGB2GRAY))
+            copy_hash = photo_hash(Halvings(_decode(_open(copy, LIMITS), copy)))
             if hamming(copy_hash, original.phash) <= LIMITS.duplicate_distance:
                 copies_old.append(name)
             if "duplicate_photo" in judge_photo(copy, role="extra", accepted=[earlier], limits=LIMITS,

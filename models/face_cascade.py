@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.halvings import Halvings
+
 PYRAMID_FACTOR = 0.709  # each pyramid level's scale over the one before (the paper's)
 # Probability cuts of the three stages (the mtcnn package's defaults).
 PROPOSAL_CUT, REFINE_CUT, OUTPUT_CUT = 0.6, 0.7, 0.8
@@ -162,25 +164,20 @@ class FaceCascade:
         self._rnet = _RNet(joblib.load(os.path.join(weights_dir, "rnet.lz4")))
         self._onet = _ONet(joblib.load(os.path.join(weights_dir, "onet.lz4")))
 
-    def proposals(self, rgb: np.ndarray, smallest: float, largest: float | None = None) -> np.ndarray:
+    def proposals(self, image: Halvings, smallest: float, largest: float | None = None) -> np.ndarray:
         """P-Net's proposals (N x 5: left, top, right, bottom, probability) for faces from ``smallest`` px wide
         (the first level scans where they are 12 px) to below ``largest`` (the levels where a face that wide would be
         more than 12 px; every level down to the image's 12 px when None)."""
-        height, width = rgb.shape[:2]
+        height, width = image.image.shape[:2]
         scale = WINDOW / smallest
         last = WINDOW / largest if largest else 0.0
-        # Each level is resized bilinearly from the smallest halving of the image still at least its size (OpenCV
-        # halves by box-averaging ~5x faster than it area-resizes by any other factor), so no resize shrinks by more
-        # than 2x and none aliases.
-        source = rgb
+        # Each level is resized bilinearly from the smallest halving of the image still at least its size, so no
+        # resize shrinks by more than 2x and none aliases.
         found = []
         with torch.inference_mode():
             while scale > last * 1.001 and min(height, width) * scale >= WINDOW:
                 size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                while source.shape[1] // 2 >= size[0] and source.shape[0] // 2 >= size[1]:
-                    source = cv2.resize(source[:source.shape[0] // 2 * 2, :source.shape[1] // 2 * 2],
-                                        (source.shape[1] // 2, source.shape[0] // 2), interpolation=cv2.INTER_AREA)
-                level = cv2.resize(source, size, interpolation=cv2.INTER_LINEAR)
+                level = cv2.resize(image.at_least(*size), size, interpolation=cv2.INTER_LINEAR)
                 # Channels-last: oneDNN's convolutions with P-Net's few channels run ~25% faster on it (measured).
                 offsets, probabilities = self._pnet(_normalised(level).contiguous(memory_format=torch.channels_last))
                 probability = probabilities[0, 1].numpy()
@@ -222,16 +219,17 @@ class FaceCascade:
         return [CascadeFace(box=tuple(float(v) for v in boxes[i]), probability=float(probability[i]), points=points[i])
                 for i in non_maximum_suppression(boxes, probability, 0.7, by_smaller=True)]
 
-    def detect(self, rgb: np.ndarray, smallest: float, largest: float | None = None,
+    def detect(self, image: Halvings, smallest: float, largest: float | None = None,
                known: list[CascadeFace] = ()) -> list[CascadeFace]:
-        """Faces from ``smallest`` to ``largest`` px wide (see proposals), most probable first. A proposal centred
-        inside one of the ``known`` faces (found by an earlier pass) is not refined: that face is already there."""
-        proposals = self.proposals(rgb, smallest, largest)
+        """Faces from ``smallest`` to ``largest`` px wide (see proposals) in ``image`` (an RGB array's Halvings, which
+        passes over the same photo share), most probable first. A proposal centred inside one of the ``known`` faces
+        (found by an earlier pass) is not refined: that face is already there."""
+        proposals = self.proposals(image, smallest, largest)
         centres = (proposals[:, :2] + proposals[:, 2:4]) / 2
         inside = np.zeros(len(proposals), dtype=bool)
         for face in known:
             inside |= (centres >= face.box[:2]).all(axis=1) & (centres <= face.box[2:]).all(axis=1)
-        return self.refine(rgb, proposals[~inside])
+        return self.refine(image.image, proposals[~inside])
 
     @staticmethod
     def merged(*found: list[CascadeFace]) -> list[CascadeFace]:

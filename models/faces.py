@@ -20,6 +20,8 @@ import dlib
 import numpy as np
 from PIL import Image
 
+from models.halvings import Halvings
+
 if TYPE_CHECKING:
     from models.face_cascade import CascadeFace
 
@@ -207,18 +209,20 @@ class FaceAnalyzer:
         return [((round(r.left() / scale), round(r.top() / scale), round(r.right() / scale), round(r.bottom() / scale)),
                  float(score)) for r, score in zip(rects, scores)]
 
-    def faces(self, rgb: np.ndarray, min_area_ratio: float = 0.0, gray: np.ndarray | None = None) -> list[Face]:
-        """Faces, largest first. ``rgb`` is an HxWx3 uint8 array; ``gray``, when the caller has it, its grayscale.
+    def faces(self, rgb: np.ndarray, min_area_ratio: float = 0.0, halvings: Halvings | None = None) -> list[Face]:
+        """Faces, largest first. ``rgb`` is an HxWx3 uint8 array; ``halvings``, when the caller wants to read them
+        too, its Halvings (the cascade's pyramid starts from them).
 
         Faces whose area is at most ``min_area_ratio`` of the largest face are left out (and cost nothing
         to verify); the default keeps every face.
         """
         rgb = np.ascontiguousarray(rgb)
+        if halvings is None or halvings.image is not rgb:
+            halvings = Halvings(rgb)
         checked: list[tuple[tuple[int, int, int, int], bool]] = []  # the CNN's answers so far, by box
-        faces = self._confirmed(rgb, self._cascade_candidates(rgb), min_area_ratio, checked)
+        faces = self._confirmed(rgb, self._cascade_candidates(halvings), min_area_ratio, checked)
         if not faces:  # the cascade found no face, or only candidates the CNN did not confirm
-            if gray is None:
-                gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+            gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             found = [(box, score >= HOG_CONFIDENT_SCORE, score) for box, score in self._hog_candidates(rgb, gray, checked)]
             faces = self._confirmed(rgb, found, min_area_ratio, checked)
         return faces
@@ -243,20 +247,20 @@ class FaceAnalyzer:
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
-    def _cascade_candidates(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], bool, float]]:
+    def _cascade_candidates(self, image: Halvings) -> list[tuple[tuple[int, int, int, int], bool, float]]:
         """The cascade's faces as (HOG-style box, confident, probability), scanned coarse to fine as the plan at the
         top of this module says. None when it finds none down to the glance."""
-        glance = max(CASCADE_SMALLEST_FACE, CASCADE_GLANCE_FACE * min(rgb.shape[:2]))
+        glance = max(CASCADE_SMALLEST_FACE, CASCADE_GLANCE_FACE * min(image.image.shape[:2]))
         smallest = 2 * glance
-        found = self._cascade.detect(rgb, smallest)
+        found = self._cascade.detect(image, smallest)
         if not found:
-            smallest, found = glance, self._cascade.detect(rgb, glance, largest=smallest)
+            smallest, found = glance, self._cascade.detect(image, glance, largest=smallest)
         sure = [face for face in found if face.probability >= CASCADE_CONFIDENT] or found
         widest = max((face.box[2] - face.box[0] for face in sure), default=0.0)
         finer = max(CASCADE_SMALLEST_FACE, widest / 2)
         if found and finer < smallest:
             # Every face half as wide as the widest one (a quarter of its area) must be seen: the finer levels too.
-            found = self._cascade.merged(found, self._cascade.detect(rgb, finer, largest=smallest, known=sure))
+            found = self._cascade.merged(found, self._cascade.detect(image, finer, largest=smallest, known=sure))
         return [(hog_style_box(face), face.probability >= CASCADE_CONFIDENT, face.probability) for face in found]
 
     def _hog_candidates(self, rgb: np.ndarray, gray: np.ndarray,

@@ -19,6 +19,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from models.faces import (Face, FaceAnalyzer, power_of_two_at_most, cosine_similarity, identity_pivot,
                           leave_one_out_similarities, resized)
+from models.halvings import Halvings
 from models.pose import head_pose
 
 try:  # HEIF/HEIC (iPhone photos) only when the optional plugin is installed.
@@ -159,6 +160,12 @@ def perceptual_hash(gray: np.ndarray) -> int:
     return int(sum(1 << i for i, bit in enumerate(bits) if bit))
 
 
+def photo_hash(image: Halvings) -> int:
+    """The whole photo's perceptual hash, on the grey of its halving that perceptual_hash would reduce it to (its short
+    side 64-127 px): the halvings the face cascade already made, not a grey copy of the whole decode."""
+    return perceptual_hash(cv2.cvtColor(image.at_least(64, 64), cv2.COLOR_RGB2GRAY))
+
+
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
@@ -185,9 +192,9 @@ def is_face_copy(verdict: PhotoVerdict, earlier: AcceptedFace, limits: IntakeLim
                for new, old in zip(verdict.tone, earlier.tone))
 
 
-def _face_patch(gray: np.ndarray, face: Face) -> np.ndarray:
+def _face_patch(rgb: np.ndarray, face: Face) -> np.ndarray:
     left, top, right, bottom = face.box
-    region = gray[top:bottom, left:right]
+    region = cv2.cvtColor(rgb[top:bottom, left:right], cv2.COLOR_RGB2GRAY)
     # A side that is an exact multiple of the patch would take INTER_AREA's aligned-block fast path, which keeps more
     # of the finest detail than any neighbouring size does (blur +11% at 256 px against 255 or 257, +8% at 384): such a
     # side is cut by one pixel, so a box a pixel wider or narrower scores within ~2% of it.
@@ -324,15 +331,15 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
     if min(width, height) < limits.min_side:  # a JPEG draft never goes below DECODE_SHORT_SIDE; kept for safety
         return _refuse("image_too_small")
 
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    faces = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio, gray=gray)
+    halvings = Halvings(rgb)
+    faces = analyzer.faces(rgb, min_area_ratio=limits.second_face_max_ratio, halvings=halvings)
     if not faces:
         return _refuse("no_face")
     main = faces[0]
     if any(other.area > limits.second_face_max_ratio * main.area for other in faces[1:]):
         return _refuse("multiple_faces")
 
-    patch = _face_patch(gray, main)
+    patch = _face_patch(rgb, main)
     pose = head_pose(main.landmarks, (width, height))
     shadow_level, highlight_level = np.percentile(patch, (5, 99))
     scores = {
@@ -361,7 +368,7 @@ def judge_photo(data: bytes, *, role: str, accepted: list[AcceptedFace], limits:
                           else (limits.max_extra_yaw, limits.max_extra_pitch))
     if abs(pose.yaw) > max_yaw or abs(pose.pitch) > max_pitch:
         reasons.append("not_frontal")
-    phash = perceptual_hash(gray)
+    phash = photo_hash(halvings)
     if any(hamming(phash, earlier.phash) <= limits.duplicate_distance for earlier in accepted):
         reasons.append("duplicate_photo")
     if reasons:

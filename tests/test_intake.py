@@ -16,6 +16,7 @@ from models import intake
 from models.intake import REASONS, AcceptedFace, drop_outliers
 from models import sample_photos as photos
 from models.face_cascade import CascadeFace
+from models.halvings import Halvings
 from intake_support import LIMITS, judge, real_photo
 
 
@@ -129,14 +130,13 @@ def test_blur_does_not_jump_where_the_face_box_is_a_multiple_of_the_patch(analyz
     """The same face measured on boxes a pixel apart scores alike: a detector that reports a box one pixel wider on
     one copy of a photo than on another must not move its blur score by more than that pixel's worth."""
     rgb = np.asarray(photos.phone_sized_image((2000, 1500)))
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     face = analyzer.faces(rgb)[0]
     centre_x, centre_y = (face.box[0] + face.box[2]) // 2, (face.box[1] + face.box[3]) // 2
     scores = []
     for width in (side - 1, side, side + 1):
         left, top = centre_x - width // 2, max(0, centre_y - width // 2)
         box = Face(box=(left, top, left + width, top + width), landmarks=face.landmarks, score=face.score)
-        scores.append(intake._sharpness(intake._face_patch(gray, box)))
+        scores.append(intake._sharpness(intake._face_patch(rgb, box)))
     steps = np.abs(np.diff(scores)) / np.mean(scores)
     assert steps.max() < 0.04, scores
 
@@ -252,8 +252,8 @@ def _cascade_passes(analyzer, monkeypatch) -> list[tuple[float, float | None]]:
     passes = []
     detect = analyzer._cascade.detect
     monkeypatch.setattr(analyzer._cascade, "detect",
-                        lambda rgb, smallest, largest=None, known=(): passes.append((smallest, largest))
-                        or detect(rgb, smallest, largest, known))
+                        lambda image, smallest, largest=None, known=(): passes.append((smallest, largest))
+                        or detect(image, smallest, largest, known))
     return passes
 
 
@@ -349,7 +349,7 @@ def test_the_quarter_rule_holds_however_close_the_main_face_is(analyzer, monkeyp
 def test_a_photo_the_cascade_finds_no_face_in_is_judged_by_hog(analyzer, monkeypatch):
     # The cascade misses some faces HOG finds (a blown-out one, in its development): when it finds none, the HOG plan
     # runs, and the photo is judged on HOG's face rather than refused as "no_face".
-    monkeypatch.setattr(analyzer._cascade, "detect", lambda rgb, smallest, largest=None, known=(): [])
+    monkeypatch.setattr(analyzer._cascade, "detect", lambda image, smallest, largest=None, known=(): [])
     scans = _hog_scans(analyzer, monkeypatch)
     verdict = judge(photos.astronaut_photo(), analyzer)
     assert verdict.accepted, verdict.reasons
@@ -380,7 +380,7 @@ def test_the_cascade_reports_the_faces_hog_does_where_hog_would_put_them(analyze
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         hog = [box for box, score in analyzer._hog_candidates(rgb, gray, [])
                if analyzer._is_face(rgb, box, score >= HOG_CONFIDENT_SCORE, [])]
-        cascade = [face for face in analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE)
+        cascade = [face for face in analyzer._cascade.detect(Halvings(rgb), CASCADE_SMALLEST_FACE)
                    if face.probability >= CASCADE_CONFIDENT]
         assert len(cascade) == len(hog) >= 1
         faces = analyzer.faces(rgb)
@@ -396,7 +396,7 @@ def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer
     # The finer pass after a coarse one is told the faces found: it refines no proposal centred inside them (their
     # own proposals at the finer levels), and still finds the other face in the photo.
     rgb = np.asarray(Image.open(io.BytesIO(photos.two_faces_photo(0.6))).convert("RGB"))
-    everything = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE)
+    everything = analyzer._cascade.detect(Halvings(rgb), CASCADE_SMALLEST_FACE)
     sure = [face for face in everything if face.probability >= CASCADE_CONFIDENT]
     assert len(sure) == 2
     known = max(sure, key=lambda face: face.box[2] - face.box[0])
@@ -404,7 +404,7 @@ def test_the_cascade_refines_no_proposal_inside_a_face_it_already_knows(analyzer
     refine = analyzer._cascade.refine
     monkeypatch.setattr(analyzer._cascade, "refine",
                         lambda image, proposals: refined.append(proposals) or refine(image, proposals))
-    found = analyzer._cascade.detect(rgb, CASCADE_SMALLEST_FACE, known=[known])
+    found = analyzer._cascade.detect(Halvings(rgb), CASCADE_SMALLEST_FACE, known=[known])
     left, top, right, bottom = known.box
     centres = (refined[0][:, :2] + refined[0][:, 2:4]) / 2
     assert not ((centres[:, 0] >= left) & (centres[:, 0] <= right) & (centres[:, 1] >= top) & (centres[:, 1] <= bottom)).any()
@@ -515,3 +515,23 @@ def test_a_jpeg_whose_frame_libjpeg_reads_differently_is_not_decoded_directly(mo
     monkeypatch.setattr(intake.simplejpeg, "decode_jpeg_header", lambda data: (30000, 40000, "YCbCr", "420"))
     monkeypatch.setattr(intake.simplejpeg, "decode_jpeg", lambda *args, **kwargs: pytest.fail("decoded"))
     assert intake._decode_jpeg(opened, data) is None
+
+
+def test_halvings_are_the_power_of_two_reductions_made_once():
+    rgb = np.asarray(photos.phone_selfie_image((2003, 1501), face_fraction=0.5))
+    halvings = Halvings(rgb)
+    assert halvings.at_least(2003, 1501) is rgb
+    for width, height, factor in ((1001, 750, 2), (1000, 751, 1), (250, 187, 8), (126, 93, 8), (125, 93, 16)):
+        level = halvings.at_least(width, height)
+        assert np.array_equal(level, resized(rgb, 1 / factor)), (width, height, factor)
+        assert halvings.at_least(width, height) is level  # the same array: not halved again
+
+
+def test_the_photo_hash_from_the_halvings_is_the_hash_of_the_whole_grey_photo():
+    # The judge hashes the grey of the cascade's halving instead of halving a grey copy of the whole decode: the two
+    # orders round differently, by at most a level per pixel, and the hashes of the shipped photos do not move.
+    shipped = photos.astronaut_photos(6) + photos.grace_hopper_photos(2) + [real_photo("obama"), real_photo("biden")]
+    for data in shipped + [photos.encode(photos.phone_sized_image())]:
+        rgb = intake._decode(intake._open(data, LIMITS), data)
+        whole = intake.perceptual_hash(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        assert intake.hamming(intake.photo_hash(Halvings(rgb)), whole) <= 1
