@@ -24,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,19 +82,26 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def in_turn_cpu_ms(first, second, pairs: int) -> tuple[float, float, float, float]:
-    """Median CPU ms of ``first`` and of ``second``, called in turn ``pairs`` times each, and each one's minor page
-    faults per call."""
-    cpu = {first: [], second: []}
-    faults = {first: 0, second: 0}
+@dataclass(frozen=True)
+class Timing:
+    wall_ms: float  # medians over the calls
+    cpu_ms: float
+    faults: float  # minor page faults per call
+
+
+def in_turn(first, second, pairs: int) -> tuple[Timing, Timing]:
+    """``first`` and ``second`` called in turn ``pairs`` times each: each one's median wall and CPU ms and its minor
+    page faults per call."""
+    wall, cpu, faults = ({first: [], second: []} for _ in range(3))
     for _ in range(pairs):
         for action in (first, second):
-            start_faults, start_cpu = minor_faults(), time.process_time()
+            start, start_cpu, start_faults = time.perf_counter(), time.process_time(), minor_faults()
             action()
+            wall[action].append((time.perf_counter() - start) * 1000)
             cpu[action].append((time.process_time() - start_cpu) * 1000)
-            faults[action] += minor_faults() - start_faults
-    return (statistics.median(cpu[first]), statistics.median(cpu[second]),
-            faults[first] / pairs, faults[second] / pairs)
+            faults[action].append(minor_faults() - start_faults)
+    return tuple(Timing(statistics.median(wall[action]), statistics.median(cpu[action]),
+                        statistics.fmean(faults[action])) for action in (first, second))
 
 
 def median_ms(action, repeats: int) -> float:
@@ -139,16 +147,16 @@ def main() -> None:
     for _ in range(5):
         judge()
         baseline()
-    baseline_ms, _ = median_wall_and_cpu_ms(baseline, args.repeats)
-    judge_ms, _ = median_wall_and_cpu_ms(judge, args.repeats)
-    judge_cpu_ms, baseline_cpu_ms, judge_faults, baseline_faults = in_turn_cpu_ms(judge, baseline, args.repeats)
+    judged, decoded = in_turn(judge, baseline, args.repeats)
+    baseline_cpu_ms = decoded.cpu_ms
     print(f"photo: 4000x3000 JPEG, {len(data) / 1e6:.2f} MB; face fraction {verdict.scores['face_fraction']:.2f}; "
           f"analyzer load {load_ms:.0f} ms (once per process); {allocator}")
-    print(f"baseline (full decode + exif_transpose): median {baseline_ms:.1f} ms over {args.repeats} "
-          f"(CPU {baseline_cpu_ms:.1f} ms in turn with the judging, {baseline_faults:.0f} minor faults a call)")
-    print(f"judge_photo (front, accepted):           median {judge_ms:.1f} ms over {args.repeats} "
-          f"(CPU {judge_cpu_ms:.1f} ms, {judge_faults:.0f} minor faults a call)")
-    print(f"ratio judge/baseline: {judge_ms / baseline_ms:.2f} (CPU time, in turn: {judge_cpu_ms / baseline_cpu_ms:.2f})")
+    print(f"baseline (full decode + exif_transpose): median {decoded.wall_ms:.1f} ms over {args.repeats} "
+          f"(CPU {decoded.cpu_ms:.1f} ms, {decoded.faults:.0f} minor faults a call)")
+    print(f"judge_photo (front, accepted):           median {judged.wall_ms:.1f} ms over {args.repeats} "
+          f"(CPU {judged.cpu_ms:.1f} ms, {judged.faults:.0f} minor faults a call)")
+    print(f"ratio judge/baseline, in turn: {judged.wall_ms / decoded.wall_ms:.2f} "
+          f"(CPU time: {judged.cpu_ms / decoded.cpu_ms:.2f})")
 
     # The same measurement by framing: how close the main face is decides how many detection passes the quarter rule
     # needs (a face half as wide as the main one must be found too).
@@ -165,10 +173,10 @@ def main() -> None:
 
         photo_verdict, used = with_scales(analyzer, lambda: judge_photo(photo, role="front", accepted=[], limits=limits,
                                                                          analyzer=analyzer))
-        judge_cpu_ms, decode_cpu_ms, _, _ = in_turn_cpu_ms(photo_judge, photo_baseline, args.repeats)
+        photo_judged, photo_decoded = in_turn(photo_judge, photo_baseline, args.repeats)
         print(f"  {name:28s} {len(photo) / 1e6:.2f} MB, accepted {photo_verdict.accepted}, face "
-              f"{photo_verdict.scores['face_fraction']:.2f}, passes: {', '.join(used)}: "
-              f"CPU ratio judge/decode {judge_cpu_ms / decode_cpu_ms:.2f} ({judge_cpu_ms:.1f} / {decode_cpu_ms:.1f} ms)")
+              f"{photo_verdict.scores['face_fraction']:.2f}, passes: {', '.join(used)}: CPU ratio judge/decode "
+              f"{photo_judged.cpu_ms / photo_decoded.cpu_ms:.2f} ({photo_judged.cpu_ms:.1f} / {photo_decoded.cpu_ms:.1f} ms)")
 
     # Where the time goes (same photo, same process), each stage also as a multiple of the full decode, in CPU time.
     rgb = _decode(_open(data, limits), data)
